@@ -1,0 +1,7 @@
+"""hooked_vlm: LLaVA-1.5 and InternVL-3.5 as TransformerLens-style hooked models."""
+
+from hooked_vlm.config import HookedVLMConfig, TransformerConfig
+from hooked_vlm.inputs import ImageLayout, ViewGeometry, VLMInput
+from hooked_vlm.model import HookedVLM
+
+__all__ = ["HookedVLM", "HookedVLMConfig", "TransformerConfig", "VLMInput", "ImageLayout", "ViewGeometry"]

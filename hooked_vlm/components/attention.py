@@ -1,0 +1,242 @@
+"""One hooked attention component for both towers.
+
+Options (from `TransformerConfig`): multi-head or grouped-query, rotary or no positional term,
+q/k RMSNorm per head (Qwen3) or over the full width (InternViT-6B), causal or bidirectional
+(the mask is built by the caller), softmax in fp32 (Llama, CLIP) or in the activation dtype
+(InternViT). Numerics follow the Hugging Face eager implementations step by step
+(ARCHITECTURES §0.5): `(q @ kᵀ) * scale`, add the mask, softmax, `@ v`, output projection.
+"""
+
+from __future__ import annotations
+
+import einops
+import torch
+import torch.nn.functional as F
+from jaxtyping import Float
+from torch import Tensor, nn
+from transformer_lens.hook_points import HookPoint
+
+from hooked_vlm.components.norms import RMSNorm
+from hooked_vlm.config import TransformerConfig
+
+
+class KVCache:
+    """Keys and values of every layer seen so far: `[batch, kv_head, pos, d_head]` per layer."""
+
+    def __init__(self, n_layers: int):
+        self.keys: list[Tensor | None] = [None] * n_layers
+        self.values: list[Tensor | None] = [None] * n_layers
+
+    def __len__(self) -> int:
+        """Number of cached positions."""
+        return 0 if self.keys[0] is None else self.keys[0].shape[2]
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.keys[layer] is not None:
+            k = torch.cat([self.keys[layer], k], dim=2)
+            v = torch.cat([self.values[layer], v], dim=2)
+        self.keys[layer], self.values[layer] = k, v
+        return k, v
+
+    def select(self, batch_index: Tensor) -> KVCache:
+        """A cache for a subset (or repetition) of the batch rows."""
+        out = KVCache(len(self.keys))
+        out.keys = [None if k is None else k[batch_index] for k in self.keys]
+        out.values = [None if v is None else v[batch_index] for v in self.values]
+        return out
+
+
+class RotaryEmbedding(nn.Module):
+    """Default RoPE (rotate-half convention) as Llama and Qwen3 compute it (ARCHITECTURES §0.4)."""
+
+    def __init__(self, d_head: int, base: float):
+        super().__init__()
+        self.d_head, self.base = d_head, base
+        self._inv_freq: dict[torch.device, Tensor] = {}
+
+    def inv_freq(self, device: torch.device) -> Float[Tensor, "half_d_head"]:
+        # Computed once on the CPU in fp32, as Hugging Face does at init, then moved: the same bits
+        # on every device.
+        if device not in self._inv_freq:
+            exponent = torch.arange(0, self.d_head, 2, dtype=torch.float) / self.d_head
+            self._inv_freq[device] = (1.0 / (self.base**exponent)).to(device)
+        return self._inv_freq[device]
+
+    def forward(
+        self, position_ids: Tensor, dtype: torch.dtype
+    ) -> tuple[Float[Tensor, "batch pos d_head"], Float[Tensor, "batch pos d_head"]]:
+        freqs = position_ids[..., None].float() * self.inv_freq(position_ids.device)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        # cos/sin are built in fp32 and cast to the activation dtype before use (pitfall 7)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(
+    x: Float[Tensor, "batch pos head d_head"], cos: Float[Tensor, "batch pos d_head"], sin: Float[Tensor, "batch pos d_head"]
+) -> Float[Tensor, "batch pos head d_head"]:
+    cos, sin = cos[:, :, None], sin[:, :, None]
+    return (x * cos) + (rotate_half(x) * sin)
+
+
+def repeat_kv(x: Float[Tensor, "batch kv_head pos d_head"], n_rep: int) -> Float[Tensor, "batch head pos d_head"]:
+    """Each key/value head serves `n_rep` consecutive query heads (Hugging Face's `repeat_kv`)."""
+    if n_rep == 1:
+        return x
+    b, kvh, p, d = x.shape
+    return x[:, :, None].expand(b, kvh, n_rep, p, d).reshape(b, kvh * n_rep, p, d)
+
+
+class Attention(nn.Module):
+    """Hooked self-attention. Weights are stored fused (one `nn.Linear` per projection, as in
+    Hugging Face) so matmuls match the reference bit for bit; `W_Q`, `W_K`, `W_V`, `W_O` and the
+    biases are TransformerLens-shaped views.
+
+    Hooks, in order: `hook_q`, `hook_k`, `hook_v` `[batch, pos, head, d_head]` (before q/k norm),
+    `q_norm.hook_normalized`/`k_norm.hook_normalized` (when q/k norm is on), `hook_rot_q`,
+    `hook_rot_k` (rotary only), `hook_attn_scores` `[batch, head, query_pos, key_pos]` (scaled,
+    masked, before softmax), `hook_pattern`, `hook_z` `[batch, pos, head, d_head]`, and
+    `hook_result` `[batch, pos, head, d_model]` (per-head output `z_h @ W_O[h]`, without the output
+    bias; computed only when something is attached to it). Without a hook on the scores or the pattern, the pattern is never
+    materialised: `F.scaled_dot_product_attention` computes the same attention.
+    """
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        self.cfg = cfg
+        h, kvh, dh, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head, cfg.d_model
+        self.n_rep = h // kvh
+        self.scale = dh**-0.5
+        self.q_proj = nn.Linear(d, h * dh, bias=cfg.attn_bias, dtype=cfg.dtype)
+        self.k_proj = nn.Linear(d, kvh * dh, bias=cfg.attn_bias, dtype=cfg.dtype)
+        self.v_proj = nn.Linear(d, kvh * dh, bias=cfg.attn_bias, dtype=cfg.dtype)
+        self.o_proj = nn.Linear(h * dh, d, bias=cfg.attn_out_bias, dtype=cfg.dtype)
+        if cfg.qk_norm is not None:
+            q_width, k_width = (dh, dh) if cfg.qk_norm == "head" else (h * dh, kvh * dh)
+            self.q_norm = RMSNorm(q_width, cfg.qk_norm_eps, cfg.dtype)
+            self.k_norm = RMSNorm(k_width, cfg.qk_norm_eps, cfg.dtype)
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
+        if cfg.positional_embedding_type == "rotary":
+            self.hook_rot_q = HookPoint()
+            self.hook_rot_k = HookPoint()
+        self.hook_attn_scores = HookPoint()
+        self.hook_pattern = HookPoint()
+        self.hook_z = HookPoint()
+        self.hook_result = HookPoint()
+        self.force_eager = False  # set by HookedVLM.set_attention_implementation
+
+    def forward(
+        self,
+        x: Float[Tensor, "batch pos d_model"],
+        *,
+        rotary: tuple[Tensor, Tensor] | None = None,
+        mask: Float[Tensor, "batch 1 pos key_pos"] | None = None,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        b, p, _ = x.shape
+        q = self.hook_q(self.q_proj(x).view(b, p, self.cfg.n_heads, self.cfg.d_head))
+        k = self.hook_k(self.k_proj(x).view(b, p, self.cfg.n_key_value_heads, self.cfg.d_head))
+        v = self.hook_v(self.v_proj(x).view(b, p, self.cfg.n_key_value_heads, self.cfg.d_head))
+        if self.cfg.qk_norm is not None:
+            q, k = self._apply_qk_norm(self.q_norm, q), self._apply_qk_norm(self.k_norm, k)
+        if rotary is not None:
+            q = self.hook_rot_q(apply_rotary(q, *rotary))
+            k = self.hook_rot_k(apply_rotary(k, *rotary))
+
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, k, v)
+        if self.force_eager or self._pattern_is_hooked():
+            z = self._eager_attention(q, k, v, mask)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_rep > 1)
+        z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
+
+        out = self.o_proj(z.reshape(b, p, -1))
+        if _has_hooks(self.hook_result):
+            # The output stays o_proj(z) bit for bit; what hooks change in the per-head results
+            # is added as a difference (a clone, so in-place edits are seen too).
+            result = einops.einsum(z, self.W_O, "b p h d, h d m -> b p h m")
+            out = out + (self.hook_result(result.clone()) - result).sum(dim=-2)
+        return out
+
+    def _apply_qk_norm(self, norm: RMSNorm, x: Float[Tensor, "batch pos head d_head"]) -> Tensor:
+        if self.cfg.qk_norm == "head":
+            return norm(x)
+        # InternViT-6B normalises the whole projected vector before the head split (pitfall 3)
+        return norm(x.flatten(-2)).view(x.shape)
+
+    def _eager_attention(
+        self,
+        q: Float[Tensor, "batch head pos d_head"],
+        k: Float[Tensor, "batch kv_head key_pos d_head"],
+        v: Float[Tensor, "batch kv_head key_pos d_head"],
+        mask: Tensor | None,
+    ) -> Float[Tensor, "batch head pos d_head"]:
+        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+        if mask is not None:
+            scores = scores + mask
+        scores = self.hook_attn_scores(scores)
+        if self.cfg.softmax_in_fp32:
+            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        else:
+            pattern = F.softmax(scores, dim=-1)
+        pattern = self.hook_pattern(pattern)
+        return torch.matmul(pattern, v)
+
+    def _pattern_is_hooked(self) -> bool:
+        return _has_hooks(self.hook_attn_scores) or _has_hooks(self.hook_pattern)
+
+    # TransformerLens-shaped weight views (query heads; key/value heads repeated for GQA)
+    @property
+    def W_Q(self) -> Float[Tensor, "head d_model d_head"]:
+        return einops.rearrange(self.q_proj.weight, "(h d) m -> h m d", d=self.cfg.d_head)
+
+    @property
+    def W_K(self) -> Float[Tensor, "head d_model d_head"]:
+        w = einops.rearrange(self.k_proj.weight, "(h d) m -> h m d", d=self.cfg.d_head)
+        return w.repeat_interleave(self.n_rep, dim=0)
+
+    @property
+    def W_V(self) -> Float[Tensor, "head d_model d_head"]:
+        w = einops.rearrange(self.v_proj.weight, "(h d) m -> h m d", d=self.cfg.d_head)
+        return w.repeat_interleave(self.n_rep, dim=0)
+
+    @property
+    def W_O(self) -> Float[Tensor, "head d_head d_model"]:
+        return einops.rearrange(self.o_proj.weight, "m (h d) -> h d m", d=self.cfg.d_head)
+
+    @property
+    def b_Q(self) -> Float[Tensor, "head d_head"]:
+        return self._bias_view(self.q_proj, 1)
+
+    @property
+    def b_K(self) -> Float[Tensor, "head d_head"]:
+        return self._bias_view(self.k_proj, self.n_rep)
+
+    @property
+    def b_V(self) -> Float[Tensor, "head d_head"]:
+        return self._bias_view(self.v_proj, self.n_rep)
+
+    @property
+    def b_O(self) -> Float[Tensor, "d_model"]:
+        bias = self.o_proj.bias
+        return bias if bias is not None else torch.zeros(self.cfg.d_model, dtype=self.o_proj.weight.dtype, device=self.o_proj.weight.device)
+
+    def _bias_view(self, proj: nn.Linear, n_rep: int) -> Tensor:
+        if proj.bias is None:
+            n = proj.weight.shape[0] // self.cfg.d_head * n_rep
+            return torch.zeros(n, self.cfg.d_head, dtype=proj.weight.dtype, device=proj.weight.device)
+        return proj.bias.view(-1, self.cfg.d_head).repeat_interleave(n_rep, dim=0)
+
+
+def _has_hooks(hook: HookPoint) -> bool:
+    return bool(hook.fwd_hooks or hook.bwd_hooks)

@@ -1,0 +1,121 @@
+"""Configuration: one dataclass per transformer stack, one for the whole VLM.
+
+Field names follow TransformerLens (`n_layers`, `d_model`, `n_heads`, `d_head`, `d_mlp`,
+`n_key_value_heads`, `d_vocab`, `normalization_type`, `act_fn`, ...), so a TransformerLens user
+needs no new vocabulary. `HookedVLMConfig` forwards unknown attributes to the language model's
+config, so that `model.cfg.n_layers` is the language model's depth, as transformer_lens's
+`ActivationCache` helpers expect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Literal
+
+import torch
+
+Family = Literal["llava", "internvl"]
+
+
+@dataclass
+class TransformerConfig:
+    """Everything a stack of pre-norm transformer blocks needs (vision tower or language model)."""
+
+    n_layers: int
+    d_model: int
+    n_heads: int
+    d_head: int
+    d_mlp: int
+    n_key_value_heads: int | None = None  # None: multi-head attention (= n_heads)
+    act_fn: Literal["gelu", "quick_gelu", "silu"] = "gelu"
+    gated_mlp: bool = False
+    normalization_type: Literal["LN", "RMS"] = "LN"
+    eps: float = 1e-5
+    attn_bias: bool = False  # bias on q/k/v projections
+    attn_out_bias: bool = False  # bias on the output projection
+    mlp_bias: bool = False
+    qk_norm: Literal["head", "full"] | None = None  # RMSNorm of q and k, per head or over the full width
+    qk_norm_eps: float = 1e-6
+    positional_embedding_type: Literal["rotary", "learned"] = "learned"
+    rotary_base: float = 10000.0
+    causal: bool = False
+    softmax_in_fp32: bool = True  # InternViT's eager softmax runs in the activation dtype
+    layer_scale: bool = False  # InternViT: per-channel scale of each branch output
+    d_vocab: int | None = None  # language model only
+    # vision tower only
+    image_size: int | None = None
+    patch_size: int | None = None
+    n_channels: int = 3
+    patch_bias: bool = False  # CLIP's patch conv has no bias, InternViT's has
+    ln_pre: bool = False  # CLIP normalises the embeddings before the first block
+    dtype: torch.dtype = torch.float32
+    attn_only: bool = False  # for transformer_lens helpers; always False here
+
+    def __post_init__(self) -> None:
+        if self.n_key_value_heads is None:
+            self.n_key_value_heads = self.n_heads
+        if self.n_heads % self.n_key_value_heads:
+            raise ValueError(
+                f"n_heads ({self.n_heads}) must be a multiple of n_key_value_heads ({self.n_key_value_heads})"
+            )
+
+    @property
+    def n_grid(self) -> int:
+        """Patches per side of the vision tower's input (vision towers only)."""
+        assert self.image_size is not None and self.patch_size is not None
+        return self.image_size // self.patch_size
+
+
+@dataclass
+class HookedVLMConfig:
+    """A whole vision-language model: vision tower -> projector -> language model."""
+
+    family: Family
+    vision: TransformerConfig
+    text: TransformerConfig
+    image_token_id: int
+    # Indices into the tower's hidden-states tuple (0 = embeddings, L = last block's output),
+    # already made non-negative. Only blocks up to max(feature_layers) are built and run.
+    feature_layers: tuple[int, ...]
+    vision_n_layers_checkpoint: int  # blocks in the checkpoint; later ones are never read
+    feature_select_strategy: Literal["default", "full"] = "default"  # "default" drops CLS
+    projector_act_fn: str = "gelu"
+    projector_bias: bool = True
+    downsample_ratio: float | None = None  # InternVL pixel shuffle; None for LLaVA
+    projector_ln_eps: float = 1e-5
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = False
+    checkpoint_format: str = ""  # e.g. "llava-hf", "llava-original", "internvl-hf", "internvl-original"
+    extra: dict = field(default_factory=dict)  # family-specific preprocessing settings
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: forward to the language model's config so that
+        # transformer_lens helpers (cfg.n_layers, cfg.n_heads, ...) see the language model.
+        if name.startswith("__") or name == "text":
+            raise AttributeError(name)
+        return getattr(self.text, name)
+
+    @property
+    def n_feature_layers(self) -> int:
+        return len(self.feature_layers)
+
+    @property
+    def d_vision_features(self) -> int:
+        """Width of what the projector reads (per token, before pixel shuffle)."""
+        return self.vision.d_model * len(self.feature_layers)
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        if self.eos_token_id is None:
+            return ()
+        return (self.eos_token_id,) if isinstance(self.eos_token_id, int) else tuple(self.eos_token_id)
+
+    def with_dtype(self, dtype: torch.dtype) -> HookedVLMConfig:
+        return replace(self, vision=replace(self.vision, dtype=dtype), text=replace(self.text, dtype=dtype))
+
+
+def config_fields(cfg: TransformerConfig) -> dict:
+    """The config as a plain dict (for printing and comparing)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(cfg)}

@@ -1,0 +1,89 @@
+"""Pieces both families share: the language-model config mapping and input checks."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from hooked_vlm.config import TransformerConfig
+
+
+def text_config_from_hf(hf: Any, dtype: torch.dtype = torch.float32) -> TransformerConfig:
+    """A Llama or Qwen3 text config (transformers 5.x object) in TransformerLens terms."""
+    rope = getattr(hf, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise NotImplementedError(f"rope_type {rope_type!r} is not supported (only the default RoPE)")
+    if getattr(hf, "use_sliding_window", False):
+        raise NotImplementedError("sliding-window attention is not supported")
+    model_type = getattr(hf, "model_type", "")
+    if model_type not in ("llama", "qwen3"):
+        raise NotImplementedError(f"language model type {model_type!r} is not supported (llama, qwen3)")
+    n_heads = hf.num_attention_heads
+    return TransformerConfig(
+        n_layers=hf.num_hidden_layers,
+        d_model=hf.hidden_size,
+        n_heads=n_heads,
+        n_key_value_heads=getattr(hf, "num_key_value_heads", None) or n_heads,
+        d_head=getattr(hf, "head_dim", None) or hf.hidden_size // n_heads,
+        d_mlp=hf.intermediate_size,
+        act_fn=hf.hidden_act,
+        gated_mlp=True,
+        normalization_type="RMS",
+        eps=hf.rms_norm_eps,
+        attn_bias=bool(getattr(hf, "attention_bias", False)),
+        attn_out_bias=bool(getattr(hf, "attention_bias", False)),
+        mlp_bias=bool(getattr(hf, "mlp_bias", False)),
+        qk_norm="head" if model_type == "qwen3" else None,
+        qk_norm_eps=hf.rms_norm_eps,
+        positional_embedding_type="rotary",
+        rotary_base=float(rope.get("rope_theta", 10000.0)),
+        causal=True,
+        d_vocab=hf.vocab_size,
+        dtype=dtype,
+    )
+
+
+def normalise_feature_layers(layers: int | Sequence[int], n_layers: int) -> tuple[int, ...]:
+    """Hugging Face's `vision_feature_layer` (an index into the tower's hidden-states tuple of
+    length n_layers + 1, negative allowed) as non-negative indices."""
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    out = []
+    for k in layers:
+        index = k if k >= 0 else n_layers + 1 + k
+        if not 0 <= index <= n_layers:
+            raise ValueError(f"vision_feature_layer {k} is out of range for a tower of {n_layers} layers")
+        out.append(index)
+    return tuple(out)
+
+
+def as_image_prompt_lists(images: Any, prompts: Any) -> tuple[list[Image.Image], list[str]]:
+    """Accept one image and one prompt, or two lists of equal length; check the types."""
+    single = isinstance(prompts, str)
+    images = [images] if single or isinstance(images, Image.Image) else list(images)
+    prompts = [prompts] if single else list(prompts)
+    if len(images) != len(prompts):
+        raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; one image per prompt is required")
+    if not prompts:
+        raise ValueError("no prompts given")
+    for i, image in enumerate(images):
+        if not isinstance(image, Image.Image):
+            raise TypeError(f"image {i} is a {type(image).__name__}, expected a PIL.Image.Image")
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt {i} is a {type(prompt).__name__}, expected str")
+    return [image.convert("RGB") for image in images], prompts
+
+
+def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad token id lists to one length: (input_ids, attention_mask)."""
+    length = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), length), dtype=torch.long)
+    for i, s in enumerate(sequences):
+        if s:
+            ids[i, length - len(s) :] = torch.tensor(s)
+            mask[i, length - len(s) :] = 1
+    return ids, mask

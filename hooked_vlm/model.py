@@ -1,0 +1,265 @@
+"""HookedVLM: vision tower -> projector -> language model, every intermediate hooked.
+
+One image's path, in order (every name is a hook in `model.hook_dict`):
+
+    pixel_values -> vision.hook_patch_embed, vision.hook_pos_embed, vision.hook_embed
+      -> (CLIP) vision.ln_pre -> vision.blocks[0..L) -> vision.hook_features
+      -> projector(.hook_pixel_shuffle, .ln, .hook_hidden) -> projector.hook_out
+    input_ids -> hook_embed ; image features scattered at the image-token positions
+      -> hook_inputs_embeds -> blocks[0..L) -> ln_final -> unembed -> logits
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor, nn
+from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens.hook_points import HookPoint
+
+from hooked_vlm.components import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
+from hooked_vlm.config import HookedVLMConfig
+from hooked_vlm.inputs import VLMInput
+from hooked_vlm.towers import Projector, VisionTower
+
+
+class Embed(nn.Module):
+    """Token embedding. `W_E` is `[d_vocab, d_model]` as in TransformerLens."""
+
+    def __init__(self, d_vocab: int, d_model: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_vocab, d_model, dtype=dtype))
+
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.weight
+
+    def forward(self, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
+        return nn.functional.embedding(tokens, self.weight)
+
+
+class Unembed(nn.Module):
+    """The LM head. Stored as Hugging Face stores it (`[d_vocab, d_model]`); `W_U` is the
+    TransformerLens view `[d_model, d_vocab]`."""
+
+    def __init__(self, d_model: int, d_vocab: int, dtype: torch.dtype):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_vocab, d_model, dtype=dtype))
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.weight.T
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        return torch.zeros(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device)
+
+    def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_vocab"]:
+        return nn.functional.linear(x, self.weight)
+
+
+class HookedVLM(HookedRootModule):
+    """A LLaVA-1.5 or InternVL-3.5 model whose every activation can be cached, patched or knocked out.
+
+    Build one with `HookedVLM.from_pretrained(name_or_path, dtype=..., device=...)`; feed it the
+    `VLMInput` that `model.prepare(images, prompts)` returns.
+    """
+
+    def __init__(self, cfg: HookedVLMConfig, tokenizer: Any = None, preprocessing: Any = None):
+        super().__init__()
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.preprocessing = preprocessing  # the family's image/prompt settings (see hooked_vlm.families)
+        text, vision = cfg.text, cfg.vision
+        self.vision = VisionTower(vision, cfg.feature_layers, cfg.feature_select_strategy)
+        self.projector = Projector(
+            cfg.d_vision_features,
+            text.d_model,
+            cfg.projector_act_fn,
+            cfg.projector_bias,
+            text.dtype,
+            downsample_ratio=cfg.downsample_ratio,
+            ln_eps=cfg.projector_ln_eps,
+        )
+        self.embed = Embed(text.d_vocab, text.d_model, text.dtype)
+        self.hook_embed = HookPoint()  # [batch, pos, d_model]: text token embeddings
+        self.hook_inputs_embeds = HookPoint()  # [batch, pos, d_model]: after the image features are merged
+        self.rotary = RotaryEmbedding(text.d_head, text.rotary_base)
+        self.blocks = nn.ModuleList([TransformerBlock(text, layer) for layer in range(text.n_layers)])
+        self.ln_final = RMSNorm(text.d_model, text.eps, text.dtype)
+        self.unembed = Unembed(text.d_model, text.d_vocab, text.dtype)
+        if cfg.tie_word_embeddings:
+            self.unembed.weight = self.embed.weight
+        self.setup()
+
+    # ----------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Path,
+        *,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        **kwargs: Any,
+    ) -> HookedVLM:
+        """Load a checkpoint in any supported format (see `weights_conversion`): a local
+        directory, a Hugging Face hub id, or the name of a shipped toy model."""
+        from weights_conversion import load_pretrained
+
+        return load_pretrained(name_or_path, dtype=dtype, device=device, **kwargs)
+
+    # ----------------------------------------------------------------------------- inputs
+    def prepare(self, images: Any, prompts: str | Sequence[str], **kwargs: Any) -> VLMInput:
+        """Turn images and prompts into a `VLMInput` the way the checkpoint expects: the family's
+        chat template (`raw=True` passes the text verbatim), its image processor, left padding,
+        and the image-token map. One image per prompt."""
+        from hooked_vlm.families import family_module
+
+        inputs = family_module(self.cfg.family).prepare(self, images, prompts, **kwargs)
+        return inputs.to(self.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    # ----------------------------------------------------------------------------- forward
+    def forward(self, inputs: VLMInput, *, kv_cache: KVCache | None = None) -> Float[Tensor, "batch pos d_vocab"]:
+        """Logits for every position of every batch row."""
+        image_features = self.encode_images(inputs.pixel_values)
+        inputs_embeds = self.embed_inputs(inputs.input_ids, image_features, inputs.image_token_mask())
+        return self.run_language_model(inputs_embeds, inputs.attention_mask, inputs.position_ids, kv_cache)
+
+    def encode_images(self, pixel_values: Float[Tensor, "view channel height width"]) -> Float[Tensor, "image_token d_model"]:
+        """Vision tower and projector: the features scattered into the language model, views in order."""
+        features = self.projector(self.vision(pixel_values.to(self.device)))
+        return features.reshape(-1, features.shape[-1])
+
+    def embed_inputs(
+        self,
+        input_ids: Int[Tensor, "batch pos"],
+        image_features: Float[Tensor, "image_token d_model"] | None,
+        image_mask: torch.Tensor | None,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Token embeddings, with the image features written at the image-token positions."""
+        if not 0 <= self.cfg.image_token_id < self.cfg.text.d_vocab and image_mask is not None:
+            # Checkpoints whose vocabulary has no image token (original LLaVA): look the image
+            # positions up as token 0; their embedding is overwritten below.
+            input_ids = input_ids.masked_fill(image_mask, 0)
+        embeds = self.hook_embed(self.embed(input_ids))
+        if image_features is not None and image_mask is not None:
+            n_tokens = int(image_mask.sum())
+            if n_tokens != image_features.shape[0]:
+                raise ValueError(
+                    f"the prompts hold {n_tokens} image tokens but the images produced {image_features.shape[0]} features"
+                )
+            embeds = embeds.masked_scatter(image_mask[..., None], image_features.to(embeds.dtype))
+        return self.hook_inputs_embeds(embeds)
+
+    def run_language_model(
+        self,
+        inputs_embeds: Float[Tensor, "batch pos d_model"],
+        attention_mask: Int[Tensor, "batch key_pos"],
+        position_ids: Int[Tensor, "batch pos"],
+        kv_cache: KVCache | None = None,
+    ) -> Float[Tensor, "batch pos d_vocab"]:
+        """Blocks, final norm and unembedding. `attention_mask` covers cached and new positions."""
+        rotary = self.rotary(position_ids.to(self.device), inputs_embeds.dtype)
+        mask = causal_mask(attention_mask.to(self.device), inputs_embeds.shape[1], inputs_embeds.dtype)
+        resid = inputs_embeds
+        for block in self.blocks:
+            resid = block(resid, rotary=rotary, mask=mask, kv_cache=kv_cache)
+        return self.unembed(self.ln_final(resid))
+
+    # ----------------------------------------------------------------------------- caching
+    def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any):
+        """As `HookedRootModule.run_with_cache`, returning a transformer_lens `ActivationCache`.
+        `names_filter`, `device` (e.g. "cpu" to offload) and `pos_slice` restrict what is kept."""
+        out, cache_dict = super().run_with_cache(*model_args, **kwargs)
+        if not return_cache_object:
+            return out, cache_dict
+        return out, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+
+    def set_attention_implementation(self, implementation: str) -> None:
+        """"auto" (default): materialise attention patterns only when a hook reads or edits them,
+        else use `F.scaled_dot_product_attention`; "eager": always materialise them."""
+        if implementation not in ("auto", "eager"):
+            raise ValueError(f"attention implementation must be 'auto' or 'eager', got {implementation!r}")
+        for module in self.modules():
+            if hasattr(module, "force_eager"):
+                module.force_eager = implementation == "eager"
+
+    # ----------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: VLMInput,
+        max_new_tokens: int = 32,
+        *,
+        fwd_hooks: Sequence[tuple[str | Callable, Callable]] = (),
+        return_tokens: bool = False,
+        skip_special_tokens: bool = True,
+    ) -> list[str] | Int[Tensor, "batch new_pos"]:
+        """Greedy decoding with a KV cache. `fwd_hooks` are active on the prefill and on every
+        decoding step (a hook sees `[batch, 1, ...]` activations on decoding steps). Rows stop at
+        an end-of-sequence token; finished rows are padded. Returns decoded texts, or the new
+        token ids (`return_tokens=True`)."""
+        from hooked_vlm.generation import greedy_generate
+
+        with self.hooks(fwd_hooks=list(fwd_hooks)):
+            tokens = greedy_generate(self, inputs, max_new_tokens)
+        if return_tokens:
+            return tokens
+        return self.tokenizer.batch_decode(tokens, skip_special_tokens=skip_special_tokens)
+
+    # ----------------------------------------------------------------------------- TL-style views
+    @property
+    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
+        return self.embed.W_E
+
+    @property
+    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
+        return self.unembed.W_U
+
+    @property
+    def b_U(self) -> Float[Tensor, "d_vocab"]:
+        return self.unembed.b_U
+
+    def _stack(self, blocks: nn.ModuleList, name: str) -> Tensor:
+        return torch.stack([getattr(block.attn, name) for block in blocks])
+
+    @property
+    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(self.blocks, "W_Q")
+
+    @property
+    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(self.blocks, "W_K")
+
+    @property
+    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
+        return self._stack(self.blocks, "W_V")
+
+    @property
+    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
+        return self._stack(self.blocks, "W_O")
+
+
+def causal_mask(
+    attention_mask: Int[Tensor, "batch key_pos"], q_len: int, dtype: torch.dtype
+) -> Float[Tensor, "batch 1 pos key_pos"]:
+    """Additive mask, 0 where a query may attend and the dtype's minimum elsewhere: causal over
+    the last `q_len` positions and blind to padding — Hugging Face's eager mask, value for value."""
+    kv_len = attention_mask.shape[1]
+    q_pos = torch.arange(kv_len - q_len, kv_len, device=attention_mask.device)
+    k_pos = torch.arange(kv_len, device=attention_mask.device)
+    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & attention_mask[:, None, :].bool()
+    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
+    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]

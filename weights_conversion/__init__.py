@@ -1,0 +1,69 @@
+"""Checkpoint formats -> HookedVLM.
+
+One module per family (`llava.py`, `internvl.py`), each handling that family's formats; `rules.py`
+holds the renaming tables they share and `io.py` the lazy readers. `load_pretrained` detects the
+format from `config.json` and dispatches.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from weights_conversion.io import CheckpointReader, ConversionError, Plan, check_plan, load_plan, read_json, resolve_directory
+
+__all__ = ["load_pretrained", "detect_format", "ConversionError", "CheckpointReader"]
+
+
+def detect_format(config: dict) -> str:
+    """"llava-hf", "llava-original", "internvl-hf" or "internvl-original" from a `config.json`."""
+    from weights_conversion import internvl, llava
+
+    if llava.is_llava_original(config):
+        return "llava-original"
+    if llava.is_llava_hf(config):
+        return "llava-hf"
+    if internvl.is_internvl_hf(config):
+        return "internvl-hf"
+    if internvl.is_internvl_original(config):
+        return "internvl-original"
+    raise ValueError(
+        f"unknown architecture: model_type={config.get('model_type')!r}, architectures={config.get('architectures')}; "
+        "supported: LlavaForConditionalGeneration, LlavaLlamaForCausalLM, InternVLForConditionalGeneration, InternVLChatModel"
+    )
+
+
+def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, device: Any = "cpu"):
+    """Load any supported checkpoint as a `HookedVLM` (see `HookedVLM.from_pretrained`)."""
+    from hooked_vlm.toy_models import toy_model_path
+
+    directory = toy_model_path(str(name_or_path)) or resolve_directory(name_or_path)
+    raw_config = read_json(directory / "config.json")
+    if raw_config is None:
+        raise FileNotFoundError(f"{directory} has no config.json")
+    fmt = detect_format(raw_config)
+    if fmt.startswith("llava"):
+        from weights_conversion import llava as module
+    else:
+        from weights_conversion import internvl as module
+    return module.load(directory, raw_config, dtype, torch.device(device))
+
+
+def assemble(cfg, plan: Plan, readers: dict[str, CheckpointReader | None], tokenizer_dir: Path, preprocessing, dtype, device):
+    """Build the model on the meta device, check the plan against it, then fill it tensor by tensor."""
+    from transformers import AutoTokenizer
+
+    from hooked_vlm.model import HookedVLM
+
+    with torch.device("meta"):
+        model = HookedVLM(cfg.with_dtype(dtype))
+    shapes = {name: {k: r.shape(k) for k in r.keys()} for name, r in readers.items() if r is not None}
+    check_plan(plan, model, shapes)
+    load_plan(plan, model, readers, dtype, device)
+    if cfg.tie_word_embeddings:
+        model.unembed.weight = model.embed.weight
+    model.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model.preprocessing = preprocessing
+    return model.eval()

@@ -1,0 +1,200 @@
+"""Reading checkpoints lazily and writing them into a model built on the meta device.
+
+A `CheckpointReader` knows every tensor's name and shape from the shard headers/indices and
+reads one tensor at a time (safetensors via `safe_open`, `.bin` via `torch.load(mmap=True,
+weights_only=True)`), so a 13B checkpoint never needs two copies in memory. A conversion is a
+`Plan`: for every parameter of the hooked model, which checkpoint tensor (and which rows of it)
+fills it. Plans are checked before anything is read: keys no rule claims, parameters no key fills
+and shape mismatches all raise one error that lists them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
+CONFIG_PATTERNS = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken")
+
+
+class ConversionError(ValueError):
+    """A checkpoint does not fit the model: lists every offending key."""
+
+
+class CheckpointReader:
+    """Name -> tensor access over the weight files of one directory (or a list of files)."""
+
+    def __init__(self, files: Iterable[Path]):
+        self.files = sorted(Path(f) for f in files)
+        if not self.files:
+            raise FileNotFoundError("no weight files (*.safetensors or *.bin) found")
+        self._file_of: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
+        for path in self.files:
+            for key, shape in _list_tensors(path):
+                if key in self._file_of:
+                    raise ConversionError(f"tensor {key!r} appears in both {self._file_of[key].name} and {path.name}")
+                self._file_of[key], self._shapes[key] = path, shape
+        self._open_path: Path | None = None
+        self._open: object | None = None
+
+    @classmethod
+    def from_directory(cls, directory: Path, prefer: str = "safetensors") -> CheckpointReader:
+        """All weight shards of a directory; safetensors when both formats are present."""
+        directory = Path(directory)
+        order = ["model.safetensors.index.json", "pytorch_model.bin.index.json"]
+        for index_name in order if prefer == "safetensors" else order[::-1]:
+            index = read_json(directory / index_name)
+            if index is not None:  # an index names exactly the model's shards (LLaVA also ships mm_projector.bin)
+                return cls(directory / name for name in sorted(set(index["weight_map"].values())))
+        safetensors = list(directory.glob("*.safetensors"))
+        bins = [p for p in directory.glob("*.bin") if p.name not in ("training_args.bin", "mm_projector.bin")]
+        files = safetensors if (safetensors and (prefer == "safetensors" or not bins)) else bins
+        return cls(files)
+
+    def keys(self) -> list[str]:
+        return list(self._file_of)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shapes[key]
+
+    def get(self, key: str) -> torch.Tensor:
+        path = self._file_of[key]
+        if path != self._open_path:  # keep at most one shard open
+            self._open, self._open_path = _open(path), path
+        if path.suffix == ".safetensors":
+            return self._open.get_tensor(key)
+        return self._open[key]
+
+
+def _list_tensors(path: Path) -> list[tuple[str, tuple[int, ...]]]:
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as f:
+            return [(k, tuple(f.get_slice(k).get_shape())) for k in f.keys()]
+    state = _open(path)
+    return [(k, tuple(v.shape)) for k, v in state.items() if isinstance(v, torch.Tensor)]
+
+
+def _open(path: Path):
+    if path.suffix == ".safetensors":
+        return safe_open(path, framework="pt")
+    try:  # zip-format .bin files can be memory-mapped: nothing is read until a tensor is used
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # legacy (pre-1.6) serialisation cannot be mapped; read this shard whole
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """Fill hooked parameter `target` with checkpoint tensor `source` (optionally a row range)."""
+
+    target: str
+    source: str
+    rows: tuple[int, int] | None = None
+    reader: str = "main"  # which reader holds `source` (original LLaVA keeps CLIP apart)
+
+
+@dataclass
+class Plan:
+    assignments: list[Assignment] = field(default_factory=list)
+    ignored: list[str] = field(default_factory=list)  # checkpoint keys known to be unused
+    unknown: list[str] = field(default_factory=list)  # checkpoint keys no rule claims
+
+
+def check_plan(plan: Plan, model: nn.Module, shapes: dict[str, dict[str, tuple[int, ...]]]) -> None:
+    """Raise one `ConversionError` listing unknown keys, unfilled or doubly filled parameters,
+    and shape mismatches between config and weights."""
+    params = dict(model.named_parameters())
+    problems = []
+    if plan.unknown:
+        problems.append(f"{len(plan.unknown)} checkpoint keys not used by any rule: {_listing(plan.unknown)}")
+    targets = [a.target for a in plan.assignments]
+    missing = sorted(set(params) - set(targets))
+    if missing:
+        problems.append(f"{len(missing)} model parameters missing from the checkpoint: {_listing(missing)}")
+    extra = sorted({t for t in targets if t not in params})
+    if extra:
+        problems.append(f"{len(extra)} converted names the model does not have: {_listing(extra)}")
+    doubled = sorted({t for t in targets if targets.count(t) > 1})
+    if doubled:
+        problems.append(f"parameters filled twice: {_listing(doubled)}")
+    mismatched = []
+    for a in plan.assignments:
+        if a.target not in params:
+            continue
+        source_shape = shapes[a.reader][a.source]
+        if a.rows is not None:
+            source_shape = (a.rows[1] - a.rows[0], *source_shape[1:])
+        expected = tuple(params[a.target].shape)
+        if _squeeze(source_shape) != _squeeze(expected):
+            mismatched.append(f"{a.source}{'' if a.rows is None else list(a.rows)} {tuple(source_shape)} -> {a.target} {expected}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} shape mismatches between config and weights: {_listing(mismatched)}")
+    if problems:
+        raise ConversionError("checkpoint does not match the model:\n- " + "\n- ".join(problems))
+
+
+def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader], dtype, device) -> None:
+    """Read each tensor once, cast it and put it into the (meta-device) model."""
+    last: tuple[str, str, torch.Tensor] | None = None
+    for a in plan.assignments:
+        if last is not None and last[:2] == (a.reader, a.source):
+            tensor = last[2]  # fused tensors (InternVL's qkv) feed several parameters
+        else:
+            tensor = readers[a.reader].get(a.source)
+            last = (a.reader, a.source, tensor)
+        if a.rows is not None:
+            tensor = tensor[a.rows[0] : a.rows[1]]
+        _set_parameter(model, a.target, tensor.to(device=device, dtype=dtype))
+
+
+def _squeeze(shape) -> tuple[int, ...]:
+    """Drop leading singleton dims: InternViT stores its CLS token as [1, 1, D], CLIP as [D]."""
+    shape = tuple(shape)
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+
+
+def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    old = getattr(module, attr)
+    setattr(module, attr, nn.Parameter(value.reshape(old.shape).contiguous(), requires_grad=False))
+
+
+def _listing(items: list[str], limit: int = 20) -> str:
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
+
+
+# ---------------------------------------------------------------------------------- resolving
+def resolve_directory(name_or_path: str | Path, weights: bool = True) -> Path:
+    """A local directory as is; otherwise a Hugging Face hub id, fetched (or found in the local
+    cache) with `huggingface_hub.snapshot_download`, which honours `HF_HUB_OFFLINE=1`."""
+    path = Path(os.path.expanduser(str(name_or_path)))
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{path} is a file; give the checkpoint's directory")
+    from huggingface_hub import snapshot_download
+
+    repo_id = str(name_or_path)
+    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
+        raise FileNotFoundError(f"{repo_id!r} is neither a local directory nor a hub id of the form 'owner/name'")
+    patterns = list(CONFIG_PATTERNS) + (["*.safetensors"] if weights else [])
+    directory = Path(snapshot_download(repo_id, allow_patterns=patterns))
+    if weights and not list(directory.glob("*.safetensors")):  # older repos ship only .bin shards
+        directory = Path(snapshot_download(repo_id, allow_patterns=list(CONFIG_PATTERNS) + ["*.bin"]))
+    return directory
+
+
+def read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None

@@ -115,13 +115,13 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, kvh * dh, bias=cfg.attn_bias, dtype=cfg.dtype)
         self.v_proj = nn.Linear(d, kvh * dh, bias=cfg.attn_bias, dtype=cfg.dtype)
         self.o_proj = nn.Linear(h * dh, d, bias=cfg.attn_out_bias, dtype=cfg.dtype)
+        self.hook_q = HookPoint()
+        self.hook_k = HookPoint()
+        self.hook_v = HookPoint()
         if cfg.qk_norm is not None:
             q_width, k_width = (dh, dh) if cfg.qk_norm == "head" else (h * dh, kvh * dh)
             self.q_norm = RMSNorm(q_width, cfg.qk_norm_eps, cfg.dtype)
             self.k_norm = RMSNorm(k_width, cfg.qk_norm_eps, cfg.dtype)
-        self.hook_q = HookPoint()
-        self.hook_k = HookPoint()
-        self.hook_v = HookPoint()
         if cfg.positional_embedding_type == "rotary":
             self.hook_rot_q = HookPoint()
             self.hook_rot_k = HookPoint()

@@ -24,19 +24,20 @@ class TransformerBlock(nn.Module):
     def __init__(self, cfg: TransformerConfig, layer: int):
         super().__init__()
         self.layer = layer
+        self.layer_scale = cfg.layer_scale
+        # registered in forward order, so that `model.hook_dict` lists hooks as data flows
+        self.hook_resid_pre = HookPoint()
         self.ln1 = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps, cfg.dtype)
         self.attn = Attention(cfg)
+        self.hook_attn_out = HookPoint()
+        self.hook_resid_mid = HookPoint()
         self.ln2 = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps, cfg.dtype)
         self.mlp = MLP(cfg)
+        self.hook_mlp_out = HookPoint()
+        self.hook_resid_post = HookPoint()
         if cfg.layer_scale:
             self.lambda_1 = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
             self.lambda_2 = nn.Parameter(torch.ones(cfg.d_model, dtype=cfg.dtype))
-        self.layer_scale = cfg.layer_scale
-        self.hook_resid_pre = HookPoint()
-        self.hook_attn_out = HookPoint()
-        self.hook_resid_mid = HookPoint()
-        self.hook_mlp_out = HookPoint()
-        self.hook_resid_post = HookPoint()
 
     def forward(
         self,

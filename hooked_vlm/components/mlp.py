@@ -39,13 +39,14 @@ class MLP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.act = activation(cfg.act_fn)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias, dtype=cfg.dtype)
         if cfg.gated_mlp:
             self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias, dtype=cfg.dtype)
-            self.hook_pre_linear = HookPoint()
-        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias, dtype=cfg.dtype)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias, dtype=cfg.dtype)
         self.hook_pre = HookPoint()
+        if cfg.gated_mlp:
+            self.hook_pre_linear = HookPoint()
         self.hook_post = HookPoint()
+        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias, dtype=cfg.dtype)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         if self.cfg.gated_mlp:

@@ -11,16 +11,16 @@ One image's path, in order (every name is a hook in `model.hook_dict`):
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from jaxtyping import Float, Int
 from torch import Tensor, nn
-from transformer_lens import ActivationCache, HookedRootModule
+from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
 
+from hooked_vlm.cache import VLMActivationCache
 from hooked_vlm.components import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.inputs import VLMInput
@@ -180,12 +180,13 @@ class HookedVLM(HookedRootModule):
 
     # ----------------------------------------------------------------------------- caching
     def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any):
-        """As `HookedRootModule.run_with_cache`, returning a transformer_lens `ActivationCache`.
-        `names_filter`, `device` (e.g. "cpu" to offload) and `pos_slice` restrict what is kept."""
+        """As `HookedRootModule.run_with_cache`, returning a transformer_lens `ActivationCache`
+        (`VLMActivationCache`, see `hooked_vlm.cache`). `names_filter`, `device` (e.g. "cpu" to
+        offload) and `pos_slice` restrict what is kept."""
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
         if not return_cache_object:
             return out, cache_dict
-        return out, ActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
+        return out, VLMActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
 
     def set_attention_implementation(self, implementation: str) -> None:
         """"auto" (default): materialise attention patterns only when a hook reads or edits them,

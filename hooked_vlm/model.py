@@ -11,6 +11,9 @@ One image's path, in order (every name is a hook in `model.hook_dict`):
 
 from __future__ import annotations
 
+import contextlib
+import difflib
+import functools
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -178,6 +181,22 @@ class HookedVLM(HookedRootModule):
             resid = block(resid, rotary=rotary, mask=mask, kv_cache=kv_cache)
         return self.unembed(self.ln_final(resid))
 
+    # ----------------------------------------------------------------------------- hooks
+    @contextlib.contextmanager
+    def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
+        """`HookedRootModule.hooks`, plus two checks: hook names must exist (a typo is an error,
+        not a silent no-op) and a forward hook must return a tensor of the shape it was given."""
+        fwd = [(self._checked_name(name), _shape_checked(fn)) for name, fn in fwd_hooks]
+        bwd = [(self._checked_name(name), fn) for name, fn in bwd_hooks]
+        with super().hooks(fwd, bwd, reset_hooks_end, clear_contexts) as model:
+            yield model
+
+    def _checked_name(self, name: str | Callable) -> str | Callable:
+        if callable(name) or name in self.hook_dict:
+            return name
+        close = difflib.get_close_matches(str(name), list(self.hook_dict), n=3)
+        raise ValueError(f"unknown hook name {name!r}" + (f"; did you mean {close}?" if close else ""))
+
     # ----------------------------------------------------------------------------- caching
     def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any):
         """As `HookedRootModule.run_with_cache`, returning a transformer_lens `ActivationCache`
@@ -251,6 +270,19 @@ class HookedVLM(HookedRootModule):
     @property
     def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
         return self._stack(self.blocks, "W_O")
+
+
+def _shape_checked(fn: Callable) -> Callable:
+    """Wrap a forward hook so that returning a tensor of another shape raises at once, naming the hook."""
+
+    @functools.wraps(fn)
+    def checked(tensor: Tensor, *, hook: HookPoint):
+        out = fn(tensor, hook=hook)
+        if isinstance(out, Tensor) and out.shape != tensor.shape:
+            raise ValueError(f"hook on {hook.name} returned shape {tuple(out.shape)}; expected {tuple(tensor.shape)}")
+        return out
+
+    return checked
 
 
 def causal_mask(

@@ -1,0 +1,189 @@
+"""Hooks: every one is causal, caches are transformer_lens ActivationCaches whose helpers
+reconstruct the residual stream, hook_result is free unless used, and hooks stay active
+during generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformer_lens import ActivationCache
+
+from hooked_vlm import HookedVLM
+from hooked_vlm.components.attention import Attention
+
+# Hooks that cannot affect the logits by construction, with the reason. None so far: the towers
+# only build the blocks whose output is read, and every hook covers whole tensors.
+NOT_CAUSAL: dict[str, str] = {}
+
+CHECKPOINTS = ["llava_base", "llava_multilayer", "llava_full"]
+
+
+@pytest.fixture(scope="module", params=CHECKPOINTS)
+def model_and_inputs(request, tiny_checkpoint, photos):
+    model = HookedVLM.from_pretrained(tiny_checkpoint(request.param))
+    inputs = model.prepare([photos["rocket"], photos["astronaut"]], ["Where is the rocket?", "Describe this photo in detail please."])
+    return model, inputs
+
+
+def _perturb(tensor: torch.Tensor, hook) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    noise = torch.randn(tensor.shape, generator=generator, dtype=torch.float32).to(tensor)
+    return tensor + noise * (tensor.float().std().item() + 1e-2)
+
+
+def test_every_hook_is_causal(model_and_inputs):
+    model, inputs = model_and_inputs
+    with torch.no_grad():
+        clean = model(inputs)
+        inert = []
+        for name in model.hook_dict:
+            patched = model.run_with_hooks(inputs, fwd_hooks=[(name, _perturb)])
+            if torch.equal(patched, clean):
+                inert.append(name)
+    assert inert == sorted(NOT_CAUSAL), f"hooks whose edits do not reach the logits: {inert}"
+
+
+def test_hooks_are_removed_after_the_call_even_when_it_raises(model_and_inputs):
+    model, inputs = model_and_inputs
+
+    def explode(tensor, hook):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.hook_resid_pre", explode)])
+    assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
+
+
+def test_hook_returning_wrong_shape_raises(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match=r"hook on blocks.0.hook_resid_mid returned shape"):
+        model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.hook_resid_mid", lambda t, hook: t[:, :-1])])
+
+
+def test_unknown_hook_name_raises_with_suggestions(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match=r"unknown hook name 'blocks.0.hook_resid_mdi'.*blocks.0.hook_resid_mid"):
+        model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.hook_resid_mdi", lambda t, hook: t)])
+
+
+def test_run_with_cache_returns_activation_cache_with_every_hook(model_and_inputs):
+    model, inputs = model_and_inputs
+    model.set_attention_implementation("eager")
+    try:
+        logits, cache = model.run_with_cache(inputs)
+        plain = model(inputs)
+    finally:
+        model.set_attention_implementation("auto")
+    assert isinstance(cache, ActivationCache)
+    assert set(cache.keys()) == set(model.hook_dict)
+    assert torch.equal(logits, plain)  # caching (hook_result included) does not change the numbers
+
+
+def test_decompose_resid_sums_to_the_residual_stream(model_and_inputs):
+    model, inputs = model_and_inputs
+    _, cache = model.run_with_cache(inputs)
+    n = model.cfg.n_layers
+    for layer in range(n + 1):
+        for mlp_input in (False, True) if layer < n else (False,):
+            parts, labels = cache.decompose_resid(layer=layer, mlp_input=mlp_input, return_labels=True)
+            target = cache[f"blocks.{n - 1}.hook_resid_post"] if layer == n else cache[f"blocks.{layer}.hook_resid_{'mid' if mlp_input else 'pre'}"]
+            assert labels[0] == "inputs_embeds"
+            _assert_close(parts.sum(0), target)
+
+
+def test_stack_head_results_sum_to_attention_outputs(model_and_inputs):
+    model, inputs = model_and_inputs
+    _, cache = model.run_with_cache(inputs)
+    n, h = model.cfg.n_layers, model.cfg.n_heads
+    stack, labels = cache.stack_head_results(layer=-1, return_labels=True)
+    assert stack.shape[0] == n * h and labels[0] == "L0H0"
+    for layer in range(n):
+        heads = stack[layer * h : (layer + 1) * h].sum(0) + model.blocks[layer].attn.b_O
+        _assert_close(heads, cache[f"blocks.{layer}.hook_attn_out"])
+    total = cache.stack_head_results(layer=-1, incl_remainder=True).sum(0)
+    _assert_close(total, cache[f"blocks.{n - 1}.hook_resid_post"])
+
+
+def test_accumulated_resid_is_the_residual_stream_at_each_layer(model_and_inputs):
+    model, inputs = model_and_inputs
+    _, cache = model.run_with_cache(inputs)
+    n = model.cfg.n_layers
+    stack, labels = cache.accumulated_resid(return_labels=True)
+    assert labels == [f"{l}_pre" for l in range(n)] + ["final_post"]
+    for layer in range(n):
+        assert torch.equal(stack[layer], cache[f"blocks.{layer}.hook_resid_pre"])
+    normed = cache.accumulated_resid(apply_ln=True)
+    _assert_close(normed[-1], cache["ln_final.hook_normalized"])  # logit lens at the last layer = the model
+
+
+def test_hook_result_is_not_computed_unless_used(model_and_inputs, monkeypatch):
+    model, inputs = model_and_inputs
+
+    def forbidden(self):
+        raise AssertionError("W_O was read: hook_result computed without a consumer")
+
+    monkeypatch.setattr(Attention, "W_O", property(forbidden))
+    model(inputs)
+    model.run_with_cache(inputs, names_filter=lambda name: "hook_result" not in name)
+    with pytest.raises(AssertionError, match="W_O was read"):
+        model.run_with_cache(inputs, names_filter="blocks.0.attn.hook_result")
+
+
+def test_weight_views_reproduce_the_hooked_projections(model_and_inputs):
+    model, inputs = model_and_inputs
+    _, cache = model.run_with_cache(inputs)
+    for prefix, attn in (("vision.blocks.0", model.vision.blocks[0].attn), ("blocks.0", model.blocks[0].attn)):
+        cfg = attn.cfg
+        x = cache[f"{prefix}.ln1.hook_normalized"]
+        assert attn.W_Q.shape == (cfg.n_heads, cfg.d_model, cfg.d_head)
+        assert attn.W_K.shape == attn.W_V.shape == (cfg.n_heads, cfg.d_model, cfg.d_head)
+        assert attn.W_O.shape == (cfg.n_heads, cfg.d_head, cfg.d_model)
+        q = torch.einsum("bpm,hmd->bphd", x, attn.W_Q) + attn.b_Q
+        _assert_close(q, cache[f"{prefix}.attn.hook_q"])
+        v = torch.einsum("bpm,hmd->bphd", x, attn.W_V) + attn.b_V
+        _assert_close(v[:, :, :: attn.n_rep], cache[f"{prefix}.attn.hook_v"])
+        result = torch.einsum("bphd,hdm->bphm", cache[f"{prefix}.attn.hook_z"], attn.W_O)
+        _assert_close(result, cache[f"{prefix}.attn.hook_result"])
+    assert model.W_Q.shape == (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_model, model.cfg.d_head)
+
+
+def test_generate_applies_hooks_on_prefill_and_every_step(model_and_inputs):
+    """A hook that edits an activation changes generation exactly as the same edit does in a
+    loop of full forwards without a KV cache."""
+    model, inputs = model_and_inputs
+    direction = torch.randn(model.cfg.d_model, generator=torch.Generator().manual_seed(1))
+    hook = ("blocks.0.hook_resid_post", lambda t, hook: t + 3 * direction.to(t))
+    steps = 8
+    edited = model.generate(inputs, max_new_tokens=steps, fwd_hooks=[hook], return_tokens=True)
+    plain = model.generate(inputs, max_new_tokens=steps, return_tokens=True)
+    assert not torch.equal(edited, plain)
+
+    ids, mask = inputs.input_ids, inputs.attention_mask
+    manual = []
+    for _ in range(steps):
+        step_inputs = _extend(inputs, ids, mask)
+        with torch.no_grad():
+            logits = model.run_with_hooks(step_inputs, fwd_hooks=[hook])
+        token = logits[:, -1].argmax(-1)
+        manual.append(token)
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    manual = torch.stack(manual, dim=1)
+    eos = torch.tensor(model.cfg.eos_token_ids)
+    for row_edited, row_manual in zip(edited, manual):
+        stop = next((i + 1 for i, t in enumerate(row_manual) if t in eos), steps)
+        assert torch.equal(row_edited[:stop], row_manual[:stop])
+
+
+def _extend(inputs, ids, mask):
+    from dataclasses import replace
+
+    from hooked_vlm.inputs import position_ids_from_mask
+
+    return replace(inputs, input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-5) -> None:
+    """Within 1e-5 of the tensor's scale (activations of the random fixtures reach ~100)."""
+    scale = max(expected.abs().max().item(), 1.0)
+    assert (actual - expected).abs().max().item() <= rel * scale

@@ -1,0 +1,71 @@
+"""LLaVA-1.5: the hooked model is numerically the Hugging Face model.
+
+Every comparison goes through `hooked_vlm.check_parity`, the tool users run on real checkpoints,
+on three tiny random configurations (different widths, head counts, image sizes, feature layers,
+a list of feature layers, the "full" strategy) with real photos, batch of 2 with left padding.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlavaForConditionalGeneration
+
+from hooked_vlm import HookedVLM
+from hooked_vlm.parity import check_parity
+
+PROMPTS = ["What is in the image?", "Please provide the bounding box coordinates of the cat in this photo."]
+TOLERANCE = 1e-5
+
+
+@pytest.fixture(scope="module")
+def pair(photos):
+    return [photos["chelsea"], photos["grace_hopper"]]
+
+
+def test_fp32_every_activation_family_matches(llava_dir, pair):
+    report = check_parity(llava_dir, pair, PROMPTS, max_new_tokens=20, verbose=False)
+    table = report.to_dataframe().set_index("family")
+    expected = {
+        "vision hidden states", "vision attention", "vision features", "projector output", "inputs embeds",
+        "LM hidden states", "LM attention", "LM final norm", "logits", "logits (hooks attached)", "logits (auto attention)",
+    }  # fmt: skip
+    assert expected <= set(table.index)
+    eager = table.drop(index="logits (auto attention)")
+    assert (eager["max_abs"] <= TOLERANCE).all(), str(report)
+    # SDPA (no pattern hook attached) reorders the same sums: within 1e-5 of the logits' scale
+    assert table.loc["logits (auto attention)", "max_rel"] <= TOLERANCE, str(report)
+    assert report.generation_match, str(report)
+
+
+def test_fp32_single_image_generation_matches(tiny_checkpoint, photos):
+    report = check_parity(tiny_checkpoint("llava_base"), [photos["coffee"]], ["Describe the image."], max_new_tokens=20, verbose=False)
+    assert report.generation_match
+    assert len(report.hooked_tokens[0]) > 1
+
+
+def test_bf16_eager_is_bit_identical_and_generations_agree(tiny_checkpoint, pair):
+    """Same operations in the same order in bf16: zero difference is the right tolerance."""
+    report = check_parity(tiny_checkpoint("llava_multilayer"), pair, PROMPTS, dtype=torch.bfloat16, max_new_tokens=20, verbose=False)
+    table = report.to_dataframe().set_index("family").drop(index="logits (auto attention)")
+    assert (table["max_abs"] == 0).all(), str(report)
+    assert report.generation_match, str(report)
+
+
+def test_bf16_sdpa_path_is_within_the_references_own_eager_sdpa_gap(tiny_checkpoint, pair):
+    """The default attention path uses SDPA when no pattern hook is attached. In bf16 its logits
+    may differ from HF eager by as much as HF's own SDPA does; we allow twice that gap."""
+    directory = tiny_checkpoint("llava_multilayer")
+    model = HookedVLM.from_pretrained(directory, dtype=torch.bfloat16)
+    inputs = model.prepare(pair, PROMPTS)
+    kwargs = dict(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids)
+    logits = {}
+    for impl in ("eager", "sdpa"):
+        reference = LlavaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16, attn_implementation=impl)
+        with torch.no_grad():
+            logits[impl] = reference(**kwargs).logits.float()
+    with torch.no_grad():
+        ours = model(inputs).float()
+    reference_gap = (logits["sdpa"] - logits["eager"]).abs().max()
+    assert reference_gap > 0
+    assert (ours - logits["eager"]).abs().max() <= 2 * reference_gap

@@ -30,6 +30,15 @@ Random initialisation: HF's default init (std 0.02) leaves activations tiny and 
 so a wrong residual or a missing scale would go unnoticed. `randomize_weights_` instead draws
 matrices with std `gain / sqrt(fan_in)`, norm weights around 1, layer-scale lambdas around 0.5 and
 nonzero biases.
+
+transformers 5.23 quirks handled here:
+- InternVLProcessor requires a video processor, and InternVL's needs torchvision, so without
+  torchvision neither `InternVLProcessor(...)` nor `AutoProcessor.from_pretrained` works, even for
+  images. `load_hf_processor` falls back to the same processor without video support.
+- Tokenizers built in memory forget `add_bos_token` on reload (BOS is still added by the stored
+  post-processor); the Llama tokenizer configs therefore state it, as llava-hf's does.
+- A processor's `save_pretrained` nests the image processor config inside processor_config.json;
+  a standalone preprocessor_config.json, as hub repos have, is written too.
 """
 
 from __future__ import annotations
@@ -82,6 +91,8 @@ __all__ = [
     "runtime_key",
     "legacy_key",
     "load_runtime_state_dict",
+    "tiny_llava_config",
+    "tiny_internvl_config",
     "build_tiny_llava",
     "build_tiny_internvl",
     "export_llava_original",
@@ -616,10 +627,8 @@ def _layer_index(key: str) -> int:
 
 
 def tiny_internvl_config(
+    tokenizer: Qwen2Tokenizer,
     *,
-    n_tokenizer_tokens: int,
-    image_token_id: int,
-    special_token_ids: dict[str, int],
     vision_variant: Literal["300m", "6b"] = "300m",
     d_model: int = 48,
     d_mlp: int = 96,
@@ -638,8 +647,9 @@ def tiny_internvl_config(
 ) -> InternVLConfig:
     """An InternVLConfig with InternVL-3.5's structure at tiny sizes: InternViT-300M (LayerNorm,
     qkv bias) or -6B (RMSNorm, full-width q/k norm, no qkv bias), eps 1e-6, pixel shuffle 0.5, and
-    a Qwen3 LM whose head_dim is independent of d_model / n_heads (θ=1e6, eps 1e-6). The embedding
-    has more rows than the tokenizer has tokens, as real InternVL-3.5 (151936 vs ~151680)."""
+    a Qwen3 LM whose head_dim is independent of d_model / n_heads (θ=1e6, eps 1e-6). Token ids come
+    from `tokenizer` (`build_internvl_tokenizer`); the embedding has more rows than it has tokens,
+    as real InternVL-3.5 (151936 vs ~151680)."""
     if vision_variant not in ("300m", "6b"):
         raise ValueError(f"vision_variant must be '300m' or '6b', not {vision_variant!r}")
     is_6b = vision_variant == "6b"
@@ -663,19 +673,21 @@ def tiny_internvl_config(
         num_attention_heads=n_heads,
         num_key_value_heads=n_key_value_heads,
         head_dim=d_head,
-        vocab_size=_round_up(n_tokenizer_tokens + 1, 64),
+        vocab_size=_round_up(len(tokenizer) + 1, 64),
         rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6},
         max_position_embeddings=max_position_embeddings,
         tie_word_embeddings=tie_word_embeddings,
         use_sliding_window=False,
-        **special_token_ids,
+        bos_token_id=tokenizer.pad_token_id,  # <|endoftext|>, as Qwen3
+        eos_token_id=tokenizer.eos_token_id,  # <|im_end|>
+        pad_token_id=tokenizer.pad_token_id,
     )
     grid = image_size // patch_size
     return InternVLConfig(
         vision_config=vision,
         text_config=text,
-        image_token_id=image_token_id,
+        image_token_id=tokenizer.context_image_token_id,
         image_seq_length=(grid // 2) ** 2,  # pixel shuffle with ratio 0.5 merges 2x2 patches
         downsample_ratio=0.5,
         projector_hidden_act="gelu",
@@ -748,12 +760,8 @@ def build_tiny_internvl(
     Load the processor with `load_hf_processor` if torchvision is not installed."""
     path = Path(path)
     tokenizer = build_internvl_tokenizer(vocab_size)
-    ids = tokenizer.convert_tokens_to_ids
     config = tiny_internvl_config(
-        n_tokenizer_tokens=len(tokenizer),
-        image_token_id=tokenizer.context_image_token_id,
-        special_token_ids={"bos_token_id": ids("<|endoftext|>"), "eos_token_id": ids("<|im_end|>"),
-                           "pad_token_id": ids("<|endoftext|>")},
+        tokenizer,
         vision_variant=vision_variant, d_model=d_model, d_mlp=d_mlp, n_layers=n_layers, n_heads=n_heads,
         n_key_value_heads=n_key_value_heads, d_head=d_head, tie_word_embeddings=tie_word_embeddings,
         vision_d_model=vision_d_model, vision_d_mlp=vision_d_mlp, vision_layers=vision_layers,
@@ -771,8 +779,9 @@ def build_tiny_internvl(
 def load_hf_processor(path: str | Path) -> ProcessorMixin:
     """`AutoProcessor.from_pretrained(path)`; for InternVL without torchvision (where AutoProcessor
     cannot build the required video processor) an InternVLProcessor without video support."""
-    processor_config = json.loads((Path(path) / "processor_config.json").read_text())
-    if processor_config.get("processor_class") == "InternVLProcessor" and not is_torchvision_available():
+    config_file = Path(path) / "config.json"
+    is_internvl = config_file.exists() and json.loads(config_file.read_text()).get("model_type") == "internvl"
+    if is_internvl and not is_torchvision_available():
         return _InternVLProcessorWithoutVideo.from_pretrained(path)
     return AutoProcessor.from_pretrained(path)
 

@@ -3,5 +3,6 @@
 from hooked_vlm.config import HookedVLMConfig, TransformerConfig
 from hooked_vlm.inputs import ImageLayout, ViewGeometry, VLMInput
 from hooked_vlm.model import HookedVLM
+from hooked_vlm.parity import ParityReport, check_parity
 
-__all__ = ["HookedVLM", "HookedVLMConfig", "TransformerConfig", "VLMInput", "ImageLayout", "ViewGeometry"]
+__all__ = ["HookedVLM", "check_parity", "ParityReport", "HookedVLMConfig", "TransformerConfig", "VLMInput", "ImageLayout", "ViewGeometry"]

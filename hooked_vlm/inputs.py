@@ -273,6 +273,7 @@ class VLMInput:
     layout: ImageLayout
     text: list[str] = field(default_factory=list)
     images: list = field(default_factory=list, repr=False)  # the original PIL images, for plotting
+    answer_mask: Bool[Tensor, "batch pos"] | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -288,6 +289,7 @@ class VLMInput:
             attention_mask=self.attention_mask.to(device),
             position_ids=self.position_ids.to(device),
             pixel_values=self.pixel_values.to(device),
+            answer_mask=None if self.answer_mask is None else self.answer_mask.to(device),
         )
 
     def image_token_mask(self) -> Bool[Tensor, "batch pos"]:

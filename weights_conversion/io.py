@@ -152,7 +152,8 @@ def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader]
             last = (a.reader, a.source, tensor)
         if a.rows is not None:
             tensor = tensor[a.rows[0] : a.rows[1]]
-        _set_parameter(model, a.target, tensor.to(device=device, dtype=dtype))
+        # an independent copy: never a view into a memory-mapped shard; one tensor at a time
+        _set_parameter(model, a.target, tensor.to(device=device, dtype=dtype, copy=True))
 
 
 def _squeeze(shape) -> tuple[int, ...]:

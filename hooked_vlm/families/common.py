@@ -87,3 +87,32 @@ def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, tor
             ids[i, length - len(s) :] = torch.tensor(s)
             mask[i, length - len(s) :] = 1
     return ids, mask
+
+
+def as_answer_list(answers: str | Sequence[str] | None, n: int) -> list[str] | None:
+    if answers is None:
+        return None
+    answers = [answers] if isinstance(answers, str) else list(answers)
+    if len(answers) != n:
+        raise ValueError(f"got {len(answers)} answers for {n} prompts")
+    return answers
+
+
+def answer_token_ids(tokenizer: Any, text: str, answer: str, separator: str, end: str) -> list[int]:
+    """The ids of `answer` followed by the end-of-turn token, as they come out when the whole
+    conversation is tokenised at once (what the model was trained on), for teacher forcing.
+    Raises if appending the answer changes how the prompt itself is tokenised."""
+    prompt_ids = tokenizer(text).input_ids
+    full_ids = tokenizer(text + separator + answer + end).input_ids
+    if full_ids[: len(prompt_ids)] != prompt_ids:
+        raise ValueError(f"appending the answer {answer!r} changes the tokenisation of the prompt's end")
+    return full_ids[len(prompt_ids) :]
+
+
+def answer_mask(attention_mask: torch.Tensor, answer_lengths: list[int]) -> torch.Tensor:
+    """True at the answer tokens, which end every (left-padded) row."""
+    mask = torch.zeros_like(attention_mask, dtype=torch.bool)
+    for row, n in enumerate(answer_lengths):
+        if n:
+            mask[row, -n:] = True
+    return mask

@@ -18,7 +18,15 @@ import torch
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from hooked_vlm.config import HookedVLMConfig, TransformerConfig
-from hooked_vlm.families.common import as_image_prompt_lists, left_pad, normalise_feature_layers, text_config_from_hf
+from hooked_vlm.families.common import (
+    answer_mask,
+    answer_token_ids,
+    as_answer_list,
+    as_image_prompt_lists,
+    left_pad,
+    normalise_feature_layers,
+    text_config_from_hf,
+)
 from hooked_vlm.inputs import ImageLayout, ViewGeometry, VLMInput, position_ids_from_mask
 
 IMAGE_PLACEHOLDER = "<image>"
@@ -213,8 +221,10 @@ def prepare(
     raw: bool = False,
     image_mode: ImageMode | None = None,
     template: Template | None = None,
+    answers: str | Sequence[str] | None = None,
 ) -> VLMInput:
-    """Images + user prompts -> `VLMInput` (see `HookedVLM.prepare`)."""
+    """Images + user prompts -> `VLMInput` (see `HookedVLM.prepare`). With `answers`, each
+    answer and the end-of-sequence token follow the prompt (teacher forcing; `answer_mask`)."""
     cfg: HookedVLMConfig = model.cfg
     pre: LlavaPreprocessing = model.preprocessing
     mode = image_mode or pre.image_mode
@@ -225,6 +235,12 @@ def prepare(
     has_cls = cfg.feature_select_strategy == "full"
     n_tokens = (pre.image_size // pre.patch_size) ** 2 + has_cls
     sequences = [tokenize(model.tokenizer, t, n_tokens, cfg.image_token_id, template) for t in texts]
+    answers = as_answer_list(answers, len(texts))
+    answer_ids = [[] for _ in texts]
+    if answers is not None:  # "ASSISTANT: {answer}</s>", as llava-hf's template renders an assistant turn
+        end = model.tokenizer.eos_token or ""
+        answer_ids = [answer_token_ids(model.tokenizer, t, a, " ", end) for t, a in zip(texts, answers)]
+        sequences = [s + a for s, a in zip(sequences, answer_ids)]
     pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else (cfg.pad_token_id or 0)
     input_ids, attention_mask = left_pad(sequences, pad_id)
     pixel_values = torch.as_tensor(image_processor(pre, mode)(images, return_tensors="pt")["pixel_values"])
@@ -245,4 +261,5 @@ def prepare(
         layout=layout,
         text=texts,
         images=images,
+        answer_mask=None if answers is None else answer_mask(attention_mask, [len(a) for a in answer_ids]),
     )

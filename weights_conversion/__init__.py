@@ -51,8 +51,11 @@ def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype = torch.floa
     return module.load(directory, raw_config, dtype, torch.device(device))
 
 
-def assemble(cfg, plan: Plan, readers: dict[str, CheckpointReader | None], tokenizer_dir: Path, preprocessing, dtype, device):
-    """Build the model on the meta device, check the plan against it, then fill it tensor by tensor."""
+def assemble(
+    cfg, plan: Plan, readers: dict[str, CheckpointReader | None], tokenizer_dir: Path, preprocessing, dtype, device, tokenizer=None
+):
+    """Build the model on the meta device, check the plan against it, then fill it tensor by tensor.
+    `tokenizer`: an already loaded tokenizer (else loaded from `tokenizer_dir`)."""
     from transformers import AutoTokenizer
 
     from hooked_vlm.model import HookedVLM
@@ -64,6 +67,6 @@ def assemble(cfg, plan: Plan, readers: dict[str, CheckpointReader | None], token
     load_plan(plan, model, readers, dtype, device)
     if cfg.tie_word_embeddings:
         model.unembed.weight = model.embed.weight
-    model.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(tokenizer_dir)
     model.preprocessing = preprocessing
     return model.eval()

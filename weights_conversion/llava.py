@@ -148,7 +148,8 @@ def load(directory: Path, raw_config: dict, dtype: torch.dtype, device: Any):
     if is_llava_hf(raw_config):
         cfg = config_from_llava_hf(AutoConfig.from_pretrained(directory), reader.keys(), dtype)
         readers, plan = {"main": reader}, plan_llava_hf(reader.keys(), cfg.vision.n_layers)
-        image_mode, template = "crop", "hf"
+        # llava-hf repos centre-crop; a LlavaImageProcessor with do_pad=True pads like the original
+        image_mode, template = ("pad" if (processor_config or {}).get("do_pad") else "crop"), "hf"
     else:
         clip_dir = resolve_directory(raw_config["mm_vision_tower"])
         clip_config = AutoConfig.from_pretrained(clip_dir)

@@ -97,6 +97,7 @@ class HookedVLM(HookedRootModule):
         self.unembed = Unembed(text.d_model, text.d_vocab, text.dtype)
         if cfg.tie_word_embeddings:
             self.unembed.weight = self.embed.weight
+        self.past_length = 0  # positions already in the KV cache during the current forward
         self.setup()
 
     # ----------------------------------------------------------------------------- loading
@@ -174,6 +175,9 @@ class HookedVLM(HookedRootModule):
         kv_cache: KVCache | None = None,
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Blocks, final norm and unembedding. `attention_mask` covers cached and new positions."""
+        # Hooks that address sequence positions read this to place a decoding step's [batch, 1]
+        # activations: the new positions are past_length, past_length + 1, ...
+        self.past_length = len(kv_cache) if kv_cache is not None else 0
         rotary = self.rotary(position_ids.to(self.device), inputs_embeds.dtype)
         mask = causal_mask(attention_mask.to(self.device), inputs_embeds.shape[1], inputs_embeds.dtype)
         resid = inputs_embeds

@@ -21,11 +21,17 @@ from hooked_vlm.config import TransformerConfig
 
 
 class KVCache:
-    """Keys and values of every layer seen so far: `[batch, kv_head, pos, d_head]` per layer."""
+    """Keys and values of every layer seen so far: `[batch, kv_head, pos, d_head]` per layer.
 
-    def __init__(self, n_layers: int):
+    A *frozen* cache (`frozen_copy`) serves a fixed prefix to many continuations: `update`
+    returns prefix + new keys without storing them, and a batch-1 prefix is broadcast to the
+    continuation's batch without copying it.
+    """
+
+    def __init__(self, n_layers: int, frozen: bool = False):
         self.keys: list[Tensor | None] = [None] * n_layers
         self.values: list[Tensor | None] = [None] * n_layers
+        self.frozen = frozen
 
     def __len__(self) -> int:
         """Number of cached positions."""
@@ -33,18 +39,18 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         if self.keys[layer] is not None:
-            k = torch.cat([self.keys[layer], k], dim=2)
-            v = torch.cat([self.values[layer], v], dim=2)
-        self.keys[layer], self.values[layer] = k, v
+            past_k, past_v = self.keys[layer], self.values[layer]
+            if past_k.shape[0] != k.shape[0]:
+                past_k, past_v = past_k.expand(k.shape[0], -1, -1, -1), past_v.expand(k.shape[0], -1, -1, -1)
+            k, v = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        if not self.frozen:
+            self.keys[layer], self.values[layer] = k, v
         return k, v
 
-    def select(self, batch_index: Tensor) -> KVCache:
-        """A cache for a subset (or repetition) of the batch rows."""
-        out = KVCache(len(self.keys))
-        out.keys = [None if k is None else k[batch_index] for k in self.keys]
-        out.values = [None if v is None else v[batch_index] for v in self.values]
+    def frozen_copy(self) -> KVCache:
+        out = KVCache(len(self.keys), frozen=True)
+        out.keys, out.values = list(self.keys), list(self.values)
         return out
-
 
 class RotaryEmbedding(nn.Module):
     """Default RoPE (rotate-half convention) as Llama and Qwen3 compute it (ARCHITECTURES §0.4)."""

@@ -1,0 +1,242 @@
+"""Head sweeps: the effect of patching each attention head from a source run into a base run.
+
+Two methods, both over every language-model head at once:
+
+- `head_patching_sweep` (exact). A patch at positions >= P cannot change anything before P, so
+  the base run's image features and its key/values for positions < P are computed once; each
+  patched run only recomputes positions P.. against that shared prefix, and many heads are
+  patched side by side in one batch (copy i of the suffix patches head i). Identical to running
+  one full patched forward per head (`naive_head_patching`), at a fraction of the cost.
+- `head_attribution` (attribution patching, AtP): a first-order estimate of every head's effect,
+  `(z_source - z_base) . dM/dz` at the base run, from one forward and one backward of the base
+  and one forward of the source — for both towers' heads.
+
+A metric maps the logits of positions `offset..` (`[batch, pos - offset, d_vocab]`) to one number
+per batch row (e.g. the masked NLL of the answer tokens, `answer_nll_metric`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from hooked_vlm.components import KVCache
+from hooked_vlm.inputs import VLMInput
+
+Metric = Callable[[Tensor, int], Tensor]  # (logits[:, offset:], offset) -> [batch]
+Head = tuple[int, int]  # (layer, query head)
+
+
+def answer_nll_metric(inputs: VLMInput, token_mask: Bool[Tensor, "batch pos"] | None = None) -> Metric:
+    """Mean negative log-likelihood of the answer tokens (`inputs.answer_mask`, or `token_mask`)
+    under teacher forcing; logits at position t predict the token at t + 1."""
+    mask = inputs.answer_mask if token_mask is None else token_mask
+    if mask is None:
+        raise ValueError("no answer tokens: prepare the inputs with answers=... or pass token_mask")
+
+    def metric(logits: Tensor, offset: int) -> Tensor:
+        targets = inputs.input_ids[:, offset + 1 :].to(logits.device)
+        selected = mask[:, offset + 1 :].to(logits.device)
+        if int(mask[:, : offset + 1].sum()):
+            raise ValueError(f"answer tokens before position {offset + 1} are outside the patched suffix")
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        rows = logprobs.shape[0]
+        targets, selected = targets.expand(rows, -1), selected.expand(rows, -1)
+        nll = -logprobs.gather(-1, targets[..., None])[..., 0]
+        return (nll * selected).sum(-1) / selected.sum(-1).clamp(min=1)
+
+    return metric
+
+
+def _check_pair(base: VLMInput, source: VLMInput) -> None:
+    if len(base) != 1 or len(source) != 1:
+        raise ValueError(f"head sweeps take one base and one source (batch 1), got {len(base)} and {len(source)}")
+    if base.input_ids.shape != source.input_ids.shape or not base.layout.same_geometry(source.layout):
+        raise ValueError("source and base have different token layouts: positions would not correspond")
+
+
+def _all_heads(model) -> list[Head]:
+    return [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+
+
+def _check_heads(model, heads: Sequence[Head]) -> None:
+    for layer, head in heads:
+        if not 0 <= layer < model.cfg.n_layers:
+            raise IndexError(f"layer {layer} out of range: the language model has {model.cfg.n_layers} layers")
+        if not 0 <= head < model.cfg.n_heads:
+            raise IndexError(f"head {head} out of range: layers have {model.cfg.n_heads} query heads")
+
+
+def _source_z(model, source: VLMInput) -> dict[int, Tensor]:
+    _, cache = model.run_with_cache(source, names_filter=lambda n: n.startswith("blocks.") and n.endswith("attn.hook_z"))
+    return {layer: cache[f"blocks.{layer}.attn.hook_z"] for layer in range(model.cfg.n_layers)}
+
+
+@torch.no_grad()
+def head_patching_sweep(
+    model,
+    base: VLMInput,
+    source: VLMInput,
+    metric: Metric,
+    positions: Sequence[int] | Tensor,
+    *,
+    heads: Sequence[Head] | None = None,
+    batch_size: int = 16,
+    fwd_hooks: Sequence = (),
+) -> Float[Tensor, "layer head"]:
+    """Metric of the base run with each head's `hook_z` at `positions` replaced by the source's.
+
+    Returns `[n_layers, n_heads]` (NaN for heads not in `heads`). `fwd_hooks` stay attached to
+    every run (e.g. an ablation that defines the base condition); they must not edit positions
+    before `min(positions)` differently from the base run itself.
+    """
+    _check_pair(base, source)
+    heads = _all_heads(model) if heads is None else list(heads)
+    _check_heads(model, heads)
+    positions = torch.as_tensor(positions, dtype=torch.long).flatten()
+    if len(positions) == 0:
+        raise ValueError("no positions to patch")
+    offset = int(positions.min())
+    if offset == 0:
+        raise ValueError("patching position 0 leaves no shared prefix; use naive_head_patching")
+    out = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"))
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        source_z = _source_z(model, source)
+        # the shared prefix: image features, merged embeddings, key/values of positions < offset
+        features = model.encode_images(base.pixel_values)
+        embeds = model.embed_inputs(base.input_ids, features, base.image_token_mask())
+        prefix = KVCache(model.cfg.n_layers)
+        model.run_language_model(embeds[:, :offset], base.attention_mask[:, :offset], base.position_ids[:, :offset], prefix)
+        suffix = embeds[:, offset:]
+        relative = positions - offset
+        for start in range(0, len(heads), batch_size):
+            chunk = heads[start : start + batch_size]
+            n = len(chunk)
+            patch = _suffix_patch_hooks(chunk, source_z, positions, relative)
+            with model.hooks(fwd_hooks=patch):
+                logits = model.run_language_model(
+                    suffix.expand(n, -1, -1),
+                    base.attention_mask.expand(n, -1),
+                    base.position_ids[:, offset:].expand(n, -1),
+                    prefix.frozen_copy(),
+                )
+            values = metric(logits, offset)
+            for (layer, head), value in zip(chunk, values):
+                out[layer, head] = value.item()
+    return out
+
+
+def _suffix_patch_hooks(chunk: list[Head], source_z: dict[int, Tensor], positions: Tensor, relative: Tensor) -> list:
+    """Copy i of the batch gets head chunk[i] replaced by the source at the patched positions."""
+    by_layer: dict[int, list[tuple[int, int]]] = {}
+    for row, (layer, head) in enumerate(chunk):
+        by_layer.setdefault(layer, []).append((row, head))
+    hooks = []
+    for layer, rows_heads in by_layer.items():
+        rows = torch.tensor([r for r, _ in rows_heads])
+        head_index = torch.tensor([h for _, h in rows_heads])
+
+        def patch(z: Tensor, hook, rows=rows, head_index=head_index, layer=layer) -> Tensor:
+            z = z.clone()
+            src = source_z[layer][0][positions][:, head_index]  # [patched_pos, n_rows, d_head]
+            z[rows[:, None], relative[None, :], head_index[:, None]] = src.transpose(0, 1).to(z)
+            return z
+
+        hooks.append((f"blocks.{layer}.attn.hook_z", patch))
+    return hooks
+
+
+@torch.no_grad()
+def naive_head_patching(
+    model,
+    base: VLMInput,
+    source: VLMInput,
+    metric: Metric,
+    positions: Sequence[int] | Tensor,
+    *,
+    heads: Sequence[Head] | None = None,
+    fwd_hooks: Sequence = (),
+) -> Float[Tensor, "layer head"]:
+    """The reference: one full patched forward (vision tower included) per head."""
+    _check_pair(base, source)
+    heads = _all_heads(model) if heads is None else list(heads)
+    _check_heads(model, heads)
+    positions = torch.as_tensor(positions, dtype=torch.long).flatten()
+    offset = int(positions.min())
+    out = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"))
+    with model.hooks(fwd_hooks=list(fwd_hooks)):
+        source_z = _source_z(model, source)
+        for layer, head in heads:
+
+            def patch(z: Tensor, hook, layer=layer, head=head) -> Tensor:
+                z = z.clone()
+                z[:, positions, head] = source_z[layer][:, positions, head].to(z)
+                return z
+
+            logits = model.run_with_hooks(base, fwd_hooks=[(f"blocks.{layer}.attn.hook_z", patch)])
+            out[layer, head] = metric(logits[:, offset:], offset)[0].item()
+    return out
+
+
+def head_attribution(
+    model,
+    base: VLMInput,
+    source: VLMInput,
+    metric: Metric,
+    positions: Sequence[int] | Tensor | None = None,
+    *,
+    towers: Sequence[str] = ("language", "vision"),
+    fwd_hooks: Sequence = (),
+) -> dict[str, Float[Tensor, "layer head"]]:
+    """Attribution patching of every head: `sum over patched positions and d_head of
+    (z_source - z_base) * dM/dz_base`, the first-order change of the metric if the head's `hook_z`
+    took the source's values. Language-model heads are patched at `positions` (default: all);
+    vision-tower heads at every token of every view. Returns {"language": [L, H], "vision": [L_v, H_v]}.
+    Cost: one forward of the source, one forward and one backward of the base.
+    """
+    _check_pair(base, source)
+    names = _z_names(model, towers)
+    with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
+        _, source_cache = model.run_with_cache(source, names_filter=names, return_cache_object=False)
+
+    base_z: dict[str, Tensor] = {}
+
+    def keep(z: Tensor, hook) -> None:
+        base_z[hook.name] = z
+
+    def leaf(x: Tensor, hook) -> Tensor:
+        return x.detach().requires_grad_(True)  # every later activation then carries a gradient
+
+    with torch.enable_grad(), model.hooks(
+        fwd_hooks=list(fwd_hooks) + [("vision.hook_patch_embed", leaf), ("hook_embed", leaf)] + [(n, keep) for n in names]
+    ):
+        logits = model(base)
+        offset = 0 if positions is None else int(torch.as_tensor(positions).min())
+        value = metric(logits[:, offset:], offset).sum()
+        grads = torch.autograd.grad(value, [base_z[n] for n in names])
+
+    lm_positions = None if positions is None else torch.as_tensor(positions, dtype=torch.long).flatten()
+    scores: dict[str, list[Tensor]] = {"language": [], "vision": []}
+    for name, grad in zip(names, grads):
+        delta = source_cache[name].to(grad) - base_z[name].detach()
+        contribution = (delta * grad).float()  # [batch, pos, head, d_head]
+        tower = "vision" if name.startswith("vision.") else "language"
+        if tower == "language" and lm_positions is not None:
+            contribution = contribution[:, lm_positions]
+        scores[tower].append(contribution.sum(dim=(0, 1, 3)))
+    return {tower: torch.stack(values) for tower, values in scores.items() if values}
+
+
+def _z_names(model, towers: Sequence[str]) -> list[str]:
+    unknown = set(towers) - {"language", "vision"}
+    if unknown:
+        raise ValueError(f"unknown towers {sorted(unknown)} (expected 'language' and/or 'vision')")
+    names = []
+    if "vision" in towers:
+        names += [f"vision.blocks.{l}.attn.hook_z" for l in range(model.cfg.vision.n_layers)]
+    if "language" in towers:
+        names += [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
+    return names

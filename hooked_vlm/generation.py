@@ -33,7 +33,7 @@ def greedy_generate(model: HookedVLM, inputs: VLMInput, max_new_tokens: int) -> 
     finished = torch.zeros(len(inputs), dtype=torch.bool, device=model.device)
     new_tokens = []
     for step in range(max_new_tokens):
-        next_token = logits[:, -1].argmax(dim=-1)
+        next_token = logits[:, -1].argmax(dim=-1).to(model.device)
         next_token = torch.where(finished, torch.full_like(next_token, pad), next_token)
         new_tokens.append(next_token)
         finished |= torch.isin(next_token, eos)

@@ -108,13 +108,15 @@ class HookedVLM(HookedRootModule):
         *,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
-        **kwargs: Any,
+        device_map: dict[str, Any] | str | None = None,
     ) -> HookedVLM:
         """Load a checkpoint in any supported format (see `weights_conversion`): a local
-        directory, a Hugging Face hub id, or the name of a shipped toy model."""
+        directory, a Hugging Face hub id, or the name of a shipped toy model. `device_map`
+        spreads the model over several devices (the accelerate convention: module-name prefixes
+        such as "vision", "blocks.0", "unembed" -> device, or "auto"); activations follow."""
         from weights_conversion import load_pretrained
 
-        return load_pretrained(name_or_path, dtype=dtype, device=device, **kwargs)
+        return load_pretrained(name_or_path, dtype=dtype, device=device, device_map=device_map)
 
     # ----------------------------------------------------------------------------- inputs
     def prepare(self, images: Any, prompts: str | Sequence[str], **kwargs: Any) -> VLMInput:
@@ -143,7 +145,8 @@ class HookedVLM(HookedRootModule):
 
     def encode_images(self, pixel_values: Float[Tensor, "view channel height width"]) -> Float[Tensor, "image_token d_model"]:
         """Vision tower and projector: the features scattered into the language model, views in order."""
-        features = self.projector(self.vision(pixel_values.to(self.device)))
+        features = self.vision(pixel_values.to(self.vision.patch_embed.weight.device))
+        features = self.projector(features.to(self.projector.linear_1.weight.device))
         return features.reshape(-1, features.shape[-1])
 
     def embed_inputs(
@@ -153,6 +156,8 @@ class HookedVLM(HookedRootModule):
         image_mask: torch.Tensor | None,
     ) -> Float[Tensor, "batch pos d_model"]:
         """Token embeddings, with the image features written at the image-token positions."""
+        input_ids = input_ids.to(self.device)
+        image_mask = None if image_mask is None else image_mask.to(self.device)
         if not 0 <= self.cfg.image_token_id < self.cfg.text.d_vocab and image_mask is not None:
             # Checkpoints whose vocabulary has no image token (original LLaVA): look the image
             # positions up as token 0; their embedding is overwritten below.
@@ -164,7 +169,7 @@ class HookedVLM(HookedRootModule):
                 raise ValueError(
                     f"the prompts hold {n_tokens} image tokens but the images produced {image_features.shape[0]} features"
                 )
-            embeds = embeds.masked_scatter(image_mask[..., None], image_features.to(embeds.dtype))
+            embeds = embeds.masked_scatter(image_mask[..., None], image_features.to(embeds.device, embeds.dtype))
         return self.hook_inputs_embeds(embeds)
 
     def run_language_model(
@@ -178,11 +183,17 @@ class HookedVLM(HookedRootModule):
         # Hooks that address sequence positions read this to place a decoding step's [batch, 1]
         # activations: the new positions are past_length, past_length + 1, ...
         self.past_length = len(kv_cache) if kv_cache is not None else 0
-        rotary = self.rotary(position_ids.to(self.device), inputs_embeds.dtype)
-        mask = causal_mask(attention_mask.to(self.device), inputs_embeds.shape[1], inputs_embeds.dtype)
+        dtype, q_len = inputs_embeds.dtype, inputs_embeds.shape[1]
+        per_device: dict[torch.device, tuple] = {}  # rotary tables and mask, once per device
         resid = inputs_embeds
         for block in self.blocks:
-            resid = block(resid, rotary=rotary, mask=mask, kv_cache=kv_cache)
+            device = block.ln1.weight.device
+            if device not in per_device:
+                rotary = self.rotary(position_ids.to(device), dtype)
+                per_device[device] = (rotary, causal_mask(attention_mask.to(device), q_len, dtype))
+            rotary, mask = per_device[device]
+            resid = block(resid.to(device), rotary=rotary, mask=mask, kv_cache=kv_cache)
+        resid = resid.to(self.ln_final.weight.device)
         return self.unembed(self.ln_final(resid))
 
     # ----------------------------------------------------------------------------- hooks

@@ -175,3 +175,23 @@ def test_hub_id_resolves_from_the_local_cache_in_offline_mode(tiny_checkpoint, t
     _assert_same_weights(model, HookedVLM.from_pretrained(tiny_checkpoint("llava_base")))
     with pytest.raises(Exception, match="(?i)offline|cannot find|not found|connection"):
         HookedVLM.from_pretrained("tiny-org/not-cached")
+
+
+def test_device_map_places_every_module_where_asked(tiny_checkpoint, photos):
+    """Only one device here, so this checks the placement logic and that activations hop
+    between block devices (meta would be the other device, but cannot run)."""
+    directory = tiny_checkpoint("llava_base")
+    device_map = {"vision": "cpu", "projector": "cpu", "embed": "cpu", "blocks.0": "cpu", "blocks.1": "meta", "ln_final": "meta", "unembed": "meta"}
+    placed = HookedVLM.from_pretrained(directory, device_map=device_map)
+    for name, param in placed.named_parameters():
+        expected = "meta" if name.startswith(("blocks.1.", "ln_final", "unembed")) else "cpu"
+        assert param.device.type == expected, name
+    everything_on_cpu = {k: "cpu" for k in device_map}
+    split = HookedVLM.from_pretrained(directory, device_map=everything_on_cpu)
+    auto = HookedVLM.from_pretrained(directory, device_map="auto")  # no GPU: all on the default device
+    plain = HookedVLM.from_pretrained(directory)
+    inputs = plain.prepare(photos["coffee"], "What is this?")
+    with torch.no_grad():
+        assert torch.equal(split(inputs), plain(inputs)) and torch.equal(auto(inputs), plain(inputs))
+    with pytest.raises(ValueError, match="device_map does not place '"):
+        HookedVLM.from_pretrained(directory, device_map={"vision": "cpu"})

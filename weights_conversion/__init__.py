@@ -12,7 +12,16 @@ from typing import Any
 
 import torch
 
-from weights_conversion.io import CheckpointReader, ConversionError, Plan, check_plan, load_plan, read_json, resolve_directory
+from weights_conversion.io import (
+    CheckpointReader,
+    ConversionError,
+    Placement,
+    Plan,
+    check_plan,
+    load_plan,
+    read_json,
+    resolve_directory,
+)
 
 __all__ = ["load_pretrained", "detect_format", "ConversionError", "CheckpointReader"]
 
@@ -35,7 +44,13 @@ def detect_format(config: dict) -> str:
     )
 
 
-def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype = torch.float32, device: Any = "cpu"):
+def load_pretrained(
+    name_or_path: str | Path,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: Any = "cpu",
+    device_map: dict[str, Any] | str | None = None,
+):
     """Load any supported checkpoint as a `HookedVLM` (see `HookedVLM.from_pretrained`)."""
     from hooked_vlm.toy_models import toy_model_path
 
@@ -48,7 +63,7 @@ def load_pretrained(name_or_path: str | Path, *, dtype: torch.dtype = torch.floa
         from weights_conversion import llava as module
     else:
         from weights_conversion import internvl as module
-    return module.load(directory, raw_config, dtype, torch.device(device))
+    return module.load(directory, raw_config, dtype, Placement(device, device_map))
 
 
 def assemble(
@@ -64,7 +79,11 @@ def assemble(
         model = HookedVLM(cfg.with_dtype(dtype))
     shapes = {name: {k: r.shape(k) for k in r.keys()} for name, r in readers.items() if r is not None}
     check_plan(plan, model, shapes)
-    load_plan(plan, model, readers, dtype, device)
+    placement = device if isinstance(device, Placement) else Placement(device)
+    placement.resolve(cfg.text.n_layers)
+    if cfg.tie_word_embeddings and placement("embed.weight") != placement("unembed.weight"):
+        raise ValueError("tied embeddings need the embedding and the unembedding on the same device")
+    load_plan(plan, model, readers, dtype, placement)
     if cfg.tie_word_embeddings:
         model.unembed.weight = model.embed.weight
     model.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(tokenizer_dir)

@@ -14,7 +14,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 import torch
 from safetensors import safe_open
@@ -141,8 +141,43 @@ def check_plan(plan: Plan, model: nn.Module, shapes: dict[str, dict[str, tuple[i
         raise ConversionError("checkpoint does not match the model:\n- " + "\n- ".join(problems))
 
 
-def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader], dtype, device) -> None:
-    """Read each tensor once, cast it and put it into the (meta-device) model."""
+class Placement:
+    """Where each parameter goes: one `device`, or an accelerate-style `device_map` from module
+    names (prefixes such as "vision", "blocks.12", "unembed") to devices, or "auto": the vision
+    tower, projector and embedding on the first device, the language-model blocks split evenly
+    over all visible CUDA devices in order, the final norm and unembedding on the last."""
+
+    def __init__(self, device: Any = "cpu", device_map: dict[str, Any] | str | None = None):
+        self.default = torch.device(device)
+        self.device_map = device_map
+        self._map: dict[str, torch.device] | None = None
+
+    def resolve(self, n_layers: int) -> None:
+        if self.device_map is None:
+            return
+        if self.device_map == "auto":
+            n_gpus = torch.cuda.device_count()
+            devices = [torch.device(f"cuda:{i}") for i in range(n_gpus)] or [self.default]
+            per = -(-n_layers // len(devices))
+            self._map = {"vision": devices[0], "projector": devices[0], "embed": devices[0]}
+            self._map |= {f"blocks.{l}": devices[l // per] for l in range(n_layers)}
+            self._map |= {"ln_final": devices[-1], "unembed": devices[-1]}
+        elif isinstance(self.device_map, dict):
+            self._map = {k: torch.device(v) for k, v in self.device_map.items()}
+        else:
+            raise ValueError(f"device_map must be a dict or 'auto', not {self.device_map!r}")
+
+    def __call__(self, name: str) -> torch.device:
+        if self._map is None:
+            return self.default
+        matches = [k for k in self._map if name == k or name.startswith(k + ".")]
+        if not matches:
+            raise ValueError(f"device_map does not place {name!r}; give a device for one of its parent modules")
+        return self._map[max(matches, key=len)]
+
+
+def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader], dtype, placement: Placement) -> None:
+    """Read each tensor once, cast it and put it into the (meta-device) model, on its device."""
     last: tuple[str, str, torch.Tensor] | None = None
     for a in plan.assignments:
         if last is not None and last[:2] == (a.reader, a.source):
@@ -153,7 +188,7 @@ def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader]
         if a.rows is not None:
             tensor = tensor[a.rows[0] : a.rows[1]]
         # an independent copy: never a view into a memory-mapped shard; one tensor at a time
-        _set_parameter(model, a.target, tensor.to(device=device, dtype=dtype, copy=True))
+        _set_parameter(model, a.target, tensor.to(device=placement(a.target), dtype=dtype, copy=True))
 
 
 def _squeeze(shape) -> tuple[int, ...]:

@@ -1,0 +1,84 @@
+"""Peak memory of one run, above the memory the loaded model already holds.
+
+Each measurement runs in a fresh process (so runs cannot inherit each other's allocator state);
+a thread samples the resident set size every millisecond while the run executes, and the peak
+minus the RSS just before the run is reported. CPU only (on CUDA use torch.cuda.max_memory_allocated).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+MODES = ("hf_forward", "hooked_forward", "hooked_cache_all", "hooked_cache_filtered")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+def _measure(fn) -> float:
+    peak, done = [_rss_mb()], threading.Event()
+    baseline = peak[0]
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=sample)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(peak[0], _rss_mb()) - baseline
+
+
+def _child(family: str, path: str, mode: str) -> None:
+    import gc
+
+    import torch
+    from PIL import Image
+
+    from hooked_vlm import HookedVLM
+
+    torch.set_grad_enabled(False)
+    hooked = HookedVLM.from_pretrained(path)
+    image = Image.open(__file__.rsplit("/", 2)[0] + "/tests/assets/chelsea.jpg")
+    inputs = hooked.prepare(image, "Please provide the bounding box coordinates of the cat.")
+    resid_only = lambda name: name.endswith("hook_resid_post") and not name.startswith("vision.")  # noqa: E731
+    if mode == "hf_forward":
+        from transformers import InternVLForConditionalGeneration, LlavaForConditionalGeneration
+
+        cls = LlavaForConditionalGeneration if family == "llava" else InternVLForConditionalGeneration
+        reference = cls.from_pretrained(path, attn_implementation="eager").eval()
+        del hooked
+        kwargs = dict(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask)
+        run = lambda: reference(**kwargs)  # noqa: E731
+    elif mode == "hooked_forward":
+        run = lambda: hooked(inputs)  # noqa: E731
+    elif mode == "hooked_cache_all":
+        run = lambda: hooked.run_with_cache(inputs)  # noqa: E731
+    else:
+        run = lambda: hooked.run_with_cache(inputs, names_filter=resid_only)  # noqa: E731
+    gc.collect()
+    print(json.dumps({mode: _measure(run)}))
+
+
+def peak_memory_mb(family: str, path: str) -> dict[str, float]:
+    """{"peak_mb_<mode>": MB above the loaded model} for every mode, each in its own process."""
+    out = {}
+    for mode in MODES:
+        result = subprocess.run([sys.executable, __file__, family, path, mode], capture_output=True, text=True, check=True)
+        out.update({f"peak_mb_{k}": v for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()})
+    return out
+
+
+if __name__ == "__main__":
+    _child(*sys.argv[1:4])

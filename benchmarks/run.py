@@ -1,0 +1,231 @@
+"""Speed and memory of hooked_vlm against the Hugging Face eager forward, measured side by side.
+
+    python benchmarks/run.py            # mid-size models (a few minutes on 2 CPU cores)
+    python benchmarks/run.py --quick    # small models, a smoke run
+
+Builds mid-size random checkpoints of both families (LLaVA: a 336 px CLIP tower, ~600-token
+sequences; InternVL: 448 px tiles, several tiles + thumbnail) with `hooked_vlm.testing`, then
+reports every figure as a ratio against the reference measured in the same run: timings are
+interleaved (reference, candidate, reference, ...) and the median of each is taken, so machine
+load affects both alike. Results go to stdout and `benchmarks/results.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).parent))
+from memory import peak_memory_mb  # noqa: E402
+
+from hooked_vlm import HookedVLM  # noqa: E402
+from hooked_vlm.patching import answer_nll_metric, head_attribution, head_patching_sweep, naive_head_patching  # noqa: E402
+from hooked_vlm.testing import build_tiny_internvl, build_tiny_llava  # noqa: E402
+
+ASSETS = Path(__file__).parents[1] / "tests" / "assets"
+PROMPT = "Please provide the bounding box coordinates of the cat."
+ANSWER = {"llava": "[0.12, 0.30, 0.55, 0.91]", "internvl": "<ref>cat</ref><box>[[120, 300, 550, 910]]</box>"}
+
+SIZES = {
+    "mid": {
+        "llava": dict(d_model=512, d_mlp=1376, n_layers=8, n_heads=8, vision_d_model=256, vision_d_mlp=1024,
+                      vision_layers=8, vision_heads=4, image_size=336, patch_size=14),
+        "internvl": dict(d_model=512, d_mlp=1536, n_layers=8, n_heads=8, n_key_value_heads=2, d_head=64,
+                         vision_d_model=256, vision_d_mlp=1024, vision_layers=6, vision_heads=4, image_size=448,
+                         patch_size=14, max_patches=6),
+    },
+    "quick": {
+        "llava": dict(d_model=128, d_mlp=256, n_layers=4, n_heads=4, vision_d_model=64, vision_d_mlp=128,
+                      vision_layers=3, vision_heads=2, image_size=112, patch_size=14),
+        "internvl": dict(d_model=128, d_mlp=256, n_layers=4, n_heads=4, n_key_value_heads=2, d_head=32,
+                         vision_d_model=64, vision_d_mlp=128, vision_layers=2, vision_heads=2, image_size=112,
+                         patch_size=14, max_patches=6),
+    },
+}  # fmt: skip
+
+
+def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    """Median seconds of each function, run in turn `reps` times after one warm-up each."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def build(family: str, size: str, root: Path) -> Path:
+    path = root / f"{family}-{size}"
+    builder = build_tiny_llava if family == "llava" else build_tiny_internvl
+    return builder(path, seed=0, init_gain=1.0, **SIZES[size][family])
+
+
+def reference_model(family: str, path: Path, attn: str = "eager"):
+    from transformers import InternVLForConditionalGeneration, LlavaForConditionalGeneration
+
+    cls = LlavaForConditionalGeneration if family == "llava" else InternVLForConditionalGeneration
+    return cls.from_pretrained(path, attn_implementation=attn).eval()
+
+
+def hf_kwargs(inputs) -> dict:
+    return dict(input_ids=inputs.input_ids, pixel_values=inputs.pixel_values, attention_mask=inputs.attention_mask, position_ids=inputs.position_ids)
+
+
+@torch.no_grad()
+def bench_forward(family: str, path: Path, reps: int) -> dict:
+    """Forward, caches and generation of the hooked model vs the HF eager forward."""
+    hooked = HookedVLM.from_pretrained(path)
+    reference = reference_model(family, path)
+    image = Image.open(ASSETS / "chelsea.jpg")
+    inputs = hooked.prepare(image, PROMPT)
+    resid_only = lambda name: name.endswith("hook_resid_post") and not name.startswith("vision.")  # noqa: E731
+
+    def eager(fn):
+        def run():
+            hooked.set_attention_implementation("eager")
+            try:
+                return fn()
+            finally:
+                hooked.set_attention_implementation("auto")
+
+        return run
+
+    t = interleaved(
+        {
+            "hf_eager": lambda: reference(**hf_kwargs(inputs)),
+            "hooked": lambda: hooked(inputs),
+            "hooked_eager": eager(lambda: hooked(inputs)),
+            "cache_all": lambda: hooked.run_with_cache(inputs),
+            "cache_filtered": lambda: hooked.run_with_cache(inputs, names_filter=resid_only),
+        },
+        reps,
+    )
+    _, cache = hooked.run_with_cache(inputs)
+    _, filtered = hooked.run_with_cache(inputs, names_filter=resid_only)
+    out = {
+        "sequence_length": inputs.input_ids.shape[1],
+        "image_tokens": len(inputs.layout),
+        "views": inputs.pixel_values.shape[0],
+        "hf_eager_forward_s": t["hf_eager"],
+        "forward_ratio": t["hooked"] / t["hf_eager"],
+        "forward_eager_ratio": t["hooked_eager"] / t["hf_eager"],
+        "cache_all_ratio_vs_forward": t["cache_all"] / t["hooked"],
+        "cache_all_ratio_vs_hf": t["cache_all"] / t["hf_eager"],
+        "cache_filtered_ratio_vs_forward": t["cache_filtered"] / t["hooked"],
+        "cache_all_entries": len(cache),
+        "cache_all_mb": _mb(cache.cache_dict.values()),
+        "cache_filtered_mb": _mb(filtered.cache_dict.values()),
+    }
+    new_tokens = 24
+    g = interleaved(
+        {
+            "hf": lambda: reference.generate(**hf_kwargs(inputs) | {"position_ids": None}, max_new_tokens=new_tokens,
+                                             min_new_tokens=new_tokens, do_sample=False),
+            "hooked": lambda: hooked.generate(inputs, max_new_tokens=new_tokens, return_tokens=True),
+        },
+        max(1, reps // 2),
+    )  # fmt: skip
+    out["generation_tokens_per_s_hf"] = new_tokens / g["hf"]
+    out["generation_speed_ratio"] = g["hf"] / g["hooked"]  # > 1: hooked is faster
+    if family == "llava":
+        out |= bench_transformer_bridge(path, inputs, t["hf_eager"], reps)
+    return out
+
+
+def bench_transformer_bridge(path: Path, inputs, hf_seconds: float, reps: int) -> dict:
+    """TransformerLens 4.3's TransformerBridge on the same LLaVA checkpoint, when it boots."""
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+
+        bridge = TransformerBridge.boot_transformers(str(path), device="cpu")
+        t = interleaved(
+            {
+                "forward": lambda: bridge(inputs.input_ids, pixel_values=inputs.pixel_values),
+                "cache": lambda: bridge.run_with_cache(inputs.input_ids, pixel_values=inputs.pixel_values),
+            },
+            reps,
+        )
+    except Exception as error:  # report, don't fail: the peer is optional
+        return {"transformer_bridge": f"did not run: {type(error).__name__}: {error}"}
+    return {"bridge_forward_ratio_vs_hf": t["forward"] / hf_seconds, "bridge_cache_ratio_vs_hf": t["cache"] / hf_seconds}
+
+
+def bench_sweeps(family: str, path: Path, naive_heads: int | None) -> dict:
+    """Exact head sweep (shared prefix, batched) vs one patched forward per head; attribution."""
+    hooked = HookedVLM.from_pretrained(path)
+    source_image = Image.open(ASSETS / "chelsea.jpg")
+    base_image = Image.open(ASSETS / "coffee.jpg").resize(source_image.size)
+    base = hooked.prepare(base_image, PROMPT, answers=ANSWER[family])
+    source = hooked.prepare(source_image, PROMPT, answers=ANSWER[family])
+    metric = answer_nll_metric(base)
+    positions = torch.arange(int(base.layout.position.max()) + 1, base.input_ids.shape[1])
+    heads = [(l, h) for l in range(hooked.cfg.n_layers) for h in range(hooked.cfg.n_heads)]
+    naive_subset = heads if naive_heads is None else heads[:: max(1, len(heads) // naive_heads)]
+
+    start = time.perf_counter()
+    fast = head_patching_sweep(hooked, base, source, metric, positions, batch_size=16)
+    fast_s = time.perf_counter() - start
+    start = time.perf_counter()
+    slow = naive_head_patching(hooked, base, source, metric, positions, heads=naive_subset)
+    naive_s = (time.perf_counter() - start) * len(heads) / len(naive_subset)
+    checked = ~torch.isnan(slow)
+    with torch.no_grad():
+        start = time.perf_counter()
+        hooked(base)
+        forward_s = time.perf_counter() - start
+    start = time.perf_counter()
+    head_attribution(hooked, base, source, metric, positions)
+    attribution_s = time.perf_counter() - start
+    return {
+        "heads": len(heads),
+        "patched_positions": len(positions),
+        "sequence_length": base.input_ids.shape[1],
+        "naive_heads_timed": len(naive_subset),
+        "sweep_speedup_vs_naive": naive_s / fast_s,
+        "sweep_max_abs_diff_vs_naive": (fast[checked] - slow[checked]).abs().max().item(),
+        "attribution_ratio_vs_forward": attribution_s / forward_s,
+    }
+
+
+def _mb(tensors) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true", help="small models: a smoke run")
+    parser.add_argument("--reps", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results.json")
+    args = parser.parse_args()
+    size = "quick" if args.quick else "mid"
+    reps = args.reps or (3 if args.quick else 7)
+    torch.manual_seed(0)
+    results = {"size": size, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    with tempfile.TemporaryDirectory() as tmp:
+        for family in ("llava", "internvl"):
+            path = build(family, size, Path(tmp))
+            results[family] = bench_forward(family, path, reps)
+            results[family] |= {f"sweep_{k}": v for k, v in bench_sweeps(family, path, None if family == "llava" else 8).items()}
+            results[family] |= peak_memory_mb(family, str(path))
+            print(f"\n== {family}\n" + "\n".join(f"{k:40s} {_fmt(v)}" for k, v in results[family].items()), flush=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+
+
+def _fmt(value) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+if __name__ == "__main__":
+    main()

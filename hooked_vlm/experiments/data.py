@@ -1,0 +1,97 @@
+"""One sample type for every experiment, whatever the dataset.
+
+A `Sample` is one queried object: the image, the object's class, box and mask, the classes the
+list prompt offers, and (when there is one) the image with the object removed — the source/base
+pair of causal mediation. `as_samples` adapts the synthetic dataset, a filtered COCO subset, a list
+of COCO object-removed pairs, or a list of samples; images are loaded one sample at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+from jaxtyping import Bool
+from PIL import Image
+
+from hooked_vlm.boxes import Box
+
+
+@dataclass
+class Sample:
+    id: str
+    image: Image.Image
+    class_name: str
+    box: Box  # (x1, y1, x2, y2) in the image's pixels
+    mask_fn: Callable[[], Bool[np.ndarray, "height width"]] = field(repr=False)
+    choices: tuple[str, ...] = ()  # classes offered by the list-classification prompt
+    removed_image: Image.Image | None = field(default=None, repr=False)
+
+    @property
+    def mask(self) -> Bool[np.ndarray, "height width"]:
+        return self.mask_fn()
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return self.image.size
+
+
+def as_samples(dataset: Any, *, choices: Iterable[str] | None = None) -> Iterator[Sample]:
+    """Samples from a `SyntheticLocalization`, a `CocoSubset`, a list of `ObjectRemovedPair`, or
+    samples. `choices` overrides the list prompt's classes (default: every class of the dataset)."""
+    from hooked_vlm.data.coco import CocoItem, ObjectRemovedPair
+    from hooked_vlm.data.synthetic import SyntheticItem
+
+    dataset_choices = tuple(choices) if choices is not None else _dataset_classes(dataset)
+    for item in dataset:
+        if isinstance(item, Sample):
+            yield item
+        elif isinstance(item, SyntheticItem):
+            yield Sample(
+                id=f"{item.split}-{item.index}",
+                image=item.image,
+                class_name=item.class_name,
+                box=item.box,
+                mask_fn=lambda item=item: item.mask,
+                choices=tuple(choices) if choices is not None else (item.list_choices or dataset_choices),
+                removed_image=item.removed_image,
+            )
+        elif isinstance(item, (CocoItem, ObjectRemovedPair)):
+            coco = item if isinstance(item, CocoItem) else item.item
+            removed = None
+            if isinstance(item, ObjectRemovedPair):
+                with Image.open(item.removed_image_path) as image:
+                    removed = image.convert("RGB")
+            yield Sample(
+                id=f"coco-{coco.annotation_id}",
+                image=coco.load_image(),
+                class_name=coco.class_name,
+                box=coco.box,
+                mask_fn=coco.mask,
+                choices=dataset_choices,
+                removed_image=removed,
+            )
+        else:
+            raise TypeError(f"cannot make a sample of a {type(item).__name__}")
+
+
+def _dataset_classes(dataset: Any) -> tuple[str, ...]:
+    for attribute in ("class_names", "classes"):
+        value = getattr(dataset, attribute, None)
+        if value is not None and not callable(value):
+            return tuple(value)
+    return ()
+
+
+def batched(samples: Iterable[Sample], batch_size: int) -> Iterator[list[Sample]]:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batch: list[Sample] = []
+    for sample in samples:
+        batch.append(sample)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

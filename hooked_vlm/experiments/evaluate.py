@@ -1,0 +1,127 @@
+"""`evaluate`: the paper's three tasks on a dataset, optionally under an intervention.
+
+Every other experiment is `evaluate` with an intervention built per batch from the batch's own
+image-token map (object tokens, random tokens, knocked-out edges, ablated heads ...).
+
+Output columns (one row per query):
+- all tasks: `sample_id`, `class_name`, `task`, `condition`, `prompt`, `response`
+- localization: `image_width`, `image_height`, `gt_box`, `pred_box` (None if unparsable),
+  `n_boxes`, `iou` (NaN if unparsable), `hit@0.5`, `hit@0.7`, `hit@0.9`, `loc_score`
+  (the paper's score: the mean of the three hits)
+- list: `correct` (the class name appears in the response)
+- binary: `image` ("original" or "removed"), `present`, `answer` (True/False/None), `correct`
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Literal, Sequence
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from hooked_vlm.boxes import Frame
+from hooked_vlm.data.prompts import binary_prompt, list_prompt, localization_prompt
+from hooked_vlm.experiments.data import Sample, as_samples, batched
+from hooked_vlm.inputs import VLMInput
+from hooked_vlm.scoring import binary_answer, classification_correct, score_localization_answer
+
+Task = Literal["localization", "list", "binary"]
+TASKS: tuple[Task, ...] = ("localization", "list", "binary")
+MAX_NEW_TOKENS = {"localization": 40, "list": 48, "binary": 4}
+# intervention(model, inputs, samples) -> forward hooks for this batch (active on every generated token)
+Intervention = Callable[[Any, VLMInput, list[Sample]], list]
+
+
+def default_frame(model) -> Frame:
+    """The frame the model's boxes refer to: InternVL the original image; LLaVA the square it
+    saw — the padded square in "pad" mode, the centre crop in "crop" mode."""
+    if model.cfg.family == "internvl":
+        return "original"
+    return "padded" if model.preprocessing.image_mode == "pad" else "crop"
+
+
+def task_prompt(task: Task, sample: Sample) -> str:
+    if task == "localization":
+        return localization_prompt(sample.class_name)
+    if task == "list":
+        if not sample.choices:
+            raise ValueError(f"sample {sample.id} has no list choices for the list-classification prompt")
+        return list_prompt(sample.choices)
+    if task == "binary":
+        return binary_prompt(sample.class_name)
+    raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+
+
+def evaluate(
+    model,
+    dataset: Any,
+    task: Task = "localization",
+    *,
+    intervention: Intervention | None = None,
+    condition: str = "baseline",
+    batch_size: int = 8,
+    max_new_tokens: int | None = None,
+    frame: Frame | None = None,
+    limit: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Greedy answers of `model` on every sample of `dataset` for `task`, scored (see the module
+    docstring for the columns). `intervention` adds hooks built from each batch's inputs."""
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    frame = frame or default_frame(model)
+    max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
+    samples = _limited(as_samples(dataset), limit)
+    rows: list[dict] = []
+    bar = tqdm(desc=f"{task} [{condition}]", unit="query", disable=not progress)
+    for batch in batched(_queries(samples, task), batch_size):
+        images = [image for _, image, _ in batch]
+        prompts = [task_prompt(task, sample) for sample, _, _ in batch]
+        inputs = model.prepare(images, prompts)
+        hooks = intervention(model, inputs, [s for s, _, _ in batch]) if intervention else []
+        responses = model.generate(inputs, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
+        for (sample, image, kind), prompt, response in zip(batch, prompts, responses):
+            rows.append(_score(model, task, sample, kind, prompt, response, frame) | {"condition": condition})
+        bar.update(len(batch))
+    bar.close()
+    return pd.DataFrame(rows)
+
+
+def _queries(samples: Iterable[Sample], task: Task):
+    """(sample, image, kind): binary classification also asks about the object-removed image."""
+    for sample in samples:
+        yield sample, sample.image, "original"
+        if task == "binary" and sample.removed_image is not None:
+            yield sample, sample.removed_image, "removed"
+
+
+def _score(model, task: Task, sample: Sample, kind: str, prompt: str, response: str, frame: Frame) -> dict:
+    row = {"sample_id": sample.id, "class_name": sample.class_name, "task": task, "prompt": prompt, "response": response}
+    if task == "localization":
+        width, height = sample.image_size
+        scored = score_localization_answer(response, sample.box, sample.image_size, family=model.cfg.family, frame=frame)
+        return row | {"image_width": width, "image_height": height, "gt_box": tuple(sample.box)} | scored
+    if task == "list":
+        return row | {"correct": classification_correct(response, sample.class_name)}
+    answer = binary_answer(response)
+    present = kind == "original"
+    return row | {"image": kind, "present": present, "answer": answer, "correct": answer is not None and answer == present}
+
+
+def _limited(samples: Iterable[Sample], limit: int | None) -> Iterable[Sample]:
+    for i, sample in enumerate(samples):
+        if limit is not None and i >= limit:
+            return
+        yield sample
+
+
+def summarize(results: pd.DataFrame, by: str | Sequence[str] = "condition") -> pd.DataFrame:
+    """The paper's numbers per condition: localization score and hits, or accuracy."""
+    from hooked_vlm.scoring import summarize_binary, summarize_classification, summarize_localization
+
+    task = results["task"].iloc[0]
+    if task == "localization":
+        return summarize_localization(results, by=by)
+    if task == "list":
+        return summarize_classification(results, by=by)
+    return summarize_binary(results, by=by)

@@ -1,0 +1,130 @@
+"""`position_probe`: can a linear classifier read an image token's row and column from its
+activation, layer by layer, through the vision tower, the projector and the language model?
+(PAPER_PROTOCOL §1.7: one linear classifier per axis and layer, trained on one image set and
+evaluated on another.)
+
+Output columns: `section` ("vision", "projector", "language"), `layer` (block index; 0 for the
+projector), `hook`, `axis` ("row" | "col"), `accuracy` (held-out), `n_train`, `n_test`,
+`chance` (1 / number of classes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hooked_vlm.experiments.data import as_samples, batched
+from hooked_vlm.inputs import VLMInput
+
+PROBE_PROMPT = "Describe the image."
+
+
+def probe_sites(model) -> list[tuple[str, int, str]]:
+    """(section, layer, hook name) of every residual stream the probe reads."""
+    sites = [("vision", l, f"vision.blocks.{l}.hook_resid_post") for l in range(model.cfg.vision.n_layers)]
+    sites.append(("projector", 0, "projector.hook_out"))
+    sites += [("language", l, f"blocks.{l}.hook_resid_post") for l in range(model.cfg.n_layers)]
+    return sites
+
+
+def position_probe(
+    model,
+    train_dataset: Any,
+    test_dataset: Any,
+    *,
+    epochs: int = 10,
+    tokens_per_image: int | None = None,
+    batch_size: int = 8,
+    lr: float = 1e-2,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Row/column decodability of image tokens at every layer (see the module docstring).
+
+    Features are gathered once per image set (`tokens_per_image` samples that many tokens per
+    image and view, to bound memory on large sets), then one softmax-regression probe per
+    (site, axis) is trained with Adam for `epochs` passes and scored on the test set. Vision-tower
+    positions are the patch grid (CLS excluded); projector and language-model positions are the
+    layout's (row, col) within each view.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    sites = probe_sites(model)
+    train = _gather(model, train_dataset, sites, tokens_per_image, batch_size, generator, progress, "train")
+    test = _gather(model, test_dataset, sites, tokens_per_image, batch_size, generator, progress, "test")
+    rows = []
+    for section, layer, hook in tqdm(sites, desc="probes", disable=not progress):
+        for axis_index, axis in enumerate(("row", "col")):
+            x_train, y_train = train[hook]
+            x_test, y_test = test[hook]
+            n_classes = int(max(y_train[:, axis_index].max(), y_test[:, axis_index].max())) + 1
+            probe = _fit(x_train, y_train[:, axis_index], n_classes, epochs, lr, generator)
+            accuracy = (probe(x_test).argmax(-1) == y_test[:, axis_index]).float().mean().item()
+            rows.append(
+                {"section": section, "layer": layer, "hook": hook, "axis": axis, "accuracy": accuracy,
+                 "n_train": len(y_train), "n_test": len(y_test), "chance": 1 / n_classes}
+            )  # fmt: skip
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def _gather(model, dataset, sites, tokens_per_image, batch_size, generator, progress, split) -> dict[str, tuple[Tensor, Tensor]]:
+    """Per hook: features `[n, d]` (float32, CPU) and labels `[n, 2]` (row, col)."""
+    names = {hook for _, _, hook in sites}
+    features: dict[str, list[Tensor]] = {hook: [] for hook in names}
+    labels: dict[str, list[Tensor]] = {hook: [] for hook in names}
+    for batch in tqdm(batched(as_samples(dataset), batch_size), desc=f"probe features ({split})", disable=not progress):
+        inputs = model.prepare([s.image for s in batch], [PROBE_PROMPT] * len(batch))
+        _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in names, device="cpu")
+        for section, _, hook in sites:
+            x, y = (_vision_tokens if section == "vision" else _image_tokens)(model, inputs, cache[hook], section)
+            keep = _subsample(y, tokens_per_image, generator, len(batch))
+            features[hook].append(x[keep].float())
+            labels[hook].append(y[keep])
+    return {hook: (torch.cat(features[hook]), torch.cat(labels[hook])) for hook in names}
+
+
+def _vision_tokens(model, inputs: VLMInput, acts: Float[Tensor, "view token d"], section: str):
+    grid = model.cfg.vision.n_grid
+    patches = acts[:, 1:]  # CLS first
+    rows, cols = torch.div(torch.arange(grid * grid), grid, rounding_mode="floor"), torch.arange(grid * grid) % grid
+    x = patches.reshape(-1, patches.shape[-1])
+    y = torch.stack([rows, cols], -1).repeat(acts.shape[0], 1)
+    return x, y
+
+
+def _image_tokens(model, inputs: VLMInput, acts: Tensor, section: str):
+    layout = inputs.layout
+    grid_tokens = layout.row >= 0
+    if section == "projector":  # [view, token, d] in layout order (views of every image, in order)
+        x = acts.reshape(-1, acts.shape[-1])[: len(layout)][grid_tokens.to(acts.device)]
+    else:  # [batch, pos, d] at the layout's positions
+        x = acts[layout.batch, layout.position][grid_tokens]
+    y = torch.stack([layout.row[grid_tokens], layout.col[grid_tokens]], -1)
+    return x, y
+
+
+def _subsample(labels: Int[Tensor, "n 2"], k: int | None, generator: torch.Generator, n_images: int) -> Tensor:
+    if k is None:
+        return torch.arange(len(labels))
+    n = min(len(labels), k * n_images)
+    return torch.randperm(len(labels), generator=generator)[:n]
+
+
+def _fit(x: Float[Tensor, "n d"], y: Int[Tensor, "n"], n_classes: int, epochs: int, lr: float, generator: torch.Generator):
+    """A softmax-regression probe on standardised features (Adam, minibatches of 256)."""
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    linear = torch.nn.Linear(x.shape[1], n_classes)
+    optimizer = torch.optim.Adam(linear.parameters(), lr=lr)
+    xs = (x - mean) / std
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for index in torch.randperm(len(y), generator=generator).split(256):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(linear(xs[index]), y[index]).backward()
+                optimizer.step()
+    return lambda features: linear((features - mean) / std).detach()

@@ -1,0 +1,64 @@
+"""evaluate and position_probe run end to end on a tiny model and a small synthetic dataset, and
+return the documented columns."""
+
+from __future__ import annotations
+
+import pytest
+
+from hooked_vlm import HookedVLM
+from hooked_vlm.data.synthetic import SyntheticLocalization
+from hooked_vlm.experiments import evaluate, summarize
+from hooked_vlm.experiments.position_probe import position_probe, probe_sites
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return HookedVLM.from_pretrained(tiny_checkpoint("llava_multilayer"))
+
+
+@pytest.fixture(scope="module")
+def dataset():
+    return SyntheticLocalization(6, seed=0, image_sizes=((112, 84), (84, 112)))
+
+
+COLUMNS = {
+    "localization": {"sample_id", "class_name", "task", "condition", "prompt", "response", "image_width", "image_height",
+                     "gt_box", "pred_box", "n_boxes", "iou", "hit@0.5", "hit@0.7", "hit@0.9", "loc_score"},
+    "list": {"sample_id", "class_name", "task", "condition", "prompt", "response", "correct"},
+    "binary": {"sample_id", "class_name", "task", "condition", "prompt", "response", "image", "present", "answer", "correct"},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("task", ["localization", "list", "binary"])
+def test_evaluate_returns_one_scored_row_per_query(model, dataset, task):
+    results = evaluate(model, dataset, task, batch_size=4, progress=False)
+    assert set(results.columns) == COLUMNS[task]
+    assert len(results) == len(dataset) * (2 if task == "binary" else 1)  # binary also asks the removed twin
+    assert len(summarize(results)) == 1
+
+
+def test_evaluate_applies_the_intervention_of_each_batch(model, dataset):
+    calls = []
+
+    def intervention(model, inputs, samples):
+        calls.append(len(samples))
+        return [("hook_inputs_embeds", lambda x, hook: x * 0)]
+
+    plain = evaluate(model, dataset, "list", batch_size=4, progress=False)
+    ablated = evaluate(model, dataset, "list", batch_size=4, intervention=intervention, condition="zeroed", progress=False)
+    assert calls == [4, 2]
+    assert set(ablated["condition"]) == {"zeroed"}
+    assert (plain["response"] != ablated["response"]).any()
+
+
+def test_evaluate_rejects_unknown_tasks(model, dataset):
+    with pytest.raises(ValueError, match="unknown task"):
+        evaluate(model, dataset, "counting", progress=False)
+
+
+def test_position_probe_reports_every_site_and_axis(model, dataset):
+    results = position_probe(model, dataset, SyntheticLocalization(3, seed=0, split="test", image_sizes=((112, 84),)), epochs=2, progress=False)
+    assert set(results.columns) == {"section", "layer", "hook", "axis", "accuracy", "n_train", "n_test", "chance"}
+    assert len(results) == 2 * len(probe_sites(model))
+    assert results["accuracy"].between(0, 1).all()
+    assert set(results["section"]) == {"vision", "projector", "language"}

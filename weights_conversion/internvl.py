@@ -164,6 +164,8 @@ def original_text_config(raw: dict):
     if "model_type" not in llm:
         raise ConversionError("the original InternVL config has no llm_config.model_type")
     skip = {"architectures", "auto_map", "transformers_version", "_name_or_path", "torch_dtype", "dtype"}
+    if llm.get("rope_scaling", 0) is None:  # 4.x configs spell "no scaling" so; 5.x warns about the key
+        skip.add("rope_scaling")
     return AutoConfig.for_model(llm.pop("model_type"), **{k: v for k, v in llm.items() if k not in skip})
 
 
@@ -223,7 +225,8 @@ def plan_internvl_original(reader: CheckpointReader, vision_blocks_used: int) ->
             raise ConversionError(f"{key} has {rows} rows, not a multiple of 3 (q | k | v)")
         d = rows // 3
         for i, name in enumerate("qkv"):  # consecutive, so load_plan reads the fused tensor once
-            split.assignments.append(Assignment(f"vision.blocks.{layer}.attn.{name}_proj.{kind}", key, rows=(i * d, (i + 1) * d)))
+            target = f"vision.blocks.{layer}.attn.{name}_proj.{kind}"
+            split.assignments.append(Assignment(target, key, rows=(i * d, (i + 1) * d)))
     return merge_plans(plan, split)
 
 

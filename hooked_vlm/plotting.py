@@ -1,0 +1,494 @@
+"""The paper's figures, drawn with matplotlib's object API.
+
+Every function builds and returns a `matplotlib.figure.Figure` (created with `Figure()`, not
+`pyplot`, so nothing is registered in global state: it works headless, in scripts that make
+thousands of figures, and in notebooks, which display a returned Figure). `save_figure` writes
+one to disk atomically.
+
+- `head_heatmap`: layer x head maps such as mean mediation fractions (§1.9).
+- `layer_curves`: accuracy per layer or layer group, one line per condition, sd bands, baselines,
+  section boundaries (position decoding §1.7, knockout §1.8, cumulative head ablation §1.10).
+- `token_overlay` (+ `attention_to_image`): image tokens drawn at the pixel boxes they cover in
+  the *original* image, from the `ImageLayout`, so LLaVA's pad/crop and InternVL's tiles and
+  squashed thumbnail land where the model's pixels came from.
+- `matrix_plot`: small annotated condition matrices (object extension, §1.5).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Union
+
+import numpy as np
+import pandas as pd
+from jaxtyping import Float
+from matplotlib import colormaps
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.collections import PatchCollection
+from matplotlib.colors import Colormap, Normalize, to_rgba
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+from matplotlib.transforms import blended_transform_factory
+from PIL import Image
+from torch import Tensor
+
+from hooked_vlm.inputs import Box, ImageLayout, Views
+
+ArrayLike = Union[Tensor, np.ndarray, Sequence[float]]
+BLANK = (0.0, 0.0, 0.0, 0.0)  # colour of NaN cells: fully transparent, the axes background shows
+
+
+# ----------------------------------------------------------------------------- saving
+def save_figure(fig: Figure, path: str | Path, *, dpi: int = 150) -> Path:
+    """Write `fig` to `path` (format from the suffix, PNG by default) atomically: render into a
+    temporary file next to it, then rename over it. A crash or an error mid-save leaves either
+    the previous file or nothing, never a truncated image that a later script would trust."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = path.suffix.lstrip(".").lower() or "png"
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        # os.open applies the umask, so the final file gets ordinary permissions (mkstemp: 0600)
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
+            fig.savefig(f, format=fmt, dpi=dpi)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+# ----------------------------------------------------------------------------- layer x head maps
+def head_heatmap(
+    values: Float[ArrayLike, "layer head"],
+    *,
+    title: str | None = None,
+    cmap: str | Colormap | None = None,
+    signed: bool | None = None,
+    annotate_top: int = 0,
+    colorbar_label: str | None = None,
+    ax: Axes | None = None,
+) -> Figure:
+    """A layer x head map (layer 0 at the top), e.g. each head's mean mediation fraction.
+
+    Signed values (`signed=None`: any negative value) get a diverging colormap centred at 0 with
+    a symmetric range, so a head's sign reads off its colour; otherwise a sequential one. NaN
+    cells (heads not measured) are left blank. `annotate_top=k` outlines the k largest heads and
+    labels them `L{layer}H{head}`."""
+    data = _as_matrix(values, "values")
+    finite = np.isfinite(data)
+    signed = bool((data[finite] < 0).any()) if signed is None else signed
+    fig, ax = _figure_and_axes(ax, figsize=(0.18 * data.shape[1] + 2.5, 0.16 * data.shape[0] + 1.5))
+    image = _show_matrix(ax, data, cmap or ("RdBu_r" if signed else "viridis"), _value_norm(data, signed))
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    for layer, head in top_heads(data, annotate_top):
+        cell = Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=1.5, gid="top-head")
+        ax.add_patch(cell)
+        ax.annotate(
+            f"L{layer}H{head}", (head, layer), xytext=(4, 4), textcoords="offset points", fontsize=7,
+            bbox=dict(boxstyle="round,pad=0.15", facecolor="white", edgecolor="none", alpha=0.8),
+        )  # fmt: skip
+    fig.colorbar(image, ax=ax, label=colorbar_label)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def top_heads(values: Float[ArrayLike, "layer head"], k: int) -> list[tuple[int, int]]:
+    """The (layer, head) of the k largest finite values, largest first (the paper ranks heads
+    by mean MF, so strongly negative heads are not "top")."""
+    data = _as_matrix(values, "values")
+    ranked = np.argsort(np.where(np.isfinite(data), data, -np.inf), axis=None, kind="stable")[::-1]
+    ranked = [i for i in ranked[: max(k, 0)] if np.isfinite(data.flat[i])]
+    return [tuple(int(j) for j in np.unravel_index(i, data.shape)) for i in ranked]
+
+
+# ----------------------------------------------------------------------------- curves
+def layer_curves(
+    data: pd.DataFrame | Mapping[str, pd.Series],
+    *,
+    x: str = "layer",
+    y: str = "accuracy",
+    condition: str = "condition",
+    sd: str | None = None,
+    baseline: float | Mapping[str, float] | None = None,
+    sections: Mapping[str, tuple[Any, Any]] | None = None,
+    title: str | None = None,
+    xlabel: str | None = None,
+    ylabel: str | None = None,
+    ax: Axes | None = None,
+) -> Figure:
+    """Accuracy against layer (or layer-group label such as "0–3", or fraction of heads
+    removed), one line per condition.
+
+    `data` is a long DataFrame with columns `x`, `y` and optionally `condition` (one line per
+    value) and `sd`; or a dict condition -> Series indexed by x. Rows repeated at one (condition,
+    x), e.g. one per seed, are averaged and drawn with a ±1 sd band (or pass the `sd` column).
+    Numeric x is sorted; labels keep their order of first appearance. `baseline` draws a dashed
+    horizontal line (a dict: one per key, coloured like the condition of the same name).
+    `sections` names inclusive x ranges, e.g. {"vision": (0, 23), "projector": (24, 24),
+    "LM": (25, 56)}, marked with a boundary line and a label."""
+    table = _long_table(data, x, y, condition, sd)
+    summary = table.groupby(["condition", "x"], sort=False).agg(
+        mean=("y", "mean"), given=("sd", "mean"), spread=("y", "std")
+    )
+    summary = summary.assign(sd=summary["given"].fillna(summary["spread"])).reset_index()  # a given sd wins
+    position = _x_positions(table["x"])
+    summary["pos"] = summary["x"].map(position)
+    fig, ax = _figure_and_axes(ax, figsize=(6.5, 4.0))
+    colours: dict[str, Any] = {}
+    for name, line in summary.groupby("condition", sort=False):
+        line = line.sort_values("pos")
+        (drawn,) = ax.plot(line["pos"], line["mean"], marker="o", markersize=3, label=str(name))
+        colours[name] = drawn.get_color()
+        if line["sd"].notna().any():
+            low, high = line["mean"] - line["sd"].fillna(0), line["mean"] + line["sd"].fillna(0)
+            ax.fill_between(line["pos"], low, high, color=drawn.get_color(), alpha=0.2, linewidth=0, gid="sd-band")
+    _draw_baselines(ax, baseline, colours)
+    _draw_sections(ax, sections, position)
+    if not pd.api.types.is_numeric_dtype(table["x"]):
+        ax.set_xticks(list(position.values()), [str(v) for v in position], rotation=45 if len(position) > 8 else 0)
+    ax.set_xlabel(xlabel or x)
+    ax.set_ylabel(ylabel or y)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+def _long_table(
+    data: pd.DataFrame | Mapping[str, pd.Series], x: str, y: str, condition: str, sd: str | None
+) -> pd.DataFrame:
+    """Normalise either input form to columns condition, x, y, sd."""
+    if isinstance(data, Mapping):
+        if not data:
+            raise ValueError("no curves to draw: the dict is empty")
+        parts = [
+            pd.DataFrame({"condition": str(name), "x": pd.Series(s).index, "y": pd.Series(s).to_numpy(float)})
+            for name, s in data.items()
+        ]
+        table = pd.concat(parts, ignore_index=True)
+        table["sd"] = np.nan
+        return table
+    missing = [c for c in (x, y, sd) if c is not None and c not in data.columns]
+    if missing:
+        raise KeyError(f"columns {missing} not in the data (columns: {list(data.columns)})")
+    if data.empty:
+        raise ValueError("no curves to draw: the DataFrame is empty")
+    return pd.DataFrame({
+        "condition": data[condition].astype(str) if condition in data.columns else y,
+        "x": data[x].to_numpy(),
+        "y": data[y].astype(float).to_numpy(),
+        "sd": data[sd].astype(float).to_numpy() if sd else np.nan,
+    })  # fmt: skip
+
+
+def _x_positions(xs: pd.Series) -> dict[Any, float]:
+    """Where each x value goes: itself if numeric, else its rank of first appearance."""
+    if pd.api.types.is_numeric_dtype(xs):
+        return {v: float(v) for v in sorted(pd.unique(xs))}
+    return {v: float(i) for i, v in enumerate(pd.unique(xs))}
+
+
+def _draw_baselines(ax: Axes, baseline: float | Mapping[str, float] | None, colours: Mapping[str, Any]) -> None:
+    if baseline is None:
+        return
+    lines = baseline if isinstance(baseline, Mapping) else {"baseline": baseline}
+    for name, value in lines.items():
+        label = name if name == "baseline" or name not in colours else f"{name} baseline"
+        colour = colours.get(name, "0.4")
+        ax.axhline(float(value), linestyle="--", linewidth=1, color=colour, label=label, gid="baseline")
+
+
+def _draw_sections(ax: Axes, sections: Mapping[str, tuple[Any, Any]] | None, position: Mapping[Any, float]) -> None:
+    """A dotted line between consecutive sections, each section's name at the top of its span."""
+    if not sections:
+        return
+    spans = []
+    for name, (first, last) in sections.items():
+        if first not in position or last not in position:
+            raise KeyError(f"section {name!r}: x values {first!r}..{last!r} are not among the plotted x values")
+        spans.append((name, position[first], position[last]))
+    top = blended_transform_factory(ax.transData, ax.transAxes)
+    for i, (name, start, end) in enumerate(spans):
+        ax.text((start + end) / 2, 0.98, name, transform=top, ha="center", va="top", fontsize=8, color="0.3")
+        if i + 1 < len(spans):
+            ax.axvline((end + spans[i + 1][1]) / 2, color="0.5", linestyle=":", linewidth=1, gid="section-boundary")
+
+
+# ----------------------------------------------------------------------------- condition matrices
+def matrix_plot(
+    df: pd.DataFrame,
+    row: str,
+    col: str,
+    value: str,
+    *,
+    fmt: str = "{:.1f}",
+    cmap: str | Colormap = "viridis",
+    title: str | None = None,
+    ax: Axes | None = None,
+) -> Figure:
+    """A small annotated matrix of `value` over two conditions, e.g. localization accuracy by
+    padding p (rows) x GT scale s (columns) for object extension. Repeated rows (seeds) are
+    averaged; missing combinations are blank."""
+    missing = [c for c in (row, col, value) if c not in df.columns]
+    if missing:
+        raise KeyError(f"columns {missing} not in the data (columns: {list(df.columns)})")
+    table = df.pivot_table(index=row, columns=col, values=value, aggfunc="mean", dropna=False)
+    data = table.to_numpy(dtype=float)
+    fig, ax = _figure_and_axes(ax, figsize=(1.0 * data.shape[1] + 2.0, 0.8 * data.shape[0] + 1.2))
+    image = _show_matrix(ax, data, cmap, _value_norm(data, signed=False))
+    for (i, j), v in np.ndenumerate(data):
+        if np.isfinite(v):
+            shade = image.cmap(image.norm(v))
+            ink = "white" if 0.299 * shade[0] + 0.587 * shade[1] + 0.114 * shade[2] < 0.5 else "black"
+            ax.text(j, i, fmt.format(v), ha="center", va="center", color=ink, fontsize=9)
+    ax.set_xticks(range(data.shape[1]), [str(c) for c in table.columns])
+    ax.set_yticks(range(data.shape[0]), [str(r) for r in table.index])
+    ax.set_xlabel(col)
+    ax.set_ylabel(row)
+    fig.colorbar(image, ax=ax, label=value)
+    if title:
+        ax.set_title(title)
+    return fig
+
+
+# ----------------------------------------------------------------------------- image tokens
+def token_overlay(
+    image: Image.Image,
+    layout: ImageLayout,
+    image_index: int = 0,
+    *,
+    positions: Tensor | Iterable[int] | None = None,
+    values: Float[ArrayLike, "n_image_tokens"] | None = None,
+    views: Views = "all",
+    alpha: float = 0.5,
+    cmap: str | Colormap = "viridis",
+    box: Box | Mapping[str, Box] | None = None,
+    title: str | None = None,
+    highlight_color: str = "red",
+) -> Figure:
+    """The original image once per selected view, with that view's tokens drawn at the pixel
+    boxes they cover in it (`layout.box`).
+
+    `values` (one per token of the image, in layout order, e.g. `attention_to_image(...)`)
+    colours each token's cell (NaN: not drawn); `positions` (sequence positions, e.g. ablated
+    or knocked-out tokens) are filled, or only outlined when `values` are drawn too. Tokens that
+    see only padding (zero-area box) and CLS tokens are skipped. `views`: "all", "global",
+    "local", a view index or name, or a list of indices; panels show local tiles first, then
+    global views, titled with the view name. `box` draws a pixel box (a dict: labelled boxes,
+    e.g. {"GT": ..., "predicted": ...})."""
+    if not 0 <= image_index < layout.n_images:
+        raise IndexError(f"image index {image_index} out of range for a layout of {layout.n_images} images")
+    width, height = layout.image_sizes[image_index]
+    if image.size != (width, height):
+        raise ValueError(
+            f"the image is {image.size[0]}x{image.size[1]} but the layout's image {image_index} is {width}x{height}"
+        )
+    tokens = (layout.image == image_index).cpu().numpy()
+    boxes, view_of = layout.box.cpu().numpy()[tokens], layout.view.cpu().numpy()[tokens]
+    drawn = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # padding-only and CLS tokens have no area
+    token_values = None if values is None else _token_values(values, len(boxes))
+    highlighted = _highlight_mask(positions, layout.position.cpu().numpy()[tokens], image_index)
+    panels = _selected_views(layout, image_index, views)
+    norm = None if token_values is None else _overlay_norm(token_values[drawn & np.isin(view_of, panels)])
+    fig, axes = _panel_grid(len(panels), aspect=height / width)
+    pixels = np.asarray(image.convert("RGB"))
+    for ax, v in zip(axes, panels):
+        ax.imshow(pixels, extent=(0, width, height, 0), interpolation="nearest")
+        in_view = drawn & (view_of == v)
+        if token_values is not None:
+            shown = in_view & np.isfinite(token_values)
+            cells = PatchCollection(_rectangles(boxes[shown]), cmap=cmap, norm=norm, alpha=alpha, edgecolor="none")
+            cells.set_array(token_values[shown])
+            cells.set_gid("token-values")
+            ax.add_collection(cells)
+        if highlighted is not None:
+            fill = "none" if token_values is not None else to_rgba(highlight_color, alpha)
+            outlined = _rectangles(boxes[in_view & highlighted])
+            cells = PatchCollection(outlined, facecolor=fill, edgecolor=highlight_color, linewidth=0.6)
+            cells.set_gid("token-highlight")
+            ax.add_collection(cells)
+        if not layout.views[image_index][v].is_global and in_view.any():
+            _draw_view_extent(ax, boxes[in_view])
+        _draw_pixel_boxes(ax, box)
+        ax.set_xlim(0, width)
+        ax.set_ylim(height, 0)
+        ax.set_axis_off()
+        ax.set_title(layout.views[image_index][v].name, fontsize=9)
+    if token_values is not None:
+        fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=list(axes), shrink=0.8)
+    if title:
+        fig.suptitle(title)
+    return fig
+
+
+def attention_to_image(
+    cache: Mapping[str, Tensor],
+    layout: ImageLayout,
+    layer: int,
+    head: int,
+    query_position: int,
+    image_index: int = 0,
+    batch_index: int | None = None,
+) -> Float[Tensor, "n_image_tokens"]:
+    """How much one language-model head attends from `query_position` to each of the image's
+    tokens (all views, layout order): the `values` that `token_overlay` expects.
+
+    Reads `blocks.{layer}.attn.hook_pattern` `[batch, head, query, key]` from a
+    `run_with_cache` cache. `query_position` indexes the query axis (negative counts from the
+    end, so -1 is the last token). `batch_index` defaults to the image's batch row; pass it to
+    read another row holding the same prompt (e.g. a batch of source and base runs)."""
+    is_pattern = re.compile(r"blocks\.(\d+)\.attn\.hook_pattern")
+    cached = sorted(int(m.group(1)) for m in map(is_pattern.fullmatch, cache.keys()) if m)
+    if layer not in cached:
+        held = f"layers {cached[0]}..{cached[-1]}" if cached else "no layer (was hook_pattern filtered out?)"
+        raise IndexError(f"layer {layer} out of range: the cache holds attention patterns of {held}")
+    pattern = cache[f"blocks.{layer}.attn.hook_pattern"]
+    pattern = pattern[None] if pattern.ndim == 3 else pattern  # a cache made with remove_batch_dim
+    n_batch, n_heads, n_query, n_key = pattern.shape
+    if not 0 <= image_index < layout.n_images:
+        raise IndexError(f"image index {image_index} out of range for a layout of {layout.n_images} images")
+    row = layout.image_batch_row[image_index] if batch_index is None else batch_index
+    if not 0 <= row < n_batch:
+        raise IndexError(f"batch index {row} out of range: the cache holds {n_batch} rows")
+    if not 0 <= head < n_heads:
+        raise IndexError(f"head {head} out of range: layer {layer} has {n_heads} heads")
+    if not -n_query <= query_position < n_query:
+        raise IndexError(f"query position {query_position} out of range: the pattern has {n_query} query positions")
+    keys = layout.positions(image_index)
+    if len(keys) and int(keys.max()) >= n_key:
+        raise ValueError(f"the layout's image tokens reach position {int(keys.max())} but the pattern has {n_key} keys")
+    return pattern[row, head, query_position, keys.to(pattern.device)].detach().float().cpu()
+
+
+def _selected_views(layout: ImageLayout, image: int, views: Views) -> list[int]:
+    """View indices to draw: local views first, then global ones (InternVL: tiles, thumbnail)."""
+    geometry = layout.views[image]
+    names = [g.name for g in geometry]
+    if isinstance(views, str) and views in ("all", "global", "local"):
+        wanted = [i for i, g in enumerate(geometry) if views == "all" or g.is_global == (views == "global")]
+        if not wanted:
+            raise ValueError(f"image {image} has no {views} view (views: {names})")
+    elif isinstance(views, str) and views in names:
+        wanted = [names.index(views)]
+    elif isinstance(views, (int, np.integer)) and not isinstance(views, bool):
+        wanted = [int(views)]
+    elif isinstance(views, Sequence) and not isinstance(views, str) and views:
+        wanted = list(views)
+    else:
+        raise ValueError(f"unknown view {views!r}: use 'all', 'global', 'local', a view name {names} or indices")
+    for v in wanted:
+        if not isinstance(v, (int, np.integer)) or not 0 <= v < len(geometry):
+            raise ValueError(f"unknown view {v!r}: image {image} has views 0..{len(geometry) - 1} {names}")
+    return sorted(dict.fromkeys(int(v) for v in wanted), key=lambda v: geometry[v].is_global)
+
+
+def _token_values(values: ArrayLike, n_tokens: int) -> np.ndarray:
+    out = values.detach().float().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=float)
+    if out.shape != (n_tokens,):
+        raise ValueError(f"values must hold one number per image token ({n_tokens}), got shape {out.shape}")
+    return out.astype(float)
+
+
+def _highlight_mask(
+    positions: Tensor | Iterable[int] | None, image_positions: np.ndarray, image: int
+) -> np.ndarray | None:
+    """Which of the image's tokens are at `positions`; a position that is not one of them is an
+    error (most likely positions from another image or prompt)."""
+    if positions is None:
+        return None
+    wanted = np.asarray(positions.cpu() if isinstance(positions, Tensor) else list(positions), dtype=np.int64).ravel()
+    stray = np.setdiff1d(wanted, image_positions)
+    if len(stray):
+        raise ValueError(f"positions {stray[:8].tolist()} are not image tokens of image {image}")
+    return np.isin(image_positions, wanted)
+
+
+def _rectangles(boxes: Float[np.ndarray, "n 4"]) -> list[Rectangle]:
+    return [Rectangle((x1, y1), x2 - x1, y2 - y1) for x1, y1, x2, y2 in boxes]
+
+
+def _draw_view_extent(ax: Axes, boxes: Float[np.ndarray, "n 4"]) -> None:
+    """Outline the part of the image a local view (a tile) covers, so each panel shows which tile it is."""
+    x1, y1 = boxes[:, :2].min(0)
+    x2, y2 = boxes[:, 2:].max(0)
+    outline = Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor="white", linestyle="--", linewidth=1.2)
+    outline.set_gid("view-extent")
+    ax.add_patch(outline)
+
+
+def _draw_pixel_boxes(ax: Axes, box: Box | Mapping[str, Box] | None) -> None:
+    if box is None:
+        return
+    labelled = box if isinstance(box, Mapping) else {None: box}
+    colours = ["lime", "magenta", "cyan", "yellow", "orange"]
+    for i, (label, (x1, y1, x2, y2)) in enumerate(labelled.items()):
+        colour = colours[i % len(colours)]
+        drawn = Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=colour, linewidth=2, label=label)
+        drawn.set_gid("pixel-box")
+        ax.add_patch(drawn)
+    if isinstance(box, Mapping):
+        ax.legend(loc="upper right", fontsize=7, framealpha=0.7)
+
+
+def _overlay_norm(values: np.ndarray) -> Normalize:
+    finite = values[np.isfinite(values)]
+    if not len(finite):
+        return Normalize(0.0, 1.0)
+    return Normalize(float(finite.min()), float(finite.max()))
+
+
+def _panel_grid(n: int, aspect: float, max_cols: int = 4) -> tuple[Figure, list[Axes]]:
+    """A figure with `n` image panels, `max_cols` to a row; unused grid cells removed."""
+    cols = min(n, max_cols)
+    rows = math.ceil(n / cols)
+    panel = 3.2
+    fig = Figure(figsize=(panel * cols + 0.8, min(panel * aspect, 2 * panel) * rows + 0.6), layout="constrained")
+    axes = list(fig.subplots(rows, cols, squeeze=False).ravel())
+    for extra in axes[n:]:
+        extra.remove()
+    return fig, axes[:n]
+
+
+# ----------------------------------------------------------------------------- shared helpers
+def _figure_and_axes(ax: Axes | None, figsize: tuple[float, float]) -> tuple[Figure, Axes]:
+    if ax is not None:
+        return ax.figure.figure, ax  # .figure of a (sub)figure is the root Figure
+    fig = Figure(figsize=figsize, layout="constrained")
+    return fig, fig.add_subplot()
+
+
+def _as_matrix(values: ArrayLike, name: str) -> np.ndarray:
+    data = values.detach().float().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=float)
+    if data.ndim != 2:
+        raise ValueError(f"{name} must be a [layer, head] matrix, got shape {data.shape}")
+    return data.astype(float)
+
+
+def _value_norm(data: np.ndarray, signed: bool) -> Normalize:
+    """Symmetric around 0 for signed data (so white means 0), else the finite range."""
+    finite = data[np.isfinite(data)]
+    if not len(finite):
+        return Normalize(-1.0, 1.0) if signed else Normalize(0.0, 1.0)
+    if signed:
+        half = float(np.abs(finite).max()) or 1.0
+        return Normalize(-half, half)
+    return Normalize(float(finite.min()), float(finite.max()))
+
+
+def _show_matrix(ax: Axes, data: np.ndarray, cmap: str | Colormap, norm: Normalize):
+    """imshow with NaN cells transparent."""
+    colormap = (colormaps[cmap] if isinstance(cmap, str) else cmap).with_extremes(bad=BLANK)
+    return ax.imshow(np.ma.masked_invalid(data), cmap=colormap, norm=norm, aspect="auto", interpolation="nearest")

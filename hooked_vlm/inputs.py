@@ -165,11 +165,13 @@ class ImageLayout:
             raise ValueError("mask is empty: it selects no pixel")
         # Summed-area table: pixels inside each token's box (pixel (x, y) spans [x, x+1) x [y, y+1))
         sat = np.pad(mask.cumsum(0).cumsum(1), ((1, 0), (1, 0)))
-        boxes = self.box.numpy()
+        in_image = (self.image == image).numpy()  # other images' boxes are in their own pixels
+        boxes = self.box.numpy()[in_image]
         x1, y1 = np.floor(boxes[:, 0]).astype(int), np.floor(boxes[:, 1]).astype(int)
         x2, y2 = np.ceil(boxes[:, 2]).astype(int), np.ceil(boxes[:, 3]).astype(int)
-        count = sat[y2, x2] - sat[y1, x2] - sat[y2, x1] + sat[y1, x1]
-        return self._dilated_positions(torch.as_tensor(count > 0), image, dilation, views)
+        covered = np.zeros(len(self), dtype=bool)
+        covered[in_image] = sat[y2, x2] - sat[y1, x2] - sat[y2, x1] + sat[y1, x1] > 0
+        return self._dilated_positions(torch.as_tensor(covered), image, dilation, views)
 
     def token_grid_mask(self, positions: Tensor, image: int = 0, view: int = 0) -> Bool[Tensor, "rows cols"]:
         """Which cells of a view's grid are among `positions` (e.g. for plotting)."""
@@ -195,6 +197,27 @@ class ImageLayout:
             col=self.col[keep],
             box=self.box[keep],
         )
+
+    def view_index(self) -> Int[Tensor, "n"]:
+        """Each token's view as an index into `pixel_values` (every view of every image, in order):
+        the batch index the vision tower sees it under."""
+        offsets = torch.tensor([0] + [len(v) for v in self.views], dtype=torch.long).cumsum(0)[:-1]
+        return offsets[self.image] + self.view
+
+    def vision_positions(self, merge: int = 1) -> Int[Tensor, "n merged"]:
+        """The vision-tower sequence positions each image token is computed from, in its view:
+        a `merge x merge` block of patches (`merged = merge**2`; InternVL's pixel shuffle merges
+        2x2, LLaVA 1x1). Patch (r, c) of a grid `n` patches wide sits at `1 + r * n + c`, position 0
+        being the tower's CLS token, which is also where a CLS image token comes from."""
+        out = torch.zeros(len(self), merge * merge, dtype=torch.long)
+        d_row, d_col = torch.arange(merge * merge).div(merge, rounding_mode="floor"), torch.arange(merge * merge) % merge
+        cols_of_view = torch.tensor([g.cols for image_views in self.views for g in image_views], dtype=torch.long)
+        width = cols_of_view[self.view_index()] * merge
+        patch = self.row >= 0
+        rows = self.row[patch, None] * merge + d_row
+        cols = self.col[patch, None] * merge + d_col
+        out[patch] = 1 + rows * width[patch, None] + cols
+        return out
 
     def same_geometry(self, other: ImageLayout) -> bool:
         """Whether two layouts put the same views at the same positions (needed for patching)."""

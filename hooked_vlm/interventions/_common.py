@@ -1,0 +1,115 @@
+"""Plumbing shared by the hook builders: hook-name anatomy, layer and head checks, and where the
+positions of a hook call start in the sequence."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Literal
+
+from torch import Tensor
+
+Hook = tuple[str, Callable[..., Any]]
+Hooks = list[Hook]  # what every builder returns: `(hook_name, fn)` pairs for `fwd_hooks=`
+
+# Hooks that fire before `HookedVLM.run_language_model` sets `model.past_length` (see PositionClock)
+_EMBED_HOOKS = frozenset({"hook_embed", "hook_inputs_embeds"})
+_QUERY_HEAD_HOOKS = ("attn.hook_q", "attn.hook_rot_q", "attn.q_norm.hook_normalized", "attn.hook_z", "attn.hook_result")
+_KV_HEAD_HOOKS = ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k", "attn.k_norm.hook_normalized")
+_SCORE_HOOKS = ("attn.hook_attn_scores", "attn.hook_pattern")  # [batch, head, query_pos, key_pos]
+
+
+@dataclass(frozen=True)
+class Axes:
+    """Where a hook's tensor keeps its positions and its heads (batch is axis 0 everywhere)."""
+
+    tower: Literal["language", "vision", "projector"]
+    position: int
+    head: int | None = None
+    kv_heads: bool = False  # the head axis counts key/value heads (GQA), not query heads
+    has_key_axis: bool = False  # attention scores/pattern: the last axis covers every key
+
+
+def axes_of(name: str) -> Axes:
+    tower = "vision" if name.startswith("vision.") else "projector" if name.startswith("projector.") else "language"
+    if name.endswith(_SCORE_HOOKS):
+        return Axes(tower, position=2, head=1, has_key_axis=True)
+    if name.endswith(_QUERY_HEAD_HOOKS):
+        return Axes(tower, position=1, head=2)
+    if name.endswith(_KV_HEAD_HOOKS):
+        return Axes(tower, position=1, head=2, kv_heads=True)
+    return Axes(tower, position=1)
+
+
+def check_hook_name(model, name: str) -> str:
+    if name not in model.hook_dict:
+        close = difflib.get_close_matches(name, list(model.hook_dict), n=3)
+        raise ValueError(f"unknown hook name {name!r}" + (f"; did you mean {close}?" if close else ""))
+    return name
+
+
+def check_layers(n_layers: int, layers: Iterable[int] | int | None, tower: str = "language model") -> list[int]:
+    """`None` means every layer. Negative indices are refused: they would hide off-by-one errors."""
+    if layers is None:
+        return list(range(n_layers))
+    layers = [layers] if isinstance(layers, int) else list(layers)
+    for layer in layers:
+        if not isinstance(layer, int) or not 0 <= layer < n_layers:
+            raise IndexError(f"layer {layer!r} out of range: the {tower} has {n_layers} layers (0..{n_layers - 1})")
+    return sorted(set(layers))
+
+
+def check_heads(n_heads: int, heads: Iterable[int] | int | None, where: str) -> list[int] | None:
+    """`None` means every head."""
+    if heads is None:
+        return None
+    heads = [heads] if isinstance(heads, int) else list(heads)
+    for head in heads:
+        if not isinstance(head, int) or not 0 <= head < n_heads:
+            raise IndexError(f"head {head!r} out of range: {where} has {n_heads} query heads (0..{n_heads - 1})")
+    return sorted(set(heads))
+
+
+def group_heads(model, heads: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
+    """(layer, query head) pairs of the language model, checked, grouped by layer."""
+    by_layer: dict[int, list[int]] = {}
+    for pair in heads:
+        layer, head = pair
+        check_layers(model.cfg.text.n_layers, [layer])
+        check_heads(model.cfg.text.n_heads, [head], f"layer {layer}")
+        by_layer.setdefault(layer, []).append(head)
+    if not by_layer:
+        raise ValueError("no heads given")
+    return {layer: sorted(set(hs)) for layer, hs in sorted(by_layer.items())}
+
+
+def batch_rows(mask: Tensor, batch: int, what: str, hook_name: str) -> Tensor:
+    """`mask` `[rows, ...]` for a hook call of `batch` rows; a one-row mask serves every row
+    (e.g. the copies of a batched head sweep)."""
+    if mask.shape[0] == batch:
+        return mask
+    if mask.shape[0] == 1:
+        return mask.expand(batch, *mask.shape[1:])
+    raise ValueError(f"{what} covers {mask.shape[0]} batch rows but {hook_name} runs on {batch}")
+
+
+class PositionClock:
+    """Where the positions of a hook call start in the sequence.
+
+    A prefill sees positions 0.., a decoding step `[batch, 1, ...]` at `model.past_length`. That
+    attribute is set when the language model starts (`run_language_model`), i.e. *after*
+    `hook_embed` and `hook_inputs_embeds` have fired; for those two hooks the clock counts itself:
+    a call with several positions is a prefill (position 0), a one-position call continues where
+    the previous call ended. One clock per hook function, so nothing is shared between builders.
+    """
+
+    def __init__(self, model):
+        self.model = model
+        self._next = 0
+
+    def start(self, hook_name: str, n_pos: int) -> int:
+        if hook_name not in _EMBED_HOOKS:
+            return int(self.model.past_length)
+        start = 0 if n_pos > 1 else self._next
+        self._next = start + n_pos
+        return start

@@ -1,0 +1,112 @@
+"""Teacher-forced answer metrics and the mediation fraction (PAPER_PROTOCOL §1.9).
+
+`masked_nll` scores chosen answer tokens (`VLMInput.answer_mask` from `prepare(..., answers=...)`)
+under teacher forcing: the logits at position t predict the token at t + 1. A token filter keeps
+only some of them — `digit_tokens` keeps a box's coordinate digits and masks out its template
+(brackets, commas, tags, end of turn), as the paper does. `masked_perplexity` is its exponential.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+
+from hooked_vlm.inputs import VLMInput
+
+TokenFilter = Callable[[Any, Int[Tensor, "batch pos"]], Bool[Tensor, "batch pos"]]  # (tokenizer, ids) -> keep
+
+
+def digit_tokens(tokenizer: Any, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+    """Tokens whose text holds a digit: the coordinates of a box, without its template.
+
+    The real checkpoints' tokenizers (Llama, Qwen) split numbers into single digits, so these are
+    exactly the digit tokens; a tokenizer that merges a digit with punctuation ("2,") keeps the
+    merged token, so that no coordinate digit goes unscored.
+    """
+    ids = input_ids.unique().tolist()
+    has_digit = {i: any(ch in "0123456789" for ch in tokenizer.decode([i])) for i in ids}
+    lookup = torch.zeros(max(ids) + 1, dtype=torch.bool)
+    lookup[[i for i in ids if has_digit[i]]] = True
+    return lookup[input_ids.cpu()].to(input_ids.device)
+
+
+FILTERS: dict[str, TokenFilter] = {"digits": digit_tokens}
+
+
+def scored_tokens(
+    inputs: VLMInput, tokenizer: Any = None, token_filter: TokenFilter | str | None = None
+) -> Bool[Tensor, "batch pos"]:
+    """The answer tokens that are scored: `inputs.answer_mask`, narrowed by `token_filter`
+    (a callable `(tokenizer, input_ids) -> mask` or the name of one in `FILTERS`)."""
+    if inputs.answer_mask is None:
+        raise ValueError("these inputs carry no answer: prepare them with answers=... for teacher forcing")
+    mask = inputs.answer_mask.bool()
+    if token_filter is None:
+        return mask
+    if isinstance(token_filter, str):
+        if token_filter not in FILTERS:
+            raise ValueError(f"unknown token filter {token_filter!r}; known: {sorted(FILTERS)}")
+        token_filter = FILTERS[token_filter]
+    return mask & token_filter(tokenizer, inputs.input_ids).to(mask.device)
+
+
+def token_nll(logits: Float[Tensor, "batch pos d_vocab"], input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos"]:
+    """-log p(token t | tokens < t) at every position t >= 1 (position 0 has no prediction: NaN)."""
+    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logprobs.gather(-1, input_ids[:, 1:, None].to(logits.device))[..., 0]
+    return torch.cat([torch.full_like(nll[:, :1], float("nan")), nll], dim=1)
+
+
+def masked_nll(
+    model,
+    inputs: VLMInput,
+    *,
+    token_filter: TokenFilter | str | None = None,
+    fwd_hooks: Sequence = (),
+    logits: Float[Tensor, "batch pos d_vocab"] | None = None,
+) -> Float[Tensor, "batch"]:
+    """Mean teacher-forced NLL of each item's scored answer tokens (see `scored_tokens`), under
+    `fwd_hooks` (or of given `logits`). An item with no scored token is an error."""
+    mask = scored_tokens(inputs, model.tokenizer, token_filter)
+    empty = (mask.sum(1) == 0).nonzero().flatten().tolist()
+    if empty:
+        raise ValueError(f"items {empty} have no scored answer token (answer empty, or the filter removed every token)")
+    if mask[:, 0].any():
+        raise ValueError("position 0 cannot be scored: nothing precedes it")
+    if logits is None:
+        with torch.no_grad():
+            logits = model.run_with_hooks(inputs, fwd_hooks=list(fwd_hooks))
+    nll = token_nll(logits, inputs.input_ids).nan_to_num(0.0)
+    mask = mask.to(nll.device)
+    return (nll * mask).sum(1) / mask.sum(1)
+
+
+def masked_perplexity(model, inputs: VLMInput, **kwargs: Any) -> Float[Tensor, "batch"]:
+    """`exp(masked_nll)`: the paper's token-level perplexity (same arguments as `masked_nll`)."""
+    return masked_nll(model, inputs, **kwargs).exp()
+
+
+def mediation_fraction(
+    p_base: Float[Tensor, "*batch"] | float,
+    p_patched: Float[Tensor, "*batch"] | float,
+    p_src: Float[Tensor, "*batch"] | float,
+    *,
+    min_effect: float = 0.01,
+) -> Float[Tensor, "*batch"]:
+    """`MF = (P_base - P_patched) / (P_base - P_src)` elementwise (§1.9): 1 when patching the
+    component moves the base all the way to the source, 0 when it does nothing, < 0 when it
+    moves it the other way.
+
+    Guard: where the source and base barely differ, `|P_base - P_src| <= min_effect * |P_base|`,
+    there is no effect to mediate and the ratio would explode; MF is NaN there, so that
+    `torch.nanmean` over pairs drops those pairs (PAPER_PROTOCOL §2.7). `min_effect=0` guards only
+    an exactly zero denominator.
+    """
+    p_base, p_patched, p_src = (torch.as_tensor(p, dtype=torch.float64) for p in (p_base, p_patched, p_src))
+    denominator = p_base - p_src
+    degenerate = denominator.abs() <= min_effect * p_base.abs()
+    mf = (p_base - p_patched) / torch.where(degenerate, torch.ones_like(denominator), denominator)
+    return torch.where(degenerate, torch.full_like(mf, float("nan")), mf)

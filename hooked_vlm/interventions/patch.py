@@ -45,8 +45,9 @@ def activation_patch(
     `positions` (default: all) and query `heads` (default: all; only for hooks with query heads —
     key/value hooks hold KV heads, which GQA shares between query heads).
 
-    `source` is a `VLMInput` (its activations are computed now) or a cache holding `names`
-    (pass `source_inputs` to have its layout checked). On decoding steps of `generate`, positions
+    `source` is a `VLMInput` (its activations are computed now, under whatever hooks are
+    attached at that moment) or a cache holding `names` (pass `source_inputs` to have its layout
+    checked). On decoding steps of `generate`, positions
     past the source's sequence are left alone.
     """
     names = [names] if isinstance(names, str) else list(names)

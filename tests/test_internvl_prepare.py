@@ -68,7 +68,7 @@ def test_tile_limits_are_honoured_like_the_hf_processor(model, processor, photos
     assert torch.equal(inputs.input_ids, expected["input_ids"])
     assert torch.equal(inputs.pixel_values, expected["pixel_values"])
     for image in range(2):
-        tiles = sum(not v.is_global for v in inputs.layout.views[image])
+        tiles = sum(v.name.startswith("tile_") for v in inputs.layout.views[image])
         assert min_tiles <= tiles <= max_tiles
         assert len(inputs.layout.views[image]) == tiles + (tiles > 1)  # a thumbnail only with several tiles
 
@@ -79,6 +79,9 @@ def test_photos_cover_one_several_and_the_maximum_number_of_tiles(model, photos)
     small = photos["astronaut"].resize((40, 40), Image.BICUBIC)
     counts["small"] = len(model.prepare(small, "x").layout.views[0])
     assert counts["small"] == 1
+    small_layout = model.prepare(small, "x").layout
+    assert small_layout.views[0][0].is_global  # a lone tile sees the whole image: it is the global view
+    assert len(small_layout.positions(0, "global")) == len(small_layout) and len(small_layout.positions(0, "local")) == 0
     assert counts["grace_hopper_tall"] == 3 + 1  # 120x400 -> 1 x 3 tiles + thumbnail
     assert max(counts.values()) == max_tiles + 1, counts
 
@@ -88,7 +91,7 @@ def test_layout_orders_tiles_row_major_then_the_thumbnail(model, photos):
     inputs = model.prepare([photos["grace_hopper_tall"], image], QUESTIONS)
     layout, pre = inputs.layout, model.preprocessing
     views = layout.views[1]
-    tiles = [v for v in views if not v.is_global]
+    tiles = [v for v in views if v.name.startswith("tile_")]
     cols = round(image.width / (tiles[0].scale_x * pre.tile_size))
     assert [v.name for v in views] == [f"tile_{k}" for k in range(len(tiles))] + ["thumbnail"]
     assert views[-1].is_global and not any(v.is_global for v in views[:-1])
@@ -118,7 +121,7 @@ def test_tiles_partition_the_image_and_the_thumbnail_covers_it(model, photos, ph
     layout = model.prepare(image, "x").layout
     area = (layout.box[:, 2] - layout.box[:, 0]) * (layout.box[:, 3] - layout.box[:, 1])
     image_area = image.width * image.height
-    local = layout.view < sum(not v.is_global for v in layout.views[0])
+    local = layout.view < sum(v.name.startswith("tile_") for v in layout.views[0])
     assert area[local].sum().item() == pytest.approx(image_area, rel=1e-6)
     if len(layout.views[0]) > 1:
         assert area[~local].sum().item() == pytest.approx(image_area, rel=1e-6)

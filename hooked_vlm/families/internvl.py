@@ -283,7 +283,8 @@ def tile_grid(image_size: tuple[int, int], pre: InternVLPreprocessing, min_tiles
 def view_geometries(
     image_size: tuple[int, int], pre: InternVLPreprocessing, grid: tuple[int, int]
 ) -> list[ViewGeometry]:
-    """Tiles row-major (tile k at column k % cols, row k // cols), then the thumbnail.
+    """Tiles row-major (tile k at column k % cols, row k // cols), then the thumbnail. Tiles
+    are local views and the thumbnail the global one; a single tile is global.
 
     A tile sees the image resized to `(cols·T) x (rows·T)`, so one view pixel is
     `W / (cols·T)` x `H / (rows·T)` original pixels, offset by the tile's corner; the thumbnail
@@ -292,8 +293,10 @@ def view_geometries(
     cols, rows = grid
     n, t = pre.view_grid, pre.tile_size
     sx, sy = width / (cols * t), height / (rows * t)
+    # A lone tile sees the whole image, so it is the image's global view (there is no thumbnail)
+    whole = cols * rows == 1
     views = [
-        ViewGeometry(f"tile_{k}", n, n, pre.token_px, sx, sx * (k % cols) * t, sy, sy * (k // cols) * t, False)
+        ViewGeometry(f"tile_{k}", n, n, pre.token_px, sx, sx * (k % cols) * t, sy, sy * (k // cols) * t, whole)
         for k in range(cols * rows)
     ]
     if cols * rows > 1 and pre.use_thumbnail:
@@ -315,7 +318,7 @@ def preprocess_images(
     views = []
     for i, image in enumerate(images):
         geometry = view_geometries(image.size, pre, tile_grid(image.size, pre, min_tiles, max_tiles))
-        tiles = sum(not v.is_global for v in geometry)
+        tiles = sum(v.name.startswith("tile_") for v in geometry)
         if not pre.use_thumbnail and tiles > 1:  # GotOcr2 always appends it; the original can opt out
             chunks[i] = chunks[i][:tiles]
         if len(chunks[i]) != len(geometry):

@@ -41,6 +41,7 @@ def greedy_generate(model: HookedVLM, inputs: VLMInput, max_new_tokens: int) -> 
             break
         attention_mask = torch.cat([attention_mask, torch.ones_like(attention_mask[:, :1])], dim=1)
         position = position + 1
+        model.past_length = len(cache)  # before hook_embed fires for this step
         embeds = model.embed_inputs(next_token[:, None], None, None)
         logits = model.run_language_model(embeds, attention_mask, position[:, None], cache)
     return torch.stack(new_tokens, dim=1)

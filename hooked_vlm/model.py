@@ -139,6 +139,7 @@ class HookedVLM(HookedRootModule):
     # ----------------------------------------------------------------------------- forward
     def forward(self, inputs: VLMInput, *, kv_cache: KVCache | None = None) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits for every position of every batch row."""
+        self.past_length = len(kv_cache) if kv_cache is not None else 0
         image_features = self.encode_images(inputs.pixel_values)
         inputs_embeds = self.embed_inputs(inputs.input_ids, image_features, inputs.image_token_mask())
         return self.run_language_model(inputs_embeds, inputs.attention_mask, inputs.position_ids, kv_cache)
@@ -181,7 +182,8 @@ class HookedVLM(HookedRootModule):
     ) -> Float[Tensor, "batch pos d_vocab"]:
         """Blocks, final norm and unembedding. `attention_mask` covers cached and new positions."""
         # Hooks that address sequence positions read this to place a decoding step's [batch, 1]
-        # activations: the new positions are past_length, past_length + 1, ...
+        # activations: the new positions are past_length, past_length + 1, ... (set here and by
+        # every caller before `embed_inputs`, so hook_embed/hook_inputs_embeds see it too)
         self.past_length = len(kv_cache) if kv_cache is not None else 0
         dtype, q_len = inputs_embeds.dtype, inputs_embeds.shape[1]
         per_device: dict[torch.device, tuple] = {}  # rotary tables and mask, once per device

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from hooked_vlm.testing import (
@@ -24,6 +25,10 @@ from hooked_vlm.testing import (
 )
 
 ASSETS = Path(__file__).parent / "assets"
+
+# The test models are tiny: thread start-up and synchronisation cost more than they save, and on
+# a shared 2-core machine two spinning OpenMP pools slow a millisecond forward to a second.
+torch.set_num_threads(1)
 
 # Variants differ in widths, heads, image sizes, feature layers and key layouts, so that code
 # which hard-codes one of them fails on another.

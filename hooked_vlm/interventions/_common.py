@@ -1,5 +1,5 @@
-"""Plumbing shared by the hook builders: hook-name anatomy, layer and head checks, and where the
-positions of a hook call start in the sequence."""
+"""Plumbing shared by the hook builders: hook-name anatomy, layer and head checks. (A hook call's
+positions start at `model.past_length`: 0 on a prefill, the cache length on a decoding step.)"""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ from torch import Tensor
 Hook = tuple[str, Callable[..., Any]]
 Hooks = list[Hook]  # what every builder returns: `(hook_name, fn)` pairs for `fwd_hooks=`
 
-# Hooks that fire before `HookedVLM.run_language_model` sets `model.past_length` (see PositionClock)
-_EMBED_HOOKS = frozenset({"hook_embed", "hook_inputs_embeds"})
 _QUERY_HEAD_HOOKS = ("attn.hook_q", "attn.hook_rot_q", "attn.q_norm.hook_normalized", "attn.hook_z", "attn.hook_result")
 _KV_HEAD_HOOKS = ("attn.hook_k", "attn.hook_v", "attn.hook_rot_k", "attn.k_norm.hook_normalized")
 _SCORE_HOOKS = ("attn.hook_attn_scores", "attn.hook_pattern")  # [batch, head, query_pos, key_pos]
@@ -93,23 +91,3 @@ def batch_rows(mask: Tensor, batch: int, what: str, hook_name: str) -> Tensor:
     raise ValueError(f"{what} covers {mask.shape[0]} batch rows but {hook_name} runs on {batch}")
 
 
-class PositionClock:
-    """Where the positions of a hook call start in the sequence.
-
-    A prefill sees positions 0.., a decoding step `[batch, 1, ...]` at `model.past_length`. That
-    attribute is set when the language model starts (`run_language_model`), i.e. *after*
-    `hook_embed` and `hook_inputs_embeds` have fired; for those two hooks the clock counts itself:
-    a call with several positions is a prefill (position 0), a one-position call continues where
-    the previous call ended. One clock per hook function, so nothing is shared between builders.
-    """
-
-    def __init__(self, model):
-        self.model = model
-        self._next = 0
-
-    def start(self, hook_name: str, n_pos: int) -> int:
-        if hook_name not in _EMBED_HOOKS:
-            return int(self.model.past_length)
-        start = 0 if n_pos > 1 else self._next
-        self._next = start + n_pos
-        return start

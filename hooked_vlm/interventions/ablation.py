@@ -13,7 +13,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from hooked_vlm.interventions._common import Hooks, PositionClock, axes_of, batch_rows, check_hook_name
+from hooked_vlm.interventions._common import Hooks, axes_of, batch_rows, check_hook_name
 from hooked_vlm.interventions.means import MeanEmbedding, check_mean_fits
 from hooked_vlm.interventions.tokens import TokenSet
 
@@ -57,10 +57,9 @@ def token_ablation(
         value = value.vector
     if isinstance(value, str) and value not in ("zero", "noise"):
         raise ValueError(f"unknown ablation value {value!r} (expected 'zero', 'noise', a vector or a MeanEmbedding)")
-    clock = PositionClock(model)
 
     def ablate(activation: Tensor, hook) -> Tensor:
-        start = clock.start(hook.name, activation.shape[1])
+        start = model.past_length
         window = tokens.window(start, activation.shape[1], activation.device)
         selected = batch_rows(window, activation.shape[0], "the token set", hook.name)
         if not selected.any():

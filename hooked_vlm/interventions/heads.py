@@ -10,7 +10,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_vlm.inputs import VLMInput
-from hooked_vlm.interventions._common import Hooks, PositionClock, batch_rows, check_layers, group_heads
+from hooked_vlm.interventions._common import Hooks, batch_rows, check_layers, group_heads
 from hooked_vlm.interventions.tokens import TokenSet
 
 
@@ -50,7 +50,6 @@ def head_ablation(
 
 
 def _ablate(model, heads: list[int], mean: Tensor | None, positions: TokenSet | None):
-    clock = PositionClock(model)
 
     def ablate(z: Float[Tensor, "batch pos head d_head"], hook) -> Tensor:
         out = z.clone()
@@ -58,7 +57,7 @@ def _ablate(model, heads: list[int], mean: Tensor | None, positions: TokenSet | 
         if positions is None:
             out[:, :, heads] = fill
             return out
-        window = positions.window(clock.start(hook.name, z.shape[1]), z.shape[1], z.device)
+        window = positions.window(model.past_length, z.shape[1], z.device)
         selected = batch_rows(window, z.shape[0], "the position set", hook.name)
         index = torch.tensor(heads, device=z.device)
         rows = out[selected]  # [k, head, d_head]

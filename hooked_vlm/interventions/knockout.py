@@ -20,7 +20,7 @@ import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
 
-from hooked_vlm.interventions._common import Hooks, PositionClock, batch_rows, check_heads, check_layers
+from hooked_vlm.interventions._common import Hooks, batch_rows, check_heads, check_layers
 from hooked_vlm.interventions.tokens import PatchSet, TokenSet
 
 
@@ -50,10 +50,9 @@ def attention_knockout(
     layers = check_layers(cfg.n_layers, layers, tower)
     heads = check_heads(cfg.n_heads, heads, f"the {tower}")
     block = _lm_blocked if isinstance(source, TokenSet) else _vision_blocked
-    clock = PositionClock(model)
 
     def knock_out(scores: Float[Tensor, "batch head query key"], hook) -> Tensor:
-        blocked = block(source, target, scores, clock, hook.name)
+        blocked = block(source, target, scores, hook.name)
         if heads is not None:
             head_mask = torch.zeros(scores.shape[1], dtype=torch.bool, device=scores.device)
             head_mask[heads] = True
@@ -64,17 +63,17 @@ def attention_knockout(
 
 
 def _lm_blocked(
-    source: TokenSet, target: TokenSet, scores: Tensor, clock: PositionClock, name: str
+    source: TokenSet, target: TokenSet, scores: Tensor, name: str
 ) -> Bool[Tensor, "batch 1 query key"]:
     batch, _, n_query, n_key = scores.shape
-    start = clock.start(name, n_query)
+    start = n_key - n_query  # queries are the last positions: the keys include the KV cache
     queries = batch_rows(source.window(start, n_query, scores.device), batch, "the source set", name)
     keys = batch_rows(target.window(0, n_key, scores.device), batch, "the target set", name)
     return (queries[:, :, None] & keys[:, None, :])[:, None]
 
 
 def _vision_blocked(
-    source: PatchSet, target: PatchSet, scores: Tensor, clock: PositionClock, name: str
+    source: PatchSet, target: PatchSet, scores: Tensor, name: str
 ) -> Bool[Tensor, "view 1 query key"]:
     if source.mask.shape != (scores.shape[0], scores.shape[2]):
         raise ValueError(

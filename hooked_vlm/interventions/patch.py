@@ -21,7 +21,6 @@ from hooked_vlm.inputs import VLMInput
 from hooked_vlm.interventions._common import (
     Axes,
     Hooks,
-    PositionClock,
     axes_of,
     batch_rows,
     check_heads,
@@ -124,13 +123,12 @@ def _check_positions(positions, axes: Axes, name: str) -> None:
 
 
 def _patch_hook(model, cached: Tensor, axes: Axes, positions, head_index: list[int] | None):
-    clock = PositionClock(model)
 
     def patch(activation: Tensor, hook) -> Tensor:
         if isinstance(positions, PatchSet):
             start, n = 0, activation.shape[axes.position]
         else:
-            start, n = clock.start(hook.name, activation.shape[axes.position]), activation.shape[axes.position]
+            start, n = model.past_length, activation.shape[axes.position]
         available = cached.shape[axes.position] - start
         if available <= 0:
             return activation  # a decoding step past the source's sequence

@@ -18,7 +18,7 @@ from jaxtyping import Int
 from torch import Tensor
 
 from hooked_vlm.inputs import Views, VLMInput
-from hooked_vlm.interventions._common import Hooks, PositionClock, batch_rows
+from hooked_vlm.interventions._common import Hooks, batch_rows
 from hooked_vlm.interventions.ablation import check_position_hook
 from hooked_vlm.interventions.tokens import TokenSet, image_tokens, object_tokens, view_groups
 
@@ -117,10 +117,9 @@ def _read_from(model, source: Int[Tensor, "batch pos"], hook: str) -> Hooks:
     """Hooks that make position p of row b carry what position `source[b, p]` carried."""
     check_position_hook(model, hook)
     moved = source != torch.arange(source.shape[1])
-    clock = PositionClock(model)
 
     def rearrange(activation: Tensor, hook) -> Tensor:
-        start, n = clock.start(hook.name, activation.shape[1]), activation.shape[1]
+        start, n = model.past_length, activation.shape[1]
         if not moved.any() or start >= source.shape[1]:
             return activation  # a decoding step: only prompt positions are rearranged
         if start != 0 or n < source.shape[1]:

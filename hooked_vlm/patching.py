@@ -17,35 +17,32 @@ per batch row (e.g. the masked NLL of the answer tokens, `answer_nll_metric`).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
-from jaxtyping import Bool, Float
+from jaxtyping import Float
 from torch import Tensor
 
 from hooked_vlm.components import KVCache
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.metrics import TokenFilter, scored_tokens, token_nll
 
 Metric = Callable[[Tensor, int], Tensor]  # (logits[:, offset:], offset) -> [batch]
 Head = tuple[int, int]  # (layer, query head)
 
 
-def answer_nll_metric(inputs: VLMInput, token_mask: Bool[Tensor, "batch pos"] | None = None) -> Metric:
-    """Mean negative log-likelihood of the answer tokens (`inputs.answer_mask`, or `token_mask`)
-    under teacher forcing; logits at position t predict the token at t + 1."""
-    mask = inputs.answer_mask if token_mask is None else token_mask
-    if mask is None:
-        raise ValueError("no answer tokens: prepare the inputs with answers=... or pass token_mask")
+def answer_nll_metric(inputs: VLMInput, *, tokenizer: Any = None, token_filter: TokenFilter | str | None = None) -> Metric:
+    """Mean teacher-forced NLL of the scored answer tokens (`hooked_vlm.metrics.scored_tokens`:
+    `inputs.answer_mask`, optionally narrowed, e.g. `token_filter="digits"` for a box's
+    coordinates) as a sweep metric over the logits of positions `offset..`."""
+    mask = scored_tokens(inputs, tokenizer, token_filter)
 
     def metric(logits: Tensor, offset: int) -> Tensor:
-        targets = inputs.input_ids[:, offset + 1 :].to(logits.device)
-        selected = mask[:, offset + 1 :].to(logits.device)
         if int(mask[:, : offset + 1].sum()):
-            raise ValueError(f"answer tokens before position {offset + 1} are outside the patched suffix")
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        rows = logprobs.shape[0]
-        targets, selected = targets.expand(rows, -1), selected.expand(rows, -1)
-        nll = -logprobs.gather(-1, targets[..., None])[..., 0]
+            raise ValueError(f"scored tokens before position {offset + 1} are outside the patched suffix")
+        ids = inputs.input_ids[:, offset:].to(logits.device).expand(len(logits), -1)
+        nll = token_nll(logits, ids).nan_to_num(0.0)
+        selected = mask[:, offset:].to(logits.device).expand(len(logits), -1)
         return (nll * selected).sum(-1) / selected.sum(-1).clamp(min=1)
 
     return metric

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from hooked_vlm import HookedVLM
+from hooked_vlm.metrics import masked_nll
 from hooked_vlm.patching import answer_nll_metric, head_attribution, head_patching_sweep, naive_head_patching
 
 ANSWER = "[0.12, 0.30, 0.55, 0.91]"
@@ -44,8 +45,7 @@ def test_sweep_of_a_subset_leaves_other_heads_empty(pair):
 def test_patching_from_itself_changes_nothing(pair):
     model, base, _, positions = pair
     metric = answer_nll_metric(base)
-    with torch.no_grad():
-        clean = metric(model(base)[:, int(positions.min()) :], int(positions.min()))[0]
+    clean = masked_nll(model, base)[0]  # the metric of the unpatched run, computed independently
     out = head_patching_sweep(model, base, base, metric, positions)
     assert (out - clean).abs().max() <= 1e-6 * max(1.0, clean.abs().item())
 
@@ -89,5 +89,5 @@ def test_bad_sweep_inputs_raise(pair, photos):
     other = model.prepare(photos["grace_hopper_tall"], "Where is the cat in this tall photo?", answers=ANSWER)
     with pytest.raises(ValueError, match="different token layouts"):
         head_patching_sweep(model, base, other, metric, positions)
-    with pytest.raises(ValueError, match="no answer tokens"):
+    with pytest.raises(ValueError, match="carry no answer"):
         answer_nll_metric(model.prepare(photos["coffee"], "x"))

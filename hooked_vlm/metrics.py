@@ -79,7 +79,9 @@ def masked_nll(
     if logits is None:
         with torch.no_grad():
             logits = model.run_with_hooks(inputs, fwd_hooks=list(fwd_hooks))
-    nll = token_nll(logits, inputs.input_ids).nan_to_num(0.0)
+    # the mean in float64: its value must not depend on how many unscored positions surround the
+    # answer (a suffix-only forward sums fewer zeros), since MF divides small differences of it
+    nll = token_nll(logits, inputs.input_ids).nan_to_num(0.0).double()
     mask = mask.to(nll.device)
     return (nll * mask).sum(1) / mask.sum(1)
 

@@ -31,17 +31,23 @@ Metric = Callable[[Tensor, int], Tensor]  # (logits[:, offset:], offset) -> [bat
 Head = tuple[int, int]  # (layer, query head)
 
 
-def answer_nll_metric(inputs: VLMInput, *, tokenizer: Any = None, token_filter: TokenFilter | str | None = None) -> Metric:
+def answer_nll_metric(
+    inputs: VLMInput,
+    *,
+    tokenizer: Any = None,
+    token_filter: TokenFilter | str | None = None,
+    token_mask: Tensor | None = None,
+) -> Metric:
     """Mean teacher-forced NLL of the scored answer tokens (`hooked_vlm.metrics.scored_tokens`:
     `inputs.answer_mask`, optionally narrowed, e.g. `token_filter="digits"` for a box's
-    coordinates) as a sweep metric over the logits of positions `offset..`."""
-    mask = scored_tokens(inputs, tokenizer, token_filter)
+    coordinates; or exactly `token_mask`) as a sweep metric over the logits of positions `offset..`."""
+    mask = scored_tokens(inputs, tokenizer, token_filter) if token_mask is None else token_mask.bool()
 
     def metric(logits: Tensor, offset: int) -> Tensor:
         if int(mask[:, : offset + 1].sum()):
             raise ValueError(f"scored tokens before position {offset + 1} are outside the patched suffix")
         ids = inputs.input_ids[:, offset:].to(logits.device).expand(len(logits), -1)
-        nll = token_nll(logits, ids).nan_to_num(0.0)
+        nll = token_nll(logits, ids).nan_to_num(0.0).double()  # float64 mean, as metrics.masked_nll
         selected = mask[:, offset:].to(logits.device).expand(len(logits), -1)
         return (nll * selected).sum(-1) / selected.sum(-1).clamp(min=1)
 
@@ -99,7 +105,7 @@ def head_patching_sweep(
     offset = int(positions.min())
     if offset == 0:
         raise ValueError("patching position 0 leaves no shared prefix; use naive_head_patching")
-    out = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"))
+    out = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"), dtype=torch.float64)
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         source_z = _source_z(model, source)
         # the shared prefix: image features, merged embeddings, key/values of positions < offset
@@ -163,7 +169,7 @@ def naive_head_patching(
     _check_heads(model, heads)
     positions = torch.as_tensor(positions, dtype=torch.long).flatten()
     offset = int(positions.min())
-    out = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"))
+    out = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"), dtype=torch.float64)
     with model.hooks(fwd_hooks=list(fwd_hooks)):
         source_z = _source_z(model, source)
         for layer, head in heads:

@@ -1,6 +1,21 @@
 """The paper's experiments, each a function of a model and a dataset returning a tidy DataFrame."""
 
+from hooked_vlm.experiments.cumulative_head_ablation import cumulative_head_ablation, normalised_auc
 from hooked_vlm.experiments.data import Sample, as_samples
 from hooked_vlm.experiments.evaluate import TASKS, evaluate, summarize
+from hooked_vlm.experiments.head_mediation import head_mediation, mediation_map, rank_heads
+from hooked_vlm.experiments.position_probe import position_probe
 
-__all__ = ["Sample", "as_samples", "TASKS", "evaluate", "summarize"]
+__all__ = [
+    "Sample",
+    "as_samples",
+    "TASKS",
+    "evaluate",
+    "summarize",
+    "head_mediation",
+    "mediation_map",
+    "rank_heads",
+    "cumulative_head_ablation",
+    "normalised_auc",
+    "position_probe",
+]

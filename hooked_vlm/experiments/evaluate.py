@@ -14,6 +14,7 @@ Output columns (one row per query):
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, Callable, Iterable, Literal, Sequence
 
 import pandas as pd
@@ -71,7 +72,7 @@ def evaluate(
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     frame = frame or default_frame(model)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
-    samples = _limited(as_samples(dataset), limit)
+    samples = itertools.islice(as_samples(dataset), limit)
     rows: list[dict] = []
     bar = tqdm(desc=f"{task} [{condition}]", unit="query", disable=not progress)
     for batch in batched(_queries(samples, task), batch_size):
@@ -106,13 +107,6 @@ def _score(model, task: Task, sample: Sample, kind: str, prompt: str, response: 
     answer = binary_answer(response)
     present = kind == "original"
     return row | {"image": kind, "present": present, "answer": answer, "correct": answer is not None and answer == present}
-
-
-def _limited(samples: Iterable[Sample], limit: int | None) -> Iterable[Sample]:
-    for i, sample in enumerate(samples):
-        if limit is not None and i >= limit:
-            return
-        yield sample
 
 
 def summarize(results: pd.DataFrame, by: str | Sequence[str] = "condition") -> pd.DataFrame:

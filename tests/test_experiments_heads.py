@@ -1,0 +1,121 @@
+"""Head-level experiments: mediation fractions (exact and attribution) and cumulative head ablation."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+import torch
+
+from hooked_vlm import HookedVLM
+from hooked_vlm.data.synthetic import SyntheticLocalization
+from hooked_vlm.experiments import evaluate
+from hooked_vlm.experiments.cumulative_head_ablation import cumulative_head_ablation, normalised_auc
+from hooked_vlm.experiments.data import as_samples
+from hooked_vlm.experiments.head_mediation import head_mediation, mediation_map, rank_heads
+from hooked_vlm.metrics import masked_nll
+
+MEDIATION_COLUMNS = {"pair_id", "class_name", "layer", "head", "mf", "p_base", "p_src", "p_patched", "method", "task",
+                     "positions", "target", "target_source"}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=["llava_multilayer", "internvl_6b"])
+def model(request, tiny_checkpoint):
+    return HookedVLM.from_pretrained(tiny_checkpoint(request.param))
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return SyntheticLocalization(2, seed=3, image_sizes=((112, 56),))
+
+
+@pytest.fixture
+def eager(model):
+    """Both sides with eager attention: the same sums in the same order. (With SDPA the NLLs still
+    agree to ~1e-6, but MF divides by P_base - P_src, and these random models have P ~ 1e3-1e4 with
+    differences of a few percent, which amplifies that rounding to ~2e-5.)"""
+    model.set_attention_implementation("eager")
+    yield model
+    model.set_attention_implementation("auto")
+
+
+def test_exact_mediation_equals_a_naive_loop_of_patched_forwards(eager, pairs):
+    model = eager
+    results = head_mediation(model, pairs, target="gt", progress=False)
+    assert set(results.columns) == MEDIATION_COLUMNS
+    assert len(results) == len(pairs) * model.cfg.n_layers * model.cfg.n_heads
+    for sample in as_samples(pairs):
+        rows = results[results.pair_id == sample.id]
+        answer = rows.target.iloc[0]
+        prompt = f"Please provide the bounding box coordinates of the {sample.class_name}."
+        source = model.prepare(sample.image, prompt, answers=answer)
+        base = model.prepare(sample.removed_image, prompt, answers=answer)
+        first_answer = int(torch.nonzero(base.answer_mask[0])[0])
+        positions = torch.arange(int(base.layout.position.max()) + 1, first_answer)  # the prompt after the image
+        _, cache = model.run_with_cache(source, names_filter=lambda n: n.startswith("blocks.") and n.endswith("hook_z"))
+        p_base = masked_nll(model, base, token_filter="digits").exp()
+        p_src = masked_nll(model, source, token_filter="digits").exp()
+        for _, row in rows.iterrows():
+            name = f"blocks.{int(row['layer'])}.attn.hook_z"
+
+            def patch(z, hook, name=name, head=int(row["head"])):
+                z = z.clone()
+                z[:, positions, head] = cache[name][:, positions, head]
+                return z
+
+            p_patched = masked_nll(model, base, token_filter="digits", fwd_hooks=[(name, patch)]).exp()
+            mf = ((p_base - p_patched) / (p_base - p_src)).item()
+            assert row["mf"] == pytest.approx(mf, abs=1e-5, rel=1e-5)
+            assert row["p_patched"] == pytest.approx(p_patched.item(), rel=1e-5)
+
+
+def test_attribution_mediation_covers_every_head(model, pairs):
+    results = head_mediation(model, pairs, method="attribution", target="gt", progress=False)
+    assert set(results.columns) == MEDIATION_COLUMNS and (results.method == "attribution").all()
+    assert results.mf.notna().all() and mediation_map(results).shape == (model.cfg.n_layers, model.cfg.n_heads)
+
+
+def test_binary_mediation_scores_the_decisive_token(model, pairs):
+    results = head_mediation(model, pairs, task="binary", positions="prompt+answer", target="gt", progress=False)
+    assert set(results.target) == {"Yes"} and results.p_base.gt(0).all()
+
+
+def test_rank_heads_orders_by_value_and_by_least_magnitude():
+    values = torch.tensor([[0.5, -2.0], [float("nan"), 0.1]])
+    assert rank_heads(values) == [(0, 0), (1, 1), (0, 1), (1, 0)]  # NaN last, negatives not "top"
+    assert rank_heads(values, 2, by="least_abs") == [(1, 1), (0, 0)]
+
+
+def test_cumulative_ablation_removes_the_ranked_heads(model, pairs):
+    ranking = torch.arange(model.cfg.n_layers * model.cfg.n_heads, dtype=torch.float32).view(model.cfg.n_layers, model.cfg.n_heads)
+    results = cumulative_head_ablation(model, pairs, {"by_index": ranking}, task="list", fractions=(0, 0.5, 1.0),
+                                       low_importance_from="by_index", progress=False)  # fmt: skip
+    assert {"ranking", "fraction", "n_heads_removed"} <= set(results.columns)
+    assert set(results.ranking) == {"by_index", "low_importance"}
+    n = model.cfg.n_layers * model.cfg.n_heads
+    assert sorted(results.n_heads_removed.unique()) == [0, -(-n // 2), n]  # ceil: at least the fraction
+    baseline = evaluate(model, pairs, "list", progress=False)
+    at_zero = results[(results.fraction == 0) & (results.ranking == "by_index")]
+    assert list(at_zero.response) == list(baseline.response)
+    everything = results[(results.fraction == 1.0) & (results.ranking == "by_index")]
+    assert list(everything.response) != list(baseline.response)
+
+
+def test_normalised_auc_is_the_mean_relative_score():
+    frame = pd.DataFrame({"ranking": ["a"] * 3 + ["b"] * 3, "fraction": [0, 0.5, 1.0] * 2,
+                          "loc_score": [1.0, 0.5, 0.0, 0.8, 0.8, 0.8]})  # fmt: skip
+    auc = normalised_auc(frame)
+    assert auc["a"] == pytest.approx(0.5) and auc["b"] == pytest.approx(1.0)
+
+
+def test_bad_inputs_raise(model, pairs, photos):
+    with pytest.raises(ValueError, match="shape"):
+        cumulative_head_ablation(model, pairs, {"x": torch.zeros(1, 1)}, progress=False)
+    with pytest.raises(ValueError, match="fractions"):
+        cumulative_head_ablation(model, pairs, {"x": torch.zeros(model.cfg.n_layers, model.cfg.n_heads)}, fractions=(1.5,), progress=False)
+    with pytest.raises(ValueError, match="no object-removed image"):
+        from hooked_vlm.experiments.data import Sample
+
+        lonely = Sample("x", photos["coffee"], "cup", (10, 10, 50, 50), mask_fn=lambda: None)
+        head_mediation(model, [lonely], progress=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        head_mediation(model, pairs, method="guess", progress=False)

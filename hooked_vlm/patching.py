@@ -9,7 +9,8 @@ Two methods, both over every language-model head at once:
   one full patched forward per head (`naive_head_patching`), at a fraction of the cost.
 - `head_attribution` (attribution patching, AtP): a first-order estimate of every head's effect,
   `(z_source - z_base) . dM/dz` at the base run, from one forward and one backward of the base
-  and one forward of the source — for both towers' heads.
+  and one forward of the source — for both towers' heads. With `node="pattern"` it attributes
+  the heads' attention patterns instead, optionally with AtP*'s QK fix (`qk_fix=True`).
 
 A metric maps the logits of positions `offset..` (`[batch, pos - offset, d_vocab]`) to one number
 per batch row (e.g. the masked NLL of the answer tokens, `answer_nll_metric`).
@@ -17,7 +18,7 @@ per batch row (e.g. the masked NLL of the answer tokens, `answer_nll_metric`).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from jaxtyping import Float
@@ -192,23 +193,35 @@ def head_attribution(
     positions: Sequence[int] | Tensor | None = None,
     *,
     towers: Sequence[str] = ("language", "vision"),
+    node: Literal["z", "pattern"] = "z",
+    qk_fix: bool = True,
     fwd_hooks: Sequence = (),
 ) -> dict[str, Float[Tensor, "layer head"]]:
-    """Attribution patching of every head: `sum over patched positions and d_head of
-    (z_source - z_base) * dM/dz_base`, the first-order change of the metric if the head's `hook_z`
-    took the source's values. Language-model heads are patched at `positions` (default: all);
-    vision-tower heads at every token of every view. Returns {"language": [L, H], "vision": [L_v, H_v]}.
-    Cost: one forward of the source, one forward and one backward of the base.
+    """Attribution patching of every head: the first-order change of the metric if a head took
+    the source's values, from one forward of the source and one forward + backward of the base.
+
+    - node="z" (default; what `head_mediation` patches): `sum (z_src - z_base) * dM/dz` over the
+      head's `hook_z` at the patched positions and d_head.
+    - node="pattern": the head's attention pattern rows at the patched positions (its queries and
+      keys). Plain AtP goes through the softmax linearly, `sum (S_src - S_base) * dM/dS` over the
+      pre-softmax scores; with `qk_fix` (AtP*, Kramár et al. 2024) the pattern is taken exactly,
+      `sum (A_src - A_base) * dM/dA`, which does not miss effects the softmax saturates.
+
+    Language-model heads are patched at `positions` (query positions; default: all); vision-tower
+    heads at every token of every view. Returns {"language": [L, H], "vision": [L_v, H_v]}.
     """
     _check_pair(base, source)
-    names = _z_names(model, towers)
+    if node not in ("z", "pattern"):
+        raise ValueError(f"unknown node {node!r} (expected 'z' or 'pattern')")
+    suffix = "hook_z" if node == "z" else ("hook_pattern" if qk_fix else "hook_attn_scores")
+    names = _attention_names(model, towers, suffix)
     with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks)):
         _, source_cache = model.run_with_cache(source, names_filter=names, return_cache_object=False)
 
-    base_z: dict[str, Tensor] = {}
+    base_acts: dict[str, Tensor] = {}
 
-    def keep(z: Tensor, hook) -> None:
-        base_z[hook.name] = z
+    def keep(x: Tensor, hook) -> None:
+        base_acts[hook.name] = x
 
     def leaf(x: Tensor, hook) -> Tensor:
         return x.detach().requires_grad_(True)  # every later activation then carries a gradient
@@ -219,27 +232,33 @@ def head_attribution(
         logits = model(base)
         offset = 0 if positions is None else int(torch.as_tensor(positions).min())
         value = metric(logits[:, offset:], offset).sum()
-        grads = torch.autograd.grad(value, [base_z[n] for n in names])
+        grads = torch.autograd.grad(value, [base_acts[n] for n in names])
 
     lm_positions = None if positions is None else torch.as_tensor(positions, dtype=torch.long).flatten()
     scores: dict[str, list[Tensor]] = {"language": [], "vision": []}
     for name, grad in zip(names, grads):
-        delta = source_cache[name].to(grad) - base_z[name].detach()
-        contribution = (delta * grad).float()  # [batch, pos, head, d_head]
+        delta = source_cache[name].to(grad) - base_acts[name].detach()
+        # masked scores hold the dtype's minimum in both runs: their difference is 0, not inf - inf
+        contribution = (delta.nan_to_num(0.0) * grad).float()
         tower = "vision" if name.startswith("vision.") else "language"
-        if tower == "language" and lm_positions is not None:
-            contribution = contribution[:, lm_positions]
-        scores[tower].append(contribution.sum(dim=(0, 1, 3)))
+        if node == "z":  # [batch, pos, head, d_head]
+            if tower == "language" and lm_positions is not None:
+                contribution = contribution[:, lm_positions]
+            scores[tower].append(contribution.sum(dim=(0, 1, 3)))
+        else:  # [batch, head, query, key]
+            if tower == "language" and lm_positions is not None:
+                contribution = contribution[:, :, lm_positions]
+            scores[tower].append(contribution.sum(dim=(0, 2, 3)))
     return {tower: torch.stack(values) for tower, values in scores.items() if values}
 
 
-def _z_names(model, towers: Sequence[str]) -> list[str]:
+def _attention_names(model, towers: Sequence[str], suffix: str) -> list[str]:
     unknown = set(towers) - {"language", "vision"}
     if unknown:
         raise ValueError(f"unknown towers {sorted(unknown)} (expected 'language' and/or 'vision')")
     names = []
     if "vision" in towers:
-        names += [f"vision.blocks.{l}.attn.hook_z" for l in range(model.cfg.vision.n_layers)]
+        names += [f"vision.blocks.{l}.attn.{suffix}" for l in range(model.cfg.vision.n_layers)]
     if "language" in towers:
-        names += [f"blocks.{l}.attn.hook_z" for l in range(model.cfg.n_layers)]
+        names += [f"blocks.{l}.attn.{suffix}" for l in range(model.cfg.n_layers)]
     return names

@@ -91,3 +91,58 @@ def test_bad_sweep_inputs_raise(pair, photos):
         head_patching_sweep(model, base, other, metric, positions)
     with pytest.raises(ValueError, match="carry no answer"):
         answer_nll_metric(model.prepare(photos["coffee"], "x"))
+
+
+@pytest.mark.parametrize("qk_fix", [True, False])
+def test_pattern_attribution_is_the_derivative_along_its_own_path(pair, qk_fix):
+    """With the QK fix the estimate is linear in the attention pattern (the softmax is taken
+    exactly); without it, linear in the pre-softmax scores. Each is the derivative of the metric
+    along its own interpolation from the base to the source."""
+    model, base, source, positions = pair
+    metric = answer_nll_metric(base)
+    scores = head_attribution(model, base, source, metric, positions, node="pattern", qk_fix=qk_fix)
+    offset = int(positions.min())
+    suffix = "hook_pattern" if qk_fix else "hook_attn_scores"
+    for tower, layer, head in (("language", 1, 1), ("vision", 0, 0)):
+        name = f"{'' if tower == 'language' else 'vision.'}blocks.{layer}.attn.{suffix}"
+        _, cache = model.run_with_cache(source, names_filter=name)
+        rows = positions if tower == "language" else slice(None)
+
+        def run(eps: float) -> float:
+            def nudge(x, hook):
+                x = x.clone()
+                x[:, head, rows] += eps * (cache[name][:, head, rows] - x[:, head, rows]).nan_to_num(0.0)
+                return x
+
+            with torch.no_grad():
+                logits = model.run_with_hooks(base, fwd_hooks=[(name, nudge)])
+            return metric(logits[:, offset:], offset)[0].item()
+
+        eps = 1e-3
+        estimate = scores[tower][layer, head].item()
+        assert estimate == pytest.approx((run(eps) - run(-eps)) / (2 * eps), rel=2e-2, abs=1e-4)
+
+
+def test_qk_fix_tracks_the_exact_effect_of_replacing_patterns_better(pair):
+    """AtP*'s point: through a saturating softmax the linear estimate misses effects."""
+    model, base, source, positions = pair
+    metric = answer_nll_metric(base)
+    offset = int(positions.min())
+    with torch.no_grad():
+        clean = metric(model(base)[:, offset:], offset)[0].item()
+    _, cache = model.run_with_cache(source, names_filter=lambda n: n.startswith("blocks.") and n.endswith("hook_pattern"))
+    exact = torch.zeros(model.cfg.n_layers, model.cfg.n_heads)
+    for layer in range(model.cfg.n_layers):
+        name = f"blocks.{layer}.attn.hook_pattern"
+        for head in range(model.cfg.n_heads):
+
+            def replace(x, hook, name=name, head=head):
+                x = x.clone()
+                x[:, head, positions] = cache[name][:, head, positions]
+                return x
+
+            with torch.no_grad():
+                exact[layer, head] = metric(model.run_with_hooks(base, fwd_hooks=[(name, replace)])[:, offset:], offset)[0] - clean
+    fixed = head_attribution(model, base, source, metric, positions, towers=("language",), node="pattern")["language"]
+    plain = head_attribution(model, base, source, metric, positions, towers=("language",), node="pattern", qk_fix=False)["language"]
+    assert (fixed - exact).abs().mean() <= (plain - exact).abs().mean()

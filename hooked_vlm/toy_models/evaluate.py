@@ -1,0 +1,128 @@
+"""Held-out quality of a toy model: the paper's three tasks, greedy decoding, the library's scoring.
+
+For each synthetic item: localization of the target (parsed with `hooked_vlm.boxes.parse_box`,
+success at IoU > 0.5 / 0.7 / 0.9 and their mean, `hooked_vlm.scoring`), list classification on
+the image (correct when the target's class name appears) and on its object-removed twin (the
+rate at which the removed target is still named), and binary yes/no on the image (Yes), on the
+removed twin (No) and for an absent class (No).
+
+Two ways to decode, so that the numbers can be compared: `hf_generate` (the checkpoint read by
+transformers, inputs from its saved processor, `model.generate`) and `hooked_generate`
+(`HookedVLM.prepare` + `HookedVLM.generate`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pandas as pd
+import torch
+from PIL import Image
+
+from hooked_vlm.data import prompts
+from hooked_vlm.data.synthetic import SyntheticItem
+from hooked_vlm.families import internvl as internvl_family
+from hooked_vlm.families import llava as llava_family
+from hooked_vlm.scoring import (
+    binary_answer,
+    classification_correct,
+    score_localization_answer,
+    summarize_binary,
+    summarize_localization,
+)
+
+# Longest answers: InternVL's `<ref>c s</ref><box>[[a, b, c, d]]</box>` is ~30 tokens, a list of
+# four classes ~16.
+MAX_NEW_TOKENS = 40
+Generate = Callable[[Sequence[Image.Image], Sequence[str]], list[str]]
+
+
+def hf_generate(model: Any, processor: Any, family: str, batch_size: int = 16) -> Generate:
+    """Greedy decoding with Hugging Face: inputs from the checkpoint's processor (left padding),
+    prompts rendered by the family's template, special tokens skipped in the decoded text."""
+    render = llava_family.render_prompt if family == "llava" else internvl_family.render_prompt
+    processor.tokenizer.padding_side = "left"
+
+    @torch.no_grad()
+    def generate(images: Sequence[Image.Image], user_prompts: Sequence[str]) -> list[str]:
+        texts = []
+        for start in range(0, len(images), batch_size):
+            chunk = slice(start, start + batch_size)
+            rendered = [render(p, "hf") for p in user_prompts[chunk]]
+            inputs = processor(images=list(images[chunk]), text=rendered, return_tensors="pt", padding=True)
+            inputs.pop("image_sizes", None)
+            out = model.generate(**inputs, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+            new = out[:, inputs["input_ids"].shape[1] :]
+            texts += processor.tokenizer.batch_decode(new, skip_special_tokens=True)
+        return texts
+
+    return generate
+
+
+def hooked_generate(model: Any, batch_size: int = 16) -> Generate:
+    """Greedy decoding with `HookedVLM.prepare` + `HookedVLM.generate`."""
+
+    def generate(images: Sequence[Image.Image], user_prompts: Sequence[str]) -> list[str]:
+        texts = []
+        for start in range(0, len(images), batch_size):
+            chunk = slice(start, start + batch_size)
+            inputs = model.prepare(list(images[chunk]), list(user_prompts[chunk]))
+            texts += model.generate(inputs, max_new_tokens=MAX_NEW_TOKENS)
+        return texts
+
+    return generate
+
+
+def evaluate(
+    generate: Generate,
+    items: Sequence[SyntheticItem],
+    family: str,
+    tasks: Sequence[str] = ("localization", "list", "binary"),
+) -> dict[str, Any]:
+    """Run `tasks` on `items` and summarise. Returns the metrics (fractions in [0, 1]) and, under
+    "answers", the raw localization answers (for inspection)."""
+    items = list(items)
+    metrics: dict[str, Any] = {"n_items": len(items)}
+    if "localization" in tasks:
+        metrics |= _localization(generate, items, family)
+    if "list" in tasks:
+        metrics |= _list_classification(generate, items)
+    if "binary" in tasks:
+        metrics |= _binary(generate, items)
+    return metrics
+
+
+def _localization(generate: Generate, items: list[SyntheticItem], family: str) -> dict[str, Any]:
+    texts = generate([i.image for i in items], [prompts.localization_prompt(i.class_name) for i in items])
+    rows = [score_localization_answer(t, i.box, i.image_size, family=family) for t, i in zip(texts, items)]
+    table = pd.DataFrame(rows)
+    summary = summarize_localization(table).iloc[0]
+    out = {f"loc_{key}": float(summary[key]) for key in ("parsed", "success@0.5", "success@0.7", "success@0.9")}
+    out["loc_score"] = float(summary["loc_score"])
+    out["mean_iou"] = float(table["iou"].fillna(0).mean())
+    out["answers"] = texts
+    return out
+
+
+def _list_classification(generate: Generate, items: list[SyntheticItem]) -> dict[str, float]:
+    """Accuracy on the images, and how often the removed twin still gets the target named."""
+    n = len(items)
+    images = [i.image for i in items] + [i.removed_image for i in items]
+    texts = generate(images, [prompts.list_prompt(i.list_choices) for i in items] * 2)
+    named = [classification_correct(t, i.class_name) for t, i in zip(texts, items + items)]
+    return {"list_accuracy": sum(named[:n]) / n, "list_removed_named_rate": sum(named[n:]) / n}
+
+
+def _binary(generate: Generate, items: list[SyntheticItem]) -> dict[str, float]:
+    """Yes on the image, No on the removed twin, No for an absent class sharing colour or shape."""
+    cases = [(i.image, i.class_name, True) for i in items]
+    cases += [(i.removed_image, i.class_name, False) for i in items]
+    cases += [(i.image, i.absent_class, False) for i in items if i.absent_class]
+    texts = generate([c[0] for c in cases], [prompts.binary_prompt(c[1]) for c in cases])
+    table = pd.DataFrame({"answer": [binary_answer(t) for t in texts], "present": [c[2] for c in cases]})
+    summary = summarize_binary(table).iloc[0]
+    return {
+        "binary_accuracy": float(summary["accuracy"]),
+        "binary_false_positive_rate": float(summary["false_positive_rate"]),
+    }

@@ -1,0 +1,182 @@
+"""What each toy model is: its synthetic data, architecture, and training recipe.
+
+A `ToySpec` fixes everything but the seed, so `python -m hooked_vlm.toy_models.train --family F
+--seed S` reproduces a shipped checkpoint. The architectures follow `hooked_vlm.testing`'s tiny
+configs (llava-1.5 and InternVL-3.5 structure at small sizes); only the sizes are chosen here.
+
+Sizes, and why:
+- LLaVA: 64-px tower with 8-px patches (8x8 = 64 image tokens), images whose longer side is 64,
+  so pad mode (pad to square with the mean colour) never resamples them.
+- InternVL: 32-px tiles with 4-px patches (8x8 patches -> 4x4 = 16 tokens per view after pixel
+  shuffle), images of 1x1 to 3x1 / 2x2 tiles, so the dynamic tiling and the thumbnail are
+  exercised; tiles see the image at native resolution.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import (
+    InternVLForConditionalGeneration,
+    LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
+    LlavaProcessor,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    ProcessorMixin,
+)
+
+from hooked_vlm.data.synthetic import SyntheticLocalization
+from hooked_vlm.testing import (
+    BICUBIC,
+    CLIP_MEAN,
+    CLIP_STD,
+    LLAVA_CHAT_TEMPLATE,
+    _internvl_processor,
+    tiny_internvl_config,
+    tiny_llava_config,
+)
+
+Family = Literal["llava", "internvl"]
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The `SyntheticLocalization` distribution a toy is trained and evaluated on."""
+
+    image_sizes: tuple[tuple[int, int], ...]
+    object_size: tuple[float, float]
+    n_distractors: tuple[int, int] = (1, 2)
+    n_list_choices: int | None = 6  # present classes + random absent ones (keeps prompts short)
+    # 4 x 4 = 16 classes: distractors still share the target's colour or shape (binding is
+    # needed), and a tiny model learns the class words within minutes.
+    shapes: tuple[str, ...] = ("circle", "square", "triangle", "cross")
+    colours: tuple[str, ...] = ("red", "green", "blue", "yellow")
+
+    def dataset(self, n: int, seed: int, split: str) -> SyntheticLocalization:
+        return SyntheticLocalization(
+            n, seed, split=split, image_sizes=self.image_sizes, object_size=self.object_size,
+            n_distractors=self.n_distractors, n_list_choices=self.n_list_choices,
+            shapes=self.shapes, colours=self.colours,
+        )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Optimisation: AdamW, linear warmup then cosine decay to `min_lr_ratio * lr`.
+
+    `task_weights`: the probability that an item contributes its localization, list or binary
+    example (one example per item; binary alternates Yes and the two kinds of No evenly)."""
+
+    steps: int = 3000
+    batch_size: int = 16
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup_steps: int = 100
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    task_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)
+    tokenizer_items: int = 2000  # items whose prompts and answers train the BPE
+    eval_items: int = 150  # held-out items scored at the end (split "val")
+
+
+@dataclass(frozen=True)
+class ToySpec:
+    family: Family
+    name: str  # the shipped directory under hooked_vlm/toy_models/
+    data: DataSpec
+    model: dict[str, Any]  # keyword arguments of the testing.tiny_*_config builder
+    train: TrainSpec = field(default_factory=TrainSpec)
+    max_tiles: int = 4  # InternVL only
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+TOY_SPECS: dict[str, ToySpec] = {
+    "llava": ToySpec(
+        family="llava",
+        name="toy-llava",
+        data=DataSpec(image_sizes=((64, 64), (64, 48), (48, 64), (64, 32), (32, 64)), object_size=(14, 26)),
+        model=dict(
+            d_model=128, d_mlp=256, n_layers=4, n_heads=4,
+            vision_d_model=64, vision_d_mlp=256, vision_layers=4, vision_heads=4,
+            image_size=64, patch_size=8, vision_feature_layer=-2,
+        ),  # fmt: skip
+    ),
+    "internvl": ToySpec(
+        family="internvl",
+        name="toy-internvl",
+        data=DataSpec(image_sizes=((64, 32), (32, 64), (64, 64), (96, 32), (32, 32)), object_size=(12, 22)),
+        model=dict(
+            vision_variant="300m", d_model=128, d_mlp=256, n_layers=4, n_heads=4, n_key_value_heads=2,
+            d_head=32, tie_word_embeddings=False,
+            vision_d_model=64, vision_d_mlp=256, vision_layers=4, vision_heads=4,
+            image_size=32, patch_size=4,
+        ),  # fmt: skip
+        max_tiles=4,
+    ),
+}
+
+
+# ------------------------------------------------------------------------------ HF objects
+def build_model(spec: ToySpec, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:
+    """A freshly initialised HF model (transformers' own init, seeded) with sdpa attention."""
+    torch.manual_seed(seed)
+    if spec.family == "llava":
+        base_vocab = tokenizer.convert_tokens_to_ids("<image>")
+        config = tiny_llava_config(vocab_size=base_vocab, **spec.model)
+        return LlavaForConditionalGeneration(config)
+    config = tiny_internvl_config(tokenizer, **spec.model)
+    return InternVLForConditionalGeneration(config)
+
+
+def build_processor(spec: ToySpec, tokenizer: PreTrainedTokenizerBase, model: PreTrainedModel) -> ProcessorMixin:
+    """The HF processor saved with the checkpoint. LLaVA: a `LlavaImageProcessor` with
+    `do_pad=True` (pad to square with the mean colour, then resize; what makes the library use
+    its "pad" image mode). InternVL: GotOcr2 tiling with `max_tiles` tiles plus the thumbnail."""
+    config = model.config
+    if spec.family == "internvl":
+        return _internvl_processor(tokenizer, config, 1, spec.max_tiles)
+    size = config.vision_config.image_size
+    image_processor = LlavaImageProcessorPil(
+        do_pad=True,
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        resample=BICUBIC,
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+    )
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1,  # CLIP's CLS token
+        chat_template=LLAVA_CHAT_TEMPLATE,
+    )
+
+
+def save_checkpoint(out: Path, model: PreTrainedModel, processor: ProcessorMixin, family: Family) -> None:
+    """`save_pretrained` of model (fp32 safetensors) and processor, plus a standalone
+    preprocessor_config.json as hub repos have (5.x nests it in processor_config.json only)."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.dtype = torch.float32
+    model.save_pretrained(out)
+    processor.tokenizer.padding_side = "left"  # batched generation, as the library pads
+    processor.save_pretrained(out)
+    processor.image_processor.save_pretrained(out)
+    fields = {"add_bos_token": True, "add_eos_token": False} if family == "llava" else {"processor_class": "InternVLProcessor"}
+    _update_json(out / "tokenizer_config.json", fields)
+    if family == "internvl":  # the saved class is testing's video-less subclass; name the real one
+        _update_json(out / "processor_config.json", {"processor_class": "InternVLProcessor"})
+
+
+def _update_json(file: Path, fields: dict[str, Any]) -> None:
+    data = json.loads(file.read_text()) | fields
+    file.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,163 @@
+"""Train a toy model on the synthetic localization task and save it in Hugging Face format.
+
+    python -m hooked_vlm.toy_models.train --family llava --seed 0 --out DIR
+    python -m hooked_vlm.toy_models.train --family internvl --seed 0 --out DIR
+
+Writes to DIR: `config.json` + `model.safetensors` (fp32), the tokenizer, processor and
+preprocessor configs and chat template (loadable by transformers and by
+`HookedVLM.from_pretrained(DIR)`), and `training.json` (spec, seed, steps, losses, held-out
+metrics via HF `generate`, wall time). Copy DIR to `hooked_vlm/toy_models/toy-{family}/` to ship it.
+
+Recipe (see `spec.py`): a BPE tokenizer learned from the training split's text; transformers'
+own initialisation; every step draws `batch_size` fresh items (item k of split "train" is used
+once, at step k // batch_size) and one task per item; teacher-forced cross-entropy on answer
+tokens only; AdamW with linear warmup and cosine decay; held-out metrics on split "val".
+
+Determinism: everything random is seeded (items by (seed, split, index), task choice by
+(seed, step), weights by `torch.manual_seed(seed)`), and `torch.use_deterministic_algorithms`
+is on. On CPU a run is bit-for-bit repeatable on the same machine, torch build and thread count;
+a different thread count or CPU (other SIMD kernels) changes float summation order, so the
+weights then differ in the last bits and drift apart over training, while the metrics stay close.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hooked_vlm.data.synthetic import text_corpus
+from hooked_vlm.toy_models.data import TASKS, ToyEncoder, answer_loss, training_batch
+from hooked_vlm.toy_models.evaluate import evaluate, hf_generate
+from hooked_vlm.toy_models.spec import TOY_SPECS, ToySpec, build_model, build_processor, save_checkpoint
+from hooked_vlm.toy_models.tokenizers import build_internvl_tokenizer, build_llava_tokenizer
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_tokenizer(spec: ToySpec, seed: int):
+    items = spec.data.dataset(spec.train.tokenizer_items, seed, "train")
+    corpus = text_corpus(items, families=[spec.family])
+    return build_llava_tokenizer(corpus) if spec.family == "llava" else build_internvl_tokenizer(corpus)
+
+
+def optimizer_for(model: torch.nn.Module, spec: ToySpec) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms and embeddings tables of position."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.ndim >= 2 and "position" not in name else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": spec.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=spec.train.lr, betas=(0.9, 0.98))
+
+
+def train(spec: ToySpec, seed: int, out: Path, *, threads: int = 2, log_every: int = 50, eval_every: int = 0) -> dict[str, Any]:
+    """Train, evaluate on held-out items, save to `out`; returns the `training.json` record."""
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    start = time.time()
+    tokenizer = build_tokenizer(spec, seed)
+    model = build_model(spec, tokenizer, seed)
+    processor = build_processor(spec, tokenizer, model)
+    image_token_id = model.config.image_token_id
+    encoder = ToyEncoder(spec.family, processor, image_token_id, spec.max_tiles)
+    train_items = spec.data.dataset(spec.train.steps * spec.train.batch_size, seed, "train")
+    val_items = spec.data.dataset(spec.train.eval_items, seed, "val")
+    optimizer = optimizer_for(model, spec)
+    t = spec.train
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
+
+    history, window = [], {task: [] for task in TASKS}
+    model.train()
+    for step in range(t.steps):
+        rng = np.random.default_rng([seed, step])
+        items = [train_items[step * t.batch_size + j] for j in range(t.batch_size)]
+        batch = training_batch(encoder, items, rng, t.task_weights)
+        logits = model(**batch.model_inputs()).logits
+        loss = answer_loss(logits, batch.labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        optimizer.step()
+        schedule.step()
+        _record_task_losses(window, logits.detach(), batch)
+        if (step + 1) % log_every == 0 or step + 1 == t.steps:
+            entry = {"step": step + 1, "loss": float(loss), "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - start, 1)}
+            entry |= {f"loss_{k}": float(np.mean(v)) for k, v in window.items() if v}
+            window = {task: [] for task in TASKS}
+            history.append(entry)
+            print(json.dumps(entry), flush=True)
+        if eval_every and (step + 1) % eval_every == 0 and step + 1 < t.steps:
+            model.eval()
+            quick = evaluate(hf_generate(model, processor, spec.family), [val_items[i] for i in range(48)], spec.family,
+                             tasks=("localization", "list"))
+            print(json.dumps({"step": step + 1, "quick_eval": {k: v for k, v in quick.items() if k != "answers"}}), flush=True)
+            model.train()
+    train_seconds = time.time() - start
+
+    model.eval()
+    metrics = evaluate(hf_generate(model, processor, spec.family), list(val_items), spec.family)
+    examples = metrics.pop("answers")[:5]
+    save_checkpoint(out, model, processor, spec.family)
+    record = {
+        "family": spec.family,
+        "seed": seed,
+        "threads": threads,
+        "spec": spec.to_json(),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "vocab_size": len(tokenizer),
+        "steps": t.steps,
+        "final_loss": history[-1]["loss"],
+        "history": history,
+        "heldout": {"split": "val", "decoder": "transformers generate (greedy)", **metrics},
+        "heldout_example_answers": examples,
+        "train_seconds": round(train_seconds, 1),
+        "wall_seconds": round(time.time() - start, 1),
+        "torch": torch.__version__,
+    }
+    (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def _record_task_losses(window: dict[str, list[float]], logits: torch.Tensor, batch) -> None:
+    """Per-task answer loss of this batch, for the log."""
+    for task in TASKS:
+        rows = [i for i, t in enumerate(batch.tasks) if t == task]
+        if rows:
+            window[task].append(float(answer_loss(logits[rows], batch.labels[rows])))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=sorted(TOY_SPECS), required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it, see module doc)")
+    parser.add_argument("--steps", type=int, help="override the spec's number of steps")
+    parser.add_argument("--lr", type=float, help="override the spec's peak learning rate")
+    parser.add_argument("--batch-size", type=int, help="override the spec's batch size")
+    parser.add_argument("--eval-items", type=int, help="override the number of held-out items scored at the end")
+    parser.add_argument("--eval-every", type=int, default=0, help="quick held-out eval every N steps (0: off)")
+    args = parser.parse_args(argv)
+    spec = TOY_SPECS[args.family]
+    overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size), ("eval_items", args.eval_items)) if v is not None}
+    if overrides:
+        spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **overrides))
+    record = train(spec, args.seed, args.out, threads=args.threads, eval_every=args.eval_every)
+    print(json.dumps({k: record[k] for k in ("family", "seed", "steps", "final_loss", "heldout", "wall_seconds")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

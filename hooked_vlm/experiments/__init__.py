@@ -1,10 +1,14 @@
 """The paper's experiments, each a function of a model and a dataset returning a tidy DataFrame."""
 
+from hooked_vlm.experiments.attention_knockout import attention_knockout
 from hooked_vlm.experiments.cumulative_head_ablation import cumulative_head_ablation, normalised_auc
 from hooked_vlm.experiments.data import Sample, as_samples
 from hooked_vlm.experiments.evaluate import TASKS, evaluate, summarize
 from hooked_vlm.experiments.head_mediation import head_mediation, mediation_map, rank_heads
+from hooked_vlm.experiments.object_extension import extension_matrix, object_extension
 from hooked_vlm.experiments.position_probe import position_probe
+from hooked_vlm.experiments.token_ablation import register_tokens, token_ablation
+from hooked_vlm.experiments.token_shuffle import token_shuffle
 
 __all__ = [
     "Sample",
@@ -18,4 +22,10 @@ __all__ = [
     "cumulative_head_ablation",
     "normalised_auc",
     "position_probe",
+    "token_ablation",
+    "register_tokens",
+    "token_shuffle",
+    "object_extension",
+    "extension_matrix",
+    "attention_knockout",
 ]

@@ -1,0 +1,208 @@
+"""Plumbing shared by the token experiments (ablation, shuffle, extension, knockout).
+
+An experiment is a list of `Condition`s: labels (the condition columns, equal for every query)
+and a builder that turns one batch's `inputs.layout` into hooks plus per-query columns (token
+counts). `run_conditions` runs `evaluate` once per condition and assembles one tidy table.
+
+Random token choices are seeded per *sample* (`sample_seed`), not per batch, so a sample gets the
+same random tokens whatever its batch and batch size.
+"""
+
+from __future__ import annotations
+
+import itertools
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from hooked_vlm import interventions as iv
+from hooked_vlm.experiments.data import Sample
+from hooked_vlm.experiments.evaluate import evaluate
+from hooked_vlm.inputs import VLMInput
+
+# (model, inputs, samples) -> (hooks, one dict of extra columns per sample, in sample order)
+Builder = Callable[[Any, VLMInput, list[Sample]], tuple[list, list[dict]]]
+TOKEN_TASKS = ("localization", "list")  # the tasks these experiments report (§1.4-1.8)
+VIEW_SETS = ("all", "global", "local")
+
+
+@dataclass(frozen=True)
+class Condition:
+    name: str  # evaluate's `condition` label, e.g. "object+1"
+    labels: dict[str, Any] = field(default_factory=dict)
+    build: Builder | None = None  # None: the unmodified model
+
+
+def run_conditions(
+    model,
+    dataset: Any,
+    task: str,
+    conditions: Sequence[Condition],
+    *,
+    columns: Sequence[str],
+    int_columns: Sequence[str] = (),
+    desc: str,
+    progress: bool = True,
+    **evaluate_kwargs: Any,
+) -> pd.DataFrame:
+    """`evaluate` once per condition; the result has the evaluate columns, then `columns` (labels
+    and builder columns; missing ones are NA). `int_columns` become nullable integers."""
+    total = _n_queries(dataset, evaluate_kwargs.get("limit"))
+    bar = tqdm(total=None if total is None else total * len(conditions), desc=desc, unit="query", disable=not progress)
+    tables, evaluate_columns = [], []
+    for condition in conditions:
+        extra: list[dict] = []
+
+        def intervention(model, inputs, samples, condition=condition, extra=extra):
+            hooks, stats = condition.build(model, inputs, samples) if condition.build else ([], [{}] * len(samples))
+            extra.extend(stats)
+            bar.update(len(samples))
+            return hooks
+
+        results = evaluate(
+            model, dataset, task, intervention=intervention, condition=condition.name, progress=False, **evaluate_kwargs
+        )
+        if results.empty:
+            raise ValueError("the dataset holds no sample")
+        evaluate_columns = evaluate_columns or list(results.columns)
+        labels = pd.DataFrame([condition.labels] * len(results), index=results.index)
+        tables.append(pd.concat([results, labels, pd.DataFrame(extra, index=results.index)], axis=1))
+    bar.close()
+    table = pd.concat(tables, ignore_index=True)
+    table = table.reindex(columns=[c for c in evaluate_columns if c not in columns] + list(columns))
+    for column in int_columns:
+        table[column] = pd.to_numeric(table[column]).astype("Int64")
+    return table
+
+
+def _n_queries(dataset: Any, limit: int | None) -> int | None:
+    try:
+        n = len(dataset)
+    except TypeError:
+        return limit
+    return n if limit is None else min(n, limit)
+
+
+# ---------------------------------------------------------------------------------- checks
+def check_task(task: str) -> str:
+    if task not in TOKEN_TASKS:
+        raise ValueError(f"unknown task {task!r} for this experiment; expected one of {TOKEN_TASKS}")
+    return task
+
+
+def check_views(model, views: str) -> str:
+    if views not in VIEW_SETS:
+        raise ValueError(f"unknown view set {views!r}; expected one of {VIEW_SETS}")
+    if views != "all" and model.cfg.family != "internvl":
+        family = model.cfg.family
+        raise ValueError(f"views={views!r} needs InternVL's tiles and thumbnail; a {family} model has one view")
+    return views
+
+
+def check_ints(values: Iterable[int] | int, what: str, *, minimum: int | None = None) -> list[int]:
+    """A non-empty list of distinct ints (a single int is a list of one)."""
+    values = [values] if isinstance(values, int) else list(values)
+    if not values:
+        raise ValueError(f"{what} is empty: give at least one value")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{what} must hold ints, got {value!r}")
+        if minimum is not None and value < minimum:
+            raise ValueError(f"{what} must be >= {minimum}, got {value}")
+    if len(set(values)) != len(values):
+        raise ValueError(f"{what} repeats a value: {values}")
+    return values
+
+
+def check_choices(
+    values: Iterable[str] | str, known: Sequence[str], what: str, *, allow_empty: bool = False
+) -> list[str]:
+    """A list of known names, deduplicated in order (a single string is a list of one)."""
+    values = [values] if isinstance(values, str) else list(values)
+    if not values and not allow_empty:
+        raise ValueError(f"{what} is empty: choose from {tuple(known)}")
+    unknown = [v for v in values if v not in known]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; expected some of {tuple(known)}")
+    return list(dict.fromkeys(values))
+
+
+# ---------------------------------------------------------------------------------- token sets
+def sample_seed(seed: int, sample: Sample) -> int:
+    """A seed for one sample's random draw: depends on the seed and the sample id only."""
+    return zlib.crc32(f"{seed}/{sample.id}".encode())
+
+
+def sample_rows(inputs: VLMInput) -> list[int]:
+    """The batch row of each sample (one image per prompt, in sample order)."""
+    return list(inputs.layout.image_batch_row)
+
+
+def only_row(tokens: iv.TokenSet, row: int) -> iv.TokenSet:
+    mask = torch.zeros_like(tokens.mask)
+    mask[row] = tokens.mask[row]
+    return iv.TokenSet(mask, tokens.include_generated)
+
+
+def object_set(inputs: VLMInput, samples: list[Sample], padding: int = 0, views: str = "all") -> iv.TokenSet:
+    """Each sample's object tokens (its mask on the token grid, grown or shrunk by `padding`
+    rings per view, §1.4); an object eroded away selects nothing."""
+    return iv.object_tokens(inputs, [s.mask for s in samples], dilation=padding, views=views, allow_empty=True)
+
+
+def random_set(
+    inputs: VLMInput,
+    samples: list[Sample],
+    k: float | iv.TokenSet,
+    seed: int,
+    *,
+    within: iv.TokenSet | None = None,
+    per_view: bool = True,
+) -> iv.TokenSet:
+    """`random_tokens` drawn row by row with each sample's own seed (see `sample_seed`)."""
+    within = iv.image_tokens(inputs) if within is None else within
+    mask = torch.zeros_like(within.mask)
+    for sample, row in zip(samples, sample_rows(inputs)):
+        size = only_row(k, row) if isinstance(k, iv.TokenSet) else k
+        row_seed, row_within = sample_seed(seed, sample), only_row(within, row)
+        mask |= iv.random_tokens(inputs, size, seed=row_seed, within=row_within, per_view=per_view).mask
+    return iv.TokenSet(mask)
+
+
+def per_sample_hooks(inputs: VLMInput, samples: list[Sample], seed: int, build: Callable[[int, int], list]) -> list:
+    """Hooks of a seeded rearrangement built row by row: `build(row, seed)` for each sample."""
+    rows = zip(samples, sample_rows(inputs))
+    return list(itertools.chain.from_iterable(build(row, sample_seed(seed, sample)) for sample, row in rows))
+
+
+def token_counts(model, inputs: VLMInput, tokens: iv.TokenSet, name: str) -> list[dict]:
+    """Per sample: `n_{name}`, `n_image_tokens`, `pct_{name}` (% of the image's tokens); for
+    InternVL also `n_{name}_global`/`_local` and `pct_{name}_global`/`_local` (% of that view
+    kind's tokens; NaN when the image has none, e.g. a lone tile has no local view)."""
+    kinds = ("all", "global", "local") if model.cfg.family == "internvl" else ("all",)
+    available_of = {kind: iv.image_tokens(inputs, kind).mask for kind in kinds}
+    rows = []
+    for row in sample_rows(inputs):
+        counts = {}
+        for kind in kinds:
+            available = available_of[kind][row]
+            n, total = int((tokens.mask[row] & available).sum()), int(available.sum())
+            suffix = "" if kind == "all" else f"_{kind}"
+            counts[f"n_{name}{suffix}"] = n
+            if kind == "all":
+                counts["n_image_tokens"] = total
+            counts[f"pct_{name}{suffix}"] = 100.0 * n / total if total else float("nan")
+        rows.append(counts)
+    return rows
+
+
+def count_columns(model, name: str) -> list[str]:
+    """The columns `token_counts` fills, in order."""
+    columns = [f"n_{name}", "n_image_tokens", f"pct_{name}"]
+    if model.cfg.family == "internvl":
+        columns += [f"n_{name}_global", f"n_{name}_local", f"pct_{name}_global", f"pct_{name}_local"]
+    return columns

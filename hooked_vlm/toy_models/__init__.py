@@ -1,5 +1,19 @@
 """Tiny models trained on the synthetic localization task, shipped inside the package so that
-everything runs offline. `toy_model_path(name)` resolves a shipped model's name to its directory."""
+everything runs offline. `toy_model_path(name)` resolves a shipped model's name to its directory.
+
+Shipped (each a Hugging Face checkpoint directory with its own tokenizer, processor and chat
+template, plus the `training.json` of the run that made it):
+
+- `toy-llava`: `LlavaForConditionalGeneration` (CLIP-style tower + Llama LM), pad image mode.
+- `toy-internvl`: `InternVLForConditionalGeneration` (InternViT-300M-style tower, pixel shuffle,
+  Qwen3 LM), dynamic tiling with a thumbnail.
+
+    model = HookedVLM.from_pretrained("toy-llava")
+    hf = LlavaForConditionalGeneration.from_pretrained(toy_model_path("toy-llava"))
+
+Reproduce one with `python -m hooked_vlm.toy_models.train --family llava --seed 0 --out DIR`
+(`spec.py`: data, sizes and recipe; `train.py`: the loop; `evaluate.py`: held-out metrics).
+"""
 
 from __future__ import annotations
 
@@ -16,3 +30,19 @@ def toy_model_path(name: str) -> Path | None:
     """The directory of a shipped toy model, or None if `name` is not one."""
     path = TOY_MODELS_DIR / name
     return path if "/" not in name and (path / "config.json").is_file() else None
+
+
+def toy_dataset(name_or_path: str | Path, n: int, *, seed: int = 0, split: str = "test"):
+    """Synthetic images from the distribution a toy model was trained on (its `training.json`
+    records it; use a split other than "train"/"val" for held-out data). A directory without one
+    gets the default `SyntheticLocalization` distribution."""
+    import json
+
+    from hooked_vlm.data.synthetic import SyntheticLocalization
+
+    directory = toy_model_path(str(name_or_path)) or Path(name_or_path)
+    record = directory / "training.json"
+    data = json.loads(record.read_text())["spec"]["data"] if record.is_file() else {}
+    if "image_sizes" in data:
+        data["image_sizes"] = tuple(tuple(size) for size in data["image_sizes"])
+    return SyntheticLocalization(n, seed, split=split, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})

@@ -1,0 +1,268 @@
+"""`hooked-vlm` (or `python -m hooked_vlm`): the demo, and each experiment on a model and a dataset.
+
+    hooked-vlm demo [--model toy-llava] [--out demo_output]
+    hooked-vlm evaluate --model toy-internvl --task list --n 100 --out results/
+    hooked-vlm attention-knockout --model DIR --coco instances.json --images val2017/ --out results/
+    hooked-vlm head-mediation --model toy-llava --pairs 20 --method attribution --out results/
+    hooked-vlm parity --model llava-hf/llava-1.5-7b-hf --dtype float16 --device cuda
+
+Data: the synthetic set (default; for a toy model, the distribution it was trained on, held out)
+or COCO-style annotations (`--coco`, `--images`, optionally `--removed` for object-removed pairs).
+Each experiment writes `results.csv` (one row per query), `summary.csv` and a figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+import torch
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.command is None:
+        parser().print_help()
+        return 2
+    return args.run(args) or 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hooked-vlm", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command")
+    demo = sub.add_parser("demo", help="the whole library on a shipped toy model: report + figures")
+    demo.add_argument("--model", default="toy-llava")
+    demo.add_argument("--out", default="demo_output")
+    demo.add_argument("--n", type=int, default=40, help="held-out images")
+    demo.add_argument("--pairs", type=int, default=8, help="source/base pairs for head mediation")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=_demo)
+
+    parity = sub.add_parser("parity", help="compare with the Hugging Face model, activation family by family")
+    parity.add_argument("--model", required=True)
+    parity.add_argument("--dtype", choices=DTYPES, default="float32")
+    parity.add_argument("--device", default="cpu")
+    parity.set_defaults(run=_parity)
+
+    for name, (run, help_text, extra) in EXPERIMENTS.items():
+        command = sub.add_parser(name, help=help_text)
+        _data_arguments(command)
+        extra(command)
+        command.set_defaults(run=run)
+    return p
+
+
+def _data_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="a shipped toy model, a local directory or a hub id")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--n", type=int, default=50, help="synthetic images (ignored with --coco)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--coco", help="COCO-style instance annotations (JSON)")
+    p.add_argument("--images", help="the annotations' image folder")
+    p.add_argument("--removed", help="folder of object-removed images ({ann_id}.png), for source/base pairs")
+    p.add_argument("--limit", type=int, default=None, help="use at most this many samples")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=DTYPES, default="float32")
+    p.add_argument("--device", default="cpu")
+
+
+def _task(p, choices=("localization", "list")) -> None:
+    p.add_argument("--task", choices=choices, default=choices[0])
+
+
+def _ints(p, name: str, default: list[int], help_text: str) -> None:
+    p.add_argument(name, type=int, nargs="+", default=default, help=help_text)
+
+
+# ---------------------------------------------------------------------------------- commands
+def _demo(args) -> None:
+    from hooked_vlm.demo import run_demo
+
+    report = run_demo(args.model, args.out, n_items=args.n, n_pairs=args.pairs, seed=args.seed)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"figures and tables written to {Path(args.out).resolve()} ({len(report['figures'])} figures)")
+
+
+def _parity(args) -> None:
+    from hooked_vlm.parity import check_parity
+
+    check_parity(args.model, dtype=DTYPES[args.dtype], device=args.device)
+
+
+def _experiment(fn: Callable[[Any, Any, argparse.Namespace], pd.DataFrame], summarise: Callable, figure: Callable | None):
+    def run(args) -> None:
+        from hooked_vlm.model import HookedVLM
+
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        model = HookedVLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+        results = fn(model, _dataset(args), args)
+        results.to_csv(out / "results.csv", index=False)
+        summary = summarise(results)
+        summary.to_csv(out / "summary.csv")
+        print(summary.to_string())
+        if figure is not None:
+            from hooked_vlm import plotting
+
+            plotting.save_figure(figure(results, summary), out / "figure.png")
+        print(f"written to {out.resolve()}")
+
+    return run
+
+
+def _dataset(args) -> Any:
+    if args.coco:
+        from hooked_vlm.data.coco import load_coco, pair_with_removed
+
+        if not args.images:
+            raise SystemExit("--coco needs --images (the folder the annotations' file names refer to)")
+        items = load_coco(args.coco, args.images)
+        return pair_with_removed(items, args.removed) if args.removed else items
+    from hooked_vlm.toy_models import toy_dataset
+
+    return toy_dataset(args.model, args.n, seed=args.seed, split="test")
+
+
+def _by_condition(results: pd.DataFrame) -> pd.DataFrame:
+    from hooked_vlm.experiments import summarize
+
+    return summarize(results)
+
+
+def _run_evaluate(model, data, args):
+    from hooked_vlm.experiments import evaluate
+
+    return evaluate(model, data, args.task, batch_size=args.batch_size, limit=args.limit)
+
+
+def _run_token_ablation(model, data, args):
+    from hooked_vlm.experiments import token_ablation
+
+    return token_ablation(model, data, task=args.task, strategies=args.strategies, paddings=args.paddings,
+                          fractions=args.fractions, seeds=args.seeds, fill=args.fill, views=args.views,
+                          batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+
+
+def _run_token_shuffle(model, data, args):
+    from hooked_vlm.experiments import token_shuffle
+
+    return token_shuffle(model, data, task=args.task, seeds=args.seeds, batch_size=args.batch_size, limit=args.limit)
+
+
+def _run_object_extension(model, data, args):
+    from hooked_vlm.experiments import object_extension
+
+    return object_extension(model, data, paddings=args.paddings, gt_scales=args.gt_scales, seeds=args.seeds,
+                            batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+
+
+def _run_knockout(model, data, args):
+    from hooked_vlm.experiments import attention_knockout
+
+    sizes = [s if s == "all" else int(s) for s in args.group_size]
+    return attention_knockout(model, data, task=args.task, group_size=sizes, paddings=args.paddings, seeds=args.seeds,
+                              batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+
+
+def _run_mediation(model, data, args):
+    from hooked_vlm.experiments import head_mediation
+
+    return head_mediation(model, data, task=args.task, method=args.method, target=args.target, limit=args.limit)
+
+
+def _run_probe(model, data, args):
+    from hooked_vlm.experiments import position_probe
+    from hooked_vlm.toy_models import toy_dataset
+
+    test = toy_dataset(args.model, max(args.n // 4, 4), seed=args.seed + 1, split="probe-test") if not args.coco else data
+    return position_probe(model, data, test, epochs=args.epochs, batch_size=args.batch_size)
+
+
+def _mediation_summary(results: pd.DataFrame) -> pd.DataFrame:
+    from hooked_vlm.experiments import mediation_map
+
+    return pd.DataFrame(mediation_map(results).numpy()).rename_axis("layer")
+
+
+def _mediation_figure(results, summary):
+    from hooked_vlm import plotting
+
+    return plotting.head_heatmap(torch.tensor(summary.to_numpy()), title="Mean mediation fraction", annotate_top=10)
+
+
+def _knockout_figure(results, summary):
+    from hooked_vlm import plotting
+
+    frame = results[results.target != "baseline"].drop(columns="condition").rename(columns={"target": "condition"})
+    y = "loc_score" if "loc_score" in results else "correct"
+    return plotting.layer_curves(frame, x="layers", y=y, xlabel="layers knocked out")
+
+
+def _probe_summary(results: pd.DataFrame) -> pd.DataFrame:
+    return results.groupby(["section", "layer"], sort=False)["accuracy"].mean().to_frame()
+
+
+def _probe_figure(results, summary):
+    from hooked_vlm import plotting
+
+    frame = summary.reset_index()
+    frame["site"] = frame["section"] + " " + frame["layer"].astype(str)
+    return plotting.layer_curves(frame.assign(condition="row/col mean"), x="site", y="accuracy", xlabel="layer")
+
+
+def _extras_token_ablation(p):
+    _task(p)
+    p.add_argument("--strategies", nargs="+", default=["object", "random", "register"], choices=["object", "random", "register", "ig"])
+    _ints(p, "--paddings", [-1, 0, 1], "object padding in token rings")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.08], help="random/IG shares of image tokens")
+    _ints(p, "--seeds", [0, 1, 2], "random seeds")
+    p.add_argument("--fill", choices=["mean", "zero", "noise"], default="mean")
+    p.add_argument("--views", choices=["all", "global", "local"], default="all")
+
+
+def _extras_shuffle(p):
+    _task(p)
+    _ints(p, "--seeds", [0, 1, 2], "random seeds")
+
+
+def _extras_extension(p):
+    _ints(p, "--paddings", [1, 2], "rings of copied object tokens")
+    _ints(p, "--gt-scales", [0, 1, 2], "GT box growth in token widths")
+    _ints(p, "--seeds", list(range(10)), "random seeds")
+
+
+def _extras_knockout(p):
+    _task(p)
+    p.add_argument("--group-size", nargs="+", default=["4", "all"], help="layer group sizes, or 'all'")
+    _ints(p, "--paddings", [0, 1], "object padding in token rings")
+    _ints(p, "--seeds", [0], "random seeds of the size-matched control")
+
+
+def _extras_mediation(p):
+    _task(p, ("localization", "binary"))
+    p.add_argument("--method", choices=["exact", "attribution"], default="exact")
+    p.add_argument("--target", choices=["src_greedy", "gt"], default="src_greedy")
+
+
+def _extras_probe(p):
+    p.add_argument("--epochs", type=int, default=10)
+
+
+EXPERIMENTS: dict[str, tuple[Callable, str, Callable]] = {
+    "evaluate": (_experiment(_run_evaluate, _by_condition, None), "localization / list classification accuracy", _task),
+    "token-ablation": (_experiment(_run_token_ablation, _by_condition, None), "ablate object, random, register or IG tokens", _extras_token_ablation),
+    "token-shuffle": (_experiment(_run_token_shuffle, _by_condition, None), "shuffle image tokens (all, or the object's)", _extras_shuffle),
+    "object-extension": (_experiment(_run_object_extension, _by_condition, None), "extend objects with copies of their tokens", _extras_extension),
+    "attention-knockout": (_experiment(_run_knockout, _by_condition, _knockout_figure), "block attention to the object by layer group", _extras_knockout),
+    "head-mediation": (_experiment(_run_mediation, _mediation_summary, _mediation_figure), "mediation fraction of every head", _extras_mediation),
+    "position-probe": (_experiment(_run_probe, _probe_summary, _probe_figure), "linear row/column probes per layer", _extras_probe),
+}  # fmt: skip
+
+
+if __name__ == "__main__":
+    sys.exit(main())

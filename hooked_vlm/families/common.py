@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from hooked_vlm.config import TransformerConfig
+from hooked_vlm.inputs import ImageLayout, ViewGeometry, VLMInput, position_ids_from_mask
 
 
 def text_config_from_hf(hf: Any, dtype: torch.dtype = torch.float32) -> TransformerConfig:
@@ -107,6 +108,47 @@ def answer_token_ids(tokenizer: Any, text: str, answer: str, separator: str, end
     if full_ids[: len(prompt_ids)] != prompt_ids:
         raise ValueError(f"appending the answer {answer!r} changes the tokenisation of the prompt's end")
     return full_ids[len(prompt_ids) :]
+
+
+def assemble_inputs(
+    model: Any,
+    images: list[Image.Image],
+    texts: list[str],
+    sequences: list[list[int]],
+    pixel_values: torch.Tensor,
+    views: list[list[ViewGeometry]],
+    *,
+    answers: str | Sequence[str] | None = None,
+    answer_separator: str = "",
+    answer_end: str = "",
+) -> VLMInput:
+    """The end every family's `prepare` shares: append the teacher-forced answers (each followed
+    by `answer_end`, as the chat template renders an assistant turn), left-pad, find the image
+    tokens and build the image-token map from each image's views."""
+    cfg = model.cfg
+    answers = as_answer_list(answers, len(texts))
+    answer_ids: list[list[int]] = [[] for _ in texts]
+    if answers is not None:
+        answer_ids = [answer_token_ids(model.tokenizer, t, a, answer_separator, answer_end) for t, a in zip(texts, answers)]
+        sequences = [s + a for s, a in zip(sequences, answer_ids)]
+    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else (cfg.pad_token_id or 0)
+    input_ids, attention_mask = left_pad(sequences, pad_id)
+    layout = ImageLayout.build(
+        image_sizes=[image.size for image in images],
+        views=views,
+        image_positions=[torch.nonzero(row == cfg.image_token_id).flatten() for row in input_ids],
+        image_batch_row=list(range(len(images))),
+    )
+    return VLMInput(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        pixel_values=pixel_values,
+        layout=layout,
+        text=texts,
+        images=images,
+        answer_mask=None if answers is None else answer_mask(attention_mask, [len(a) for a in answer_ids]),
+    )
 
 
 def answer_mask(attention_mask: torch.Tensor, answer_lengths: list[int]) -> torch.Tensor:

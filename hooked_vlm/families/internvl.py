@@ -25,15 +25,12 @@ from torch import Tensor
 
 from hooked_vlm.config import HookedVLMConfig, TransformerConfig
 from hooked_vlm.families.common import (
-    answer_mask,
-    answer_token_ids,
-    as_answer_list,
     as_image_prompt_lists,
-    left_pad,
+    assemble_inputs,
     normalise_feature_layers,
     text_config_from_hf,
 )
-from hooked_vlm.inputs import ImageLayout, ViewGeometry, VLMInput, position_ids_from_mask
+from hooked_vlm.inputs import ViewGeometry, VLMInput
 
 IMAGE_PLACEHOLDER = "<IMG_CONTEXT>"  # tokenizer.context_image_token: the token the features replace
 IMAGE_START, IMAGE_END = "<img>", "</img>"
@@ -356,28 +353,5 @@ def prepare(
         tokenize(model.tokenizer, text, pre.tokens_per_view * len(image_views), cfg.image_token_id)
         for text, image_views in zip(texts, views)
     ]
-    answers = as_answer_list(answers, len(texts))
-    answer_ids = [[] for _ in texts]
-    if answers is not None:  # "<|im_start|>assistant\n{answer}<|im_end|>", as the chat template renders it
-        answer_ids = [answer_token_ids(model.tokenizer, t, a, "", "<|im_end|>") for t, a in zip(texts, answers)]
-        sequences = [s + a for s, a in zip(sequences, answer_ids)]
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else (cfg.pad_token_id or 0)
-    input_ids, attention_mask = left_pad(sequences, pad_id)  # InternVLProcessor pads on the left
-
-    positions = [torch.nonzero(row == cfg.image_token_id).flatten() for row in input_ids]
-    layout = ImageLayout.build(
-        image_sizes=[image.size for image in images],
-        views=views,
-        image_positions=positions,
-        image_batch_row=list(range(len(images))),
-    )
-    return VLMInput(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        pixel_values=pixel_values,
-        layout=layout,
-        text=texts,
-        images=images,
-        answer_mask=None if answers is None else answer_mask(attention_mask, [len(a) for a in answer_ids]),
-    )
+    # an assistant turn renders as "<|im_start|>assistant\n{answer}<|im_end|>"; InternVLProcessor pads on the left
+    return assemble_inputs(model, images, texts, sequences, pixel_values, views, answers=answers, answer_end="<|im_end|>")

@@ -19,15 +19,12 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from hooked_vlm.config import HookedVLMConfig, TransformerConfig
 from hooked_vlm.families.common import (
-    answer_mask,
-    answer_token_ids,
-    as_answer_list,
     as_image_prompt_lists,
-    left_pad,
+    assemble_inputs,
     normalise_feature_layers,
     text_config_from_hf,
 )
-from hooked_vlm.inputs import ImageLayout, ViewGeometry, VLMInput, position_ids_from_mask
+from hooked_vlm.inputs import ViewGeometry, VLMInput
 
 IMAGE_PLACEHOLDER = "<image>"
 VICUNA_V1_SYSTEM = (
@@ -235,31 +232,8 @@ def prepare(
     has_cls = cfg.feature_select_strategy == "full"
     n_tokens = (pre.image_size // pre.patch_size) ** 2 + has_cls
     sequences = [tokenize(model.tokenizer, t, n_tokens, cfg.image_token_id, template) for t in texts]
-    answers = as_answer_list(answers, len(texts))
-    answer_ids = [[] for _ in texts]
-    if answers is not None:  # "ASSISTANT: {answer}</s>", as llava-hf's template renders an assistant turn
-        end = model.tokenizer.eos_token or ""
-        answer_ids = [answer_token_ids(model.tokenizer, t, a, " ", end) for t, a in zip(texts, answers)]
-        sequences = [s + a for s, a in zip(sequences, answer_ids)]
-    pad_id = model.tokenizer.pad_token_id if model.tokenizer.pad_token_id is not None else (cfg.pad_token_id or 0)
-    input_ids, attention_mask = left_pad(sequences, pad_id)
     pixel_values = torch.as_tensor(image_processor(pre, mode)(images, return_tensors="pt")["pixel_values"])
-
-    sizes = [image.size for image in images]
-    positions = [torch.nonzero(row == cfg.image_token_id).flatten() for row in input_ids]
-    layout = ImageLayout.build(
-        image_sizes=sizes,
-        views=[[view_geometry(size, pre, mode, has_cls)] for size in sizes],
-        image_positions=positions,
-        image_batch_row=list(range(len(images))),
-    )
-    return VLMInput(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
-        pixel_values=pixel_values,
-        layout=layout,
-        text=texts,
-        images=images,
-        answer_mask=None if answers is None else answer_mask(attention_mask, [len(a) for a in answer_ids]),
-    )
+    views = [[view_geometry(image.size, pre, mode, has_cls)] for image in images]
+    # an assistant turn renders as "ASSISTANT: {answer}</s>" in llava-hf's template
+    return assemble_inputs(model, images, texts, sequences, pixel_values, views, answers=answers,
+                           answer_separator=" ", answer_end=model.tokenizer.eos_token or "")  # fmt: skip

@@ -1,0 +1,140 @@
+"""The shipped toy checkpoints: they load offline by name, reload bit-identically, are the
+Hugging Face models numerically, were trained on exactly the inputs `prepare` makes, and meet the
+quality floor on held-out synthetic items. No training here: the checkpoints are package data."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, InternVLForConditionalGeneration, LlavaForConditionalGeneration
+
+from hooked_vlm import HookedVLM
+from hooked_vlm.data import prompts
+from hooked_vlm.parity import check_parity
+from hooked_vlm.testing import load_hf_processor
+from hooked_vlm.toy_models import available_toy_models, toy_model_path
+from hooked_vlm.toy_models.data import IGNORE_INDEX, ToyEncoder
+from hooked_vlm.toy_models.evaluate import evaluate, hooked_generate
+from hooked_vlm.toy_models.spec import TOY_SPECS
+
+FAMILIES = ("llava", "internvl")
+HF_CLASSES = {"llava": LlavaForConditionalGeneration, "internvl": InternVLForConditionalGeneration}
+FLOOR_ITEMS = 40
+LOC_FLOOR, LIST_FLOOR = 0.8, 0.95
+MAX_CHECKPOINT_BYTES = 10 * 2**20
+
+
+def _name(family: str) -> str:
+    return TOY_SPECS[family].name
+
+
+def _record(family: str) -> dict:
+    return json.loads((toy_model_path(_name(family)) / "training.json").read_text())
+
+
+def _heldout_items(family: str, n: int, split: str = "test"):
+    """Items of a split the model never saw (training used "train", its own eval "val")."""
+    return list(TOY_SPECS[family].data.dataset(n, _record(family)["seed"], split))
+
+
+@pytest.fixture(scope="module")
+def hooked() -> dict[str, HookedVLM]:
+    """One HookedVLM per family, loaded once for the module."""
+    return {}
+
+
+def _load(cache: dict, family: str) -> HookedVLM:
+    if family not in cache:
+        cache[family] = HookedVLM.from_pretrained(_name(family))
+    return cache[family]
+
+
+def test_both_toys_are_shipped_and_small():
+    assert {"toy-llava", "toy-internvl"} <= set(available_toy_models())
+    for family in FAMILIES:
+        path = toy_model_path(_name(family))
+        weights = path / "model.safetensors"
+        assert weights.is_file() and weights.stat().st_size < MAX_CHECKPOINT_BYTES
+        assert AutoConfig.from_pretrained(path).model_type == family
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_loads_offline_by_name(family, monkeypatch, hooked):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+    model = _load(hooked, family)
+    assert model.cfg.family == family
+    assert model.tokenizer is not None and model.tokenizer.eos_token is not None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_loads_are_bit_identical(family, hooked):
+    first, second = _load(hooked, family), HookedVLM.from_pretrained(_name(family))
+    a, b = first.state_dict(), second.state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    item = _heldout_items(family, 1)[0]
+    inputs = first.prepare(item.image, prompts.localization_prompt(item.class_name))
+    with torch.no_grad():
+        assert torch.equal(first(inputs), second(inputs))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_matches_hugging_face(family, hooked):
+    items = _heldout_items(family, 2)
+    report = check_parity(
+        toy_model_path(_name(family)),
+        images=[i.image for i in items],
+        prompts=[prompts.localization_prompt(items[0].class_name), prompts.list_prompt(items[1].list_choices)],
+        max_new_tokens=30,
+        verbose=False,
+        hooked=_load(hooked, family),
+    )
+    assert report.max_rel() < 1e-5, str(report)
+    assert report.generation_match, str(report)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_inputs_equal_prepare(family, hooked):
+    """The encoder the toys were trained with makes the ids and pixels `prepare` makes."""
+    model = _load(hooked, family)
+    processor = load_hf_processor(toy_model_path(_name(family)))
+    encoder = ToyEncoder(family, processor, model.cfg.image_token_id, TOY_SPECS[family].max_tiles)
+    for item in _heldout_items(family, 3):
+        example = item.examples(family)[0]
+        encoded = encoder.encode(example)
+        inputs = model.prepare(example.image, example.prompt)
+        n_prompt = sum(label == IGNORE_INDEX for label in encoded.labels)
+        assert encoded.input_ids[:n_prompt] == inputs.input_ids[0].tolist()
+        assert torch.equal(encoded.pixel_values, inputs.pixel_values)
+        answer = model.tokenizer.decode(encoded.input_ids[n_prompt:], skip_special_tokens=False)
+        assert answer.strip() == example.answer + model.tokenizer.eos_token
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tokenizer_spells_numbers_digit_by_digit(family, hooked):
+    tokenizer = _load(hooked, family).tokenizer
+    answer = prompts.localization_answer((3, 5, 40, 27), (64, 32), "red circle", family=family)
+    pieces = [p for p in tokenizer.convert_ids_to_tokens(tokenizer(answer).input_ids) if any(c.isdigit() for c in p)]
+    assert pieces and all(len(p.strip("▁Ġ")) == 1 for p in pieces)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_meets_quality_floor_on_heldout_items(family, hooked):
+    """Greedy decoding through HookedVLM on items of a split never used in training."""
+    items = _heldout_items(family, FLOOR_ITEMS)
+    metrics = evaluate(hooked_generate(_load(hooked, family), batch_size=20), items, family, tasks=("localization", "list"))
+    assert metrics["loc_success@0.5"] >= LOC_FLOOR, metrics
+    assert metrics["list_accuracy"] >= LIST_FLOOR, metrics
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_training_record_meets_the_floor(family):
+    record = _record(family)
+    heldout = record["heldout"]
+    assert heldout["n_items"] >= 100
+    assert heldout["loc_success@0.5"] >= LOC_FLOOR and heldout["list_accuracy"] >= LIST_FLOOR
+    assert np.isfinite(record["final_loss"])

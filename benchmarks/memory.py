@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 
-MODES = ("hf_forward", "hooked_forward", "hooked_cache_all", "hooked_cache_filtered")
+MODES = ("hf_forward", "hooked_forward", "hooked_cache_all", "hooked_cache_filtered", "hf_load", "hooked_load")
 
 
 def _rss_mb() -> float:
@@ -49,6 +49,9 @@ def _child(family: str, path: str, mode: str) -> None:
     from hooked_vlm import HookedVLM
 
     torch.set_grad_enabled(False)
+    if mode.endswith("_load"):  # loading: peak memory over the weights themselves
+        _load(family, path, mode)
+        return
     hooked = HookedVLM.from_pretrained(path)
     image = Image.open(__file__.rsplit("/", 2)[0] + "/tests/assets/chelsea.jpg")
     inputs = hooked.prepare(image, "Please provide the bounding box coordinates of the cat.")
@@ -71,12 +74,31 @@ def _child(family: str, path: str, mode: str) -> None:
     print(json.dumps({mode: _measure(run)}))
 
 
+def _load(family: str, path: str, mode: str) -> None:
+    """Peak RSS while loading, as a multiple of the loaded model's parameter bytes (1.0 = the
+    weights are read into place with no second copy)."""
+    from transformers import InternVLForConditionalGeneration, LlavaForConditionalGeneration
+
+    from hooked_vlm import HookedVLM
+
+    holder = {}
+    if mode == "hooked_load":
+        load = lambda: holder.setdefault("model", HookedVLM.from_pretrained(path))  # noqa: E731
+    else:
+        cls = LlavaForConditionalGeneration if family == "llava" else InternVLForConditionalGeneration
+        load = lambda: holder.setdefault("model", cls.from_pretrained(path))  # noqa: E731
+    peak = _measure(load)
+    weights = sum(p.numel() * p.element_size() for p in holder["model"].parameters()) / 2**20
+    print(json.dumps({f"{mode}_peak_over_weights": peak / weights, f"{mode}_weights_mb": weights}))
+
+
 def peak_memory_mb(family: str, path: str) -> dict[str, float]:
     """{"peak_mb_<mode>": MB above the loaded model} for every mode, each in its own process."""
     out = {}
     for mode in MODES:
         result = subprocess.run([sys.executable, __file__, family, path, mode], capture_output=True, text=True, check=True)
-        out.update({f"peak_mb_{k}": v for k, v in json.loads(result.stdout.strip().splitlines()[-1]).items()})
+        values = json.loads(result.stdout.strip().splitlines()[-1])
+        out.update({(k if k.endswith(("_over_weights", "_weights_mb")) else f"peak_mb_{k}"): v for k, v in values.items()})
     return out
 
 

@@ -49,7 +49,7 @@ class Batch:
     tasks: list[str]
 
     def model_inputs(self) -> dict[str, Tensor]:
-        return dict(input_ids=self.input_ids, attention_mask=self.attention_mask, pixel_values=self.pixel_values)
+        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
 
 
 class ToyEncoder:

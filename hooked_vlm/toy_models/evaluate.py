@@ -13,13 +13,18 @@ transformers, inputs from its saved processor, `model.generate`) and `hooked_gen
 
 from __future__ import annotations
 
+import argparse
+import json
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
 import torch
 from PIL import Image
+from transformers import AutoModelForImageTextToText
 
+from hooked_vlm import HookedVLM
 from hooked_vlm.data import prompts
 from hooked_vlm.data.synthetic import SyntheticItem
 from hooked_vlm.families import internvl as internvl_family
@@ -31,6 +36,9 @@ from hooked_vlm.scoring import (
     summarize_binary,
     summarize_localization,
 )
+from hooked_vlm.testing import load_hf_processor
+from hooked_vlm.toy_models import toy_model_path
+from hooked_vlm.toy_models.spec import TOY_SPECS
 
 # Longest answers: InternVL's `<ref>c s</ref><box>[[a, b, c, d]]</box>` is ~30 tokens, a list of
 # four classes ~16.
@@ -126,3 +134,47 @@ def _binary(generate: Generate, items: list[SyntheticItem]) -> dict[str, float]:
         "binary_accuracy": float(summary["accuracy"]),
         "binary_false_positive_rate": float(summary["false_positive_rate"]),
     }
+
+
+def evaluate_shipped(name: str, decoder: str = "hooked", n_items: int = 150, split: str = "val") -> dict[str, Any]:
+    """Held-out metrics of a shipped (or any saved) toy checkpoint, with either decoder. The
+    items are those of `training.json`'s data spec and seed, from `split`."""
+    path = toy_model_path(name) or Path(name)
+    record = json.loads((path / "training.json").read_text())
+    family = record["family"]
+    items = list(TOY_SPECS[family].data.dataset(n_items, record["seed"], split))
+    if decoder == "hooked":
+        generate = hooked_generate(HookedVLM.from_pretrained(str(path)))
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(path).eval()
+        generate = hf_generate(model, load_hf_processor(path), family)
+    metrics = evaluate(generate, items, family)
+    metrics.pop("answers", None)
+    return {"name": name, "decoder": decoder, "split": split, **metrics}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Held-out metrics of a toy checkpoint")
+    parser.add_argument("name", help="a shipped toy name (toy-llava, toy-internvl) or a checkpoint directory")
+    parser.add_argument("--decoder", choices=("hooked", "hf"), default="hooked")
+    parser.add_argument("--items", type=int, default=150)
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--record", action="store_true", help="store the result in the checkpoint's training.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    metrics = evaluate_shipped(args.name, args.decoder, args.items, args.split)
+    if args.record:
+        record_metrics(toy_model_path(args.name) or Path(args.name), metrics)
+    print(json.dumps(metrics, indent=2))
+
+
+def record_metrics(path: Path, metrics: dict[str, Any]) -> None:
+    """Add `metrics` to `training.json` under `heldout_{decoder}` (e.g. `heldout_hooked`)."""
+    file = path / "training.json"
+    record = json.loads(file.read_text())
+    record[f"heldout_{metrics['decoder']}"] = metrics
+    file.write_text(json.dumps(record, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

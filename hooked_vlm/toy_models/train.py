@@ -32,12 +32,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import InternVLForConditionalGeneration, LlavaForConditionalGeneration
 
 from hooked_vlm.data.synthetic import text_corpus
+from hooked_vlm.testing import load_hf_processor
 from hooked_vlm.toy_models.data import TASKS, ToyEncoder, answer_loss, training_batch
-from hooked_vlm.toy_models.evaluate import evaluate, hf_generate
+from hooked_vlm.toy_models.evaluate import evaluate, evaluate_shipped, hf_generate, record_metrics
 from hooked_vlm.toy_models.spec import TOY_SPECS, ToySpec, build_model, build_processor, save_checkpoint
 from hooked_vlm.toy_models.tokenizers import build_internvl_tokenizer, build_llava_tokenizer
+
+HF_MODEL_CLASSES = {"llava": LlavaForConditionalGeneration, "internvl": InternVLForConditionalGeneration}
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -63,17 +67,50 @@ def optimizer_for(model: torch.nn.Module, spec: ToySpec) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, lr=spec.train.lr, betas=(0.9, 0.98))
 
 
-def train(spec: ToySpec, seed: int, out: Path, *, threads: int = 2, log_every: int = 50, eval_every: int = 0) -> dict[str, Any]:
+def initial_state(spec: ToySpec, seed: int, init_from: Path | None) -> tuple[Any, Any, list[dict]]:
+    """(model, processor, earlier runs). From scratch: a tokenizer learned from the training
+    split and transformers' seeded init. `init_from`: a checkpoint written by this script, whose
+    training continues (a second stage with its own schedule; its runs are kept in the record)."""
+    if init_from is None:
+        tokenizer = build_tokenizer(spec, seed)
+        model = build_model(spec, tokenizer, seed)
+        return model, build_processor(spec, tokenizer, model), []
+    earlier = json.loads((init_from / "training.json").read_text())
+    if earlier["family"] != spec.family or earlier["seed"] != seed:
+        raise ValueError(f"{init_from} is a {earlier['family']} run with seed {earlier['seed']}")
+    model = HF_MODEL_CLASSES[spec.family].from_pretrained(init_from, dtype=torch.float32)
+    return model, load_hf_processor(init_from), [*earlier.get("stages", []), _stage_summary(earlier)]
+
+
+def _stage_summary(record: dict[str, Any]) -> dict[str, Any]:
+    keep = ("first_step", "steps", "spec", "final_loss", "heldout", "train_seconds", "threads")
+    return {k: record[k] for k in keep if k in record}
+
+
+def train(
+    spec: ToySpec,
+    seed: int,
+    out: Path,
+    *,
+    threads: int = 2,
+    log_every: int = 50,
+    eval_every: int = 0,
+    init_from: Path | None = None,
+) -> dict[str, Any]:
     """Train, evaluate on held-out items, save to `out`; returns the `training.json` record."""
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True)
     start = time.time()
-    tokenizer = build_tokenizer(spec, seed)
-    model = build_model(spec, tokenizer, seed)
-    processor = build_processor(spec, tokenizer, model)
+    model, processor, stages = initial_state(spec, seed, init_from)
+    tokenizer = processor.tokenizer
+    # A later stage continues the item stream and the task draws where the earlier ones stopped.
+    first_step = sum(stage["steps"] for stage in stages)
+    batch_sizes = {stage["spec"]["train"]["batch_size"] for stage in stages} | {spec.train.batch_size}
+    if len(batch_sizes) > 1:
+        raise ValueError("a continued run must keep the batch size (the item stream is indexed by step)")
     image_token_id = model.config.image_token_id
     encoder = ToyEncoder(spec.family, processor, image_token_id, spec.max_tiles)
-    train_items = spec.data.dataset(spec.train.steps * spec.train.batch_size, seed, "train")
+    train_items = spec.data.dataset((first_step + spec.train.steps) * spec.train.batch_size, seed, "train")
     val_items = spec.data.dataset(spec.train.eval_items, seed, "val")
     optimizer = optimizer_for(model, spec)
     t = spec.train
@@ -82,8 +119,8 @@ def train(spec: ToySpec, seed: int, out: Path, *, threads: int = 2, log_every: i
     history, window = [], {task: [] for task in TASKS}
     model.train()
     for step in range(t.steps):
-        rng = np.random.default_rng([seed, step])
-        items = [train_items[step * t.batch_size + j] for j in range(t.batch_size)]
+        rng = np.random.default_rng([seed, first_step + step])
+        items = [train_items[(first_step + step) * t.batch_size + j] for j in range(t.batch_size)]
         batch = training_batch(encoder, items, rng, t.task_weights)
         logits = model(**batch.model_inputs()).logits
         loss = answer_loss(logits, batch.labels)
@@ -118,7 +155,9 @@ def train(spec: ToySpec, seed: int, out: Path, *, threads: int = 2, log_every: i
         "spec": spec.to_json(),
         "n_parameters": sum(p.numel() for p in model.parameters()),
         "vocab_size": len(tokenizer),
+        "first_step": first_step,
         "steps": t.steps,
+        "stages": stages,  # earlier stages this run continued (--init-from), oldest first
         "final_loss": history[-1]["loss"],
         "history": history,
         "heldout": {"split": "val", "decoder": "transformers generate (greedy)", **metrics},
@@ -128,6 +167,12 @@ def train(spec: ToySpec, seed: int, out: Path, *, threads: int = 2, log_every: i
         "torch": torch.__version__,
     }
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n")
+    try:  # the same items decoded by HookedVLM (prepare + generate) from the saved checkpoint
+        hooked = evaluate_shipped(str(out), "hooked", t.eval_items, "val")
+        record_metrics(out, hooked)
+        record["heldout_hooked"] = hooked
+    except Exception as error:  # noqa: BLE001 - a loader gap must not lose the trained model
+        print(f"HookedVLM evaluation failed: {error!r}", flush=True)
     return record
 
 
@@ -149,13 +194,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, help="override the spec's peak learning rate")
     parser.add_argument("--batch-size", type=int, help="override the spec's batch size")
     parser.add_argument("--eval-items", type=int, help="override the number of held-out items scored at the end")
+    parser.add_argument("--init-from", type=Path, help="continue training a checkpoint written by this script")
     parser.add_argument("--eval-every", type=int, default=0, help="quick held-out eval every N steps (0: off)")
     args = parser.parse_args(argv)
     spec = TOY_SPECS[args.family]
     overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size), ("eval_items", args.eval_items)) if v is not None}
     if overrides:
         spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **overrides))
-    record = train(spec, args.seed, args.out, threads=args.threads, eval_every=args.eval_every)
+    record = train(spec, args.seed, args.out, threads=args.threads, eval_every=args.eval_every, init_from=args.init_from)
     print(json.dumps({k: record[k] for k in ("family", "seed", "steps", "final_loss", "heldout", "wall_seconds")}, indent=2))
 
 

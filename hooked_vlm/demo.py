@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 
 from hooked_vlm import interventions as iv
 from hooked_vlm.boxes import parse_box, iou

@@ -20,7 +20,7 @@ or "gt": the source's greedy answer is used when it is correct, else the ground 
 from __future__ import annotations
 
 import itertools
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import pandas as pd
 import torch

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import InternVLForConditionalGeneration
 
 from hooked_vlm import HookedVLM
-from hooked_vlm.testing import _apply_key_layout, export_internvl_original, legacy_key, load_runtime_state_dict, real_config
+from hooked_vlm.testing import apply_key_layout, export_internvl_original, legacy_key, load_runtime_state_dict, real_config
 from weights_conversion import ConversionError, detect_format
 from weights_conversion.io import check_plan
 from weights_conversion.internvl import config_from_internvl_hf, plan_internvl_hf
@@ -77,7 +77,7 @@ def test_key_layouts_of_4x_and_5x_load_identically(tiny_checkpoint, tmp_path, la
     source = tiny_checkpoint("internvl_300m")  # saved by transformers 5.23 as is
     copy = tmp_path / layout
     shutil.copytree(source, copy)
-    _apply_key_layout(copy, layout, clip_tower=False)
+    apply_key_layout(copy, layout, clip_tower=False)
     keys = load_file(copy / "model.safetensors").keys()
     assert any(k.startswith("language_model.model." if layout == "legacy" else "model.language_model.") for k in keys)
     _assert_same_weights(HookedVLM.from_pretrained(source), HookedVLM.from_pretrained(copy))

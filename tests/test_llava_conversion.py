@@ -61,9 +61,9 @@ def test_key_layouts_of_4x_and_5x_load_identically(tiny_checkpoint, tmp_path, la
     source = tiny_checkpoint("llava_full")  # saved by transformers 5.23 as is
     copy = tmp_path / layout
     shutil.copytree(source, copy)
-    from hooked_vlm.testing import _apply_key_layout
+    from hooked_vlm.testing import apply_key_layout
 
-    _apply_key_layout(copy, layout, clip_tower=True)
+    apply_key_layout(copy, layout, clip_tower=True)
     keys = load_file(copy / "model.safetensors").keys()
     assert any(k.startswith("language_model.model." if layout == "legacy" else "model.language_model.") for k in keys)
     _assert_same_weights(HookedVLM.from_pretrained(source), HookedVLM.from_pretrained(copy))

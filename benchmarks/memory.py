@@ -1,8 +1,8 @@
 """Peak memory of one run, above the memory the loaded model already holds.
 
 Each measurement runs in a fresh process (so runs cannot inherit each other's allocator state);
-a thread samples the resident set size every millisecond while the run executes, and the peak
-minus the RSS just before the run is reported. CPU only (on CUDA use torch.cuda.max_memory_allocated).
+a thread samples the anonymous resident memory every millisecond while the run executes, and the
+peak minus the value just before the run is reported. CPU only (on CUDA use torch.cuda.max_memory_allocated).
 """
 
 from __future__ import annotations
@@ -17,8 +17,13 @@ MODES = ("hf_forward", "hooked_forward", "hooked_cache_all", "hooked_cache_filte
 
 
 def _rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096 / 2**20
+    """Anonymous resident memory (RssAnon): what the process itself allocated. File-backed pages
+    of memory-mapped checkpoints are left out: they are the file, shared and reclaimable, not a copy."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
 
 
 def _measure(fn) -> float:

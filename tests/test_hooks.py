@@ -187,3 +187,37 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-
     """Within 1e-5 of the tensor's scale (activations of the random fixtures reach ~100)."""
     scale = max(expected.abs().max().item(), 1.0)
     assert (actual - expected).abs().max().item() <= rel * scale
+
+
+def test_hook_result_edits_reach_the_output_whether_returned_or_in_place(model_and_inputs):
+    model, inputs = model_and_inputs
+    name = "blocks.0.attn.hook_result"
+    _, cache = model.run_with_cache(inputs, names_filter=[name, "blocks.0.hook_attn_out"])
+    expected = cache["blocks.0.hook_attn_out"] - cache[name][:, :, 0]  # without head 0
+
+    def returned(result, hook):
+        result = result.clone()
+        result[:, :, 0] = 0
+        return result
+
+    def in_place(result, hook):
+        result[:, :, 0] = 0
+
+    for edit in (returned, in_place):
+        with model.hooks(fwd_hooks=[(name, edit)]):
+            _, edited = model.run_with_cache(inputs, names_filter="blocks.0.hook_attn_out")
+        _assert_close(edited["blocks.0.hook_attn_out"], expected)
+
+
+def test_backward_hooks_on_hook_result_fire(model_and_inputs):
+    model, inputs = model_and_inputs
+    grads = []
+    embed_leaf = ("hook_embed", lambda x, hook: x.detach().requires_grad_(True))
+    model.add_hook("blocks.0.attn.hook_result", lambda grad, hook: grads.append(grad), dir="bwd")
+    try:
+        with torch.enable_grad():
+            logits = model.run_with_hooks(inputs, fwd_hooks=[embed_leaf])
+            logits[:, -1].sum().backward()
+    finally:
+        model.reset_hooks(including_permanent=True)
+    assert grads and grads[0].shape[-2:] == (model.cfg.n_heads, model.cfg.d_model)

@@ -167,10 +167,23 @@ class Attention(nn.Module):
 
         out = self.o_proj(z.reshape(b, p, -1))
         if _has_hooks(self.hook_result):
-            # The output stays o_proj(z) bit for bit; what hooks change in the per-head results
-            # is added as a difference (a clone, so in-place edits are seen too).
-            result = einops.einsum(z, self.W_O, "b p h d, h d m -> b p h m")
-            out = out + (self.hook_result(result.clone()) - result).sum(dim=-2)
+            out = self._hooked_result(z, out)
+        return out
+
+    def _hooked_result(self, z: Float[Tensor, "batch pos head d_head"], out: Float[Tensor, "batch pos d_model"]) -> Tensor:
+        """Run `hook_result` on the per-head outputs and carry its edits into `out`. Untouched,
+        the output stays `o_proj(z)` bit for bit (a cache or a read-only hook changes nothing);
+        a returned replacement adds its difference; an in-place edit (the original is gone)
+        sums the heads."""
+        result = einops.einsum(z, self.W_O, "b p h d, h d m -> b p h m")
+        version = result._version
+        edited = self.hook_result(result)
+        if result._version != version:  # edited in place
+            return edited.sum(dim=-2) + self.b_O
+        if edited is not result:
+            return out + (edited - result).sum(dim=-2)
+        if torch.is_grad_enabled() and self.hook_result.bwd_hooks:  # let gradients reach its backward hooks
+            return out + (edited - edited.detach()).sum(dim=-2)
         return out
 
     def _apply_qk_norm(self, norm: RMSNorm, x: Float[Tensor, "batch pos head d_head"]) -> Tensor:
@@ -187,9 +200,10 @@ class Attention(nn.Module):
         mask: Tensor | None,
     ) -> Float[Tensor, "batch head pos d_head"]:
         k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
-        scores = torch.matmul(q, k.transpose(2, 3)) * self.scale
+        # in place: the same values as `(q @ kᵀ) * scale + mask`, two fewer [head, query, key] tensors
+        scores = torch.matmul(q, k.transpose(2, 3)).mul_(self.scale)
         if mask is not None:
-            scores = scores + mask
+            scores.add_(mask)
         scores = self.hook_attn_scores(scores)
         if self.cfg.softmax_in_fp32:
             pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)

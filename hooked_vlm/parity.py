@@ -78,9 +78,10 @@ def check_parity(
     """Compare `HookedVLM.from_pretrained(name_or_path)` with the Hugging Face model (eager
     attention), activation family by activation family. Needs a Hugging Face-format checkpoint
     (llava-hf or InternVL -HF). `hooked`/`reference` reuse already loaded models."""
-    from weights_conversion.io import read_json, resolve_directory
+    from weights_conversion import checkpoint_directory
+    from weights_conversion.io import read_json
 
-    directory = resolve_directory(name_or_path)
+    directory = checkpoint_directory(name_or_path)
     config = read_json(directory / "config.json") or {}
     hooked = hooked or HookedVLM.from_pretrained(directory, dtype=dtype, device=device)
     if reference is None:

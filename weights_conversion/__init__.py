@@ -23,7 +23,7 @@ from weights_conversion.io import (
     resolve_directory,
 )
 
-__all__ = ["load_pretrained", "detect_format", "ConversionError", "CheckpointReader"]
+__all__ = ["load_pretrained", "checkpoint_directory", "detect_format", "ConversionError", "CheckpointReader"]
 
 
 def detect_format(config: dict) -> str:
@@ -44,6 +44,13 @@ def detect_format(config: dict) -> str:
     )
 
 
+def checkpoint_directory(name_or_path: str | Path) -> Path:
+    """The local directory of a shipped toy model's name, a local path or a hub id."""
+    from hooked_vlm.toy_models import toy_model_path
+
+    return toy_model_path(str(name_or_path)) or resolve_directory(name_or_path)
+
+
 def load_pretrained(
     name_or_path: str | Path,
     *,
@@ -52,9 +59,7 @@ def load_pretrained(
     device_map: dict[str, Any] | str | None = None,
 ):
     """Load any supported checkpoint as a `HookedVLM` (see `HookedVLM.from_pretrained`)."""
-    from hooked_vlm.toy_models import toy_model_path
-
-    directory = toy_model_path(str(name_or_path)) or resolve_directory(name_or_path)
+    directory = checkpoint_directory(name_or_path)
     raw_config = read_json(directory / "config.json")
     if raw_config is None:
         raise FileNotFoundError(f"{directory} has no config.json")

@@ -37,8 +37,7 @@ from hooked_vlm.scoring import (
     summarize_localization,
 )
 from hooked_vlm.testing import load_hf_processor
-from hooked_vlm.toy_models import toy_model_path
-from hooked_vlm.toy_models.spec import TOY_SPECS
+from hooked_vlm.toy_models import toy_dataset, toy_model_path
 
 # Longest answers: InternVL's `<ref>c s</ref><box>[[a, b, c, d]]</box>` is ~30 tokens, a list of
 # four classes ~16.
@@ -142,7 +141,7 @@ def evaluate_shipped(name: str, decoder: str = "hooked", n_items: int = 150, spl
     path = toy_model_path(name) or Path(name)
     record = json.loads((path / "training.json").read_text())
     family = record["family"]
-    items = list(TOY_SPECS[family].data.dataset(n_items, record["seed"], split))
+    items = list(toy_dataset(path, n_items, seed=record["seed"], split=split))  # the distribution it was trained on
     if decoder == "hooked":
         generate = hooked_generate(HookedVLM.from_pretrained(str(path)))
     else:

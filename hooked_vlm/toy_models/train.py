@@ -131,7 +131,7 @@ def train(
         schedule.step()
         _record_task_losses(window, logits.detach(), batch)
         if (step + 1) % log_every == 0 or step + 1 == t.steps:
-            entry = {"step": step + 1, "loss": float(loss), "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - start, 1)}
+            entry = {"step": step + 1, "loss": float(loss.detach()), "lr": schedule.get_last_lr()[0], "elapsed_s": round(time.time() - start, 1)}
             entry |= {f"loss_{k}": float(np.mean(v)) for k, v in window.items() if v}
             window = {task: [] for task in TASKS}
             history.append(entry)
@@ -184,6 +184,27 @@ def _record_task_losses(window: dict[str, list[float]], logits: torch.Tensor, ba
             window[task].append(float(answer_loss(logits[rows], batch.labels[rows])))
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if len(values) != len(TASKS) or min(values) < 0 or sum(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected {len(TASKS)} non-negative weights ({', '.join(TASKS)}), got {text!r}")
+    return values
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    """`64x32,32x64` -> ((64, 32), (32, 64)): (width, height) pairs."""
+    try:
+        sizes = tuple(tuple(int(v) for v in size.split("x")) for size in text.split(","))
+    except ValueError:
+        sizes = ()
+    if not sizes or any(len(s) != 2 or min(s) < 1 for s in sizes):
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT[,WIDTHxHEIGHT...], got {text!r}")
+    return sizes
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--family", choices=sorted(TOY_SPECS), required=True)
@@ -195,12 +216,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, help="override the spec's batch size")
     parser.add_argument("--eval-items", type=int, help="override the number of held-out items scored at the end")
     parser.add_argument("--init-from", type=Path, help="continue training a checkpoint written by this script")
+    parser.add_argument("--task-weights", type=_floats, help="override the spec's localization,list,binary weights, e.g. 0.35,0.4,0.25")
+    parser.add_argument("--image-sizes", type=_sizes, help="override the spec's image sizes, e.g. 64x32,32x64")
     parser.add_argument("--eval-every", type=int, default=0, help="quick held-out eval every N steps (0: off)")
     args = parser.parse_args(argv)
     spec = TOY_SPECS[args.family]
-    overrides = {k: v for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size), ("eval_items", args.eval_items)) if v is not None}
+    overrides = {
+        k: v
+        for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
+                     ("eval_items", args.eval_items), ("task_weights", args.task_weights))
+        if v is not None
+    }  # fmt: skip
     if overrides:
         spec = dataclasses.replace(spec, train=dataclasses.replace(spec.train, **overrides))
+    if args.image_sizes:
+        spec = dataclasses.replace(spec, data=dataclasses.replace(spec.data, image_sizes=args.image_sizes))
     record = train(spec, args.seed, args.out, threads=args.threads, eval_every=args.eval_every, init_from=args.init_from)
     print(json.dumps({k: record[k] for k in ("family", "seed", "steps", "final_loss", "heldout", "wall_seconds")}, indent=2))
 

@@ -221,9 +221,53 @@ def main() -> None:
             results[family] |= peak_memory_mb(family, str(path))
             print(f"\n== {family}\n" + "\n".join(f"{k:40s} {_fmt(v)}" for k, v in results[family].items()), flush=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n" + summary_table(results))
+
+
+# (label, key, target: (comparison, bound) or None)
+SUMMARY = [
+    ("hooked forward / HF eager forward", "forward_ratio", ("<=", 1.05)),
+    ("hooked forward, eager attention / HF eager", "forward_eager_ratio", None),
+    ("run_with_cache, every hook / forward", "cache_all_ratio_vs_forward", ("<=", 1.5)),
+    ("run_with_cache, filtered (LM resid_post) / forward", "cache_filtered_ratio_vs_forward", ("<=", 1.1)),
+    ("generation speed, hooked / HF (>1: faster)", "generation_speed_ratio", None),
+    ("exact head sweep: speedup over one forward per head", "sweep_sweep_speedup_vs_naive", (">=", 10)),
+    ("exact head sweep: max abs MF diff vs naive", "sweep_sweep_max_abs_diff_vs_naive", None),
+    ("attribution patching, all heads / forward", "sweep_attribution_ratio_vs_forward", ("<=", 4)),
+    ("TransformerBridge forward / HF eager", "bridge_forward_ratio_vs_hf", None),
+    ("TransformerBridge run_with_cache / HF eager", "bridge_cache_ratio_vs_hf", None),
+    ("peak MB: HF eager forward", "peak_mb_hf_forward", None),
+    ("peak MB: hooked forward", "peak_mb_hooked_forward", None),
+    ("peak MB: hooked cache, every hook", "peak_mb_hooked_cache_all", None),
+    ("peak MB: hooked cache, filtered", "peak_mb_hooked_cache_filtered", None),
+    ("cache size MB: every hook", "cache_all_mb", None),
+    ("cache size MB: filtered", "cache_filtered_mb", None),
+]
+
+
+def summary_table(results: dict) -> str:
+    """Both families side by side, as a Markdown table, with the targets of the issue."""
+    families = [f for f in ("llava", "internvl") if f in results]
+    shapes = " / ".join(f"{f}: {results[f]['sequence_length']} tokens, {results[f]['views']} view(s)" for f in families)
+    lines = [f"{results['size']} models, {results['threads']} threads, torch {results['torch']}; {shapes}", ""]
+    lines += ["| measure | target | " + " | ".join(families) + " |", "|---|---|" + "---|" * len(families)]
+    for label, key, target in SUMMARY:
+        cells = []
+        for family in families:
+            value = results[family].get(key)
+            if not isinstance(value, (int, float)):
+                cells.append("n/a")
+                continue
+            ok = "" if target is None else (" ✓" if (value <= target[1] if target[0] == "<=" else value >= target[1]) else " ✗")
+            cells.append(f"{_fmt(value)}{ok}")
+        bound = "" if target is None else f"{target[0].replace('<=', '≤').replace('>=', '≥')} {target[1]}"
+        lines.append(f"| {label} | {bound} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def _fmt(value) -> str:
+    if isinstance(value, float) and value != 0 and abs(value) < 1e-3:
+        return f"{value:.1e}"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 

@@ -100,6 +100,26 @@ def test_cumulative_ablation_removes_the_ranked_heads(model, pairs):
     assert list(everything.response) != list(baseline.response)
 
 
+def test_cumulative_mean_ablation_uses_the_prompt_means_of_the_dataset(model, pairs):
+    """value="mean": every head replaced by its mean `z` over the dataset's prompts; the same as
+    `head_ablation` with means computed by `mean_head_activations` over those prompts."""
+    from hooked_vlm.experiments.evaluate import MAX_NEW_TOKENS, task_prompt
+    from hooked_vlm.interventions import head_ablation, mean_head_activations
+
+    heads = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+    ranking = torch.ones(model.cfg.n_layers, model.cfg.n_heads)
+    results = cumulative_head_ablation(model, pairs, {"all": ranking}, task="list", fractions=(1.0,), value="mean", progress=False)
+    samples = list(as_samples(pairs))
+    inputs = model.prepare([s.image for s in samples], [task_prompt("list", s) for s in samples])
+    means = mean_head_activations(model, inputs)
+    expected = model.generate(inputs, max_new_tokens=MAX_NEW_TOKENS["list"], fwd_hooks=head_ablation(model, heads, means))
+    assert list(results.response) == expected
+    zeroed = cumulative_head_ablation(model, pairs, {"all": ranking}, task="list", fractions=(1.0,), progress=False)
+    assert list(zeroed.response) != expected
+    with pytest.raises(ValueError, match="unknown head ablation value"):
+        cumulative_head_ablation(model, pairs, {"all": ranking}, value="median", progress=False)
+
+
 def test_normalised_auc_is_the_mean_relative_score():
     frame = pd.DataFrame({"ranking": ["a"] * 3 + ["b"] * 3, "fraction": [0, 0.5, 1.0] * 2,
                           "loc_score": [1.0, 0.5, 0.0, 0.8, 0.8, 0.8]})  # fmt: skip

@@ -12,8 +12,9 @@ Output columns: the `evaluate` columns, plus `ranking` (the name given, or "low_
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -21,9 +22,10 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from hooked_vlm.experiments.evaluate import Task, evaluate
+from hooked_vlm.experiments.data import as_samples, batched
+from hooked_vlm.experiments.evaluate import Task, evaluate, queries, task_prompt
 from hooked_vlm.experiments.head_mediation import rank_heads
-from hooked_vlm.interventions import head_ablation
+from hooked_vlm.interventions import head_ablation, mean_head_activations
 
 DEFAULT_FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 
@@ -36,7 +38,7 @@ def cumulative_head_ablation(
     task: Task = "localization",
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     low_importance_from: str | None = None,
-    value: str = "zero",
+    value: Literal["zero", "mean"] = "zero",
     batch_size: int = 8,
     limit: int | None = None,
     progress: bool = True,
@@ -46,6 +48,8 @@ def cumulative_head_ablation(
     `rankings`: name -> a `[layer, head]` score (higher = more critical), e.g.
     `{"localization": mediation_map(mf_loc), "classification": mediation_map(mf_cls)}`.
     `low_importance_from`: the name of a ranking whose least-|score| heads form the control.
+    `value`: "zero" (the paper), or "mean": each head's mean `z` over the prompts of `dataset`
+    for `task` (real tokens, before any answer), computed once.
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if not rankings:
@@ -55,6 +59,10 @@ def cumulative_head_ablation(
             raise ValueError(f"ranking {name!r} has shape {tuple(torch.as_tensor(scores).shape)}; expected ({n_layers}, {n_heads})")
     if not fractions or any(not 0 <= f <= 1 for f in fractions):
         raise ValueError(f"fractions must be a non-empty list in [0, 1], got {list(fractions)}")
+    if value == "mean":
+        value = _prompt_means(model, dataset, task, batch_size, limit)
+    elif value != "zero":
+        raise ValueError(f"unknown head ablation value {value!r} (expected 'zero' or 'mean')")
     orders = {name: rank_heads(scores, by="top") for name, scores in rankings.items()}
     if low_importance_from is not None:
         if low_importance_from not in rankings:
@@ -82,6 +90,15 @@ def cumulative_head_ablation(
                     baseline = frame
             results.append(frame.assign(ranking=name, fraction=fraction, n_heads_removed=n_removed, condition=f"{name}@{fraction:g}"))
     return pd.concat(results, ignore_index=True)
+
+
+def _prompt_means(model, dataset: Any, task: Task, batch_size: int, limit: int | None) -> dict[int, Tensor]:
+    samples = itertools.islice(as_samples(dataset), limit)
+    batches = (
+        model.prepare([image for _, image, _ in batch], [task_prompt(task, sample) for sample, _, _ in batch])
+        for batch in batched(queries(samples, task), batch_size)
+    )
+    return mean_head_activations(model, batches)
 
 
 def normalised_auc(results: pd.DataFrame, metric: str | None = None) -> pd.Series:

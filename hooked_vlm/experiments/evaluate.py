@@ -75,7 +75,7 @@ def evaluate(
     samples = itertools.islice(as_samples(dataset), limit)
     rows: list[dict] = []
     bar = tqdm(desc=f"{task} [{condition}]", unit="query", disable=not progress)
-    for batch in batched(_queries(samples, task), batch_size):
+    for batch in batched(queries(samples, task), batch_size):
         images = [image for _, image, _ in batch]
         prompts = [task_prompt(task, sample) for sample, _, _ in batch]
         inputs = model.prepare(images, prompts)
@@ -88,7 +88,7 @@ def evaluate(
     return pd.DataFrame(rows)
 
 
-def _queries(samples: Iterable[Sample], task: Task):
+def queries(samples: Iterable[Sample], task: Task):
     """(sample, image, kind): binary classification also asks about the object-removed image."""
     for sample in samples:
         yield sample, sample.image, "original"

@@ -65,8 +65,8 @@ def run_demo(
     }
     object_positions = iv.object_tokens(inputs, sample.mask).positions(0)
     boxes = {"ground truth": sample.box} | ({"predicted": predicted} if predicted else {})
-    figure = plotting.token_overlay(sample.image, inputs.layout, positions=object_positions, box=boxes,
-                                    title=f"{sample.class_name}: object tokens, GT and predicted box")  # fmt: skip
+    figure = plotting.token_overlay(sample.image, inputs.layout, positions=object_positions, box=boxes, alpha=0.3,
+                                    title=f"{sample.class_name}\nits tokens (red), ground-truth and predicted box")  # fmt: skip
     figures["prediction"] = _save(plotting, figure, out / "prediction.png")
 
     # 2. baselines
@@ -102,7 +102,7 @@ def run_demo(
         "pairs": n_pairs,
         "top_heads": [{"layer": l, "head": h, "mean_mf": round(float(mf[l, h]), 3)} for l, h in rank_heads(mf, 5)],
     }
-    figure = plotting.head_heatmap(mf, title="Mean mediation fraction per head (localization)", annotate_top=5)
+    figure = plotting.head_heatmap(mf, title="Mean mediation fraction per head\n(localization)", annotate_top=5)
     figures["head_mediation"] = _save(plotting, figure, out / "head_mediation.png")
 
     report["figures"] = figures

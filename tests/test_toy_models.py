@@ -131,7 +131,11 @@ def test_tokenizer_spells_numbers_digit_by_digit(family, hooked):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_meets_quality_floor_on_heldout_items(family, hooked):
-    """Greedy decoding through HookedVLM on items of a split never used in training."""
+    """Greedy decoding through HookedVLM on items of a split never used in training, and the
+    150 held-out items its training run scored (its record)."""
+    recorded = _record(family)["heldout_hooked"]
+    assert recorded["n_items"] >= 150
+    assert recorded["loc_success@0.5"] >= LOC_FLOOR and recorded["list_accuracy"] >= LIST_FLOOR, recorded
     items = _heldout_items(family, FLOOR_ITEMS)
     metrics = evaluate(hooked_generate(hooked(family), batch_size=20), items, family, tasks=("localization", "list"))
     assert metrics["loc_success@0.5"] >= LOC_FLOOR, metrics

@@ -66,7 +66,7 @@ def head_heatmap(
     data = _as_matrix(values, "values")
     finite = np.isfinite(data)
     signed = bool((data[finite] < 0).any()) if signed is None else signed
-    fig, ax = _figure_and_axes(ax, figsize=(0.18 * data.shape[1] + 2.5, 0.16 * data.shape[0] + 1.5))
+    fig, ax = _figure_and_axes(ax, figsize=(max(0.18 * data.shape[1] + 2.5, 5.0), max(0.16 * data.shape[0] + 1.5, 3.0)))
     image = _show_matrix(ax, data, cmap or ("RdBu_r" if signed else "viridis"), _value_norm(data, signed))
     ax.set_xlabel("head")
     ax.set_ylabel("layer")

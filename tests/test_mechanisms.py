@@ -49,14 +49,15 @@ def test_ablating_the_objects_tokens_breaks_localization_far_more_than_random_to
     assert baseline - objects >= 3 * max(baseline - random, 0.02), (baseline, objects, random)
 
 
-def test_shuffling_every_token_destroys_localization_but_shuffling_the_object_does_not(toy):
+def test_shuffling_every_token_destroys_localization_shuffling_the_object_far_less(toy):
     model, data, _ = toy
     results = token_shuffle(model, data, modes=("full", "object"), seeds=(0,), progress=False)
     baseline, full, objects = _success(results, "baseline"), _success(results, "full s0"), _success(results, "object s0")
     assert full <= 0.25 * baseline
     # Inside the object the tokens keep their place in the image; at the toys' coarse grids (an
     # InternVL toy object spans 2-3 tokens of a view) shuffling them still moves its edges a
-    # little, so the bar is relative to the full shuffle (LLaVA toy: 0.82 vs 0.08 of 0.97).
+    # little, so the bar is relative to the full shuffle (success: toy-llava 0.85 vs 0.05 of 0.97,
+    # toy-internvl 0.48 vs 0.10 of 0.80).
     assert objects - full >= 0.25 * baseline, (baseline, full, objects)
 
 

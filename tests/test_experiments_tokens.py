@@ -319,9 +319,8 @@ def test_bad_arguments_raise_before_any_work(model, dataset, experiment, kwargs,
         experiment(model, dataset, progress=False, **kwargs)
 
 
-def test_views_and_scale_views_that_need_internvl_are_refused_on_llava(model, dataset):
-    if model.cfg.family != "llava":
-        pytest.skip("InternVL has both view kinds")
+def test_views_and_scale_views_that_need_internvl_are_refused_on_llava(tiny_checkpoint, dataset):
+    model = HookedVLM.from_pretrained(tiny_checkpoint("llava_multilayer"))
     with pytest.raises(ValueError, match="needs InternVL"):
         object_extension(model, dataset, scale_view="local", progress=False)
     with pytest.raises(ValueError, match="needs InternVL"):

@@ -68,12 +68,13 @@ from hooked_vlm.testing.tokenizers import (  # noqa: F401
 from hooked_vlm.testing.llava import (  # noqa: F401
     build_tiny_llava,
     export_llava_original,
+    llava_processor,
     tiny_llava_config,
 )
 from hooked_vlm.testing.internvl import (  # noqa: F401
-    _internvl_processor,
     build_tiny_internvl,
     export_internvl_original,
+    internvl_processor,
     load_hf_processor,
     tiny_internvl_config,
 )
@@ -97,6 +98,8 @@ __all__ = [
     "load_runtime_state_dict",
     "tiny_llava_config",
     "tiny_internvl_config",
+    "llava_processor",
+    "internvl_processor",
     "build_tiny_llava",
     "build_tiny_internvl",
     "export_llava_original",

@@ -121,7 +121,7 @@ class _InternVLProcessorWithoutVideo(InternVLProcessor):
         super().__init__(image_processor, tokenizer, None, image_seq_length, chat_template, **kwargs)
 
 
-def _internvl_processor(
+def internvl_processor(
     tokenizer: Qwen2Tokenizer, config: InternVLConfig, min_patches: int, max_patches: int
 ) -> InternVLProcessor:
     """The InternVL-HF processor for the tiny tile size (GotOcr2 tiling, ImageNet mean/std)."""
@@ -185,7 +185,7 @@ def build_tiny_internvl(
     model = randomize_weights_(InternVLForConditionalGeneration(config), seed=seed, gain=init_gain)
     _save_model(model, path, dtype)
     apply_key_layout(path, key_layout, clip_tower=False)
-    _save_processor(_internvl_processor(tokenizer, config, min_patches, max_patches), path)
+    _save_processor(internvl_processor(tokenizer, config, min_patches, max_patches), path)
     for name in ("processor_config.json", "tokenizer_config.json"):
         _update_json(path / name, processor_class="InternVLProcessor")
     return path

@@ -14,6 +14,7 @@ from transformers import (
     LlamaTokenizer,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaImageProcessorPil,
     LlavaProcessor,
     ProcessorMixin,
 )
@@ -97,10 +98,12 @@ def tiny_llava_config(
     )
 
 
-def _llava_processor(tokenizer: LlamaTokenizer, config: LlavaConfig) -> LlavaProcessor:
-    """llava-hf's processor scaled to the tiny image size: resize shortest edge, center-crop."""
+def llava_processor(tokenizer: LlamaTokenizer, config: LlavaConfig, *, pad: bool = False) -> LlavaProcessor:
+    """llava-hf's processor scaled to the tiny image size: resize the shortest edge, center-crop;
+    with `pad`, first expand to a square with the mean colour (`LlavaImageProcessor(do_pad=True)`,
+    what the library calls the "pad" image mode of original LLaVA-1.5)."""
     size = config.vision_config.image_size
-    image_processor = CLIPImageProcessorPil(
+    common = dict(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         do_center_crop=True,
@@ -109,6 +112,7 @@ def _llava_processor(tokenizer: LlamaTokenizer, config: LlavaConfig) -> LlavaPro
         image_std=CLIP_STD,
         do_convert_rgb=True,
     )
+    image_processor = LlavaImageProcessorPil(do_pad=True, **common) if pad else CLIPImageProcessorPil(**common)
     return LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
@@ -167,7 +171,7 @@ def build_tiny_llava(
     model = randomize_weights_(LlavaForConditionalGeneration(config), seed=seed, gain=init_gain)
     _save_model(model, path, dtype)
     apply_key_layout(path, key_layout, clip_tower=True)
-    _save_processor(_llava_processor(build_llava_tokenizer(vocab_size), config), path, _LLAMA_TOKENIZER_FIELDS)
+    _save_processor(llava_processor(build_llava_tokenizer(vocab_size), config), path, _LLAMA_TOKENIZER_FIELDS)
     return path
 
 

@@ -107,7 +107,12 @@ def build_llama_tokenizer(vocab_size: int = 500) -> LlamaTokenizer:
 def build_llava_tokenizer(vocab_size: int = 500) -> LlamaTokenizer:
     """`build_llama_tokenizer` plus what the llava-hf conversion appended: `<image>` (id
     `vocab_size`) and `<pad>` (id `vocab_size + 1`), and the llava-hf chat template."""
-    tokenizer = build_llama_tokenizer(vocab_size)
+    return with_llava_hf_tokens(build_llama_tokenizer(vocab_size))
+
+
+def with_llava_hf_tokens(tokenizer: LlamaTokenizer) -> LlamaTokenizer:
+    """What the llava-hf conversion appended to a Llama tokenizer: `<image>` (the base vocabulary
+    size's id), `<pad>` after it, and the llava-hf chat template. In place; returns `tokenizer`."""
     tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
     tokenizer.add_special_tokens({"pad_token": AddedToken("<pad>", special=True, normalized=False)})
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
@@ -128,8 +133,16 @@ def build_internvl_tokenizer(vocab_size: int = 600) -> Qwen2Tokenizer:
     vocab, merges = _train_bpe(byte_level, vocab_size, pre_tokenizers.ByteLevel.alphabet())
     if len(vocab) != vocab_size:
         raise ValueError(f"the built-in corpus yields at most {len(vocab)} tokens, not {vocab_size}")
+    return internvl_tokenizer(vocab, merges)
+
+
+def internvl_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Qwen2Tokenizer:
+    """A Qwen2Tokenizer over a byte-level BPE `vocab` and `merges`, with InternVL's
+    `INTERNVL_SPECIAL_TOKENS` at the ids after the vocabulary, the named image tokens
+    InternVLProcessor reads, no BOS, EOS `<|im_end|>` and the InternVL-HF chat template."""
     # Specials placed in the vocab fix their ids; registering them as added tokens below reuses those ids.
-    vocab |= {token: vocab_size + i for i, token in enumerate(INTERNVL_SPECIAL_TOKENS)}
+    base = len(vocab)
+    vocab = vocab | {token: base + i for i, token in enumerate(INTERNVL_SPECIAL_TOKENS)}
     tokenizer = Qwen2Tokenizer(
         vocab=vocab,
         merges=merges,

@@ -47,23 +47,13 @@ import torch
 from transformers import (
     InternVLForConditionalGeneration,
     LlavaForConditionalGeneration,
-    LlavaImageProcessorPil,
-    LlavaProcessor,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     ProcessorMixin,
 )
 
 from hooked_vlm.data.synthetic import SyntheticLocalization
-from hooked_vlm.testing import (
-    BICUBIC,
-    CLIP_MEAN,
-    CLIP_STD,
-    LLAVA_CHAT_TEMPLATE,
-    _internvl_processor,
-    tiny_internvl_config,
-    tiny_llava_config,
-)
+from hooked_vlm.testing import internvl_processor, llava_processor, tiny_internvl_config, tiny_llava_config
 
 Family = Literal["llava", "internvl"]
 
@@ -167,27 +157,9 @@ def build_processor(spec: ToySpec, tokenizer: PreTrainedTokenizerBase, model: Pr
     """The HF processor saved with the checkpoint. LLaVA: a `LlavaImageProcessor` with
     `do_pad=True` (pad to square with the mean colour, then resize; what makes the library use
     its "pad" image mode). InternVL: GotOcr2 tiling with `max_tiles` tiles plus the thumbnail."""
-    config = model.config
     if spec.family == "internvl":
-        return _internvl_processor(tokenizer, config, 1, spec.max_tiles)
-    size = config.vision_config.image_size
-    image_processor = LlavaImageProcessorPil(
-        do_pad=True,
-        size={"shortest_edge": size},
-        crop_size={"height": size, "width": size},
-        resample=BICUBIC,
-        image_mean=CLIP_MEAN,
-        image_std=CLIP_STD,
-        do_convert_rgb=True,
-    )
-    return LlavaProcessor(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        patch_size=config.vision_config.patch_size,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        num_additional_image_tokens=1,  # CLIP's CLS token
-        chat_template=LLAVA_CHAT_TEMPLATE,
-    )
+        return internvl_processor(tokenizer, model.config, 1, spec.max_tiles)
+    return llava_processor(tokenizer, model.config, pad=True)
 
 
 def save_checkpoint(out: Path, model: PreTrainedModel, processor: ProcessorMixin, family: Family) -> None:

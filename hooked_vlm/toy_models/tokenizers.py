@@ -21,21 +21,15 @@ import re
 from collections.abc import Iterable
 
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
-from transformers import AddedToken, LlamaTokenizer, Qwen2Tokenizer
+from transformers import LlamaTokenizer, Qwen2Tokenizer
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
-from hooked_vlm.testing import INTERNVL_CHAT_TEMPLATE, INTERNVL_SPECIAL_TOKENS, LLAVA_CHAT_TEMPLATE
+from hooked_vlm.testing.tokenizers import INTERNVL_SPECIAL_TOKENS, internvl_tokenizer, with_llava_hf_tokens
 
 # Upper bound on learned pieces: the trainer stops earlier, once every word is a single piece.
 MAX_LEARNED_PIECES = 2000
 _LLAVA_TEMPLATE_TEXT = "USER: \nPlease ASSISTANT: [0.5]"
 _INTERNVL_TEMPLATE_TEXT = "user\nPlease\nassistant\n"
-_INTERNVL_NAMED_TOKENS = {
-    "start_image_token": "<img>",
-    "end_image_token": "</img>",
-    "context_image_token": "<IMG_CONTEXT>",
-    "video_token": "<video>",
-}
 
 
 def _train_bpe(texts: Iterable[str], pre_tokenizer, initial_alphabet: list[str]) -> tuple[dict[str, int], list]:
@@ -70,11 +64,7 @@ def build_llava_tokenizer(corpus: Iterable[str]) -> LlamaTokenizer:
     learned, merges = _train_bpe([*corpus, _LLAVA_TEMPLATE_TEXT], training_split, initial_alphabet=[])
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<0x{byte:02X}>": 3 + byte for byte in range(256)}
     vocab |= {piece: len(vocab) + i for i, piece in enumerate(p for p in learned if p not in vocab)}
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_bos_token=True, add_eos_token=False)
-    tokenizer.add_tokens([AddedToken("<image>", special=True, normalized=False)], special_tokens=True)
-    tokenizer.add_special_tokens({"pad_token": AddedToken("<pad>", special=True, normalized=False)})
-    tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
-    return tokenizer
+    return with_llava_hf_tokens(LlamaTokenizer(vocab=vocab, merges=merges, legacy=False, add_bos_token=True, add_eos_token=False))
 
 
 def build_internvl_tokenizer(corpus: Iterable[str]) -> Qwen2Tokenizer:
@@ -88,17 +78,4 @@ def build_internvl_tokenizer(corpus: Iterable[str]) -> Qwen2Tokenizer:
     )
     texts = _without_specials([*corpus, _INTERNVL_TEMPLATE_TEXT])
     vocab, merges = _train_bpe(texts, byte_level, pre_tokenizers.ByteLevel.alphabet())
-    base = len(vocab)
-    vocab |= {token: base + i for i, token in enumerate(INTERNVL_SPECIAL_TOKENS)}
-    tokenizer = Qwen2Tokenizer(
-        vocab=vocab,
-        merges=merges,
-        unk_token=None,
-        bos_token=None,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens=dict(_INTERNVL_NAMED_TOKENS),
-    )
-    tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in INTERNVL_SPECIAL_TOKENS])
-    tokenizer.chat_template = INTERNVL_CHAT_TEMPLATE
-    return tokenizer
+    return internvl_tokenizer(vocab, merges)

@@ -177,3 +177,27 @@ def test_training_script_runs_resumes_and_is_deterministic(tmp_path):
     assert {item.image_size for item in toy_dataset(tmp_path / "c", 5)} == {(24, 32)}
     with pytest.raises(SystemExit):
         main([*common, "--image-sizes", "24by32", "--out", str(tmp_path / "d")])
+
+
+def test_head_dropout_zeroes_whole_heads_in_training_mode_only():
+    from hooked_vlm.toy_models.train import head_dropout_hooks
+
+    model = LlavaForConditionalGeneration.from_pretrained(toy_model_path("toy-llava"))
+    attn = model.model.language_model.layers[0].self_attn
+    handles = head_dropout_hooks(model, 0.5, torch.Generator().manual_seed(0))
+    seen = []  # what o_proj receives, after the dropout hook
+    attn.o_proj.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    x = torch.randn(8, 5, model.config.text_config.hidden_size)
+    positions = torch.arange(5).expand(8, 5)
+    rotary = model.model.language_model.rotary_emb(x, positions)
+    attn.train()
+    attn(x, rotary, None)
+    heads = seen[-1].view(8, 5, attn.config.num_attention_heads, -1)
+    zero = (heads == 0).all(dim=-1)  # [batch, pos, head]
+    assert zero.any() and (~zero).any()
+    assert (zero == zero[:, :1]).all()  # a dropped head is dropped at every position of its example
+    attn.eval()
+    attn(x, rotary, None)
+    assert not (seen[-1].view_as(heads) == 0).all(dim=-1).any()
+    for handle in handles:
+        handle.remove()

@@ -118,7 +118,10 @@ def train(
 
     history, window = [], {task: [] for task in TASKS}
     model.train()
+    dropout = torch.Generator().manual_seed(seed)
+    handles = head_dropout_hooks(model, t.head_dropout, dropout) if t.head_dropout else []
     for step in range(t.steps):
+        dropout.manual_seed(seed * 1_000_003 + first_step + step)
         rng = np.random.default_rng([seed, first_step + step])
         items = [train_items[(first_step + step) * t.batch_size + j] for j in range(t.batch_size)]
         batch = training_batch(encoder, items, rng, t.task_weights)
@@ -143,6 +146,8 @@ def train(
             print(json.dumps({"step": step + 1, "quick_eval": {k: v for k, v in quick.items() if k != "answers"}}), flush=True)
             model.train()
     train_seconds = time.time() - start
+    for handle in handles:
+        handle.remove()
 
     model.eval()
     metrics = evaluate(hf_generate(model, processor, spec.family), list(val_items), spec.family)
@@ -174,6 +179,25 @@ def train(
     except Exception as error:  # noqa: BLE001 - a loader gap must not lose the trained model
         print(f"HookedVLM evaluation failed: {error!r}", flush=True)
     return record
+
+
+def head_dropout_hooks(model, p: float, generator: torch.Generator) -> list:
+    """Zero each language-model attention head's output (its slice of the `o_proj` input) for
+    each example with probability `p`, in training mode only. A 16-head toy otherwise leans on a
+    few indispensable heads; large models are redundant, which is what the paper's head-ablation
+    controls assume."""
+    text = model.model.language_model
+    n_heads, d_head = text.config.num_attention_heads, text.config.head_dim
+
+    def drop(module, args):
+        if not module.training:
+            return None
+        (x,) = args
+        b, pos, _ = x.shape
+        keep = torch.rand(b, 1, n_heads, 1, generator=generator) >= p
+        return ((x.view(b, pos, n_heads, d_head) * keep.to(x.dtype)).view(b, pos, -1),)
+
+    return [layer.self_attn.o_proj.register_forward_pre_hook(drop) for layer in text.layers]
 
 
 def _record_task_losses(window: dict[str, list[float]], logits: torch.Tensor, batch) -> None:
@@ -218,13 +242,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--init-from", type=Path, help="continue training a checkpoint written by this script")
     parser.add_argument("--task-weights", type=_floats, help="override the spec's localization,list,binary weights, e.g. 0.35,0.4,0.25")
     parser.add_argument("--image-sizes", type=_sizes, help="override the spec's image sizes, e.g. 64x32,32x64")
+    parser.add_argument("--head-dropout", type=float, help="probability of zeroing a language-model head per example")
     parser.add_argument("--eval-every", type=int, default=0, help="quick held-out eval every N steps (0: off)")
     args = parser.parse_args(argv)
     spec = TOY_SPECS[args.family]
     overrides = {
         k: v
         for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
-                     ("eval_items", args.eval_items), ("task_weights", args.task_weights))
+                     ("eval_items", args.eval_items), ("task_weights", args.task_weights), ("head_dropout", args.head_dropout))
         if v is not None
     }  # fmt: skip
     if overrides:

@@ -6,7 +6,7 @@ import json
 import re
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from transformers import (
@@ -149,39 +149,22 @@ def build_tiny_internvl(
     *,
     seed: int = 0,
     vocab_size: int = 600,
-    vision_variant: Literal["300m", "6b"] = "300m",
-    d_model: int = 48,
-    d_mlp: int = 96,
-    n_layers: int = 2,
-    n_heads: int = 4,
-    n_key_value_heads: int = 2,
-    d_head: int = 16,
-    tie_word_embeddings: bool = False,
-    vision_d_model: int = 32,
-    vision_d_mlp: int = 64,
-    vision_layers: int = 2,
-    vision_heads: int = 2,
-    image_size: int = 56,
-    patch_size: int = 14,
     min_patches: int = 1,
     max_patches: int = 6,
     dtype: torch.dtype = torch.float32,
     key_layout: KeyLayout = "saved",
     init_gain: float = 2.0,
+    **sizes: Any,
 ) -> Path:
     """Write a random `InternVLForConditionalGeneration` checkpoint with its InternVLProcessor
-    (GotOcr2 image processor), tokenizer and chat template to `path`. `image_size` is the tile
-    size: each tile becomes ((image_size // patch_size) // 2)² `<IMG_CONTEXT>` tokens (56 px -> 4).
-    Load the processor with `load_hf_processor` if torchvision is not installed."""
+    (GotOcr2 image processor), tokenizer and chat template to `path`. `sizes`: keyword arguments
+    of `tiny_internvl_config` (tower variant, widths, layers, heads, GQA, tying, tile and patch
+    size). `image_size` is the tile size: each tile becomes ((image_size // patch_size) // 2)²
+    `<IMG_CONTEXT>` tokens (56 px -> 4). Load the processor with `load_hf_processor` if
+    torchvision is not installed."""
     path = Path(path)
     tokenizer = build_internvl_tokenizer(vocab_size)
-    config = tiny_internvl_config(
-        tokenizer,
-        vision_variant=vision_variant, d_model=d_model, d_mlp=d_mlp, n_layers=n_layers, n_heads=n_heads,
-        n_key_value_heads=n_key_value_heads, d_head=d_head, tie_word_embeddings=tie_word_embeddings,
-        vision_d_model=vision_d_model, vision_d_mlp=vision_d_mlp, vision_layers=vision_layers,
-        vision_heads=vision_heads, image_size=image_size, patch_size=patch_size,
-    )  # fmt: skip
+    config = tiny_internvl_config(tokenizer, **sizes)
     model = randomize_weights_(InternVLForConditionalGeneration(config), seed=seed, gain=init_gain)
     _save_model(model, path, dtype)
     apply_key_layout(path, key_layout, clip_tower=False)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -142,32 +143,18 @@ def build_tiny_llava(
     *,
     seed: int = 0,
     vocab_size: int = 500,
-    d_model: int = 64,
-    d_mlp: int = 128,
-    n_layers: int = 2,
-    n_heads: int = 4,
-    vision_d_model: int = 32,
-    vision_d_mlp: int = 64,
-    vision_layers: int = 3,
-    vision_heads: int = 2,
-    image_size: int = 42,
-    patch_size: int = 14,
-    vision_feature_layer: int | list[int] = -2,
-    vision_feature_select_strategy: str = "default",
     dtype: torch.dtype = torch.float32,
     key_layout: KeyLayout = "saved",
     init_gain: float = 2.0,
+    **sizes: Any,
 ) -> Path:
     """Write a random `LlavaForConditionalGeneration` checkpoint with its LlavaProcessor, tokenizer
     and chat template to `path`, loadable with `from_pretrained` / `AutoProcessor.from_pretrained`.
-    Each image becomes (image_size // patch_size)² `<image>` tokens (+1 with strategy "full")."""
+    `sizes`: keyword arguments of `tiny_llava_config` (widths, layers, heads, image and patch size,
+    feature layer and strategy). Each image becomes (image_size // patch_size)² `<image>` tokens
+    (+1 with strategy "full")."""
     path = Path(path)
-    config = tiny_llava_config(
-        vocab_size=vocab_size, d_model=d_model, d_mlp=d_mlp, n_layers=n_layers, n_heads=n_heads,
-        vision_d_model=vision_d_model, vision_d_mlp=vision_d_mlp, vision_layers=vision_layers,
-        vision_heads=vision_heads, image_size=image_size, patch_size=patch_size,
-        vision_feature_layer=vision_feature_layer, vision_feature_select_strategy=vision_feature_select_strategy,
-    )  # fmt: skip
+    config = tiny_llava_config(vocab_size=vocab_size, **sizes)
     model = randomize_weights_(LlavaForConditionalGeneration(config), seed=seed, gain=init_gain)
     _save_model(model, path, dtype)
     apply_key_layout(path, key_layout, clip_tower=True)

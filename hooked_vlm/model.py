@@ -218,7 +218,8 @@ class HookedVLM(HookedRootModule):
     def run_with_cache(self, *model_args: Any, return_cache_object: bool = True, **kwargs: Any):
         """As `HookedRootModule.run_with_cache`, returning a transformer_lens `ActivationCache`
         (`VLMActivationCache`, see `hooked_vlm.cache`). `names_filter`, `device` (e.g. "cpu" to
-        offload) and `pos_slice` restrict what is kept."""
+        offload) and `pos_slice` restrict what is kept. Repeated caches of every hook on CPU:
+        `hooked_vlm.keep_freed_memory()` spares each call re-faulting its memory in."""
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
         if not return_cache_object:
             return out, cache_dict

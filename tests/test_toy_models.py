@@ -167,16 +167,28 @@ def test_training_script_runs_resumes_and_is_deterministic(tmp_path):
     first, second = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
 
-    stage = ["--init-from", str(tmp_path / "a"), "--image-sizes", "24x32", "--task-weights", "0,1,0", "--lr", "1e-4"]
+    stage = ["--init-from", str(tmp_path / "a"), "--image-sizes", "24x32", "--task-weights", "0,1,0", "--lr", "1e-4", "--crowded-share", "0.5"]
     main([*common, *stage, "--out", str(tmp_path / "c")])
     record = json.loads((tmp_path / "c" / "training.json").read_text())
     assert record["first_step"] == 2 and len(record["stages"]) == 1
     assert record["spec"]["data"]["image_sizes"] == [[24, 32]] and record["spec"]["train"]["task_weights"] == [0, 1, 0]
+    assert record["spec"]["train"]["crowded_share"] == 0.5
     earlier = record["stages"][0]
     assert earlier["steps"] == 2 and earlier["spec"]["data"]["image_sizes"] != [[24, 32]]
     assert {item.image_size for item in toy_dataset(tmp_path / "c", 5)} == {(24, 32)}
     with pytest.raises(SystemExit):
         main([*common, "--image-sizes", "24by32", "--out", str(tmp_path / "d")])
+
+
+def test_crowded_items_hold_a_distractor_and_come_from_their_own_split():
+    from hooked_vlm.toy_models.train import crowded_items
+
+    spec = TOY_SPECS["llava"]
+    first, again = crowded_items(spec, 0), crowded_items(spec, 0)
+    items = [next(first) for _ in range(20)]
+    assert all(len(item.objects) > 1 and item.split == "train-crowded" for item in items)
+    assert [item.index for item in items] == [next(again).index for _ in range(20)]
+    assert len({item.index for item in items}) == 20
 
 
 def test_head_dropout_zeroes_whole_heads_in_training_mode_only():

@@ -179,8 +179,14 @@ class HookedVLM(HookedRootModule):
         attention_mask: Int[Tensor, "batch key_pos"],
         position_ids: Int[Tensor, "batch pos"],
         kv_cache: KVCache | None = None,
+        start_at_layer: int = 0,
     ) -> Float[Tensor, "batch pos d_vocab"]:
-        """Blocks, final norm and unembedding. `attention_mask` covers cached and new positions."""
+        """Blocks, final norm and unembedding. `attention_mask` covers cached and new positions.
+        With `start_at_layer=L`, `inputs_embeds` is the residual stream entering block L (its
+        `hook_resid_pre`) and blocks before L are skipped, as TransformerLens's argument of that
+        name; `kv_cache` must then hold the cached positions' keys and values of blocks L.."""
+        if not 0 <= start_at_layer < self.cfg.n_layers:
+            raise IndexError(f"start_at_layer {start_at_layer} out of range: the language model has {self.cfg.n_layers} layers")
         # Hooks that address sequence positions read this to place a decoding step's [batch, 1]
         # activations: the new positions are past_length, past_length + 1, ... (set here and by
         # every caller before `embed_inputs`, so hook_embed/hook_inputs_embeds see it too)
@@ -188,7 +194,7 @@ class HookedVLM(HookedRootModule):
         dtype, q_len = inputs_embeds.dtype, inputs_embeds.shape[1]
         per_device: dict[torch.device, tuple] = {}  # rotary tables and mask, once per device
         resid = inputs_embeds
-        for block in self.blocks:
+        for block in self.blocks[start_at_layer:]:
             device = block.ln1.weight.device
             if device not in per_device:
                 rotary = self.rotary(position_ids.to(device), dtype)

@@ -4,8 +4,9 @@ Two methods, both over every language-model head at once:
 
 - `head_patching_sweep` (exact). A patch at positions >= P cannot change anything before P, so
   the base run's image features and its key/values for positions < P are computed once; each
-  patched run only recomputes positions P.. against that shared prefix, and many heads are
-  patched side by side in one batch (copy i of the suffix patches head i). Identical to running
+  patched run only recomputes positions P.. against that shared prefix, from the lowest layer
+  it patches (the blocks below are the base run's), and many heads are patched side by side in
+  one batch (copy i of the suffix patches head i). Identical to running
   one full patched forward per head (`naive_head_patching`), at a fraction of the cost.
 - `head_attribution` (attribution patching, AtP): a first-order estimate of every head's effect,
   `(z_source - z_base) . dM/dz` at the base run, from one forward and one backward of the base
@@ -114,23 +115,40 @@ def head_patching_sweep(
         embeds = model.embed_inputs(base.input_ids, features, base.image_token_mask())
         prefix = KVCache(model.cfg.n_layers)
         model.run_language_model(embeds[:, :offset], base.attention_mask[:, :offset], base.position_ids[:, :offset], prefix)
-        suffix = embeds[:, offset:]
+        # the base suffix's residual stream entering each block: a patch in layer L leaves the
+        # blocks before L as they were, so a batch starts at its lowest layer from here
+        resid_pre = _suffix_resid_pre(model, embeds[:, offset:], base, offset, prefix)
         relative = positions - offset
+        heads = sorted(heads)
         for start in range(0, len(heads), batch_size):
             chunk = heads[start : start + batch_size]
-            n = len(chunk)
+            n, first_layer = len(chunk), chunk[0][0]
             patch = _suffix_patch_hooks(chunk, source_z, positions, relative)
             with model.hooks(fwd_hooks=patch):
                 logits = model.run_language_model(
-                    suffix.expand(n, -1, -1),
+                    resid_pre[first_layer].expand(n, -1, -1),
                     base.attention_mask.expand(n, -1),
                     base.position_ids[:, offset:].expand(n, -1),
                     prefix.frozen_copy(),
+                    start_at_layer=first_layer,
                 )
             values = metric(logits, offset)
             for (layer, head), value in zip(chunk, values):
                 out[layer, head] = value.item()
     return out
+
+
+def _suffix_resid_pre(model, suffix: Tensor, base: VLMInput, offset: int, prefix: KVCache) -> list[Tensor]:
+    """`hook_resid_pre` of every block over the base run's positions `offset..`."""
+    store: list[Tensor] = []
+
+    def keep(resid: Tensor, hook) -> Tensor:
+        store.append(resid)
+        return resid
+
+    with model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", keep) for layer in range(model.cfg.n_layers)]):
+        model.run_language_model(suffix, base.attention_mask, base.position_ids[:, offset:], prefix.frozen_copy())
+    return store  # in block order
 
 
 def _suffix_patch_hooks(chunk: list[Head], source_z: dict[int, Tensor], positions: Tensor, relative: Tensor) -> list:

@@ -35,11 +35,25 @@ def test_sweep_equals_one_patched_forward_per_head(pair):
     assert fast.std() > 0  # heads differ: the sweep is not returning one number
 
 
+def test_language_model_started_at_a_layer_continues_the_full_run(pair):
+    """What the sweep relies on: blocks L.. run from the cached `hook_resid_pre` of block L give
+    the full run's logits; an out-of-range layer is an error."""
+    model, base, _, _ = pair
+    logits, cache = model.run_with_cache(base, names_filter=lambda name: name.endswith("hook_resid_pre"))
+    for layer in range(model.cfg.n_layers):
+        resumed = model.run_language_model(cache[f"blocks.{layer}.hook_resid_pre"], base.attention_mask, base.position_ids, start_at_layer=layer)
+        assert (resumed - logits).abs().max() <= 1e-5, layer
+    with pytest.raises(IndexError, match="start_at_layer"):
+        model.run_language_model(cache["blocks.0.hook_resid_pre"], base.attention_mask, base.position_ids, start_at_layer=model.cfg.n_layers)
+
+
 def test_sweep_of_a_subset_leaves_other_heads_empty(pair):
     model, base, source, positions = pair
     metric = answer_nll_metric(base)
-    out = head_patching_sweep(model, base, source, metric, positions, heads=[(0, 1), (1, 0)])
+    out = head_patching_sweep(model, base, source, metric, positions, heads=[(1, 0), (0, 1)])
     assert torch.isnan(out).sum() == out.numel() - 2 and not torch.isnan(out[0, 1])
+    slow = naive_head_patching(model, base, source, metric, positions, heads=[(1, 0), (0, 1)])
+    assert torch.allclose(out[~torch.isnan(out)], slow[~torch.isnan(slow)], atol=1e-5)
 
 
 def test_patching_from_itself_changes_nothing(pair):

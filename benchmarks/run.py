@@ -6,17 +6,17 @@
 Builds mid-size random checkpoints of both families (LLaVA: a 336 px CLIP tower, ~600-token
 sequences; InternVL: 448 px tiles, several tiles + thumbnail) with `hooked_vlm.testing`, then
 reports every figure as a ratio against the reference measured in the same run: timings are
-interleaved (reference, candidate, reference, ...) and the median of each is taken, so machine
-load affects both alike. The cache ratios are measured a second time in a child process started
-with glibc's allocator told to keep freed memory (`TUNED_MALLOC`). Results go to stdout, as a
-side-by-side table at the end, and to `benchmarks/results.json`. See `benchmarks/README.md`.
+interleaved (each round runs every function once, in a shuffled order) and the median of each
+is taken, so machine load affects all alike. The cache ratios are measured a second time in a child process that
+calls `hooked_vlm.keep_freed_memory()` first. Results go to stdout, as a side-by-side table at
+the end, and to `benchmarks/results.json`. See `benchmarks/README.md`.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import random
 import statistics
 import subprocess
 import sys
@@ -31,7 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from memory import peak_memory_mb  # noqa: E402
 
-from hooked_vlm import HookedVLM  # noqa: E402
+from hooked_vlm import HookedVLM, keep_freed_memory  # noqa: E402
 from hooked_vlm.patching import answer_nll_metric, head_attribution, head_patching_sweep, naive_head_patching  # noqa: E402
 from hooked_vlm.testing import build_tiny_internvl, build_tiny_llava  # noqa: E402
 
@@ -58,14 +58,18 @@ SIZES = {
 
 
 def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
-    """Median seconds of each function, run in turn `reps` times after one warm-up each."""
+    """Median seconds of each function, run in turn `reps` times after one warm-up each. Each
+    round runs them in a new (seeded) order, so that none always follows the same one: a full
+    cache leaves the allocator in another state than a forward does."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    order, rng = list(fns), random.Random(0)
     for _ in range(reps):
-        for name, fn in fns.items():
+        rng.shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -145,19 +149,12 @@ def bench_forward(family: str, path: Path, reps: int) -> dict:
     out["generation_speed_ratio"] = g["hf"] / g["hooked"]  # > 1: hooked is faster
     if family == "llava":
         out |= bench_transformer_bridge(path, inputs, t["hf_eager"], reps)
-    return out
-
-
-# glibc serves large blocks with mmap and hands them back to the kernel when they are freed, so
-# every full cache re-faults (and the kernel re-zeroes) hundreds of MB to GBs of fresh pages. With
-# mmap off and trimming pushed out of reach, freed memory stays in the process and the next call
-# reuses it. Environment variables: they must be set before the process starts.
-TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(16 * 2**30)}
+    return out | bench_nnsight(family, path, inputs, reps)
 
 
 @torch.no_grad()
 def bench_caches(path: Path, reps: int) -> dict:
-    """Forward and caches of the hooked model alone (for the run with tuned malloc)."""
+    """Forward and caches of the hooked model alone (for the run with freed memory kept)."""
     hooked = HookedVLM.from_pretrained(path)
     inputs = hooked.prepare(Image.open(ASSETS / "chelsea.jpg"), PROMPT)
     resid_only = lambda name: name.endswith("hook_resid_post") and not name.startswith("vision.")  # noqa: E731
@@ -172,12 +169,13 @@ def bench_caches(path: Path, reps: int) -> dict:
     return {"cache_all_ratio_vs_forward": t["cache_all"] / t["hooked"], "cache_filtered_ratio_vs_forward": t["cache_filtered"] / t["hooked"]}
 
 
-def bench_caches_tuned_malloc(path: Path, reps: int) -> dict:
-    """`bench_caches` in a child process started with `TUNED_MALLOC`."""
+def bench_caches_keeping_freed_memory(path: Path, reps: int) -> dict:
+    """`bench_caches` in a child process that calls `hooked_vlm.keep_freed_memory()` first
+    (malloc's policy is process-wide: the parent's figures stay those of the defaults)."""
     command = [sys.executable, __file__, "--caches-only", str(path), "--reps", str(reps)]
-    done = subprocess.run(command, env=os.environ | TUNED_MALLOC, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
     ratios = json.loads(done.stdout.strip().splitlines()[-1])
-    return {f"tuned_malloc_{key}": value for key, value in ratios.items()}
+    return {f"kept_memory_{key}": value for key, value in ratios.items()}
 
 
 def bench_transformer_bridge(path: Path, inputs, hf_seconds: float, reps: int) -> dict:
@@ -198,6 +196,46 @@ def bench_transformer_bridge(path: Path, inputs, hf_seconds: float, reps: int) -
     return {"bridge_forward_ratio_vs_hf": t["forward"] / hf_seconds, "bridge_cache_ratio_vs_hf": t["cache"] / hf_seconds}
 
 
+def bench_nnsight(family: str, path: Path, inputs, reps: int) -> dict:
+    """nnsight on the Hugging Face eager model: a bare trace, the residual stream of every LM
+    layer saved (the filtered cache's content), and `tracer.cache()` of every module's output."""
+    try:
+        import nnsight
+        from nnsight import NNsight
+
+        reference = reference_model(family, path)
+        wrapped = NNsight(reference)
+        layers = wrapped.model.language_model.layers
+
+        def trace():
+            with wrapped.trace(**hf_kwargs(inputs)):
+                logits = wrapped.output.logits.save()
+            return logits
+
+        def resid():
+            with wrapped.trace(**hf_kwargs(inputs)):
+                saved = nnsight.save([])
+                for layer in layers:
+                    saved.append(layer.output)
+            return saved
+
+        def cache():
+            with wrapped.trace(**hf_kwargs(inputs)) as tracer:
+                saved = tracer.cache(device=None)
+            return saved
+
+        with torch.no_grad():
+            t = interleaved({"hf": lambda: reference(**hf_kwargs(inputs)), "trace": trace, "resid": resid, "cache": cache}, reps)
+    except Exception as error:  # report, don't fail: the peer is optional
+        return {"nnsight": f"did not run: {type(error).__name__}: {error}"}
+    return {
+        "nnsight_version": nnsight.__version__,
+        "nnsight_trace_ratio_vs_hf": t["trace"] / t["hf"],
+        "nnsight_resid_ratio_vs_hf": t["resid"] / t["hf"],
+        "nnsight_cache_ratio_vs_hf": t["cache"] / t["hf"],
+    }
+
+
 def bench_sweeps(family: str, path: Path, naive_heads: int | None) -> dict:
     """Exact head sweep (shared prefix, batched) vs one patched forward per head; attribution."""
     hooked = HookedVLM.from_pretrained(path)
@@ -210,9 +248,12 @@ def bench_sweeps(family: str, path: Path, naive_heads: int | None) -> dict:
     heads = [(l, h) for l in range(hooked.cfg.n_layers) for h in range(hooked.cfg.n_heads)]
     naive_subset = heads if naive_heads is None else heads[:: max(1, len(heads) // naive_heads)]
 
-    start = time.perf_counter()
-    fast = head_patching_sweep(hooked, base, source, metric, positions, batch_size=16)
-    fast_s = time.perf_counter() - start
+    fast_times = []  # the median of three: one sweep is ~5 forwards, short enough for noise to show
+    for _ in range(3):
+        start = time.perf_counter()
+        fast = head_patching_sweep(hooked, base, source, metric, positions, batch_size=16)
+        fast_times.append(time.perf_counter() - start)
+    fast_s = statistics.median(fast_times)
     start = time.perf_counter()
     slow = naive_head_patching(hooked, base, source, metric, positions, heads=naive_subset)
     naive_s = (time.perf_counter() - start) * len(heads) / len(naive_subset)
@@ -244,9 +285,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small models: a smoke run")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results.json")
-    parser.add_argument("--caches-only", type=Path, help=argparse.SUPPRESS)  # the child of bench_caches_tuned_malloc
+    parser.add_argument("--caches-only", type=Path, help=argparse.SUPPRESS)  # the child of bench_caches_keeping_freed_memory
     args = parser.parse_args()
     if args.caches_only:
+        if not keep_freed_memory():
+            raise SystemExit("keep_freed_memory() had no effect (glibc's malloc only)")
         print(json.dumps(bench_caches(args.caches_only, args.reps)))
         return
     size = "quick" if args.quick else "mid"
@@ -259,7 +302,7 @@ def main() -> None:
             results[family] = bench_forward(family, path, reps)
             results[family] |= {f"sweep_{k}": v for k, v in bench_sweeps(family, path, None if family == "llava" else 8).items()}
             results[family] |= peak_memory_mb(family, str(path))
-            results[family] |= bench_caches_tuned_malloc(path, reps)
+            results[family] |= bench_caches_keeping_freed_memory(path, reps)
             print(f"\n== {family}\n" + "\n".join(f"{k:40s} {_fmt(v)}" for k, v in results[family].items()), flush=True)
     args.out.write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + summary_table(results))
@@ -271,14 +314,17 @@ SUMMARY = [
     ("hooked forward, eager attention / HF eager", "forward_eager_ratio", None),
     ("run_with_cache, every hook / forward", "cache_all_ratio_vs_forward", ("<=", 1.5)),
     ("run_with_cache, filtered (LM resid_post) / forward", "cache_filtered_ratio_vs_forward", ("<=", 1.1)),
-    ("run_with_cache, every hook / forward, tuned malloc", "tuned_malloc_cache_all_ratio_vs_forward", ("<=", 1.5)),
-    ("run_with_cache, filtered / forward, tuned malloc", "tuned_malloc_cache_filtered_ratio_vs_forward", ("<=", 1.1)),
+    ("run_with_cache, every hook / forward, keep_freed_memory()", "kept_memory_cache_all_ratio_vs_forward", ("<=", 1.5)),
+    ("run_with_cache, filtered / forward, keep_freed_memory()", "kept_memory_cache_filtered_ratio_vs_forward", ("<=", 1.1)),
     ("generation speed, hooked / HF (>1: faster)", "generation_speed_ratio", None),
     ("exact head sweep: speedup over one forward per head", "sweep_sweep_speedup_vs_naive", (">=", 10)),
     ("exact head sweep: max abs MF diff vs naive", "sweep_sweep_max_abs_diff_vs_naive", None),
     ("attribution patching, all heads / forward", "sweep_attribution_ratio_vs_forward", ("<=", 4)),
     ("TransformerBridge forward / HF eager", "bridge_forward_ratio_vs_hf", None),
     ("TransformerBridge run_with_cache / HF eager", "bridge_cache_ratio_vs_hf", None),
+    ("nnsight trace, no intervention / HF eager", "nnsight_trace_ratio_vs_hf", None),
+    ("nnsight, every LM layer's output saved / HF eager", "nnsight_resid_ratio_vs_hf", None),
+    ("nnsight tracer.cache(), every module's output / HF eager", "nnsight_cache_ratio_vs_hf", None),
     ("peak MB: HF eager forward", "peak_mb_hf_forward", None),
     ("peak MB: hooked forward", "peak_mb_hooked_forward", None),
     ("peak MB: hooked cache, every hook", "peak_mb_hooked_cache_all", None),

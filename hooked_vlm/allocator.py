@@ -3,14 +3,17 @@
 glibc's malloc serves large blocks (attention patterns, MLP activations) with fresh `mmap`s and
 returns them to the kernel as soon as they are freed. A forward frees each one after use; a full
 `run_with_cache` keeps them all, so every call page-faults its whole cache in anew and the kernel
-zeroes every page: on a 4.8 GB InternVL cache that alone makes the call 2.5-3x the forward
+zeroes every page: on a 4.8 GB InternVL cache that alone makes the call 2.6-3.8x the forward
 (`benchmarks/README.md`). `keep_freed_memory()` tells malloc to take large blocks from its heap
 and never to trim it, so the next call reuses the memory the last one freed; the process keeps
 its peak resident size until `release_freed_memory()` hands the free part back (the CPU analogue
 of `torch.cuda.empty_cache()`).
 
 Off by default, because it changes malloc's policy for the whole process. glibc (Linux) only;
-elsewhere both functions warn and do nothing. On CUDA they are not needed.
+elsewhere both functions warn and do nothing. On CUDA they are not needed. (PyTorch's own
+`THP_MEM_ALLOC_ENABLE=1`, huge pages for tensors of 2 MB and more, is no substitute: it cut a
+fresh process's InternVL cache from 3.4x to 2.2x the forward, but in a process that had run
+other models it took 3.6x against 2.6x without, as the kernel compacts memory to find them.)
 """
 
 from __future__ import annotations
@@ -53,9 +56,9 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     what is freed from then on; blocks malloc already holds stay until `release_freed_memory()`.
 
     Returns whether the setting took effect. With it, a full `run_with_cache` costs about the
-    forward plus the hooks (1.08x / 1.17x for the mid-size LLaVA / InternVL benchmarks, against
-    1.5x / 2.5-3.2x without). Memory is not leaked: freed blocks serve later allocations of any
-    size, and `release_freed_memory()` returns them to the system."""
+    forward plus the hooks (1.08-1.15x / 1.17-1.24x for the mid-size LLaVA / InternVL
+    benchmarks, against 1.49-1.68x / 2.6-3.8x without). Memory is not leaked: freed blocks serve
+    later allocations of any size, and `release_freed_memory()` returns them to the system."""
     libc = _require_glibc("keep_freed_memory")
     if libc is None:
         return False

@@ -40,11 +40,12 @@ def test_language_model_started_at_a_layer_continues_the_full_run(pair):
     the full run's logits; an out-of-range layer is an error."""
     model, base, _, _ = pair
     logits, cache = model.run_with_cache(base, names_filter=lambda name: name.endswith("hook_resid_pre"))
+    mask, position_ids = base.attention_mask, base.position_ids
     for layer in range(model.cfg.n_layers):
-        resumed = model.run_language_model(cache[f"blocks.{layer}.hook_resid_pre"], base.attention_mask, base.position_ids, start_at_layer=layer)
+        resumed = model.run_language_model(cache[f"blocks.{layer}.hook_resid_pre"], mask, position_ids, start_at_layer=layer)
         assert (resumed - logits).abs().max() <= 1e-5, layer
     with pytest.raises(IndexError, match="start_at_layer"):
-        model.run_language_model(cache["blocks.0.hook_resid_pre"], base.attention_mask, base.position_ids, start_at_layer=model.cfg.n_layers)
+        model.run_language_model(cache["blocks.0.hook_resid_pre"], mask, position_ids, start_at_layer=model.cfg.n_layers)
 
 
 def test_sweep_of_a_subset_leaves_other_heads_empty(pair):

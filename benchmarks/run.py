@@ -1,15 +1,15 @@
 """Speed and memory of hooked_vlm against the Hugging Face eager forward, measured side by side.
 
-    python benchmarks/run.py            # mid-size models (a few minutes on 2 CPU cores)
+    python benchmarks/run.py            # mid-size models (about 12 minutes on 2 CPU cores)
     python benchmarks/run.py --quick    # small models, a smoke run
 
 Builds mid-size random checkpoints of both families (LLaVA: a 336 px CLIP tower, ~600-token
 sequences; InternVL: 448 px tiles, several tiles + thumbnail) with `hooked_vlm.testing`, then
 reports every figure as a ratio against the reference measured in the same run: timings are
-interleaved (each round runs every function once, in a shuffled order) and the median of each
-is taken, so machine load affects all alike. The cache ratios are measured a second time in a child process that
-calls `hooked_vlm.keep_freed_memory()` first. Results go to stdout, as a side-by-side table at
-the end, and to `benchmarks/results.json`. See `benchmarks/README.md`.
+interleaved (each round runs every function once, in a shuffled order) and the median of each is
+taken, so machine load affects all alike. The cache ratios are measured a second time in a child
+process that calls `hooked_vlm.keep_freed_memory()` first. Results go to stdout, as a
+side-by-side table at the end, and to `benchmarks/results.json`. See `benchmarks/README.md`.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ Two methods, both over every language-model head at once:
   the base run's image features and its key/values for positions < P are computed once; each
   patched run only recomputes positions P.. against that shared prefix, from the lowest layer
   it patches (the blocks below are the base run's), and many heads are patched side by side in
-  one batch (copy i of the suffix patches head i). Identical to running
-  one full patched forward per head (`naive_head_patching`), at a fraction of the cost.
+  one batch (copy i of the suffix patches head i). Identical to running one full patched
+  forward per head (`naive_head_patching`), at a fraction of the cost.
 - `head_attribution` (attribution patching, AtP): a first-order estimate of every head's effect,
   `(z_source - z_base) . dM/dz` at the base run, from one forward and one backward of the base
   and one forward of the source — for both towers' heads. With `node="pattern"` it attributes
@@ -140,15 +140,11 @@ def head_patching_sweep(
 
 def _suffix_resid_pre(model, suffix: Tensor, base: VLMInput, offset: int, prefix: KVCache) -> list[Tensor]:
     """`hook_resid_pre` of every block over the base run's positions `offset..`."""
-    store: list[Tensor] = []
-
-    def keep(resid: Tensor, hook) -> Tensor:
-        store.append(resid)
-        return resid
-
-    with model.hooks(fwd_hooks=[(f"blocks.{layer}.hook_resid_pre", keep) for layer in range(model.cfg.n_layers)]):
+    names = [f"blocks.{layer}.hook_resid_pre" for layer in range(model.cfg.n_layers)]
+    cache, caching_hooks, _ = model.get_caching_hooks(names_filter=names)
+    with model.hooks(fwd_hooks=caching_hooks):
         model.run_language_model(suffix, base.attention_mask, base.position_ids[:, offset:], prefix.frozen_copy())
-    return store  # in block order
+    return [cache[name] for name in names]
 
 
 def _suffix_patch_hooks(chunk: list[Head], source_z: dict[int, Tensor], positions: Tensor, relative: Tensor) -> list:

@@ -200,7 +200,7 @@ def _knockout_figure(results, summary):
 
     frame = results[results.target != "baseline"].drop(columns="condition").rename(columns={"target": "condition"})
     y = "loc_score" if "loc_score" in results else "correct"
-    return plotting.layer_curves(frame, x="layers", y=y, xlabel="layers knocked out")
+    return plotting.layer_curves(frame, x="layers", y=y, band="ci95", xlabel="layers knocked out")
 
 
 def _probe_summary(results: pd.DataFrame) -> pd.DataFrame:

@@ -89,9 +89,10 @@ def run_demo(
     curve = knockout[knockout.target != "baseline"].groupby(["target", "layers"], sort=False)["loc_score"].mean()
     report["attention_knockout"] = {f"{target} {layers}": round(float(v), 3) for (target, layers), v in curve.items()}
     curve_frame = knockout[knockout.target != "baseline"].drop(columns="condition").rename(columns={"target": "condition"})
-    figure = plotting.layer_curves(curve_frame, x="layers", y="loc_score", baseline=report["baseline"]["localization_score"],
+    figure = plotting.layer_curves(curve_frame, x="layers", y="loc_score", band="ci95",  # rows are items
+                                   baseline=report["baseline"]["localization_score"],
                                    title="Attention knockout (after-image tokens -> object tokens, +1 ring)",
-                                   xlabel="layers knocked out", ylabel="localization score")  # fmt: skip
+                                   xlabel="layers knocked out", ylabel="localization score (mean, 95% CI)")  # fmt: skip
     figures["attention_knockout"] = _save(plotting, figure, out / "attention_knockout.png")
 
     # 5. head mediation on object-present / object-removed pairs

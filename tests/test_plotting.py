@@ -132,6 +132,17 @@ def test_layer_curves_draw_one_line_and_sd_band_per_condition_and_a_dashed_basel
     assert baselines[0].get_color() == lines[0].get_color()  # coloured like its condition
 
 
+def test_layer_curves_ci95_band_is_the_confidence_interval_of_the_mean(knockout_table):
+    ax = layer_curves(knockout_table, x="group", condition="task", band="ci95").axes[0]
+    (band, _) = [c for c in ax.collections if c.get_gid() == "ci95-band"]
+    expected = knockout_table.groupby(["task", "group"], sort=False)["accuracy"].agg(["mean", "std", "count"])
+    half = 1.96 * expected["std"] / np.sqrt(expected["count"])
+    top = band.get_paths()[0].vertices[:, 1].max()
+    assert top == pytest.approx((expected.loc["localization"]["mean"] + half.loc["localization"]).max())
+    with pytest.raises(ValueError, match="band"):
+        layer_curves(knockout_table, x="group", condition="task", band="iqr")
+
+
 def test_layer_curves_keep_group_labels_in_order_of_appearance(knockout_table):
     ax = layer_curves(knockout_table, x="group", condition="task").axes[0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["0–3", "4–7", "8–11", "12–15", "all"]

@@ -6,7 +6,7 @@ import os
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 import pandas as pd
@@ -103,6 +103,7 @@ def layer_curves(
     y: str = "accuracy",
     condition: str = "condition",
     sd: str | None = None,
+    band: Literal["sd", "ci95"] = "sd",
     baseline: float | Mapping[str, float] | None = None,
     sections: Mapping[str, tuple[Any, Any]] | None = None,
     title: str | None = None,
@@ -115,15 +116,21 @@ def layer_curves(
 
     `data` is a long DataFrame with columns `x`, `y` and optionally `condition` (one line per
     value) and `sd`; or a dict condition -> Series indexed by x. Rows repeated at one (condition,
-    x), e.g. one per seed, are averaged and drawn with a ±1 sd band (or pass the `sd` column).
+    x), e.g. one per seed, are averaged and drawn with a band: ±1 sd of the rows (`band="sd"`,
+    or the `sd` column if given), or, when the rows are items of a dataset, the 95% confidence
+    interval of their mean (`band="ci95"`: ±1.96 sd/√n).
     Numeric x is sorted; labels keep their order of first appearance. `baseline` draws a dashed
     horizontal line (a dict: one per key, coloured like the condition of the same name).
     `sections` names inclusive x ranges, e.g. {"vision": (0, 23), "projector": (24, 24),
     "LM": (25, 56)}, marked with a boundary line and a label."""
+    if band not in ("sd", "ci95"):
+        raise ValueError(f"band must be 'sd' or 'ci95', got {band!r}")
     table = _long_table(data, x, y, condition, sd)
     summary = table.groupby(["condition", "x"], sort=False).agg(
-        mean=("y", "mean"), given=("sd", "mean"), spread=("y", "std")
+        mean=("y", "mean"), given=("sd", "mean"), spread=("y", "std"), n=("y", "count")
     )
+    if band == "ci95":
+        summary["spread"] = 1.96 * summary["spread"] / np.sqrt(summary["n"])
     summary = summary.assign(sd=summary["given"].fillna(summary["spread"])).reset_index()  # a given sd wins
     position = _x_positions(table["x"])
     summary["pos"] = summary["x"].map(position)
@@ -135,7 +142,7 @@ def layer_curves(
         colours[name] = drawn.get_color()
         if line["sd"].notna().any():
             low, high = line["mean"] - line["sd"].fillna(0), line["mean"] + line["sd"].fillna(0)
-            ax.fill_between(line["pos"], low, high, color=drawn.get_color(), alpha=0.2, linewidth=0, gid="sd-band")
+            ax.fill_between(line["pos"], low, high, color=drawn.get_color(), alpha=0.2, linewidth=0, gid=f"{band}-band")
     _draw_baselines(ax, baseline, colours)
     _draw_sections(ax, sections, position)
     if not pd.api.types.is_numeric_dtype(table["x"]):

@@ -6,8 +6,9 @@ thousands of figures, and in notebooks, which display a returned Figure). `save_
 one to disk atomically.
 
 - `head_heatmap`: layer x head maps such as mean mediation fractions (§1.9).
-- `layer_curves`: accuracy per layer or layer group, one line per condition, sd or 95% CI bands, baselines,
-  section boundaries (position decoding §1.7, knockout §1.8, cumulative head ablation §1.10).
+- `layer_curves`: accuracy per layer or layer group, one line per condition, sd or 95% CI
+  bands, baselines, section boundaries (position decoding §1.7, knockout §1.8, cumulative head
+  ablation §1.10).
 - `token_overlay` (+ `attention_to_image`): image tokens drawn at the pixel boxes they cover in
   the *original* image, from the `ImageLayout`, so LLaVA's pad/crop and InternVL's tiles and
   squashed thumbnail land where the model's pixels came from.

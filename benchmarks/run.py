@@ -149,7 +149,7 @@ def bench_forward(family: str, path: Path, reps: int) -> dict:
     out["generation_speed_ratio"] = g["hf"] / g["hooked"]  # > 1: hooked is faster
     if family == "llava":
         out |= bench_transformer_bridge(path, inputs, t["hf_eager"], reps)
-    return out | bench_nnsight(family, path, inputs, reps)
+    return out | bench_nnsight(reference, inputs, reps)
 
 
 @torch.no_grad()
@@ -196,14 +196,14 @@ def bench_transformer_bridge(path: Path, inputs, hf_seconds: float, reps: int) -
     return {"bridge_forward_ratio_vs_hf": t["forward"] / hf_seconds, "bridge_cache_ratio_vs_hf": t["cache"] / hf_seconds}
 
 
-def bench_nnsight(family: str, path: Path, inputs, reps: int) -> dict:
-    """nnsight on the Hugging Face eager model: a bare trace, the residual stream of every LM
-    layer saved (the filtered cache's content), and `tracer.cache()` of every module's output."""
+def bench_nnsight(reference, inputs, reps: int) -> dict:
+    """nnsight on the Hugging Face eager model (the one `bench_forward` timed, wrapped last): a
+    bare trace, the residual stream of every LM layer saved (the filtered cache's content), and
+    `tracer.cache()` of every module's output."""
     try:
         import nnsight
         from nnsight import NNsight
 
-        reference = reference_model(family, path)
         wrapped = NNsight(reference)
         layers = wrapped.model.language_model.layers
 

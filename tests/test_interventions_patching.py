@@ -53,7 +53,7 @@ def test_head_patch_over_layers_equals_a_manual_edit(pair):
         ours = model.run_with_hooks(base, fwd_hooks=iv.head_patch(model, base, source, heads))
         _, cache = model.run_with_cache(source, names_filter=lambda n: n.endswith("attn.hook_z"))
         everywhere = torch.ones(base.input_ids.shape, dtype=torch.bool)
-        manual_hooks = [(f"blocks.0.attn.hook_z", _manual_z_patch(cache["blocks.0.attn.hook_z"], everywhere, [0, 1]))]
+        manual_hooks = [("blocks.0.attn.hook_z", _manual_z_patch(cache["blocks.0.attn.hook_z"], everywhere, [0, 1]))]
         last = f"blocks.{model.cfg.n_layers - 1}.attn.hook_z"
         manual_hooks.append((last, _manual_z_patch(cache[last], everywhere, [0])))
         manual = model.run_with_hooks(base, fwd_hooks=manual_hooks)

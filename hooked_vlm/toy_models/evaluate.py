@@ -86,9 +86,11 @@ def evaluate(
     items: Sequence[SyntheticItem],
     family: str,
     tasks: Sequence[str] = ("localization", "list", "binary"),
+    shapes: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Run `tasks` on `items` and summarise. Returns the metrics (fractions in [0, 1]) and, under
-    "answers", the raw localization answers (for inspection)."""
+    "answers", the raw localization answers (for inspection). `shapes`: the dataset's shapes,
+    for the binary shape negatives (none without them)."""
     items = list(items)
     metrics: dict[str, Any] = {"n_items": len(items)}
     if "localization" in tasks:
@@ -96,7 +98,7 @@ def evaluate(
     if "list" in tasks:
         metrics |= _list_classification(generate, items)
     if "binary" in tasks:
-        metrics |= _binary(generate, items)
+        metrics |= _binary(generate, items, shapes)
     return metrics
 
 
@@ -121,18 +123,32 @@ def _list_classification(generate: Generate, items: list[SyntheticItem]) -> dict
     return {"list_accuracy": sum(named[:n]) / n, "list_removed_named_rate": sum(named[n:]) / n}
 
 
-def _binary(generate: Generate, items: list[SyntheticItem]) -> dict[str, float]:
-    """Yes on the image, No on the removed twin, No for an absent class sharing colour or shape."""
+def _binary(generate: Generate, items: list[SyntheticItem], shapes: Sequence[str]) -> dict[str, float]:
+    """Yes on the image, No on the removed twin, No for an absent class sharing colour or shape
+    (these three make `binary_accuracy`). Reported apart, the one negative colour alone cannot
+    answer: the target's colour in another shape absent from the image
+    (`binary_shape_negative_accuracy`, over the items where such a class exists; needs the
+    dataset's `shapes`)."""
     cases = [(i.image, i.class_name, True) for i in items]
     cases += [(i.removed_image, i.class_name, False) for i in items]
     cases += [(i.image, i.absent_class, False) for i in items if i.absent_class]
-    texts = generate([c[0] for c in cases], [prompts.binary_prompt(c[1]) for c in cases])
-    table = pd.DataFrame({"answer": [binary_answer(t) for t in texts], "present": [c[2] for c in cases]})
+    shape_negatives = [(i.image, other, False) for i in items if (other := _other_shape_absent(i, shapes))]
+    texts = generate([c[0] for c in cases + shape_negatives], [prompts.binary_prompt(c[1]) for c in cases + shape_negatives])
+    answers = [binary_answer(t) for t in texts]
+    table = pd.DataFrame({"answer": answers[: len(cases)], "present": [c[2] for c in cases]})
     summary = summarize_binary(table).iloc[0]
-    return {
-        "binary_accuracy": float(summary["accuracy"]),
-        "binary_false_positive_rate": float(summary["false_positive_rate"]),
-    }
+    said_no = [a is False for a in answers[len(cases) :]]
+    out = {"binary_accuracy": float(summary["accuracy"]), "binary_false_positive_rate": float(summary["false_positive_rate"])}
+    if said_no:
+        out["binary_shape_negative_accuracy"] = sum(said_no) / len(said_no)
+    return out
+
+
+def _other_shape_absent(item: SyntheticItem, shapes: Sequence[str]) -> str:
+    """The target's colour in the first of `shapes` absent from the image, or ""."""
+    present = {o.class_name for o in item.objects}
+    others = [f"{item.colour} {s}" for s in shapes if f"{item.colour} {s}" not in present]
+    return others[0] if others else ""
 
 
 def evaluate_shipped(name: str, decoder: str = "hooked", n_items: int = 150, split: str = "val") -> dict[str, Any]:
@@ -147,7 +163,7 @@ def evaluate_shipped(name: str, decoder: str = "hooked", n_items: int = 150, spl
     else:
         model = AutoModelForImageTextToText.from_pretrained(path).eval()
         generate = hf_generate(model, load_hf_processor(path), family)
-    metrics = evaluate(generate, items, family)
+    metrics = evaluate(generate, items, family, shapes=record["spec"]["data"]["shapes"])
     metrics.pop("answers", None)
     return {"name": name, "decoder": decoder, "split": split, **metrics}
 

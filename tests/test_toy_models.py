@@ -191,6 +191,30 @@ def test_crowded_items_hold_a_distractor_and_come_from_their_own_split():
     assert len({item.index for item in items}) == 20
 
 
+def test_shape_negatives_ask_for_the_targets_colour_in_an_absent_shape():
+    from hooked_vlm.toy_models.data import pick_example
+
+    spec = TOY_SPECS["llava"]
+    items = list(spec.data.dataset(40, 0, "test"))
+    rng = np.random.default_rng(0)
+    n_no = 0
+    for item in items:  # with shape_negatives=1 every No names the target's colour in a shape absent from the image
+        present = {o.class_name for o in item.objects}
+        allowed = {prompts.binary_prompt(f"{item.colour} {s}") for s in spec.data.shapes if f"{item.colour} {s}" not in present}
+        for _ in range(4):
+            example = pick_example(item, "llava", rng, (0, 0, 1), 1.0, spec.data.shapes)
+            if example.answer == prompts.NO and allowed:  # (else it falls back to the item's own negatives)
+                n_no += 1
+                assert example.prompt in allowed and not example.object_removed, (item.class_name, present, example.prompt)
+            elif example.answer == prompts.YES:
+                assert example.prompt == prompts.binary_prompt(item.class_name)
+    assert n_no >= 40
+    # off (the default), the draws are the earlier recipe's: the same rng stream gives the same examples
+    a = [pick_example(i, "llava", np.random.default_rng(1), (1, 1, 1)) for i in items]
+    b = [pick_example(i, "llava", np.random.default_rng(1), (1, 1, 1), 0.0, spec.data.shapes) for i in items]
+    assert [(e.prompt, e.answer) for e in a] == [(e.prompt, e.answer) for e in b]
+
+
 def test_head_dropout_zeroes_whole_heads_in_training_mode_only():
     from hooked_vlm.toy_models.train import head_dropout_hooks
 

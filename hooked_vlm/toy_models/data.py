@@ -21,6 +21,7 @@ from PIL import Image
 from torch import Tensor
 from transformers import ProcessorMixin
 
+from hooked_vlm.data import prompts
 from hooked_vlm.data.synthetic import SyntheticItem, TaskExample
 from hooked_vlm.families import internvl as internvl_family
 from hooked_vlm.families import llava as llava_family
@@ -113,9 +114,21 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
     return Batch(ids, mask, labels, pixels, [e.task for e in examples])
 
 
-def pick_example(item: SyntheticItem, family: str, rng: np.random.Generator, task_weights: Sequence[float]) -> TaskExample:
+def pick_example(
+    item: SyntheticItem,
+    family: str,
+    rng: np.random.Generator,
+    task_weights: Sequence[float],
+    shape_negatives: float = 0.0,
+    shapes: Sequence[str] = (),
+) -> TaskExample:
     """One supervised example of `item`: localization, list (original or removed twin, 2:1) or
-    binary (Yes on the original, or one of the two No cases, 2:1:1)."""
+    binary (Yes on the original, or one of the two No cases, 2:1:1).
+
+    `shape_negatives`: the probability that a binary No instead asks for the target's colour in
+    another of `shapes` absent from the image ("is there a green circle?" beside a green square),
+    the one negative that colour alone cannot answer. The item's own hard negative is that case
+    only when its draw lands on it (1 in 6 for the toys' two shapes and six colours)."""
     examples = item.examples(family)  # loc, list, list-removed, yes, no-removed[, no-absent]
     task = rng.choice(len(TASKS), p=np.asarray(task_weights) / np.sum(task_weights))
     if task == 0:
@@ -124,6 +137,12 @@ def pick_example(item: SyntheticItem, family: str, rng: np.random.Generator, tas
         return examples[1] if rng.random() < 2 / 3 else examples[2]
     if rng.random() < 0.5:
         return examples[3]
+    if shape_negatives and rng.random() < shape_negatives:
+        present = {o.class_name for o in item.objects}
+        others = [f"{item.colour} {s}" for s in shapes if f"{item.colour} {s}" not in present]
+        if others:
+            absent = others[int(rng.integers(len(others)))]
+            return TaskExample("binary", item.image, prompts.binary_prompt(absent), prompts.NO, object_removed=False)
     return examples[int(rng.choice(range(4, len(examples))))]
 
 
@@ -132,8 +151,10 @@ def training_batch(
     items: Sequence[SyntheticItem],
     rng: np.random.Generator,
     task_weights: Sequence[float],
+    shape_negatives: float = 0.0,
+    shapes: Sequence[str] = (),
 ) -> Batch:
-    examples = [pick_example(item, encoder.family, rng, task_weights) for item in items]
+    examples = [pick_example(item, encoder.family, rng, task_weights, shape_negatives, shapes) for item in items]
     pad_id = encoder.tokenizer.pad_token_id
     return collate([encoder.encode(e) for e in examples], pad_id)
 

@@ -55,6 +55,19 @@ others. Its last stage draws half of each batch from images with a distractor
 Yes/no stays at 0.93: its errors are Yes to the target's colour in the other shape ("is there
 a green circle?" beside a green square), and a further 4000 steps with yes/no weighted 0.45
 left it there (0.929 / 0.931), so that stage was not shipped.
+
+That negative is the one colour alone cannot answer, and the evaluation scores it apart
+(`binary_shape_negative_accuracy`): toy-llava says No to it on 1 of 148 val items and on none
+of test, toy-internvl on 0.76 / 0.69 (val / test). toy-llava's binary answer reads colour
+only. Its image features carry shape weakly: a linear probe for circle vs square on the mean
+projector output over the target's tokens scores 0.72 on held-out images (0.93 on the last
+language-model layer's residual at those tokens). Stages from toy-llava in which half of the
+binary negatives ask that question (`--shape-negatives 0.5`, crowded share 0.5, head dropout
+0.1) did not move it: 4000 steps at lr 3e-4 and 5000 at 5e-4 (binary weight 0.4 and 0.5), and
+3000 steps with the vision tower and projector at 5x and 10x the language model's learning
+rate (a patched optimizer, not kept) all ended at 0-2 of the 55 val items whose hard negative
+is that question, with a flat binary loss (0.25-0.27). Learning shape would take a new run
+from scratch with shape negatives from the first step; none was shipped.
 """
 
 from __future__ import annotations
@@ -119,6 +132,7 @@ class TrainSpec:
     task_weights: tuple[float, float, float] = (0.5, 0.25, 0.25)
     head_dropout: float = 0.0  # probability of zeroing a language-model head per example (see train.py)
     crowded_share: float = 0.0  # share of each batch drawn from items with a distractor (see train.py)
+    shape_negatives: float = 0.0  # probability a binary No asks for the target's colour in another shape (data.py)
     tokenizer_items: int = 2000  # items whose prompts and answers train the BPE
     eval_items: int = 150  # held-out items scored at the end (split "val")
 

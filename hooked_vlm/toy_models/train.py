@@ -129,7 +129,7 @@ def train(
         rng = np.random.default_rng([seed, first_step + step])
         items = [train_items[(first_step + step) * t.batch_size + j] for j in range(t.batch_size - n_crowded)]
         items += [next(crowded) for _ in range(n_crowded)]
-        batch = training_batch(encoder, items, rng, t.task_weights)
+        batch = training_batch(encoder, items, rng, t.task_weights, t.shape_negatives, spec.data.shapes)
         logits = model(**batch.model_inputs()).logits
         loss = answer_loss(logits, batch.labels)
         optimizer.zero_grad(set_to_none=True)
@@ -155,7 +155,7 @@ def train(
         handle.remove()
 
     model.eval()
-    metrics = evaluate(hf_generate(model, processor, spec.family), list(val_items), spec.family)
+    metrics = evaluate(hf_generate(model, processor, spec.family), list(val_items), spec.family, shapes=spec.data.shapes)
     examples = metrics.pop("answers")[:5]
     save_checkpoint(out, model, processor, spec.family)
     record = {
@@ -258,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-sizes", type=_sizes, help="override the spec's image sizes, e.g. 64x32,32x64")
     parser.add_argument("--head-dropout", type=float, help="probability of zeroing a language-model head per example")
     parser.add_argument("--crowded-share", type=float, help="share of each batch drawn from items with a distractor")
+    parser.add_argument("--shape-negatives", type=float, help="probability that a binary No asks for the target's colour in another shape")
     parser.add_argument("--eval-every", type=int, default=0, help="quick held-out eval every N steps (0: off)")
     args = parser.parse_args(argv)
     spec = TOY_SPECS[args.family]
@@ -265,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         k: v
         for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                      ("eval_items", args.eval_items), ("task_weights", args.task_weights), ("head_dropout", args.head_dropout),
-                     ("crowded_share", args.crowded_share))
+                     ("crowded_share", args.crowded_share), ("shape_negatives", args.shape_negatives))
         if v is not None
     }  # fmt: skip
     if overrides:

@@ -184,6 +184,13 @@ class SyntheticItem:
         return out
 
 
+def absent_in_target_colour(item: SyntheticItem, shapes: Sequence[str]) -> list[str]:
+    """The target's colour in each of `shapes` that the image does not hold ("green circle"
+    beside a green square target): the absent classes colour alone cannot rule out."""
+    present = {o.class_name for o in item.objects}
+    return [name for s in shapes if (name := f"{item.colour} {s}") not in present]
+
+
 @dataclass(frozen=True)
 class TaskExample:
     """One (image, prompt, answer) triple; ``object_removed`` marks the removed twin's image."""

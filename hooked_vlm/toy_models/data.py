@@ -22,7 +22,7 @@ from torch import Tensor
 from transformers import ProcessorMixin
 
 from hooked_vlm.data import prompts
-from hooked_vlm.data.synthetic import SyntheticItem, TaskExample
+from hooked_vlm.data.synthetic import SyntheticItem, TaskExample, absent_in_target_colour
 from hooked_vlm.families import internvl as internvl_family
 from hooked_vlm.families import llava as llava_family
 from hooked_vlm.families.common import answer_token_ids
@@ -138,8 +138,7 @@ def pick_example(
     if rng.random() < 0.5:
         return examples[3]
     if shape_negatives and rng.random() < shape_negatives:
-        present = {o.class_name for o in item.objects}
-        others = [f"{item.colour} {s}" for s in shapes if f"{item.colour} {s}" not in present]
+        others = absent_in_target_colour(item, shapes)
         if others:
             absent = others[int(rng.integers(len(others)))]
             return TaskExample("binary", item.image, prompts.binary_prompt(absent), prompts.NO, object_removed=False)

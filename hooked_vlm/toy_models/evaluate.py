@@ -26,7 +26,7 @@ from transformers import AutoModelForImageTextToText
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.data import prompts
-from hooked_vlm.data.synthetic import SyntheticItem
+from hooked_vlm.data.synthetic import SyntheticItem, absent_in_target_colour
 from hooked_vlm.families import internvl as internvl_family
 from hooked_vlm.families import llava as llava_family
 from hooked_vlm.scoring import (
@@ -132,7 +132,7 @@ def _binary(generate: Generate, items: list[SyntheticItem], shapes: Sequence[str
     cases = [(i.image, i.class_name, True) for i in items]
     cases += [(i.removed_image, i.class_name, False) for i in items]
     cases += [(i.image, i.absent_class, False) for i in items if i.absent_class]
-    shape_negatives = [(i.image, other, False) for i in items if (other := _other_shape_absent(i, shapes))]
+    shape_negatives = [(i.image, others[0], False) for i in items if (others := absent_in_target_colour(i, shapes))]
     texts = generate([c[0] for c in cases + shape_negatives], [prompts.binary_prompt(c[1]) for c in cases + shape_negatives])
     answers = [binary_answer(t) for t in texts]
     table = pd.DataFrame({"answer": answers[: len(cases)], "present": [c[2] for c in cases]})
@@ -142,13 +142,6 @@ def _binary(generate: Generate, items: list[SyntheticItem], shapes: Sequence[str
     if said_no:
         out["binary_shape_negative_accuracy"] = sum(said_no) / len(said_no)
     return out
-
-
-def _other_shape_absent(item: SyntheticItem, shapes: Sequence[str]) -> str:
-    """The target's colour in the first of `shapes` absent from the image, or ""."""
-    present = {o.class_name for o in item.objects}
-    others = [f"{item.colour} {s}" for s in shapes if f"{item.colour} {s}" not in present]
-    return others[0] if others else ""
 
 
 def evaluate_shipped(name: str, decoder: str = "hooked", n_items: int = 150, split: str = "val") -> dict[str, Any]:

@@ -153,6 +153,8 @@ def training_batch(
     shape_negatives: float = 0.0,
     shapes: Sequence[str] = (),
 ) -> Batch:
+    if shape_negatives and not shapes:
+        raise ValueError("shape_negatives needs the dataset's shapes")
     examples = [pick_example(item, encoder.family, rng, task_weights, shape_negatives, shapes) for item in items]
     pad_id = encoder.tokenizer.pad_token_id
     return collate([encoder.encode(e) for e in examples], pad_id)

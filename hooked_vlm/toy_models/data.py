@@ -36,6 +36,7 @@ class Encoded:
     """One example: token ids, labels (-100 outside the answer), and its image's views."""
 
     task: str
+    object_removed: bool
     input_ids: list[int]
     labels: list[int]
     pixel_values: Float[Tensor, "view channel height width"]
@@ -48,6 +49,7 @@ class Batch:
     labels: Int[Tensor, "batch pos"]
     pixel_values: Float[Tensor, "view channel height width"]
     tasks: list[str]
+    object_removed: list[bool]  # per row: the image is the item's removed twin
 
     def model_inputs(self) -> dict[str, Tensor]:
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "pixel_values": self.pixel_values}
@@ -97,7 +99,7 @@ class ToyEncoder:
         pixel_values = self.pixels(example.image)
         text, prompt = self.prompt_ids(example.prompt, len(pixel_values))
         answer = self.answer_ids(text, example.answer)
-        return Encoded(example.task, prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, pixel_values)
+        return Encoded(example.task, example.object_removed, prompt + answer, [IGNORE_INDEX] * len(prompt) + answer, pixel_values)
 
 
 def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
@@ -111,7 +113,7 @@ def collate(examples: Sequence[Encoded], pad_id: int) -> Batch:
         n = len(e.input_ids)
         ids[row, :n], labels[row, :n], mask[row, :n] = torch.tensor(e.input_ids), torch.tensor(e.labels), 1
     pixels = torch.cat([e.pixel_values for e in examples])
-    return Batch(ids, mask, labels, pixels, [e.task for e in examples])
+    return Batch(ids, mask, labels, pixels, [e.task for e in examples], [e.object_removed for e in examples])
 
 
 def pick_example(

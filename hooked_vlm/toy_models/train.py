@@ -38,7 +38,9 @@ from transformers import InternVLForConditionalGeneration, LlavaForConditionalGe
 
 from hooked_vlm.data.synthetic import SyntheticItem, text_corpus
 from hooked_vlm.testing import load_hf_processor
-from hooked_vlm.toy_models.data import TASKS, ToyEncoder, answer_loss, training_batch
+from hooked_vlm.families import llava as llava_family
+from hooked_vlm.families.llava import LlavaPreprocessing
+from hooked_vlm.toy_models.data import IGNORE_INDEX, TASKS, ToyEncoder, answer_loss, training_batch
 from hooked_vlm.toy_models.evaluate import evaluate, evaluate_shipped, hf_generate, record_metrics
 from hooked_vlm.toy_models.spec import TOY_SPECS, ToySpec, build_model, build_processor, save_checkpoint
 from hooked_vlm.toy_models.tokenizers import build_internvl_tokenizer, build_llava_tokenizer
@@ -116,6 +118,9 @@ def train(
     val_items = spec.data.dataset(spec.train.eval_items, seed, "val")
     optimizer = optimizer_for(model, spec)
     t = spec.train
+    probe = ShapeProbe(model, spec) if t.shape_probe else None
+    if probe is not None:
+        optimizer.add_param_group({"params": list(probe.head.parameters()), "weight_decay": 0.0})
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
 
     history, window = [], {task: [] for task in TASKS}
@@ -132,6 +137,10 @@ def train(
         batch = training_batch(encoder, items, rng, t.task_weights, t.shape_negatives, spec.data.shapes)
         logits = model(**batch.model_inputs()).logits
         loss = answer_loss(logits, batch.labels)
+        if probe is not None:
+            probe_loss = probe.loss(items, batch.object_removed)
+            window.setdefault("shape_probe", []).append(float(probe_loss.detach()))
+            loss = loss + t.shape_probe * probe_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -153,6 +162,8 @@ def train(
     train_seconds = time.time() - start
     for handle in handles:
         handle.remove()
+    if probe is not None:
+        probe.remove()
 
     model.eval()
     metrics = evaluate(hf_generate(model, processor, spec.family), list(val_items), spec.family, shapes=spec.data.shapes)
@@ -193,6 +204,54 @@ def crowded_items(spec: ToySpec, seed: int) -> Iterator[SyntheticItem]:
     what the list and binary tasks get wrong: `crowded_share` makes those items common."""
     data = spec.data.dataset(2**62, seed, "train-crowded")
     return (item for item in map(data.__getitem__, itertools.count()) if len(item.objects) > 1)
+
+
+class ShapeProbe:
+    """An auxiliary loss on the image features entering the language model (the projector's
+    output): a linear head, trained with the model and then discarded, classifies each image
+    token as the shape of the object covering at least half of it, or as background (no object
+    pixel); tokens partly covered, or over padding, carry no label. LLaVA ("pad" mode) only."""
+
+    def __init__(self, model, spec: ToySpec):
+        if spec.family != "llava":
+            raise ValueError("the shape probe is implemented for the LLaVA toy only")
+        vision = model.config.vision_config
+        self.pre = LlavaPreprocessing(image_size=vision.image_size, patch_size=vision.patch_size, image_mode="pad")
+        self.shapes = spec.data.shapes
+        self.head = torch.nn.Linear(model.config.text_config.hidden_size, len(self.shapes) + 1)
+        self.features: torch.Tensor | None = None
+        self._handle = model.model.multi_modal_projector.register_forward_hook(self._keep)
+
+    def _keep(self, module, args, output) -> None:
+        self.features = output
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+    def labels(self, item: SyntheticItem, object_removed: bool) -> torch.Tensor:
+        objects = item.objects[1:] if object_removed else item.objects
+        geometry = llava_family.view_geometry(item.image_size, self.pre, "pad", has_cls=False)
+        width, height = item.image_size
+        labels = []
+        for x1, y1, x2, y2 in geometry.token_boxes().reshape(-1, 4).round().astype(int):
+            x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
+            if x2 <= x1 or y2 <= y1:
+                labels.append(IGNORE_INDEX)
+                continue
+            cover = [o.mask[y1:y2, x1:x2].mean() for o in objects]
+            best = int(np.argmax(cover)) if cover else -1
+            if cover and cover[best] >= 0.5:
+                labels.append(self.shapes.index(objects[best].shape))
+            elif sum(cover) == 0:
+                labels.append(len(self.shapes))
+            else:
+                labels.append(IGNORE_INDEX)
+        return torch.tensor(labels)
+
+    def loss(self, items: list[SyntheticItem], object_removed: list[bool]) -> torch.Tensor:
+        labels = torch.stack([self.labels(i, r) for i, r in zip(items, object_removed)])
+        logits = self.head(self.features.reshape(*labels.shape, -1))
+        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
 
 
 def head_dropout_hooks(model, p: float, generator: torch.Generator) -> list:
@@ -259,6 +318,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--head-dropout", type=float, help="probability of zeroing a language-model head per example")
     parser.add_argument("--crowded-share", type=float, help="share of each batch drawn from items with a distractor")
     parser.add_argument("--shape-negatives", type=float, help="probability that a binary No asks for the target's colour in another shape")
+    parser.add_argument("--shape-probe", type=float, help="weight of the auxiliary shape loss on the image features (LLaVA)")
     parser.add_argument("--eval-every", type=int, default=0, help="quick held-out eval every N steps (0: off)")
     args = parser.parse_args(argv)
     spec = TOY_SPECS[args.family]
@@ -266,7 +326,8 @@ def main(argv: list[str] | None = None) -> None:
         k: v
         for k, v in (("steps", args.steps), ("lr", args.lr), ("batch_size", args.batch_size),
                      ("eval_items", args.eval_items), ("task_weights", args.task_weights), ("head_dropout", args.head_dropout),
-                     ("crowded_share", args.crowded_share), ("shape_negatives", args.shape_negatives))
+                     ("crowded_share", args.crowded_share), ("shape_negatives", args.shape_negatives),
+                     ("shape_probe", args.shape_probe))
         if v is not None
     }  # fmt: skip
     if overrides:

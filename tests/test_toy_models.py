@@ -157,7 +157,8 @@ def test_training_record_is_complete_and_both_decoders_agree(family):
 
 def test_training_script_runs_resumes_and_is_deterministic(tmp_path):
     """A few steps of the real recipe through the command line, twice (bit-identical weights),
-    then a second stage with `--init-from` and overridden data, whose record keeps the first."""
+    then a second stage with `--init-from`, overridden data and the auxiliary shape loss, twice
+    (bit-identical again), whose record keeps the first."""
     from safetensors.torch import load_file
 
     from hooked_vlm.toy_models.train import main
@@ -171,6 +172,9 @@ def test_training_script_runs_resumes_and_is_deterministic(tmp_path):
     stage = ["--init-from", str(tmp_path / "a"), "--image-sizes", "24x32", "--task-weights", "0,1,0", "--lr", "1e-4", "--crowded-share", "0.5",
              "--shape-probe", "1.0"]
     main([*common, *stage, "--out", str(tmp_path / "c")])
+    main([*common, *stage, "--out", str(tmp_path / "c2")])  # a continued stage, auxiliary head included, repeats too
+    third, fourth = load_file(tmp_path / "c" / "model.safetensors"), load_file(tmp_path / "c2" / "model.safetensors")
+    assert all(torch.equal(third[k], fourth[k]) for k in third) and not all(torch.equal(first[k], third[k]) for k in first)
     record = json.loads((tmp_path / "c" / "training.json").read_text())
     assert record["first_step"] == 2 and len(record["stages"]) == 1
     assert record["spec"]["data"]["image_sizes"] == [[24, 32]] and record["spec"]["train"]["task_weights"] == [0, 1, 0]
@@ -226,7 +230,7 @@ def test_shape_probe_labels_follow_the_image_token_map(hooked):
 
     spec = TOY_SPECS["llava"]
     hf = LlavaForConditionalGeneration.from_pretrained(toy_model_path("toy-llava"))
-    probe = ShapeProbe(hf, spec)
+    probe = ShapeProbe(hf, spec, seed=0)
     background, n_shape_tokens = len(spec.data.shapes), 0
     items = list(spec.data.dataset(12, 0, "test"))
     assert any(len(i.objects) > 1 for i in items) and {i.image_size for i in items} == set(spec.data.image_sizes)
@@ -253,7 +257,7 @@ def test_shape_probe_labels_follow_the_image_token_map(hooked):
     assert loss.ndim == 0 and torch.isfinite(loss)
     probe.remove()
     with pytest.raises(ValueError, match="LLaVA"):
-        ShapeProbe(hf, TOY_SPECS["internvl"])
+        ShapeProbe(hf, TOY_SPECS["internvl"], seed=0)
 
 
 def test_head_dropout_zeroes_whole_heads_in_training_mode_only():

@@ -118,7 +118,7 @@ def train(
     val_items = spec.data.dataset(spec.train.eval_items, seed, "val")
     optimizer = optimizer_for(model, spec)
     t = spec.train
-    probe = ShapeProbe(model, spec) if t.shape_probe else None
+    probe = ShapeProbe(model, spec, seed) if t.shape_probe else None
     if probe is not None:
         optimizer.add_param_group({"params": list(probe.head.parameters()), "weight_decay": 0.0})
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, t.warmup_steps, t.steps, t.min_lr_ratio))
@@ -212,13 +212,18 @@ class ShapeProbe:
     token as the shape of the object covering at least half of it, or as background (no object
     pixel); tokens partly covered, or over padding, carry no label. LLaVA ("pad" mode) only."""
 
-    def __init__(self, model, spec: ToySpec):
+    def __init__(self, model, spec: ToySpec, seed: int):
         if spec.family != "llava":
             raise ValueError("the shape probe is implemented for the LLaVA toy only")
         vision = model.config.vision_config
         self.pre = LlavaPreprocessing(image_size=vision.image_size, patch_size=vision.patch_size, image_mode="pad")
         self.shapes = spec.data.shapes
-        self.head = torch.nn.Linear(model.config.text_config.hidden_size, len(self.shapes) + 1)
+        d_model = model.config.text_config.hidden_size
+        self.head = torch.nn.Linear(d_model, len(self.shapes) + 1)
+        generator = torch.Generator().manual_seed(seed)  # the global RNG is not seeded in a continued stage
+        with torch.no_grad():  # nn.Linear's own init range, drawn from the run's seed
+            for param in self.head.parameters():
+                param.uniform_(-(d_model**-0.5), d_model**-0.5, generator=generator)
         self.features: torch.Tensor | None = None
         self._handle = model.model.multi_modal_projector.register_forward_hook(self._keep)
 

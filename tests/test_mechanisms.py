@@ -45,7 +45,7 @@ def test_ablating_the_objects_tokens_breaks_localization_far_more_than_random_to
     results = token_ablation(model, data, strategies=("object", "random"), paddings=(1,), fractions=(0.15,), seeds=(0,), fill="mean", progress=False)
     baseline, objects, random = _success(results, "baseline"), _success(results, "object+1"), _success(results, "random 15% s0")
     assert baseline >= 0.4, f"the toy localizes too rarely for the test to mean anything ({baseline:.2f})"
-    assert objects <= 0.5 * baseline  # toy-llava: 0.02 of 0.97; toy-internvl: 0.03 of 0.80
+    assert objects <= 0.5 * baseline  # toy-llava: 0.00 of 0.97; toy-internvl: 0.03 of 0.80
     assert baseline - objects >= 3 * max(baseline - random, 0.02), (baseline, objects, random)
 
 
@@ -56,7 +56,7 @@ def test_shuffling_every_token_destroys_localization_shuffling_the_object_far_le
     assert full <= 0.25 * baseline
     # Inside the object the tokens keep their place in the image; at the toys' coarse grids (an
     # InternVL toy object spans 2-3 tokens of a view) shuffling them still moves its edges a
-    # little, so the bar is relative to the full shuffle (success: toy-llava 0.85 vs 0.05 of 0.97,
+    # little, so the bar is relative to the full shuffle (success: toy-llava 0.87 vs 0.03 of 0.97,
     # toy-internvl 0.48 vs 0.10 of 0.80).
     assert objects - full >= 0.25 * baseline, (baseline, full, objects)
 

@@ -11,7 +11,8 @@ metrics via HF `generate`, wall time). Copy DIR to `hooked_vlm/toy_models/toy-{f
 Recipe (see `spec.py`): a BPE tokenizer learned from the training split's text; transformers'
 own initialisation; every step draws `batch_size` fresh items (item k of split "train" is used
 once, at step k // batch_size) and one task per item; teacher-forced cross-entropy on answer
-tokens only; AdamW with linear warmup and cosine decay; held-out metrics on split "val".
+tokens only (toy-llava's last stage adds an auxiliary shape loss on the image features,
+`ShapeProbe`); AdamW with linear warmup and cosine decay; held-out metrics on split "val".
 
 Determinism: everything random is seeded (items by (seed, split, index), task choice by
 (seed, step), weights by `torch.manual_seed(seed)`), and `torch.use_deterministic_algorithms`

@@ -74,7 +74,8 @@ weight 0.4, three 5000-step runs differing only in the head's initialisation end
 0.45 (two heads drawn before the head was seeded: neither repeats) and 0.73 (seeded; list
 accuracy 0.947 on test). The shipped stage runs 7000 steps: binary loss 0.24 at step 3000, 0.08
 at 6000; held-out (val / test) shape negatives 0.97 / 0.96, yes/no 0.987 / 0.993, list 0.993 /
-0.980, loc@0.5 0.960 / 0.947 (l7: 0.947 / 0.947). toy-internvl (8-px tokens after pixel
+0.980, loc@0.5 0.960 / 0.947 (l7: 0.947 / 0.947). Its command, rerun from l7 on the same
+machine, gave bit-identical weights. toy-internvl (8-px tokens after pixel
 shuffle) says No to that question on 0.76 / 0.69.
 """
 

@@ -251,10 +251,17 @@ def test_shape_probe_labels_follow_the_image_token_map(hooked):
                     assert spec.data.shapes[label] in {o.shape for o in owners}
             assert removed or item.shape in {spec.data.shapes[label] for label in labels if 0 <= label < background}
     assert n_shape_tokens > 100
-    batch = torch.randn(2, len(positions), hf.config.text_config.hidden_size)
-    probe._keep(None, (), batch)
-    loss = probe.loss(items[:2], [False, True])
-    assert loss.ndim == 0 and torch.isfinite(loss)
+    from hooked_vlm.toy_models.data import collate
+
+    encoder = ToyEncoder("llava", load_hf_processor(toy_model_path("toy-llava")), hf.config.image_token_id)
+    examples = [items[0].examples("llava")[0], items[1].examples("llava")[2]]  # an image, a removed twin
+    batch = collate([encoder.encode(e) for e in examples], encoder.tokenizer.pad_token_id)
+    hf(**batch.model_inputs())
+    assert probe.features.shape == (2, len(positions), hf.config.text_config.hidden_size)
+    loss = probe.loss(items[:2], batch.object_removed)
+    loss.backward()
+    assert batch.object_removed == [False, True] and torch.isfinite(loss)
+    assert hf.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0  # it trains the features
     probe.remove()
     with pytest.raises(ValueError, match="LLaVA"):
         ShapeProbe(hf, TOY_SPECS["internvl"], seed=0)

@@ -113,6 +113,8 @@ def bench_forward(family: str, path: Path, reps: int) -> dict:
     t = interleaved(
         {
             "hf_eager": lambda: reference(**hf_kwargs(inputs)),
+            # the reference's own way of keeping activations: every hidden state and attention map
+            "hf_all_outputs": lambda: reference(**hf_kwargs(inputs), output_hidden_states=True, output_attentions=True),
             "hooked": lambda: hooked(inputs),
             "hooked_eager": eager(lambda: hooked(inputs)),
             "cache_all": lambda: hooked.run_with_cache(inputs),
@@ -122,6 +124,8 @@ def bench_forward(family: str, path: Path, reps: int) -> dict:
     )
     _, cache = hooked.run_with_cache(inputs)
     _, filtered = hooked.run_with_cache(inputs, names_filter=resid_only)
+    hf_outputs = reference(**hf_kwargs(inputs), output_hidden_states=True, output_attentions=True)
+    hf_tensors = [t for v in hf_outputs.values() for t in (v if isinstance(v, tuple) else (v,)) if torch.is_tensor(t)]
     out = {
         "sequence_length": inputs.input_ids.shape[1],
         "image_tokens": len(inputs.layout),
@@ -131,10 +135,12 @@ def bench_forward(family: str, path: Path, reps: int) -> dict:
         "forward_eager_ratio": t["hooked_eager"] / t["hf_eager"],
         "cache_all_ratio_vs_forward": t["cache_all"] / t["hooked"],
         "cache_all_ratio_vs_hf": t["cache_all"] / t["hf_eager"],
+        "hf_all_outputs_ratio_vs_hf": t["hf_all_outputs"] / t["hf_eager"],
         "cache_filtered_ratio_vs_forward": t["cache_filtered"] / t["hooked"],
         "cache_all_entries": len(cache),
         "cache_all_mb": _mb(cache.cache_dict.values()),
         "cache_filtered_mb": _mb(filtered.cache_dict.values()),
+        "hf_all_outputs_mb": _mb(hf_tensors),
     }
     new_tokens = 24
     g = interleaved(
@@ -313,6 +319,8 @@ SUMMARY = [
     ("hooked forward / HF eager forward", "forward_ratio", ("<=", 1.05)),
     ("hooked forward, eager attention / HF eager", "forward_eager_ratio", None),
     ("run_with_cache, every hook / forward", "cache_all_ratio_vs_forward", ("<=", 1.5)),
+    ("run_with_cache, every hook / HF eager forward", "cache_all_ratio_vs_hf", None),
+    ("HF eager, all hidden states and attentions returned / HF eager", "hf_all_outputs_ratio_vs_hf", None),
     ("run_with_cache, filtered (LM resid_post) / forward", "cache_filtered_ratio_vs_forward", ("<=", 1.1)),
     ("run_with_cache, every hook / forward, keep_freed_memory()", "kept_memory_cache_all_ratio_vs_forward", ("<=", 1.5)),
     ("run_with_cache, filtered / forward, keep_freed_memory()", "kept_memory_cache_filtered_ratio_vs_forward", ("<=", 1.1)),
@@ -331,6 +339,7 @@ SUMMARY = [
     ("peak MB: hooked cache, filtered", "peak_mb_hooked_cache_filtered", None),
     ("cache size MB: every hook", "cache_all_mb", None),
     ("cache size MB: filtered", "cache_filtered_mb", None),
+    ("HF all hidden states and attentions returned, MB", "hf_all_outputs_mb", None),
 ]
 
 

@@ -245,11 +245,10 @@ class ShapeProbe:
                 labels.append(IGNORE_INDEX)
                 continue
             cover = [o.mask[y1:y2, x1:x2].mean() for o in objects]
-            best = int(np.argmax(cover)) if cover else -1
-            if cover and cover[best] >= 0.5:
-                labels.append(self.shapes.index(objects[best].shape))
-            elif sum(cover) == 0:
+            if not any(cover):
                 labels.append(len(self.shapes))
+            elif max(cover) >= 0.5:
+                labels.append(self.shapes.index(objects[int(np.argmax(cover))].shape))
             else:
                 labels.append(IGNORE_INDEX)
         return torch.tensor(labels)

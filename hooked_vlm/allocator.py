@@ -9,8 +9,11 @@ and never to trim it, so the next call reuses the memory the last one freed; the
 its peak resident size until `release_freed_memory()` hands the free part back (the CPU analogue
 of `torch.cuda.empty_cache()`).
 
-Off by default, because it changes malloc's policy for the whole process. glibc (Linux) only;
-elsewhere both functions warn and do nothing. On CUDA they are not needed. (PyTorch's own
+`HookedVLM.run_with_cache` turns this on by itself the first time it caches into CPU memory,
+unless the user chose first (`keep_freed_memory(False)`) or the environment says
+`HOOKED_VLM_KEEP_FREED_MEMORY=0`: a cache is the one place where the library itself creates
+gigabytes of short-lived tensors call after call. glibc (Linux) only; elsewhere the default does
+nothing and the explicit calls warn. On CUDA none of this is needed. (PyTorch's own
 `THP_MEM_ALLOC_ENABLE=1`, huge pages for tensors of 2 MB and more, is no substitute: it cut a
 fresh process's InternVL cache from 3.4x to 2.2x the forward, but in a process that had run
 other models it took 3.6x against 2.6x without, as the kernel compacts memory to find them.)
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 import platform
 import warnings
 from functools import cache
@@ -32,6 +36,10 @@ M_MMAP_MAX = -4
 DEFAULT_TRIM_THRESHOLD = 128 * 1024
 DEFAULT_MMAP_THRESHOLD = 128 * 1024
 DEFAULT_MMAP_MAX = 65536
+OPT_OUT_VARIABLE = "HOOKED_VLM_KEEP_FREED_MEMORY"
+
+_choice: bool | None = None  # set by an explicit call, or when the default is decided
+_kept = False  # whether malloc currently runs with the keeping policy
 
 
 @cache
@@ -52,16 +60,38 @@ def _require_glibc(what: str) -> ctypes.CDLL | None:
 def keep_freed_memory(enabled: bool = True) -> bool:
     """Make freed CPU memory stay in the process for reuse.
 
-    `enabled=False` restores glibc's default thresholds (without their dynamic adjustment) for
-    what is freed from then on; blocks malloc already holds stay until `release_freed_memory()`.
+    `enabled=False` opts out of `run_with_cache`'s default; if the policy was on, it restores
+    glibc's default thresholds (without their dynamic adjustment) for what is freed from then on,
+    and blocks malloc already holds stay until `release_freed_memory()`.
 
     Returns whether the setting took effect. With it, a full `run_with_cache` costs about the
-    forward plus the hooks (1.08-1.15x / 1.17-1.24x for the mid-size LLaVA / InternVL
-    benchmarks, against 1.49-1.68x / 2.6-3.8x without). Memory is not leaked: freed blocks serve
+    forward plus the hooks (1.15x / 1.24-1.26x for the mid-size LLaVA / InternVL benchmarks,
+    against 1.49-1.68x / 2.6-3.8x without); eager-attention forwards (knockout) gain too. Memory is not leaked: freed blocks serve
     later allocations of any size, and `release_freed_memory()` returns them to the system."""
+    global _choice
+    _choice = enabled
     libc = _require_glibc("keep_freed_memory")
     if libc is None:
         return False
+    if not enabled and not _kept:
+        return True  # glibc's own policy, dynamic thresholds included, was never changed
+    return _set_policy(libc, enabled)
+
+
+def keep_freed_memory_by_default() -> None:
+    """The policy `run_with_cache` applies once, before its first cache in CPU memory: keep freed
+    memory, unless the user already chose or set `HOOKED_VLM_KEEP_FREED_MEMORY=0`."""
+    global _choice
+    if _choice is not None:
+        return
+    _choice = os.environ.get(OPT_OUT_VARIABLE, "1").strip().lower() not in ("0", "false", "no", "off")
+    libc = _glibc()
+    if _choice and libc is not None:
+        _set_policy(libc, True)
+
+
+def _set_policy(libc: ctypes.CDLL, enabled: bool) -> bool:
+    global _kept
     if enabled:
         # A threshold of -1 is SIZE_MAX for glibc: "disables trimming completely" (mallopt(3)).
         settings = [(M_MMAP_MAX, 0), (M_TRIM_THRESHOLD, -1)]
@@ -71,7 +101,9 @@ def keep_freed_memory(enabled: bool = True) -> bool:
             (M_MMAP_THRESHOLD, DEFAULT_MMAP_THRESHOLD),
             (M_TRIM_THRESHOLD, DEFAULT_TRIM_THRESHOLD),
         ]
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    done = all(libc.mallopt(param, value) == 1 for param, value in settings)
+    _kept = enabled and done
+    return done
 
 
 def release_freed_memory() -> bool:

@@ -51,7 +51,7 @@ def _child(family: str, path: str, mode: str) -> None:
     import torch
     from PIL import Image
 
-    from hooked_vlm import HookedVLM
+    from hooked_vlm import HookedVLM, release_freed_memory
 
     torch.set_grad_enabled(False)
     if mode.endswith("_load"):  # loading: peak memory over the weights themselves
@@ -76,7 +76,14 @@ def _child(family: str, path: str, mode: str) -> None:
     else:
         run = lambda: hooked.run_with_cache(inputs, names_filter=resid_only)  # noqa: E731
     gc.collect()
-    print(json.dumps({mode: _measure(run)}))
+    baseline = _rss_mb()
+    result = {mode: _measure(run)}
+    if mode == "hooked_cache_all":  # what the process holds once the cache is freed, then released
+        gc.collect()
+        result["retained_mb_after_cache_freed"] = _rss_mb() - baseline
+        release_freed_memory()
+        result["retained_mb_after_release"] = _rss_mb() - baseline
+    print(json.dumps(result))
 
 
 def _load(family: str, path: str, mode: str) -> None:
@@ -103,7 +110,7 @@ def peak_memory_mb(family: str, path: str) -> dict[str, float]:
     for mode in MODES:
         result = subprocess.run([sys.executable, __file__, family, path, mode], capture_output=True, text=True, check=True)
         values = json.loads(result.stdout.strip().splitlines()[-1])
-        out.update({(k if k.endswith(("_over_weights", "_weights_mb")) else f"peak_mb_{k}"): v for k, v in values.items()})
+        out.update({(k if k.endswith(("_over_weights", "_weights_mb")) or k.startswith("retained_") else f"peak_mb_{k}"): v for k, v in values.items()})
     return out
 
 

@@ -21,7 +21,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from hooked_vlm.config import DTYPES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,22 @@ import torch
 
 Family = Literal["llava", "internvl"]
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """A floating-point `torch.dtype`, given as one or by name ("bfloat16", "bf16", "float16", ...)."""
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.").lower()
+        name = _DTYPE_ALIASES.get(name, name)
+        if name not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; use a torch dtype or one of {sorted(DTYPES | _DTYPE_ALIASES)}")
+        return DTYPES[name]
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype or its name, got {dtype!r}")
+    return dtype
+
 
 @dataclass
 class TransformerConfig:

@@ -143,6 +143,8 @@ class ImageLayout:
         """Positions of the tokens whose pixel box overlaps `box` (positive area), grown
         (`dilation > 0`) or shrunk (`dilation < 0`) by that many token rings within each view."""
         width, height = self.image_sizes[image]
+        if len(box) != 4:
+            raise ValueError(f"box {box} must be (x1, y1, x2, y2) in pixels of the original image")
         x1, y1, x2, y2 = box
         if not (0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height):
             raise ValueError(f"box {box} is empty or outside image {image} of size {width}x{height}")
@@ -235,7 +237,9 @@ class ImageLayout:
         image_views = self.views[image]
         if views == "all":
             return selected
-        if views in ("global", "local"):
+        if isinstance(views, str):
+            if views not in ("global", "local"):
+                raise ValueError(f"unknown views {views!r}: use 'all', 'global', 'local', a view index or a list of them")
             wanted = [i for i, v in enumerate(image_views) if v.is_global == (views == "global")]
         else:
             wanted = [views] if isinstance(views, int) else list(views)

@@ -26,7 +26,7 @@ from transformer_lens.hook_points import HookPoint
 from hooked_vlm.allocator import keep_freed_memory_by_default
 from hooked_vlm.cache import VLMActivationCache
 from hooked_vlm.components import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
-from hooked_vlm.config import HookedVLMConfig
+from hooked_vlm.config import HookedVLMConfig, as_dtype
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.towers import Projector, VisionTower
 
@@ -107,23 +107,25 @@ class HookedVLM(HookedRootModule):
         cls,
         name_or_path: str | Path,
         *,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
         device_map: dict[str, Any] | str | None = None,
     ) -> HookedVLM:
         """Load a checkpoint in any supported format (see `weights_conversion`): a local
-        directory, a Hugging Face hub id, or the name of a shipped toy model. `device_map`
+        directory, a Hugging Face hub id, or the name of a shipped toy model. `dtype` is a torch
+        dtype or its name ("bfloat16", "bf16", "float16", ...). `device_map`
         spreads the model over several devices (the accelerate convention: module-name prefixes
         such as "vision", "blocks.0", "unembed" -> device, or "auto"); activations follow."""
         from weights_conversion import load_pretrained
 
-        return load_pretrained(name_or_path, dtype=dtype, device=device, device_map=device_map)
+        return load_pretrained(name_or_path, dtype=as_dtype(dtype), device=device, device_map=device_map)
 
     # ----------------------------------------------------------------------------- inputs
     def prepare(self, images: Any, prompts: str | Sequence[str], **kwargs: Any) -> VLMInput:
         """Turn images and prompts into a `VLMInput` the way the checkpoint expects: the family's
         chat template (`raw=True` passes the text verbatim), its image processor, left padding,
-        and the image-token map. One image per prompt."""
+        and the image-token map. One image per prompt; an image is a PIL image, a path or URL, or a
+        uint8 array (numpy `[H, W, C]`, torch `[C, H, W]`)."""
         from hooked_vlm.families import family_module
 
         inputs = family_module(self.cfg.family).prepare(self, images, prompts, **kwargs)
@@ -209,8 +211,9 @@ class HookedVLM(HookedRootModule):
     @contextlib.contextmanager
     def hooks(self, fwd_hooks=(), bwd_hooks=(), reset_hooks_end: bool = True, clear_contexts: bool = False):
         """`HookedRootModule.hooks`, plus two checks: hook names must exist (a typo is an error,
-        not a silent no-op) and a forward hook must return a tensor of the shape it was given."""
-        fwd = [(self._checked_name(name), _shape_checked(fn)) for name, fn in fwd_hooks]
+        not a silent no-op) and a forward hook must return None or a tensor of the shape, dtype
+        and device it was given."""
+        fwd = [(self._checked_name(name), _output_checked(fn)) for name, fn in fwd_hooks]
         bwd = [(self._checked_name(name), fn) for name, fn in bwd_hooks]
         with super().hooks(fwd, bwd, reset_hooks_end, clear_contexts) as model:
             yield model
@@ -305,14 +308,20 @@ class HookedVLM(HookedRootModule):
         return self._stack(self.blocks, "W_O")
 
 
-def _shape_checked(fn: Callable) -> Callable:
-    """Wrap a forward hook so that returning a tensor of another shape raises at once, naming the hook."""
+def _output_checked(fn: Callable) -> Callable:
+    """Wrap a forward hook so that returning anything but None or a tensor like the one it was
+    given (shape, dtype, device) raises at once, naming the hook."""
 
     @functools.wraps(fn)
     def checked(tensor: Tensor, *, hook: HookPoint):
         out = fn(tensor, hook=hook)
-        if isinstance(out, Tensor) and out.shape != tensor.shape:
-            raise ValueError(f"hook on {hook.name} returned shape {tuple(out.shape)}; expected {tuple(tensor.shape)}")
+        if out is None:
+            return out
+        if not isinstance(out, Tensor):
+            raise TypeError(f"hook on {hook.name} returned a value of type {type(out).__name__}; a forward hook returns None or a tensor")
+        for what, got, expected in (("shape", tuple(out.shape), tuple(tensor.shape)), ("dtype", out.dtype, tensor.dtype), ("device", out.device, tensor.device)):
+            if got != expected:
+                raise ValueError(f"hook on {hook.name} returned {what} {got}; expected {expected}")
         return out
 
     return checked

@@ -16,6 +16,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from hooked_vlm.config import as_dtype
 from hooked_vlm.model import HookedVLM
 
 ASSETS = Path(__file__).parent / "assets"
@@ -68,7 +69,7 @@ def check_parity(
     images: Sequence[Image.Image] | None = None,
     prompts: Sequence[str] | None = None,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     max_new_tokens: int = 20,
     verbose: bool = True,
@@ -81,6 +82,7 @@ def check_parity(
     from weights_conversion import checkpoint_directory
     from weights_conversion.io import read_json
 
+    dtype = as_dtype(dtype)
     directory = checkpoint_directory(name_or_path)
     config = read_json(directory / "config.json") or {}
     hooked = hooked or HookedVLM.from_pretrained(directory, dtype=dtype, device=device)

@@ -54,10 +54,33 @@ def test_hooks_are_removed_after_the_call_even_when_it_raises(model_and_inputs):
     assert not any(hp.fwd_hooks for hp in model.hook_dict.values())
 
 
-def test_hook_returning_wrong_shape_raises(model_and_inputs):
+@pytest.mark.parametrize(
+    ("edit", "error", "message"),
+    [
+        (lambda t: t[:, :-1], ValueError, r"returned shape \(\d+, \d+, \d+\); expected"),
+        (lambda t: t.double(), ValueError, r"returned dtype torch.float64; expected torch.float32"),
+        (lambda t: t.to("meta"), ValueError, r"returned device meta; expected cpu"),
+        (lambda t: 3, TypeError, r"returned a value of type int; a forward hook returns None or a tensor"),
+    ],
+    ids=["shape", "dtype", "device", "not a tensor"],
+)
+def test_hook_returning_something_unlike_its_input_raises(model_and_inputs, edit, error, message):
     model, inputs = model_and_inputs
-    with pytest.raises(ValueError, match=r"hook on blocks.0.hook_resid_mid returned shape"):
-        model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.hook_resid_mid", lambda t, hook: t[:, :-1])])
+    with pytest.raises(error, match=r"hook on blocks.0.hook_resid_mid " + message):
+        model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.hook_resid_mid", lambda t, hook: edit(t))])
+
+
+def test_hook_returning_none_or_editing_in_place_is_fine(model_and_inputs):
+    model, inputs = model_and_inputs
+
+    def double_in_place(tensor, hook):
+        tensor.mul_(2.0)
+
+    with torch.no_grad():
+        clean = model(inputs)
+        same = model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.hook_resid_mid", lambda t, hook: None)])
+        edited = model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.hook_resid_mid", double_in_place)])
+    assert torch.equal(same, clean) and not torch.equal(edited, clean)
 
 
 def test_unknown_hook_name_raises_with_suggestions(model_and_inputs):

@@ -186,7 +186,7 @@ def test_bad_inputs_raise_clear_errors(model, photos):
         model.prepare([image, image], ["one prompt"])
     with pytest.raises(ValueError, match="got 1 images for 2 prompts"):
         model.prepare([image], ["one", "two"])
-    with pytest.raises(TypeError, match="expected a PIL.Image.Image"):
+    with pytest.raises(TypeError, match="expected uint8 pixels"):
         model.prepare(np.zeros((10, 10, 3)), "x")
     with pytest.raises(ValueError, match=r"contains '<IMG_CONTEXT>'; the template places the image itself"):
         model.prepare(image, "<IMG_CONTEXT> what is this?")

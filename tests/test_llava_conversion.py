@@ -84,6 +84,12 @@ def test_dtype_and_device_are_honoured(tiny_checkpoint):
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {p.device.type for p in model.parameters()} == {"cpu"}
     assert not any(p.requires_grad for p in model.parameters())
+    by_name = HookedVLM.from_pretrained(tiny_checkpoint("llava_base"), dtype="bf16")
+    assert {p.dtype for p in by_name.parameters()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match=r"unknown dtype 'float17'; use a torch dtype or one of"):
+        HookedVLM.from_pretrained(tiny_checkpoint("llava_base"), dtype="float17")
+    with pytest.raises(TypeError, match=r"dtype must be a floating-point torch.dtype"):
+        HookedVLM.from_pretrained(tiny_checkpoint("llava_base"), dtype=torch.int8)
 
 
 @pytest.mark.parametrize("name", ["llava-1.5-7b", "llava-1.5-13b"])

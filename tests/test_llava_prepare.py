@@ -159,6 +159,10 @@ def test_bad_layout_queries_raise(model, photos):
         layout.mask_to_positions(np.zeros((image.height, image.width), bool))
     with pytest.raises(ValueError, match="mask has shape"):
         layout.mask_to_positions(np.ones((5, 5), bool))
+    with pytest.raises(ValueError, match=r"unknown views 'tiles'"):
+        layout.positions(0, views="tiles")
+    with pytest.raises(ValueError, match=r"must be \(x1, y1, x2, y2\)"):
+        layout.box_to_positions((0, 0, 10))
     with pytest.raises(IndexError, match="view 3 out of range"):
         layout.positions(0, views=3)
     with pytest.raises(IndexError, match="image index 2"):
@@ -169,7 +173,7 @@ def test_bad_inputs_raise_clear_errors(model, photos):
     image = photos["astronaut"]
     with pytest.raises(ValueError, match="got 2 images for 1 prompts"):
         model.prepare([image, image], ["one prompt"])
-    with pytest.raises(TypeError, match="expected a PIL.Image.Image"):
+    with pytest.raises(TypeError, match="expected uint8 pixels"):
         model.prepare(np.zeros((10, 10, 3)), "x")
     with pytest.raises(ValueError, match="already contains '<image>'"):
         model.prepare(image, "<image> what is this?")

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -60,22 +62,52 @@ def normalise_feature_layers(layers: int | Sequence[int], n_layers: int) -> tupl
     return tuple(out)
 
 
+ImageLike = Image.Image | str | Path | np.ndarray | torch.Tensor
+
+
 def as_image_prompt_lists(images: Any, prompts: Any) -> tuple[list[Image.Image], list[str]]:
-    """Accept one image and one prompt, or two lists of equal length; check the types."""
+    """Accept one image and one prompt, or two lists of equal length; check the types. Images
+    may be PIL images, paths or URLs, or uint8 pixel arrays (see `as_pil_image`)."""
     single = isinstance(prompts, str)
-    images = [images] if single or isinstance(images, Image.Image) else list(images)
     prompts = [prompts] if single else list(prompts)
+    images = list(images) if isinstance(images, (list, tuple)) else [images]
     if len(images) != len(prompts):
         raise ValueError(f"got {len(images)} images for {len(prompts)} prompts; one image per prompt is required")
     if not prompts:
         raise ValueError("no prompts given")
-    for i, image in enumerate(images):
-        if not isinstance(image, Image.Image):
-            raise TypeError(f"image {i} is a {type(image).__name__}, expected a PIL.Image.Image")
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise TypeError(f"prompt {i} is a {type(prompt).__name__}, expected str")
-    return [image.convert("RGB") for image in images], prompts
+    return [as_pil_image(image, i) for i, image in enumerate(images)], prompts
+
+
+def as_pil_image(image: ImageLike, index: int = 0) -> Image.Image:
+    """An RGB PIL image from a PIL image, a local path or URL (read by transformers'
+    `load_image`, which applies the EXIF orientation), a uint8 numpy array `[height, width]` or
+    `[height, width, channels]`, or a uint8 tensor `[channels, height, width]` (torchvision's
+    layout), channels being 1, 3 or 4."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, (str, Path)):
+        from transformers.image_utils import load_image
+
+        source = str(image)
+        if not source.startswith(("http://", "https://")) and not Path(source).is_file():
+            raise FileNotFoundError(f"image {index}: no image file at {source!r}")
+        return load_image(source)
+    if isinstance(image, torch.Tensor):
+        if image.ndim == 3:
+            image = image.permute(1, 2, 0)
+        image = image.cpu().numpy()
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8:
+            raise TypeError(f"image {index} is an array of {image.dtype}; expected uint8 pixels (0-255)")
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
+            raise ValueError(f"image {index} has array shape {image.shape}; expected [H, W] or [H, W, 1|3|4] (tensors: [1|3|4, H, W])")
+        return Image.fromarray(image).convert("RGB")
+    raise TypeError(f"image {index} is a {type(image).__name__}; expected a PIL image, a path or URL, or a uint8 array")
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -66,8 +66,9 @@ def keep_freed_memory(enabled: bool = True) -> bool:
 
     Returns whether the setting took effect. With it, a full `run_with_cache` costs about the
     forward plus the hooks (1.15x / 1.24-1.26x for the mid-size LLaVA / InternVL benchmarks,
-    against 1.49-1.68x / 2.6-3.8x without); eager-attention forwards (knockout) gain too. Memory is not leaked: freed blocks serve
-    later allocations of any size, and `release_freed_memory()` returns them to the system."""
+    against 1.49-1.68x / 2.6-3.8x without); eager-attention forwards (knockout) gain too. Memory
+    is not leaked: freed blocks serve later allocations of any size, and `release_freed_memory()`
+    returns them to the system."""
     global _choice
     _choice = enabled
     libc = _require_glibc("keep_freed_memory")

@@ -222,20 +222,24 @@ def test_shape_negatives_ask_for_the_targets_colour_in_an_absent_shape():
     assert [(e.prompt, e.answer) for e in a] == [(e.prompt, e.answer) for e in b]
 
 
-def test_shape_probe_labels_follow_the_image_token_map(hooked):
+@pytest.mark.parametrize("family", ["llava", "internvl"])
+def test_shape_probe_labels_follow_the_image_token_map(hooked, family):
     """The auxiliary shape loss labels a token with an object's shape only where that object's
-    mask lies (`layout.mask_to_positions`), background only where no object does, and nothing
-    of the target on its removed twin; it reads the projector output the language model gets."""
+    mask lies (`layout.mask_to_positions`, over every view), background only where no object
+    does, and nothing of the target on its removed twin; it reads the projector output the
+    language model gets, token for token."""
+    from hooked_vlm.toy_models.data import collate
     from hooked_vlm.toy_models.train import ShapeProbe
 
-    spec = TOY_SPECS["llava"]
-    hf = LlavaForConditionalGeneration.from_pretrained(toy_model_path("toy-llava"))
+    spec = TOY_SPECS[family]
+    hf_class = LlavaForConditionalGeneration if family == "llava" else InternVLForConditionalGeneration
+    hf = hf_class.from_pretrained(toy_model_path(_name(family)))
     probe = ShapeProbe(hf, spec, seed=0)
     background, n_shape_tokens = len(spec.data.shapes), 0
     items = list(spec.data.dataset(12, 0, "test"))
     assert any(len(i.objects) > 1 for i in items) and {i.image_size for i in items} == set(spec.data.image_sizes)
     for item in items:
-        layout = hooked("llava").prepare(item.image, prompts.localization_prompt(item.class_name)).layout
+        layout = hooked(family).prepare(item.image, prompts.localization_prompt(item.class_name)).layout
         positions = layout.positions(0).tolist()
         covered = [set(layout.mask_to_positions(o.mask).tolist()) for o in item.objects]
         for removed in (False, True):
@@ -251,20 +255,24 @@ def test_shape_probe_labels_follow_the_image_token_map(hooked):
                     assert spec.data.shapes[label] in {o.shape for o in owners}
             assert removed or item.shape in {spec.data.shapes[label] for label in labels if 0 <= label < background}
     assert n_shape_tokens > 100
-    from hooked_vlm.toy_models.data import collate
 
-    encoder = ToyEncoder("llava", load_hf_processor(toy_model_path("toy-llava")), hf.config.image_token_id)
-    examples = [items[0].examples("llava")[0], items[1].examples("llava")[2]]  # an image, a removed twin
+    encoder = ToyEncoder(family, load_hf_processor(toy_model_path(_name(family))), hf.config.image_token_id, spec.max_tiles)
+    pair = [items[0], items[1]]
+    examples = [pair[0].examples(family)[0], pair[1].examples(family)[2]]  # an image, a removed twin
+    assert [e.object_removed for e in examples] == [False, True]
     batch = collate([encoder.encode(e) for e in examples], encoder.tokenizer.pad_token_id)
     hf(**batch.model_inputs())
-    assert probe.features.shape == (2, len(positions), hf.config.text_config.hidden_size)
-    loss = probe.loss(items[:2], batch.object_removed)
+    n_tokens = sum(len(probe.labels(item, e.object_removed)) for item, e in zip(pair, examples))
+    assert probe.features.shape[-1] == hf.config.text_config.hidden_size
+    assert probe.features.numel() == n_tokens * hf.config.text_config.hidden_size
+    loss = probe.loss(pair, batch.object_removed)
     loss.backward()
     assert batch.object_removed == [False, True] and torch.isfinite(loss)
     assert hf.model.multi_modal_projector.linear_2.weight.grad.abs().sum() > 0  # it trains the features
     probe.remove()
-    with pytest.raises(ValueError, match="LLaVA"):
-        ShapeProbe(hf, TOY_SPECS["internvl"], seed=0)
+    other = "internvl" if family == "llava" else "llava"
+    with pytest.raises(ValueError, match=f"a {other} spec needs a {other} model"):
+        ShapeProbe(hf, TOY_SPECS[other], seed=0)
 
 
 def test_head_dropout_zeroes_whole_heads_in_training_mode_only():

@@ -39,7 +39,9 @@ from transformers import InternVLForConditionalGeneration, LlavaForConditionalGe
 
 from hooked_vlm.data.synthetic import SyntheticItem, text_corpus
 from hooked_vlm.testing import load_hf_processor
+from hooked_vlm.families import internvl as internvl_family
 from hooked_vlm.families import llava as llava_family
+from hooked_vlm.families.internvl import InternVLPreprocessing
 from hooked_vlm.families.llava import LlavaPreprocessing
 from hooked_vlm.toy_models.data import IGNORE_INDEX, TASKS, ToyEncoder, answer_loss, training_batch
 from hooked_vlm.toy_models.evaluate import evaluate, evaluate_shipped, hf_generate, record_metrics
@@ -211,13 +213,20 @@ class ShapeProbe:
     """An auxiliary loss on the image features entering the language model (the projector's
     output): a linear head, trained with the model and then discarded, classifies each image
     token as the shape of the object covering at least half of it, or as background (no object
-    pixel); tokens partly covered, or over padding, carry no label. LLaVA ("pad" mode) only."""
+    pixel); tokens partly covered, or over padding, carry no label. LLaVA ("pad" mode) and
+    InternVL (every tile and the thumbnail, each token's box through the layout's geometry)."""
 
     def __init__(self, model, spec: ToySpec, seed: int):
-        if spec.family != "llava":
-            raise ValueError("the shape probe is implemented for the LLaVA toy only")
+        self.family = spec.family
+        if model.config.model_type != spec.family:
+            raise ValueError(f"a {spec.family} spec needs a {spec.family} model, got {model.config.model_type!r}")
         vision = model.config.vision_config
-        self.pre = LlavaPreprocessing(image_size=vision.image_size, patch_size=vision.patch_size, image_mode="pad")
+        if spec.family == "llava":
+            self.pre = LlavaPreprocessing(image_size=vision.image_size, patch_size=vision.patch_size, image_mode="pad")
+        else:
+            side = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731 - HF stores InternViT sizes as (h, w)
+            self.pre = InternVLPreprocessing(tile_size=side(vision.image_size), patch_size=side(vision.patch_size),
+                                             downsample_ratio=model.config.downsample_ratio, max_tiles=spec.max_tiles)  # fmt: skip
         self.shapes = spec.data.shapes
         d_model = model.config.text_config.hidden_size
         self.head = torch.nn.Linear(d_model, len(self.shapes) + 1)
@@ -234,12 +243,19 @@ class ShapeProbe:
     def remove(self) -> None:
         self._handle.remove()
 
+    def token_boxes(self, image_size: tuple[int, int]) -> np.ndarray:
+        """`[tokens, 4]` pixel boxes of the image's tokens, in the order the projector emits them."""
+        if self.family == "llava":
+            return llava_family.view_geometry(image_size, self.pre, "pad", has_cls=False).token_boxes().reshape(-1, 4)
+        grid = internvl_family.tile_grid(image_size, self.pre, self.pre.min_tiles, self.pre.max_tiles)
+        views = internvl_family.view_geometries(image_size, self.pre, grid)
+        return np.concatenate([view.token_boxes().reshape(-1, 4) for view in views])
+
     def labels(self, item: SyntheticItem, object_removed: bool) -> torch.Tensor:
         objects = item.objects[1:] if object_removed else item.objects
-        geometry = llava_family.view_geometry(item.image_size, self.pre, "pad", has_cls=False)
         width, height = item.image_size
         labels = []
-        for x1, y1, x2, y2 in geometry.token_boxes().reshape(-1, 4).round().astype(int):
+        for x1, y1, x2, y2 in self.token_boxes(item.image_size).round().astype(int):
             x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, width), min(y2, height)
             if x2 <= x1 or y2 <= y1:
                 labels.append(IGNORE_INDEX)
@@ -254,9 +270,13 @@ class ShapeProbe:
         return torch.tensor(labels)
 
     def loss(self, items: list[SyntheticItem], object_removed: list[bool]) -> torch.Tensor:
-        labels = torch.stack([self.labels(i, r) for i, r in zip(items, object_removed)])
+        per_item = [self.labels(i, r) for i, r in zip(items, object_removed)]
+        # LLaVA: [batch, tokens]; InternVL: every view of every item in a row, as the projector saw them
+        labels = torch.stack(per_item) if self.family == "llava" else torch.cat(per_item)
+        if labels.numel() * self.features.shape[-1] != self.features.numel():
+            raise RuntimeError(f"{labels.numel()} token labels for projector output {tuple(self.features.shape)}")
         logits = self.head(self.features.reshape(*labels.shape, -1))
-        return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX)
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
 
 
 def head_dropout_hooks(model, p: float, generator: torch.Generator) -> list:

@@ -65,8 +65,8 @@ def keep_freed_memory(enabled: bool = True) -> bool:
     and blocks malloc already holds stay until `release_freed_memory()`.
 
     Returns whether the setting took effect. With it, a full `run_with_cache` costs about the
-    forward plus the hooks (1.15x / 1.24-1.26x for the mid-size LLaVA / InternVL benchmarks,
-    against 1.49-1.68x / 2.6-3.8x without); eager-attention forwards (knockout) gain too. Memory
+    forward plus the hooks (1.10-1.15x / 1.22-1.26x for the mid-size LLaVA / InternVL benchmarks,
+    against 1.49-2.61x / 2.5-3.8x without); eager-attention forwards (knockout) gain too. Memory
     is not leaked: freed blocks serve later allocations of any size, and `release_freed_memory()`
     returns them to the system."""
     global _choice

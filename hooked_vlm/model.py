@@ -232,7 +232,7 @@ class HookedVLM(HookedRootModule):
 
         The first cache kept in CPU memory switches glibc's malloc to keeping freed memory for
         reuse (`hooked_vlm.keep_freed_memory`), as PyTorch's allocator does on CUDA: otherwise
-        each call page-faults its whole cache in anew (2.6-3.8x the forward for a 4.8 GB cache
+        each call page-faults its whole cache in anew (2.5-3.8x the forward for a 4.8 GB cache
         instead of ~1.2x). The process then keeps its peak resident size until
         `hooked_vlm.release_freed_memory()`; opt out with `hooked_vlm.keep_freed_memory(False)`
         or `HOOKED_VLM_KEEP_FREED_MEMORY=0`."""

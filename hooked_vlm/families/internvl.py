@@ -101,7 +101,7 @@ class InternVLPreprocessing:
 
 
 # ---------------------------------------------------------------------------------- config
-def _side(value: int | Sequence[int], name: str) -> int:
+def square_side(value: int | Sequence[int], name: str) -> int:
     """HF stores InternViT's image/patch size as (h, w); the hooked tower takes squares."""
     if isinstance(value, int):
         return value
@@ -143,8 +143,8 @@ def vision_config_from_internvit(
         positional_embedding_type="learned",
         softmax_in_fp32=False,
         layer_scale=True,
-        image_size=_side(hf.image_size, "image_size"),
-        patch_size=_side(hf.patch_size, "patch_size"),
+        image_size=square_side(hf.image_size, "image_size"),
+        patch_size=square_side(hf.patch_size, "patch_size"),
         n_channels=hf.num_channels,
         patch_bias=True,
         ln_pre=False,

@@ -224,8 +224,8 @@ class ShapeProbe:
         if spec.family == "llava":
             self.pre = LlavaPreprocessing(image_size=vision.image_size, patch_size=vision.patch_size, image_mode="pad")
         else:
-            side = lambda v: v if isinstance(v, int) else v[0]  # noqa: E731 - HF stores InternViT sizes as (h, w)
-            self.pre = InternVLPreprocessing(tile_size=side(vision.image_size), patch_size=side(vision.patch_size),
+            side = internvl_family.square_side
+            self.pre = InternVLPreprocessing(tile_size=side(vision.image_size, "image_size"), patch_size=side(vision.patch_size, "patch_size"),
                                              downsample_ratio=model.config.downsample_ratio, max_tiles=spec.max_tiles)  # fmt: skip
         self.shapes = spec.data.shapes
         d_model = model.config.text_config.hidden_size

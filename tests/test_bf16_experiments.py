@@ -35,7 +35,7 @@ def test_bf16_answers_are_the_fp32_answers(toy):
     assert model.dtype.is_floating_point and str(model.dtype) == "torch.bfloat16"
     fp32 = evaluate(HookedVLM.from_pretrained(name), data, "localization", progress=False)
     bf16 = evaluate(model, data, "localization", progress=False)
-    assert (fp32["response"] == bf16["response"]).mean() >= 0.9  # 40 of 40 items on both toys
+    assert (fp32["response"] == bf16["response"]).mean() >= 0.9  # of 40 items: toy-llava 40, toy-internvl 38 (same hits)
 
 
 EXPERIMENTS = {

@@ -1,6 +1,6 @@
 """Every experiment runs end to end in bf16 (on CPU), on both shipped toys: the library's own
 hooks keep the model's dtype (a hook returning another dtype is an error), and the toys' bf16
-answers are their fp32 answers."""
+answers are, but for an occasional one, their fp32 answers."""
 
 from __future__ import annotations
 

@@ -11,7 +11,7 @@ metrics via HF `generate`, wall time). Copy DIR to `hooked_vlm/toy_models/toy-{f
 Recipe (see `spec.py`): a BPE tokenizer learned from the training split's text; transformers'
 own initialisation; every step draws `batch_size` fresh items (item k of split "train" is used
 once, at step k // batch_size) and one task per item; teacher-forced cross-entropy on answer
-tokens only (toy-llava's last stage adds an auxiliary shape loss on the image features,
+tokens only (the last stages of both toys add an auxiliary shape loss on the image features,
 `ShapeProbe`); AdamW with linear warmup and cosine decay; held-out metrics on split "val".
 
 Determinism: everything random is seeded (items by (seed, split, index), task choice by
@@ -235,6 +235,7 @@ class ShapeProbe:
             for param in self.head.parameters():
                 param.uniform_(-(d_model**-0.5), d_model**-0.5, generator=generator)
         self.features: torch.Tensor | None = None
+        self._boxes: dict[tuple[int, int], np.ndarray] = {}  # per image size: the toys have a few
         self._handle = model.model.multi_modal_projector.register_forward_hook(self._keep)
 
     def _keep(self, module, args, output) -> None:
@@ -245,11 +246,14 @@ class ShapeProbe:
 
     def token_boxes(self, image_size: tuple[int, int]) -> np.ndarray:
         """`[tokens, 4]` pixel boxes of the image's tokens, in the order the projector emits them."""
-        if self.family == "llava":
-            return llava_family.view_geometry(image_size, self.pre, "pad", has_cls=False).token_boxes().reshape(-1, 4)
-        grid = internvl_family.tile_grid(image_size, self.pre, self.pre.min_tiles, self.pre.max_tiles)
-        views = internvl_family.view_geometries(image_size, self.pre, grid)
-        return np.concatenate([view.token_boxes().reshape(-1, 4) for view in views])
+        if image_size not in self._boxes:
+            if self.family == "llava":
+                views = [llava_family.view_geometry(image_size, self.pre, "pad", has_cls=False)]
+            else:
+                grid = internvl_family.tile_grid(image_size, self.pre, self.pre.min_tiles, self.pre.max_tiles)
+                views = internvl_family.view_geometries(image_size, self.pre, grid)
+            self._boxes[image_size] = np.concatenate([view.token_boxes().reshape(-1, 4) for view in views])
+        return self._boxes[image_size]
 
     def labels(self, item: SyntheticItem, object_removed: bool) -> torch.Tensor:
         objects = item.objects[1:] if object_removed else item.objects

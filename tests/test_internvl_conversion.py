@@ -201,6 +201,15 @@ def test_unsupported_language_models_are_named(tiny_checkpoint, tmp_path):
         HookedVLM.from_pretrained(copy)
 
 
+def test_a_truncated_checkpoint_is_named(tiny_checkpoint, tmp_path):
+    copy = tmp_path / "truncated"
+    shutil.copytree(tiny_checkpoint("internvl_300m"), copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    with pytest.raises(ConversionError, match=r"cannot read weight file .*model\.safetensors \(corrupt, truncated"):
+        HookedVLM.from_pretrained(copy)
+
+
 def test_unknown_architecture_is_named():
     with pytest.raises(ValueError, match=r"unknown architecture: model_type='internlm2'"):
         detect_format({"model_type": "internlm2", "architectures": ["InternLM2ForCausalLM"]})

@@ -79,6 +79,28 @@ def test_sharded_safetensors_load_identically(tiny_checkpoint, tmp_path):
     _assert_same_weights(HookedVLM.from_pretrained(source), HookedVLM.from_pretrained(sharded))
 
 
+def test_a_truncated_or_corrupt_shard_is_named(tiny_checkpoint, tmp_path):
+    sharded = tmp_path / "sharded"
+    shutil.copytree(tiny_checkpoint("llava_base"), sharded)
+    (sharded / "model.safetensors").unlink()
+    LlavaForConditionalGeneration.from_pretrained(tiny_checkpoint("llava_base")).save_pretrained(sharded, max_shard_size="60KB")
+    shard = sorted(sharded.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    for content in (data[: len(data) // 2], data[:5], b"not a safetensors file" * 10):
+        shard.write_bytes(content)
+        with pytest.raises(ConversionError, match=rf"cannot read weight file .*{shard.name} \(corrupt, truncated"):
+            HookedVLM.from_pretrained(sharded)
+
+
+def test_a_truncated_bin_shard_of_the_original_format_is_named(tiny_checkpoint, tmp_path):
+    copy = tmp_path / "original"
+    shutil.copytree(tiny_checkpoint("llava_original"), copy)
+    shard = sorted(copy.glob("pytorch_model-*.bin"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    with pytest.raises(ConversionError, match=rf"cannot read weight file .*{shard.name}"):
+        HookedVLM.from_pretrained(copy)
+
+
 def test_dtype_and_device_are_honoured(tiny_checkpoint):
     model = HookedVLM.from_pretrained(tiny_checkpoint("llava_base"), dtype=torch.bfloat16, device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -76,19 +76,26 @@ class CheckpointReader:
 
 def _list_tensors(path: Path) -> list[tuple[str, tuple[int, ...]]]:
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as f:
+        with _open(path) as f:
             return [(k, tuple(f.get_slice(k).get_shape())) for k in f.keys()]
     state = _open(path)
     return [(k, tuple(v.shape)) for k, v in state.items() if isinstance(v, torch.Tensor)]
 
 
 def _open(path: Path):
-    if path.suffix == ".safetensors":
-        return safe_open(path, framework="pt")
-    try:  # zip-format .bin files can be memory-mapped: nothing is read until a tensor is used
-        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
-    except RuntimeError:  # legacy (pre-1.6) serialisation cannot be mapped; read this shard whole
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """A safetensors handle or a (memory-mapped) `.bin` state dict; a file that cannot be parsed
+    raises a `ConversionError` naming it, so a bad shard of a sharded checkpoint is found at once."""
+    try:
+        if path.suffix == ".safetensors":
+            return safe_open(path, framework="pt")
+        try:  # zip-format .bin files can be memory-mapped: nothing is read until a tensor is used
+            return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except (RuntimeError, OSError):  # legacy (pre-1.6) serialisation cannot be mapped; read it whole
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as error:  # SafetensorError, a truncated zip, a broken pickle
+        raise ConversionError(f"cannot read weight file {path} (corrupt, truncated or not a state dict): {type(error).__name__}: {error}") from error
 
 
 @dataclass(frozen=True)

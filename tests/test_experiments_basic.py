@@ -3,11 +3,14 @@ return the documented columns."""
 
 from __future__ import annotations
 
+import pandas as pd
 import pytest
+import torch
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.data.synthetic import SyntheticLocalization
 from hooked_vlm.experiments import evaluate, summarize
+from hooked_vlm.experiments.data import as_samples
 from hooked_vlm.experiments.position_probe import position_probe, probe_sites
 
 
@@ -62,3 +65,26 @@ def test_position_probe_reports_every_site_and_axis(model, dataset):
     assert len(results) == 2 * len(probe_sites(model))
     assert results["accuracy"].between(0, 1).all()
     assert set(results["section"]) == {"vision", "projector", "language"}
+
+
+def test_position_probe_depends_on_its_seed_only(model, dataset):
+    test = SyntheticLocalization(2, seed=0, split="test", image_sizes=((112, 84),))
+    first = position_probe(model, dataset, test, epochs=1, tokens_per_image=8, seed=3, progress=False)
+    state = torch.get_rng_state()
+    torch.rand(10)  # a global draw between the runs must not change the second one
+    state_after_draw = torch.get_rng_state()
+    second = position_probe(model, dataset, test, epochs=1, tokens_per_image=8, seed=3, progress=False)
+    pd.testing.assert_frame_equal(first, second)
+    assert not torch.equal(state, state_after_draw)
+    assert torch.equal(torch.get_rng_state(), state_after_draw)  # the probe leaves the global state alone
+
+
+def test_position_probe_draws_tokens_per_image_from_every_view(tiny_checkpoint):
+    model = HookedVLM.from_pretrained(tiny_checkpoint("internvl_6b"))
+    images = SyntheticLocalization(2, seed=0, image_sizes=((112, 56),))  # two 56-px tiles + a thumbnail
+    inputs = model.prepare([s.image for s in as_samples(images)], ["Hi"] * 2)
+    n_views = sum(len(views) for views in inputs.layout.views)
+    assert n_views == 6
+    results = position_probe(model, images, images, epochs=1, tokens_per_image=2, progress=False)
+    assert (results["n_train"] == 2 * n_views).all()
+    assert (results["n_test"] == 2 * n_views).all()

@@ -50,7 +50,9 @@ def position_probe(
     image and view, to bound memory on large sets), then one softmax-regression probe per
     (site, axis) is trained with Adam for `epochs` passes and scored on the test set. Vision-tower
     positions are the patch grid (CLS excluded); projector and language-model positions are the
-    layout's (row, col) within each view.
+    layout's (row, col) within each view. The token draws, the probes' initial weights and their
+    minibatch order come from one generator seeded with `seed`: the result depends on the seed
+    only, and the global random state is left untouched.
     """
     generator = torch.Generator().manual_seed(seed)
     sites = probe_sites(model)
@@ -81,20 +83,23 @@ def _gather(model, dataset, sites, tokens_per_image, batch_size, generator, prog
         inputs = model.prepare([s.image for s in batch], [PROBE_PROMPT] * len(batch))
         _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in names, device="cpu")
         for section, _, hook in sites:
-            x, y = (_vision_tokens if section == "vision" else _image_tokens)(model, inputs, cache[hook], section)
-            keep = _subsample(y, tokens_per_image, generator, len(batch))
+            x, y, views = (_vision_tokens if section == "vision" else _image_tokens)(model, inputs, cache[hook], section)
+            keep = _subsample(views, tokens_per_image, generator)
             features[hook].append(x[keep].float())
             labels[hook].append(y[keep])
     return {hook: (torch.cat(features[hook]), torch.cat(labels[hook])) for hook in names}
 
 
+# Each extractor returns features `[n, d]`, labels `[n, 2]` (row, col) and each token's view of
+# the batch `[n]` (one id per image and view), which `_subsample` draws from.
 def _vision_tokens(model, inputs: VLMInput, acts: Float[Tensor, "view token d"], section: str):
     grid = model.cfg.vision.n_grid
     patches = acts[:, 1:]  # CLS first
     rows, cols = torch.div(torch.arange(grid * grid), grid, rounding_mode="floor"), torch.arange(grid * grid) % grid
     x = patches.reshape(-1, patches.shape[-1])
     y = torch.stack([rows, cols], -1).repeat(acts.shape[0], 1)
-    return x, y
+    views = torch.arange(acts.shape[0]).repeat_interleave(grid * grid)  # the tower runs every view of the batch
+    return x, y, views
 
 
 def _image_tokens(model, inputs: VLMInput, acts: Tensor, section: str):
@@ -105,20 +110,32 @@ def _image_tokens(model, inputs: VLMInput, acts: Tensor, section: str):
     else:  # [batch, pos, d] at the layout's positions
         x = acts[layout.batch, layout.position][grid_tokens]
     y = torch.stack([layout.row[grid_tokens], layout.col[grid_tokens]], -1)
-    return x, y
+    n_views = int(layout.view.max()) + 1 if len(layout) else 1
+    views = (layout.image * n_views + layout.view)[grid_tokens]
+    return x, y, views
 
 
-def _subsample(labels: Int[Tensor, "n 2"], k: int | None, generator: torch.Generator, n_images: int) -> Tensor:
+def _subsample(views: Int[Tensor, "n"], k: int | None, generator: torch.Generator) -> Int[Tensor, "m"]:
+    """Indices of `k` random tokens of every view (all of a view's tokens if it has fewer)."""
     if k is None:
-        return torch.arange(len(labels))
-    n = min(len(labels), k * n_images)
-    return torch.randperm(len(labels), generator=generator)[:n]
+        return torch.arange(len(views))
+    chosen = []
+    for view in torch.unique(views):  # sorted: the draws do not depend on the order tokens come in
+        members = torch.nonzero(views == view).flatten()
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    return torch.cat(chosen) if chosen else torch.arange(0)
 
 
 def _fit(x: Float[Tensor, "n d"], y: Int[Tensor, "n"], n_classes: int, epochs: int, lr: float, generator: torch.Generator):
     """A softmax-regression probe on standardised features (Adam, minibatches of 256)."""
     mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    linear = torch.nn.Linear(x.shape[1], n_classes)
+    # nn.Linear's own initialisation (U(-1/sqrt(d), 1/sqrt(d))), drawn from the experiment's
+    # generator instead of the global one, so the fit depends on the seed alone
+    linear = torch.nn.utils.skip_init(torch.nn.Linear, x.shape[1], n_classes)
+    bound = x.shape[1] ** -0.5
+    with torch.no_grad():
+        for parameter in (linear.weight, linear.bias):
+            torch.nn.init.uniform_(parameter, -bound, bound, generator=generator)
     optimizer = torch.optim.Adam(linear.parameters(), lr=lr)
     xs = (x - mean) / std
     with torch.enable_grad():

@@ -218,6 +218,12 @@ class HookedVLM(HookedRootModule):
         with super().hooks(fwd, bwd, reset_hooks_end, clear_contexts) as model:
             yield model
 
+    def add_hook(self, name, hook, dir="fwd", is_permanent=False, level=None, prepend=False) -> None:
+        """`HookedRootModule.add_hook` with the checks of `hooks`: a known name, and a forward hook
+        that returns None or a tensor like the one it was given."""
+        hook = _output_checked(hook) if dir == "fwd" else hook
+        super().add_hook(self._checked_name(name), hook, dir=dir, is_permanent=is_permanent, level=level, prepend=prepend)
+
     def _checked_name(self, name: str | Callable) -> str | Callable:
         if callable(name) or name in self.hook_dict:
             return name

@@ -68,6 +68,19 @@ def test_hook_returning_something_unlike_its_input_raises(model_and_inputs, edit
     model, inputs = model_and_inputs
     with pytest.raises(error, match=r"hook on blocks.0.hook_resid_mid " + message):
         model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.hook_resid_mid", lambda t, hook: edit(t))])
+    # the same check on hooks added one by one (TransformerLens's `add_hook`)
+    model.add_hook("blocks.0.hook_resid_mid", lambda t, hook: edit(t))
+    try:
+        with pytest.raises(error, match=r"hook on blocks.0.hook_resid_mid " + message):
+            model(inputs)
+    finally:
+        model.reset_hooks(including_permanent=True)
+
+
+def test_add_hook_checks_the_name(model_and_inputs):
+    model, _ = model_and_inputs
+    with pytest.raises(ValueError, match=r"unknown hook name 'blocks.0.hook_resid_mdi'; did you mean"):
+        model.add_hook("blocks.0.hook_resid_mdi", lambda t, hook: None)
 
 
 def test_hook_returning_none_or_editing_in_place_is_fine(model_and_inputs):

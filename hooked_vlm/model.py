@@ -249,6 +249,11 @@ class HookedVLM(HookedRootModule):
             return out, cache_dict
         return out, VLMActivationCache(cache_dict, self, has_batch_dim=not kwargs.get("remove_batch_dim", False))
 
+    @property
+    def attention_implementation(self) -> str:
+        """"eager" after `set_attention_implementation("eager")`, else "auto"."""
+        return "eager" if any(getattr(module, "force_eager", False) for module in self.modules()) else "auto"
+
     def set_attention_implementation(self, implementation: str) -> None:
         """"auto" (default): materialise attention patterns only when a hook reads or edits them,
         else use `F.scaled_dot_product_attention`; "eager": always materialise them."""

@@ -23,45 +23,93 @@ ASSETS = Path(__file__).parent / "assets"
 DEFAULT_PROMPTS = ("Describe the image in one sentence.", "Please provide the bounding box coordinates of the cat.")
 
 
+# Default tolerance on each activation's max-abs difference relative to its scale (max |reference|).
+# Eager attention runs the reference's operations in the reference's order, so on CPU every row is
+# zero; the margins cover other kernels (GPU), and in half precision the SDPA row (a few ulps).
+TOLERANCES = {torch.float64: 1e-10, torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
 @dataclass
 class ParityReport:
-    """One row per activation family: `family`, `n` (tensors compared), `max_abs`, `max_rel`
-    (max_abs / max |reference| over those tensors), `ref_scale`. Rows compare the hooked model
-    with eager attention, as the reference runs, except "logits (auto attention)": the default
-    path, which uses `F.scaled_dot_product_attention` when no pattern hook is attached.
-    `generation_match` compares greedy continuations of `max_new_tokens` tokens."""
+    """The comparison, in data-flow order.
 
-    rows: list[dict] = field(default_factory=list)
+    `activations`: one row per compared tensor, in the order data flows (`name` the hooked
+    model's hook name or a label, `family`, `max_abs`, `max_rel` = max_abs / max |reference|,
+    `ref_scale`). Rows compare the hooked model with eager attention, as the reference runs,
+    except "logits (auto attention)": the default path, which uses
+    `F.scaled_dot_product_attention` when no pattern hook is attached. `to_dataframe()` sums them
+    up per family. `generation_match` compares greedy continuations (eager attention) of
+    `max_new_tokens` tokens; `auto_generation_match` the default path's.
+
+    `ok`: every activation within `tolerance` (relative) and greedy generations (eager)
+    identical; otherwise `first_divergence` names the first activation, in data-flow order,
+    beyond it. In half precision the auto-attention rows are reported but not judged (`judged`):
+    SDPA reorders the sums, and the reference's own eager and SDPA paths differ as much."""
+
+    tolerance: float
+    dtype: str = ""
+    activations: list[dict] = field(default_factory=list)
     generation_match: bool | None = None
+    auto_generation_match: bool | None = None
     hooked_tokens: list[list[int]] = field(default_factory=list)
     reference_tokens: list[list[int]] = field(default_factory=list)
-    dtype: str = ""
     reference_logits: torch.Tensor | None = field(default=None, repr=False)
 
-    def add(self, family: str, ours: torch.Tensor, ref: torch.Tensor) -> None:
+    def add(self, family: str, name: str, ours: torch.Tensor, ref: torch.Tensor, judged: bool = True) -> None:
         if ours.shape != ref.shape:
-            raise ValueError(f"{family}: shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
+            raise ValueError(f"{name} ({family}): shape {tuple(ours.shape)} vs reference {tuple(ref.shape)}")
         diff = (ours.float() - ref.float()).abs().max().item()
         scale = ref.float().abs().max().item()
-        for row in self.rows:
-            if row["family"] == family:
-                row["n"] += 1
-                row["max_abs"] = max(row["max_abs"], diff)
-                row["ref_scale"] = max(row["ref_scale"], scale)
-                row["max_rel"] = row["max_abs"] / max(row["ref_scale"], 1e-30)
-                return
-        self.rows.append({"family": family, "n": 1, "max_abs": diff, "ref_scale": scale, "max_rel": diff / max(scale, 1e-30)})
+        row = {"name": name, "family": family, "max_abs": diff, "max_rel": diff / max(scale, 1e-30), "ref_scale": scale, "judged": judged}
+        self.activations.append(row)
 
-    def to_dataframe(self) -> pd.DataFrame:
-        return pd.DataFrame(self.rows, columns=["family", "n", "max_abs", "max_rel", "ref_scale"])
+    @property
+    def first_divergence(self) -> dict | None:
+        return next((row for row in self.activations if row["judged"] and not row["max_rel"] <= self.tolerance), None)
+
+    @property
+    def ok(self) -> bool:
+        return self.first_divergence is None and self.generation_match is not False
+
+    def to_dataframe(self, by: str = "family") -> pd.DataFrame:
+        """One row per activation family (`family`, `n` tensors, `max_abs`, `max_rel`,
+        `ref_scale`: maxima over the family; `judged`), or per activation (`by="activation"`)."""
+        rows = pd.DataFrame(self.activations, columns=["name", "family", "max_abs", "max_rel", "ref_scale", "judged"])
+        if by == "activation":
+            return rows
+        if by != "family":
+            raise ValueError(f"by must be 'family' or 'activation', not {by!r}")
+        grouped = rows.groupby("family", sort=False).agg(
+            n=("name", "size"), max_abs=("max_abs", "max"), ref_scale=("ref_scale", "max"), judged=("judged", "all")
+        )
+        grouped["max_rel"] = grouped["max_abs"] / grouped["ref_scale"].clip(lower=1e-30)
+        return grouped.reset_index()[["family", "n", "max_abs", "max_rel", "ref_scale", "judged"]]
 
     def max_rel(self) -> float:
-        return max(row["max_rel"] for row in self.rows)
+        return max(row["max_rel"] for row in self.activations)
 
     def __str__(self) -> str:
         table = self.to_dataframe().to_string(index=False, float_format=lambda x: f"{x:.3g}")
-        gen = {None: "not run", True: "token-identical", False: "DIFFERENT"}[self.generation_match]
-        return f"parity ({self.dtype}):\n{table}\ngreedy generation: {gen}"
+        said = {None: "not run", True: "token-identical", False: "DIFFERENT"}
+        lines = [
+            f"parity ({self.dtype}; tolerance {self.tolerance:g} of each activation's scale):",
+            table,
+            f"greedy generation: {said[self.generation_match]} (eager attention), {said[self.auto_generation_match]} (auto attention)",
+        ]
+        unjudged = sorted({row["family"] for row in self.activations if not row["judged"]})
+        if unjudged:
+            lines.append(f"not judged in {self.dtype}: {', '.join(unjudged)} (SDPA reorders the sums, as the reference's own SDPA does)")
+        row = self.first_divergence
+        if row is not None:
+            lines.append(
+                f"FAIL: first diverging activation: {row['name']} ({row['family']}): max_abs {row['max_abs']:.3g}, "
+                f"{row['max_rel']:.3g} of its scale > {self.tolerance:g}"
+            )
+        elif self.generation_match is False:
+            lines.append("FAIL: greedy generations differ")
+        else:
+            lines.append("PASS: every activation within tolerance" + (", generations identical" if self.generation_match else ""))
+        return "\n".join(lines)
 
 
 def check_parity(
@@ -72,19 +120,24 @@ def check_parity(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     max_new_tokens: int = 20,
+    tolerance: float | None = None,
     verbose: bool = True,
     hooked: HookedVLM | None = None,
     reference: Any = None,
 ) -> ParityReport:
     """Compare `HookedVLM.from_pretrained(name_or_path)` with the Hugging Face model (eager
-    attention), activation family by activation family. Needs a Hugging Face-format checkpoint
-    (llava-hf or InternVL -HF). `hooked`/`reference` reuse already loaded models."""
+    attention), activation by activation, in data-flow order, and their greedy generations.
+    Needs a Hugging Face-format checkpoint (llava-hf or InternVL -HF). `tolerance` bounds each
+    activation's max-abs difference relative to its scale (default: `TOLERANCES[dtype]`).
+    `hooked`/`reference` reuse already loaded models. Prints the report (`verbose`) and returns
+    it: `report.ok`, `report.first_divergence`, `report.to_dataframe()`."""
     from weights_conversion import checkpoint_directory
     from weights_conversion.io import read_json
 
     dtype = as_dtype(dtype)
     directory = checkpoint_directory(name_or_path)
     config = read_json(directory / "config.json") or {}
+    _reference_class(directory, config)  # an unsupported format fails before anything loads
     hooked = hooked or HookedVLM.from_pretrained(directory, dtype=dtype, device=device)
     if reference is None:
         reference = load_reference(directory, config, dtype, device)
@@ -93,18 +146,24 @@ def check_parity(
     prompts = list(prompts or DEFAULT_PROMPTS[: len(images)])
     inputs = hooked.prepare(list(images), prompts)
 
-    report = ParityReport(dtype=str(dtype).replace("torch.", ""))
+    report = ParityReport(tolerance=TOLERANCES.get(dtype, 1e-5) if tolerance is None else tolerance, dtype=str(dtype).replace("torch.", ""))
     # Both sides eager: the same operations in the same order. The default "auto" attention of
-    # the hooked model (SDPA when no pattern hook is attached) is reported as its own row.
+    # the hooked model (SDPA when no pattern hook is attached) is reported on its own rows.
+    previous = hooked.attention_implementation
     hooked.set_attention_implementation("eager")
     try:
         compare_forward(hooked, reference, inputs, report)
         if max_new_tokens:
             compare_generation(hooked, reference, inputs, max_new_tokens, report)
-    finally:
         hooked.set_attention_implementation("auto")
-    with torch.no_grad():
-        report.add("logits (auto attention)", hooked(inputs), report.reference_logits)
+        with torch.no_grad():
+            judged = dtype in (torch.float32, torch.float64)
+            report.add("logits (auto attention)", "logits (auto attention)", hooked(inputs), report.reference_logits, judged)
+        if max_new_tokens:
+            ours = hooked.generate(inputs, max_new_tokens=max_new_tokens, return_tokens=True)
+            report.auto_generation_match = [_until_eos(row, hooked.cfg.eos_token_ids) for row in ours.tolist()] == report.reference_tokens
+    finally:
+        hooked.set_attention_implementation(previous)
     if verbose:
         print(report)
     return report
@@ -112,6 +171,11 @@ def check_parity(
 
 def load_reference(directory: Path, config: dict, dtype: torch.dtype, device) -> Any:
     """The Hugging Face model with eager attention (the numerics the hooked model reproduces)."""
+    return _reference_class(directory, config).from_pretrained(directory, dtype=dtype, attn_implementation="eager").to(device).eval()
+
+
+def _reference_class(directory: Path, config: dict) -> type:
+    """The Hugging Face class whose eager forward the hooked model reproduces."""
     from transformers import InternVLForConditionalGeneration, LlavaForConditionalGeneration
 
     from weights_conversion import detect_format
@@ -123,7 +187,7 @@ def load_reference(directory: Path, config: dict, dtype: torch.dtype, device) ->
             f"check_parity needs a Hugging Face-format checkpoint to compare against; {directory} is {fmt!r} "
             "(convert it with transformers' conversion script, or compare two HookedVLM loads instead)"
         )
-    return classes[fmt].from_pretrained(directory, dtype=dtype, attn_implementation="eager").to(device).eval()
+    return classes[fmt]
 
 
 def _hf_forward_kwargs(inputs) -> dict:
@@ -156,23 +220,27 @@ def compare_forward(hooked: HookedVLM, reference: Any, inputs, report: ParityRep
 
     n_vision = hooked.cfg.vision.n_layers
     for i in range(n_vision):
-        report.add("vision hidden states", cache[f"vision.blocks.{i}.hook_resid_pre"], ref_vision.hidden_states[i])
-        report.add("vision attention", cache[f"vision.blocks.{i}.attn.hook_pattern"], ref_vision.attentions[i])
+        _add_cached(report, cache, "vision hidden states", f"vision.blocks.{i}.hook_resid_pre", ref_vision.hidden_states[i])
+        _add_cached(report, cache, "vision attention", f"vision.blocks.{i}.attn.hook_pattern", ref_vision.attentions[i])
     if n_vision:
-        report.add("vision hidden states", cache[f"vision.blocks.{n_vision - 1}.hook_resid_post"], ref_vision.hidden_states[n_vision])
+        _add_cached(report, cache, "vision hidden states", f"vision.blocks.{n_vision - 1}.hook_resid_post", ref_vision.hidden_states[n_vision])
     if hooked.cfg.downsample_ratio is None:
-        report.add("vision features", cache["vision.hook_features"], projector_io["in"])
+        _add_cached(report, cache, "vision features", "vision.hook_features", projector_io["in"])
     else:
-        report.add("pixel shuffle", cache["projector.hook_pixel_shuffle"], projector_io["in"])
-    report.add("projector output", cache["projector.hook_out"], projector_io["out"])
-    report.add("inputs embeds", cache["hook_inputs_embeds"], ref.hidden_states[0])
+        _add_cached(report, cache, "pixel shuffle", "projector.hook_pixel_shuffle", projector_io["in"])
+    _add_cached(report, cache, "projector output", "projector.hook_out", projector_io["out"])
+    _add_cached(report, cache, "inputs embeds", "hook_inputs_embeds", ref.hidden_states[0])
     for i in range(hooked.cfg.text.n_layers):
-        report.add("LM hidden states", cache[f"blocks.{i}.hook_resid_pre"], ref.hidden_states[i])
-        report.add("LM attention", cache[f"blocks.{i}.attn.hook_pattern"], ref.attentions[i])
-    report.add("LM final norm", cache["ln_final.hook_normalized"], ref.hidden_states[-1])
-    report.add("logits (hooks attached)", logits, ref.logits)
-    report.add("logits", hooked(inputs), ref.logits)
+        _add_cached(report, cache, "LM hidden states", f"blocks.{i}.hook_resid_pre", ref.hidden_states[i])
+        _add_cached(report, cache, "LM attention", f"blocks.{i}.attn.hook_pattern", ref.attentions[i])
+    _add_cached(report, cache, "LM final norm", "ln_final.hook_normalized", ref.hidden_states[-1])
+    report.add("logits (hooks attached)", "logits (hooks attached)", logits, ref.logits)
+    report.add("logits", "logits", hooked(inputs), ref.logits)
     report.reference_logits = ref.logits
+
+
+def _add_cached(report: ParityReport, cache, family: str, name: str, ref: torch.Tensor) -> None:
+    report.add(family, name, cache[name], ref)
 
 
 def _compared_hook(name: str) -> bool:

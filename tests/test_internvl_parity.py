@@ -60,8 +60,8 @@ def test_fp32_every_activation_family_and_generation_match(directory, model, ref
     assert (eager["max_abs"] <= TOLERANCE).all(), str(report)
     # SDPA (no pattern hook attached) reorders the same sums: within 1e-5 of the logits' scale
     assert table.loc["logits (auto attention)", "max_rel"] <= TOLERANCE, str(report)
-    assert report.generation_match, str(report)
-    assert all(len(tokens) > 1 for tokens in report.hooked_tokens)
+    assert report.generation_match and report.auto_generation_match and report.ok, str(report)
+    assert all(len(tokens) == 20 for tokens in report.hooked_tokens), report.hooked_tokens  # no early EOS
 
 
 def test_batches_hold_one_several_and_the_maximum_number_of_views(model, photos):
@@ -84,13 +84,28 @@ def test_selected_features_are_the_feature_layer_without_cls(model, reference, p
     assert model.cfg.vision.n_layers == len(ref.hidden_states) - 1 + (layer + 1 if layer < 0 else 0)
 
 
+@pytest.mark.parametrize(
+    ("parameter", "first"),
+    [
+        ("vision.blocks.0.lambda_1", "vision.blocks.1.hook_resid_pre"),  # layer scale: the block's output
+        ("blocks.0.attn.q_norm.weight", "blocks.0.attn.hook_pattern"),  # Qwen3's per-head q norm
+    ],
+)
+def test_a_perturbed_weight_fails_naming_the_first_diverging_activation(directory, photos, parameter, first):
+    hooked = HookedVLM.from_pretrained(directory)
+    with torch.no_grad():
+        hooked.get_parameter(parameter).mul_(1.01)
+    report = check_parity(directory, _batches(photos)["one tile + wide"], PROMPTS, max_new_tokens=0, verbose=False, hooked=hooked)
+    assert not report.ok and report.first_divergence["name"] == first, str(report)
+
+
 def test_bf16_eager_is_bit_identical_and_generations_agree(directory, photos):
     """Same operations in the same order in bf16 (InternViT's softmax in bf16 too): zero difference."""
     images = _batches(photos)["max tiles + several"]
     report = check_parity(directory, images, PROMPTS, dtype=torch.bfloat16, max_new_tokens=20, verbose=False)
     table = report.to_dataframe().set_index("family").drop(index="logits (auto attention)")
     assert (table["max_abs"] == 0).all(), str(report)
-    assert report.generation_match, str(report)
+    assert report.generation_match and report.ok, str(report)
 
 
 @torch.no_grad()

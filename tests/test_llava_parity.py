@@ -35,13 +35,52 @@ def test_fp32_every_activation_family_matches(llava_dir, pair):
     assert (eager["max_abs"] <= TOLERANCE).all(), str(report)
     # SDPA (no pattern hook attached) reorders the same sums: within 1e-5 of the logits' scale
     assert table.loc["logits (auto attention)", "max_rel"] <= TOLERANCE, str(report)
-    assert report.generation_match, str(report)
+    assert report.generation_match and report.auto_generation_match, str(report)
+    assert report.ok and str(report).endswith("PASS: every activation within tolerance, generations identical")
+    assert all(len(tokens) == 20 for tokens in report.hooked_tokens), report.hooked_tokens  # no early EOS
 
 
 def test_fp32_single_image_generation_matches(tiny_checkpoint, photos):
     report = check_parity(tiny_checkpoint("llava_base"), [photos["coffee"]], ["Describe the image."], max_new_tokens=20, verbose=False)
-    assert report.generation_match
-    assert len(report.hooked_tokens[0]) > 1
+    assert report.generation_match and report.auto_generation_match and report.ok
+    assert len(report.hooked_tokens[0]) == 20
+
+
+@pytest.mark.parametrize(
+    ("parameter", "first"),
+    [
+        ("blocks.0.mlp.down_proj.weight", "blocks.1.hook_resid_pre"),  # the next thing compared after layer 0's MLP
+        ("vision.blocks.0.attn.k_proj.weight", "vision.blocks.0.attn.hook_pattern"),
+        ("projector.linear_2.weight", "projector.hook_out"),
+    ],
+)
+def test_a_perturbed_weight_fails_naming_the_first_diverging_activation(tiny_checkpoint, pair, parameter, first):
+    directory = tiny_checkpoint("llava_base")
+    hooked = HookedVLM.from_pretrained(directory)
+    with torch.no_grad():
+        hooked.get_parameter(parameter).mul_(1.01)
+    report = check_parity(directory, pair, PROMPTS, max_new_tokens=0, verbose=False, hooked=hooked)
+    assert not report.ok
+    assert report.first_divergence["name"] == first, str(report)
+    assert f"FAIL: first diverging activation: {first} " in str(report)
+    assert hooked.attention_implementation == "auto"
+
+
+def test_check_parity_restores_the_attention_implementation(tiny_checkpoint, pair):
+    directory = tiny_checkpoint("llava_base")
+    hooked = HookedVLM.from_pretrained(directory)
+    hooked.set_attention_implementation("eager")
+    assert check_parity(directory, pair, PROMPTS, max_new_tokens=2, verbose=False, hooked=hooked).ok
+    assert hooked.attention_implementation == "eager"
+
+
+def test_an_original_format_checkpoint_is_refused_before_loading(tiny_checkpoint, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("loaded a model before checking the format")
+
+    monkeypatch.setattr(HookedVLM, "from_pretrained", no_loading)
+    with pytest.raises(NotImplementedError, match="needs a Hugging Face-format checkpoint"):
+        check_parity(tiny_checkpoint("llava_original"), verbose=False)
 
 
 def test_bf16_eager_is_bit_identical_and_generations_agree(tiny_checkpoint, pair):
@@ -49,7 +88,7 @@ def test_bf16_eager_is_bit_identical_and_generations_agree(tiny_checkpoint, pair
     report = check_parity(tiny_checkpoint("llava_multilayer"), pair, PROMPTS, dtype=torch.bfloat16, max_new_tokens=20, verbose=False)
     table = report.to_dataframe().set_index("family").drop(index="logits (auto attention)")
     assert (table["max_abs"] == 0).all(), str(report)
-    assert report.generation_match, str(report)
+    assert report.generation_match and report.ok, str(report)
 
 
 def test_bf16_sdpa_path_is_within_the_references_own_eager_sdpa_gap(tiny_checkpoint, pair):

@@ -11,8 +11,10 @@ template, plus the `training.json` of the run that made it):
     model = HookedVLM.from_pretrained("toy-llava")
     hf = LlavaForConditionalGeneration.from_pretrained(toy_model_path("toy-llava"))
 
-Reproduce one with `python -m hooked_vlm.toy_models.train --family llava --seed 0 --out DIR`
-(`spec.py`: data, sizes and recipe; `train.py`: the loop; `evaluate.py`: held-out metrics).
+Each was trained in stages, every later one continuing the last (`train.py --init-from`): 8 for
+toy-llava, 6 for toy-internvl. The commands that made them are in `spec.py`'s docstring, and each
+`training.json` records every stage (`spec.py`: data, sizes and recipe; `train.py`: the loop;
+`evaluate.py`: held-out metrics).
 """
 
 from __future__ import annotations

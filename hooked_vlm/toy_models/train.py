@@ -1,12 +1,17 @@
 """Train a toy model on the synthetic localization task and save it in Hugging Face format.
 
     python -m hooked_vlm.toy_models.train --family llava --seed 0 --out DIR
-    python -m hooked_vlm.toy_models.train --family internvl --seed 0 --out DIR
+    python -m hooked_vlm.toy_models.train --family llava --seed 0 --init-from DIR --steps 4000 --lr 5e-4 --out DIR2
 
-Writes to DIR: `config.json` + `model.safetensors` (fp32), the tokenizer, processor and
+The first trains from scratch; the second continues DIR as a later stage with its own schedule.
+The shipped toys took 8 (LLaVA) and 6 (InternVL) stages: `spec.py`'s docstring lists their exact
+commands.
+
+Writes to `--out`: `config.json` + `model.safetensors` (fp32), the tokenizer, processor and
 preprocessor configs and chat template (loadable by transformers and by
-`HookedVLM.from_pretrained(DIR)`), and `training.json` (spec, seed, steps, losses, held-out
-metrics via HF `generate`, wall time). Copy DIR to `hooked_vlm/toy_models/toy-{family}/` to ship it.
+`HookedVLM.from_pretrained(path)`), and `training.json` (spec, seed, steps, losses, held-out
+metrics via HF `generate`, wall time, and the earlier stages' records). Copy the last stage's
+directory to `hooked_vlm/toy_models/toy-{family}/` to ship it.
 
 Recipe (see `spec.py`): a BPE tokenizer learned from the training split's text; transformers'
 own initialisation; every step draws `batch_size` fresh items (item k of split "train" is used

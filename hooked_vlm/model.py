@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import inspect
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -123,13 +124,23 @@ class HookedVLM(HookedRootModule):
     # ----------------------------------------------------------------------------- inputs
     def prepare(self, images: Any, prompts: str | Sequence[str], **kwargs: Any) -> VLMInput:
         """Turn images and prompts into a `VLMInput` the way the checkpoint expects: the family's
-        chat template (`raw=True` passes the text verbatim), its image processor, left padding,
-        and the image-token map. One image per prompt; an image is a PIL image, a path or URL, or a
-        uint8 array (numpy `[H, W, C]`, torch `[C, H, W]`)."""
+        chat template, its image processor, left padding, and the image-token map. One image per
+        prompt; an image is a PIL image, a path or URL, or a uint8 array (numpy `[H, W, C]`,
+        torch `[C, H, W]`).
+
+        Keyword arguments: `raw=True` passes the text verbatim (it must hold the image
+        placeholder); `answers` appends each answer and the end token after the prompt (teacher
+        forcing; `inputs.answer_mask` marks them); `template` overrides the chat template.
+        LLaVA: `image_mode` ("pad", original LLaVA-1.5, or "crop", llava-hf). InternVL:
+        `min_tiles`, `max_tiles` override the checkpoint's tiling limits."""
         from hooked_vlm.families import family_module
 
-        inputs = family_module(self.cfg.family).prepare(self, images, prompts, **kwargs)
-        return inputs.to(self.device)
+        family = family_module(self.cfg.family)
+        accepted = list(inspect.signature(family.prepare).parameters)[3:]
+        unknown = sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise TypeError(f"prepare() for {self.cfg.family} checkpoints takes no {', '.join(unknown)}; it takes {', '.join(accepted)}")
+        return family.prepare(self, images, prompts, **kwargs).to(self.device)
 
     @property
     def device(self) -> torch.device:

@@ -51,3 +51,9 @@ def test_bad_images_raise_clear_errors(model):
         model.prepare([image, {}], ["x", "y"])
     with pytest.raises(FileNotFoundError, match=r"image 0: no image file at '.*no_such_photo.jpg'"):
         model.prepare(ASSETS / "no_such_photo.jpg", "x")
+
+
+def test_a_keyword_of_the_other_family_is_named(model):
+    other = {"llava": "min_tiles", "internvl": "image_mode"}[model.cfg.family]
+    with pytest.raises(TypeError, match=rf"prepare\(\) for {model.cfg.family} checkpoints takes no {other}; it takes raw, "):
+        model.prepare(Image.new("RGB", (40, 30)), "What is this?", **{other: 1})

@@ -22,6 +22,7 @@ from hooked_vlm.experiments._conditions import random_set
 from hooked_vlm.experiments.attention_knockout import layer_windows
 from hooked_vlm.experiments.attribution import integrated_gradients, teacher_forced_inputs
 from hooked_vlm.experiments.data import as_samples
+from hooked_vlm.experiments.evaluate import task_prompt
 from hooked_vlm.experiments.object_extension import enlarged_box, score_against_enlarged, token_size
 from hooked_vlm.experiments.token_ablation import register_tokens
 
@@ -121,6 +122,18 @@ def test_random_sets_depend_on_the_seed_and_not_on_the_batch(model, samples):
             tokens.mask[inputs.layout.batch, inputs.layout.position] & (inputs.layout.batch == row)].tolist()
     }  # fmt: skip
     assert cells(inputs, first, 2) == cells(alone, random_set(alone, samples[2:3], 0.5, seed=0), 0)
+
+
+def test_noise_ablation_of_a_sample_does_not_depend_on_its_batch(model, samples):
+    """A sample alone, and in row 2 of a batch of 3 where its shorter prompt is left-padded."""
+    ordered = sorted(samples, key=lambda s: len(model.prepare(s.image, task_prompt("localization", s)).input_ids[0]))
+    batch_samples, target = [ordered[-1], ordered[-2], ordered[0]], ordered[0]
+    padded = model.prepare([s.image for s in batch_samples], [task_prompt("localization", s) for s in batch_samples])
+    assert (padded.attention_mask[2] == 0).any()
+    kwargs = dict(strategies=["random"], fractions=[0.5], seeds=[0], fill="noise", progress=False)
+    alone = token_ablation(model, [target], batch_size=1, **kwargs).set_index("condition")
+    batch = token_ablation(model, batch_samples, batch_size=3, **kwargs).set_index("condition")
+    pd.testing.assert_frame_equal(batch[batch.sample_id == target.id][alone.columns], alone)
 
 
 def test_internvl_views_restrict_ablation_to_the_thumbnail_or_the_tiles(model, dataset, mean):

@@ -67,6 +67,30 @@ def test_noise_is_seeded_per_token_and_only_at_the_set(setup):
     assert 1.5 < first[tokens.mask].std().item() < 2.5
 
 
+def test_noise_of_a_sample_is_the_same_alone_or_in_any_batch(setup, photos):
+    """Seeded per row and counted from the row's first real token: left padding and the row
+    index do not change a sample's noise."""
+    model = setup[0]
+    alone = model.prepare([photos["chelsea"]], ["Hi"])
+    batch = model.prepare(
+        [photos["rocket"], photos["astronaut"], photos["chelsea"]], ["Where is the rocket? Answer briefly.", "Describe it.", "Hi"]
+    )
+    assert (batch.attention_mask[2] == 0).any()  # row 2 is left-padded, the lone sample is not
+
+    def noise(inputs, seeds, row):
+        tokens = iv.image_tokens(inputs)
+        with iv.apply(model, iv.token_ablation(model, tokens, "noise", seed=seeds, inputs=inputs)):
+            _, cache = model.run_with_cache(inputs, names_filter="hook_inputs_embeds")
+        return cache["hook_inputs_embeds"][row, tokens.mask[row]]
+
+    in_batch = noise(batch, [11, 12, 7], 2)
+    assert torch.equal(in_batch, noise(alone, [7], 0))
+    assert torch.equal(in_batch, noise(alone, 7, 0))  # one int seeds every row
+    assert not torch.equal(in_batch, noise(alone, [8], 0))
+    with pytest.raises(ValueError, match="2 noise seeds given for a token set of 3 batch rows"):
+        iv.token_ablation(model, iv.image_tokens(batch), "noise", seed=[1, 2], inputs=batch)
+
+
 def test_ablation_stays_active_on_every_generated_token(setup):
     """Image tokens ablated at the input, and every generated token ablated at a later hook:
     a KV-cached `generate` (run twice, so no state leaks) equals full forwards without a cache."""

@@ -39,7 +39,7 @@ from torch import Tensor
 from hooked_vlm import interventions as iv
 from hooked_vlm.experiments._conditions import (
     Condition, check_choices, check_ints, check_task, check_views, count_columns, object_set, random_set,
-    run_conditions, sample_rows, token_counts,
+    run_conditions, sample_rows, sample_seed, token_counts,
 )  # fmt: skip
 from hooked_vlm.experiments.attribution import Rank, integrated_gradients, teacher_forced_inputs, top_attributed
 from hooked_vlm.experiments.data import Sample, as_samples
@@ -77,9 +77,11 @@ def token_ablation(
     `fill`: the replacement — "mean" (the paper: the global mean visual embedding, `mean`, a
     `MeanEmbedding` or a `save_mean` file; with `mean=None` it is computed over the dataset's
     images, with a warning, since the paper uses ImageNet-val), "zero", "noise" (seeded by the
-    condition's seed, 0 if none), or a `MeanEmbedding`. `ig_baseline` is IG's reference input:
-    the same mean vector, or zero. `views` restricts every token set to InternVL's thumbnail
-    ("global") or tiles ("local"); `n_image_tokens` still counts every view.
+    condition's seed, 0 if none, and each sample's id, per position counted from the sample's
+    first token: a sample gets the same noise whatever its batch), or a `MeanEmbedding`.
+    `ig_baseline` is IG's reference input: the same mean vector, or zero. `views` restricts
+    every token set to InternVL's thumbnail ("global") or tiles ("local"); `n_image_tokens`
+    still counts every view.
     """
     check_task(task)
     check_views(model, views)
@@ -133,7 +135,12 @@ def token_ablation(
 def _ablating(value, select, seed: int = 0):
     def build(model, inputs: VLMInput, samples: list[Sample]):
         tokens = select(model, inputs, samples)
-        hooks = iv.token_ablation(model, tokens, value, seed=seed) if tokens.mask.any() else []
+        hooks = []
+        if tokens.mask.any():  # noise seeded per sample and counted from its first token: batch-independent
+            seeds = [0] * inputs.input_ids.shape[0]
+            for sample, row in zip(samples, sample_rows(inputs)):
+                seeds[row] = sample_seed(seed, sample)
+            hooks = iv.token_ablation(model, tokens, value, seed=seeds, inputs=inputs)
         return hooks, token_counts(model, inputs, tokens, "ablated")
 
     return build

@@ -182,7 +182,7 @@ def format_box(
     Raises ValueError on an unknown family/frame, a non-positive image size, or a box that is
     not inside the image with x1 < x2 and y1 < y2.
     """
-    _check_box(box, image_size)
+    check_box(box, image_size)
     frame = _resolve_frame(family, frame)
     if family == "internvl":
         return _format_internvl(box, image_size, label)
@@ -349,7 +349,8 @@ def _check_image_size(image_size: ImageSize) -> ImageSize:
     return width, height
 
 
-def _check_box(box: Box, image_size: ImageSize) -> None:
+def check_box(box: Box, image_size: ImageSize) -> None:
+    """Raise ValueError unless `box` is (x1, y1, x2, y2) inside the image with x1 < x2, y1 < y2."""
     width, height = _check_image_size(image_size)
     if len(box) != 4:
         raise ValueError(f"a box is (x1, y1, x2, y2), got {box}")

@@ -6,11 +6,12 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.data.synthetic import SyntheticLocalization
 from hooked_vlm.experiments import evaluate, summarize
-from hooked_vlm.experiments.data import as_samples
+from hooked_vlm.experiments.data import Sample, as_samples
 from hooked_vlm.experiments.position_probe import position_probe, probe_sites
 
 
@@ -88,3 +89,14 @@ def test_position_probe_draws_tokens_per_image_from_every_view(tiny_checkpoint):
     results = position_probe(model, images, images, epochs=1, tokens_per_image=2, progress=False)
     assert (results["n_train"] == 2 * n_views).all()
     assert (results["n_test"] == 2 * n_views).all()
+
+
+@pytest.mark.parametrize(
+    "box, message",
+    [((10, 10, 130, 50), "lies outside the image"), ((60, 10, 20, 40), "must have x1 < x2"), ((1, 2, 3), "a box is")],
+)
+def test_a_sample_refuses_a_ground_truth_box_outside_its_image_or_inverted(box, message):
+    image = Image.new("RGB", (112, 84))
+    with pytest.raises(ValueError, match=rf"sample 'cat-1' \(image 112x84\): bad ground-truth box: .*{message}"):
+        Sample("cat-1", image, "cat", box, mask_fn=lambda: None)
+    assert Sample("cat-2", image, "cat", (0, 0, 112, 84), mask_fn=lambda: None).box == (0, 0, 112, 84)

@@ -1,9 +1,10 @@
 """One sample type for every experiment, whatever the dataset.
 
-A `Sample` is one queried object: the image, the object's class, box and mask, the classes the
-list prompt offers, and (when there is one) the image with the object removed — the source/base
-pair of causal mediation. `as_samples` adapts the synthetic dataset, a filtered COCO subset, a list
-of COCO object-removed pairs, or a list of samples; images are loaded one sample at a time.
+A `Sample` is one queried object: the image, the object's class, box (checked at construction
+to lie inside the image) and mask, the classes the list prompt offers, and (when there is one)
+the image with the object removed — the source/base pair of causal mediation. `as_samples`
+adapts the synthetic dataset, a filtered COCO subset, a list of COCO object-removed pairs, or a
+list of samples; images are loaded one sample at a time.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import numpy as np
 from jaxtyping import Bool
 from PIL import Image
 
-from hooked_vlm.boxes import Box
+from hooked_vlm.boxes import Box, check_box
 
 
 @dataclass
@@ -27,6 +28,14 @@ class Sample:
     mask_fn: Callable[[], Bool[np.ndarray, "height width"]] = field(repr=False)
     choices: tuple[str, ...] = ()  # classes offered by the list-classification prompt
     removed_image: Image.Image | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # a ground-truth box outside the image would be scored silently (IoU against a clipped box)
+        try:
+            check_box(self.box, self.image.size)
+        except (ValueError, TypeError) as error:
+            width, height = self.image.size
+            raise ValueError(f"sample {self.id!r} (image {width}x{height}): bad ground-truth box: {error}") from None
 
     @property
     def mask(self) -> Bool[np.ndarray, "height width"]:

@@ -141,7 +141,15 @@ class ImageLayout:
 
     def box_to_positions(self, box: Box, image: int = 0, dilation: int = 0, views: Views = "all") -> Int[Tensor, "k"]:
         """Positions of the tokens whose pixel box overlaps `box` (positive area), grown
-        (`dilation > 0`) or shrunk (`dilation < 0`) by that many token rings within each view."""
+        (`dilation > 0`) or shrunk (`dilation < 0`) by that many token rings in the image (§1.4).
+
+        Growth works on the image's token sheets (see `_sheets`): tiles that partition the image
+        (InternVL's local views) are joined into one grid, so a ring crosses the seams between
+        them; any other view (LLaVA's grid, InternVL's thumbnail) is a sheet of its own. Tokens
+        that cover no pixel of the image (LLaVA's "pad" mode padding) are outside it, as cells
+        beyond a sheet's edge are: dilation never adds them, and erosion, like the sheet's edge,
+        does not eat the object from them. `views` then picks which of the grown tokens to
+        return; the growth itself sees every view."""
         width, height = self.image_sizes[image]
         if len(box) != 4:
             raise ValueError(f"box {box} must be (x1, y1, x2, y2) in pixels of the original image")
@@ -252,27 +260,70 @@ class ImageLayout:
         keep = self._token_filter(image, views) & (self.row >= 0)
         if dilation == 0:
             return self.position[keep & covered]
-        out = torch.zeros_like(covered)
-        for v, geometry in enumerate(self.views[image]):
-            in_view = keep & (self.view == v)
-            if not in_view.any():
-                continue
-            grid = torch.zeros(geometry.rows, geometry.cols)
-            grid[self.row[in_view], self.col[in_view]] = covered[in_view].float()
-            grid = _grow(grid, dilation)
-            out[in_view] = grid[self.row[in_view], self.col[in_view]] > 0
-        return self.position[out]
+        on_image = (self.box[:, 2] > self.box[:, 0]) & (self.box[:, 3] > self.box[:, 1])
+        grown = torch.zeros_like(covered)
+        for members, shape in _sheets(self.views[image]):
+            tokens, rows, cols = [], [], []
+            for view, row0, col0 in members:
+                in_view = ((self.image == image) & (self.view == view) & (self.row >= 0)).nonzero().flatten()
+                tokens.append(in_view)
+                rows.append(self.row[in_view] + row0)
+                cols.append(self.col[in_view] + col0)
+            tokens, rows, cols = torch.cat(tokens), torch.cat(rows), torch.cat(cols)
+            grid, off_image = torch.zeros(shape, dtype=torch.bool), torch.ones(shape, dtype=torch.bool)
+            grid[rows, cols], off_image[rows, cols] = covered[tokens], ~on_image[tokens]
+            grown[tokens] = _grow(grid, off_image, dilation)[rows, cols]
+        return self.position[keep & grown]
 
 
-def _grow(grid: Float[Tensor, "rows cols"], k: int) -> Float[Tensor, "rows cols"]:
-    """Binary dilation (k > 0) or erosion (k < 0) by |k| rings of the 8-neighbourhood. Erosion
-    treats cells beyond the grid's edge as covered, so an object touching the border is not
-    eaten from the outside."""
+Sheet = tuple[list[tuple[int, int, int]], tuple[int, int]]  # [(view, row offset, col offset)], (rows, cols)
+
+
+def _sheets(views: list[ViewGeometry]) -> list[Sheet]:
+    """The token grids of one image that dilation works on. The local views form one sheet when
+    they tile a rectangle of one token lattice (InternVL's tiles partition the resized image);
+    otherwise, and for every global view, a view is a sheet of its own."""
+    local = [v for v, g in enumerate(views) if not g.is_global]
+    joined = _join(views, local) if local else None
+    alone = [v for v, g in enumerate(views) if g.is_global or joined is None]
+    return [([(v, 0, 0)], (views[v].rows, views[v].cols)) for v in alone] + ([joined] if joined else [])
+
+
+def _join(views: list[ViewGeometry], members: list[int]) -> Sheet | None:
+    """One sheet of these views if their tokens are cells of one lattice (equal token size in
+    original pixels, corners on the lattice) that fill a rectangle exactly once, else None."""
+    first = views[members[0]]
+    token_w, token_h = first.scale_x * first.token_px, first.scale_y * first.token_px
+    corners = []
+    for v in members:
+        g = views[v]
+        row0, col0 = g.offset_y / token_h, g.offset_x / token_w
+        same_size = np.isclose(g.scale_x * g.token_px, token_w) and np.isclose(g.scale_y * g.token_px, token_h)
+        if not (same_size and np.isclose(row0, round(row0)) and np.isclose(col0, round(col0))):
+            return None
+        corners.append((round(row0), round(col0)))
+    top, left = min(r for r, _ in corners), min(c for _, c in corners)
+    placed = [(v, r - top, c - left) for v, (r, c) in zip(members, corners)]
+    rows = max(r + views[v].rows for v, r, _ in placed)
+    cols = max(c + views[v].cols for v, _, c in placed)
+    cells = np.zeros((rows, cols), dtype=int)
+    for v, r, c in placed:
+        cells[r : r + views[v].rows, c : c + views[v].cols] += 1
+    return (placed, (rows, cols)) if (cells == 1).all() else None
+
+
+def _grow(grid: Bool[Tensor, "rows cols"], off_image: Bool[Tensor, "rows cols"], k: int) -> Bool[Tensor, "rows cols"]:
+    """Binary dilation (k > 0: a cell joins iff a covered cell lies within Chebyshev distance k)
+    or erosion (k < 0: a covered cell stays iff every cell within |k| is covered). Cells beyond
+    the grid's edge and `off_image` cells count as covered for erosion, so an object touching
+    the image's border is not eaten from the outside; `off_image` cells are never returned."""
     size = 2 * abs(k) + 1
     if k > 0:
-        return F.max_pool2d(grid[None, None], size, stride=1, padding=abs(k))[0, 0]
-    padded = F.pad(grid[None, None], (abs(k),) * 4, value=1.0)
-    return -F.max_pool2d(-padded, size, stride=1)[0, 0]
+        grown = F.max_pool2d(grid.float()[None, None], size, stride=1, padding=k)[0, 0] > 0
+    else:
+        padded = F.pad((grid | off_image).float()[None, None], (-k,) * 4, value=1.0)
+        grown = -F.max_pool2d(-padded, size, stride=1)[0, 0] > 0
+    return grown & ~off_image
 
 
 def _clip_boxes(boxes: Float[np.ndarray, "n 4"], size: tuple[int, int]) -> Float[np.ndarray, "n 4"]:

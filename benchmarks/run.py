@@ -1,7 +1,7 @@
 """Speed and memory of hooked_vlm against the Hugging Face eager forward, measured side by side.
 
     python benchmarks/run.py            # mid-size models (about 12 minutes on 2 CPU cores)
-    python benchmarks/run.py --quick    # small models, a smoke run
+    python benchmarks/run.py --quick    # small models, a smoke run (to results_quick.json)
 
 Builds mid-size random checkpoints of both families (LLaVA: a 336 px CLIP tower, ~600-token
 sequences; InternVL: 448 px tiles, several tiles + thumbnail) with `hooked_vlm.testing`, then
@@ -10,7 +10,9 @@ interleaved (each round runs every function once, in a shuffled order) and the m
 taken, so machine load affects all alike. `run_with_cache` keeps freed memory for reuse by default
 (`hooked_vlm.allocator`); the cache ratios are measured a second time in a child process that opts
 out (`HOOKED_VLM_KEEP_FREED_MEMORY=0`), with glibc's own malloc policy. Results go to stdout, as a
-side-by-side table at the end, and to `benchmarks/results.json`. See `benchmarks/README.md`.
+side-by-side table at the end, and to `benchmarks/results.json` (the committed reference figures;
+`--quick` writes `benchmarks/results_quick.json` instead, `--out` elsewhere). See
+`benchmarks/README.md`.
 """
 
 from __future__ import annotations
@@ -293,13 +295,15 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small models: a smoke run")
     parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results.json")
+    parser.add_argument("--out", type=Path, help="default: results.json, or results_quick.json with --quick")
     parser.add_argument("--caches-only", type=Path, help=argparse.SUPPRESS)  # the child of bench_caches_with_glibc_defaults
     args = parser.parse_args()
     if args.caches_only:
         print(json.dumps(bench_caches(args.caches_only, args.reps)))
         return
     size = "quick" if args.quick else "mid"
+    # a smoke run must not overwrite the committed reference figures
+    out = args.out or Path(__file__).parent / ("results_quick.json" if args.quick else "results.json")
     reps = args.reps or (3 if args.quick else 7)
     torch.manual_seed(0)
     results = {"size": size, "threads": torch.get_num_threads(), "torch": torch.__version__}
@@ -311,7 +315,7 @@ def main() -> None:
             results[family] |= peak_memory_mb(family, str(path))
             results[family] |= bench_caches_with_glibc_defaults(path, reps)
             print(f"\n== {family}\n" + "\n".join(f"{k:40s} {_fmt(v)}" for k, v in results[family].items()), flush=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    out.write_text(json.dumps(results, indent=2) + "\n")
     print("\n" + summary_table(results))
 
 

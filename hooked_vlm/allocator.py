@@ -3,7 +3,7 @@
 glibc's malloc serves large blocks (attention patterns, MLP activations) with fresh `mmap`s and
 returns them to the kernel as soon as they are freed. A forward frees each one after use; a full
 `run_with_cache` keeps them all, so every call page-faults its whole cache in anew and the kernel
-zeroes every page: on a 4.8 GB InternVL cache that alone makes the call 2.6-3.8x the forward
+zeroes every page: on a 4.8 GB InternVL cache that alone makes the call 2.5-3.8x the forward
 (`benchmarks/README.md`). `keep_freed_memory()` tells malloc to take large blocks from its heap
 and never to trim it, so the next call reuses the memory the last one freed; the process keeps
 its peak resident size until `release_freed_memory()` hands the free part back (the CPU analogue
@@ -14,9 +14,10 @@ unless the user chose first (`keep_freed_memory(False)`) or the environment says
 `HOOKED_VLM_KEEP_FREED_MEMORY=0`: a cache is the one place where the library itself creates
 gigabytes of short-lived tensors call after call. glibc (Linux) only; elsewhere the default does
 nothing and the explicit calls warn. On CUDA none of this is needed. (PyTorch's own
-`THP_MEM_ALLOC_ENABLE=1`, huge pages for tensors of 2 MB and more, is no substitute: it cut a
-fresh process's InternVL cache from 3.4x to 2.2x the forward, but in a process that had run
-other models it took 3.6x against 2.6x without, as the kernel compacts memory to find them.)
+`THP_MEM_ALLOC_ENABLE=1`, huge pages for tensors of 2 MB and more, is no substitute: in a fresh
+process it cut the InternVL cache from 3.4x to 2.2x the forward in one trial and alternated
+between 1.2x and 2.5x from call to call in another; in a process that had run other models it
+took 3.6x against 2.6x without, as the kernel compacts memory to find them.)
 """
 
 from __future__ import annotations

@@ -214,6 +214,17 @@ class ImageLayout:
         offsets = torch.tensor([0] + [len(v) for v in self.views], dtype=torch.long).cumsum(0)[:-1]
         return offsets[self.image] + self.view
 
+    def sheet_index(self) -> Int[Tensor, "n"]:
+        """Each token's sheet, the token grid that dilation grows on (`box_to_positions`): the
+        local tiles of one image (InternVL) form one sheet, every other view is a sheet of its
+        own. A sheet is numbered by the `view_index` of its first view."""
+        first_view = self.view.clone()
+        for image, image_views in enumerate(self.views):
+            for members, _ in _sheets(image_views):
+                for view, _, _ in members:
+                    first_view[(self.image == image) & (self.view == view)] = members[0][0]
+        return self.view_index() - self.view + first_view
+
     def vision_positions(self, merge: int = 1) -> Int[Tensor, "n merged"]:
         """The vision-tower sequence positions each image token is computed from, in its view:
         a `merge x merge` block of patches (`merged = merge**2`; InternVL's pixel shuffle merges

@@ -160,3 +160,18 @@ def test_local_views_that_do_not_tile_a_rectangle_grow_on_their_own():
     grown = layout.box_to_positions((8, 0, 16, 8), dilation=2)
     assert _cells(layout, grown, 0) == {(0, 0), (0, 1), (1, 0), (1, 1)}
     assert _cells(layout, grown, 1) == set()  # two tokens away in the image, but in another grid
+
+
+def test_sheet_index_joins_the_local_tiles_of_each_image(tiny_checkpoint, photos):
+    model = HookedVLM.from_pretrained(tiny_checkpoint("internvl_300m"))
+    inputs = model.prepare([photos["chelsea"], photos["coffee_wide"]], ["What is this?", "Where is it?"])
+    layout = inputs.layout
+    assert any(sum(not g.is_global for g in image_views) > 1 for image_views in layout.views)  # tiles to join
+    sheet, view = layout.sheet_index(), layout.view_index()
+    for image, image_views in enumerate(layout.views):
+        first = int(view[layout.image == image].min())
+        for v, geometry in enumerate(image_views):
+            tokens = (layout.image == image) & (layout.view == v) & (layout.row >= 0)
+            expected = first + v if geometry.is_global else first + min(i for i, g in enumerate(image_views) if not g.is_global)
+            assert (sheet[tokens] == expected).all(), (image, v)
+    assert len(sheet.unique()) == sum(1 + any(not g.is_global for g in vs) for vs in layout.views if len(vs) > 1) + sum(len(vs) == 1 for vs in layout.views)

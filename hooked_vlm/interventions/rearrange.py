@@ -57,11 +57,14 @@ def copy_tokens(
     hook: str = "hook_inputs_embeds",
 ) -> Hooks:
     """Overwrite each `target` position with the activation of a uniformly drawn `source`
-    position of the same row (and view, with `per_view`), with replacement; sources are read
-    before any overwrite. A target group with no source to copy from is an error."""
+    position of the same row, with replacement; sources are read before any overwrite. With
+    `per_view`, of the same view, where InternVL's local tiles of one image count as one view:
+    they form one grid of one scale (the sheet dilation grows on, `ImageLayout.sheet_index`), so a
+    ring crossing a tile seam is filled from the object's tokens in the next tile. A target group
+    with no source to copy from is an error."""
     _check_prompt_only(source, "copy from")
     _check_prompt_only(target, "copy to")
-    groups = _groups(inputs, per_view)
+    groups = _groups(inputs, per_view, by_sheet=True)
     generator = torch.Generator().manual_seed(seed)
     read = _identity(inputs)
     for row, group in _group_keys(target.mask, groups):
@@ -69,7 +72,7 @@ def copy_tokens(
         donors = (source.mask[row] & in_group).nonzero().flatten()
         receivers = (target.mask[row] & in_group).nonzero().flatten()
         if len(donors) == 0:
-            where = f"view {group}" if per_view and group >= 0 else "its tokens"
+            where = f"the view(s) of sheet {group}" if per_view and group >= 0 else "its tokens"
             raise ValueError(f"row {row}: nothing to copy from in {where} (the source set is empty there)")
         read[row, receivers] = donors[torch.randint(len(donors), (len(receivers),), generator=generator)]
     return _read_from(model, read, hook)
@@ -86,7 +89,8 @@ def object_extension(
     hook: str = "hook_inputs_embeds",
 ) -> Hooks:
     """Grow each object (one box or mask per image, see `object_tokens`) by `rings` token rings
-    filled with random copies of the object's own tokens, view by view (§1.5, Figure 1)."""
+    filled with random copies of the object's own tokens of the same view (local tiles together,
+    see `copy_tokens`) (§1.5, Figure 1)."""
     if not isinstance(rings, int) or rings < 1:
         raise ValueError(f"rings must be a positive int, got {rings!r}")
     inside = object_tokens(inputs, regions, views=views)
@@ -100,8 +104,13 @@ def _check_prompt_only(tokens: TokenSet, what: str) -> None:
         raise ValueError(f"cannot {what} generated tokens: the map covers prompt positions only")
 
 
-def _groups(inputs: VLMInput, per_view: bool) -> Int[Tensor, "batch pos"]:
-    return view_groups(inputs) if per_view else torch.zeros(inputs.input_ids.shape, dtype=torch.long)
+def _groups(inputs: VLMInput, per_view: bool, by_sheet: bool = False) -> Int[Tensor, "batch pos"]:
+    if not per_view:
+        return torch.zeros(inputs.input_ids.shape, dtype=torch.long)
+    groups = view_groups(inputs)
+    if by_sheet:
+        groups[inputs.layout.batch, inputs.layout.position] = inputs.layout.sheet_index()
+    return groups
 
 
 def _group_keys(mask: Tensor, groups: Tensor) -> list[tuple[int, int]]:

@@ -14,6 +14,9 @@ ARCHITECTURES pitfall 13). We call that rectangle the model's *frame* and descri
 | llava    | "crop"     | the llava-hf centre crop (see `frame_window`) | same                              |
 | internvl | "original" | the image itself, integers on a 0-1000 scale  | `<ref>cat</ref><box>[[…]]</box>`  |
 
+The "crop" window depends on the checkpoint's image side (`crop_size`: 336 for LLaVA-1.5, the
+default; pass `model.preprocessing.image_size` for any other, as `experiments.box_format` does).
+
 Parsing never raises on model output: anything that is not a well-formed box is dropped, and
 `parse_box` returns `None`. Errors are raised only for bad *programmer* input (unknown family,
 non-positive image size, a box outside the image given to `format_box`, ...).
@@ -136,14 +139,20 @@ def _center_crop_window(width: int, height: int, shortest_edge: int, crop_size: 
     return FrameWindow(left * sx, top * sy, crop_size * sx, crop_size * sy)
 
 
-def box_to_frame(box: Box, image_size: ImageSize, frame: Frame) -> Box:
+def box_to_frame(box: Box, image_size: ImageSize, frame: Frame, *, crop_size: int = LLAVA_HF_CROP_SIZE) -> Box:
     """Pixels of the original image -> fractions of `frame` (may fall outside [0, 1] for "crop")."""
-    return frame_window(image_size, frame).to_unit(box)
+    return _window(image_size, frame, crop_size).to_unit(box)
 
 
-def box_from_frame(box: Box, image_size: ImageSize, frame: Frame) -> Box:
+def box_from_frame(box: Box, image_size: ImageSize, frame: Frame, *, crop_size: int = LLAVA_HF_CROP_SIZE) -> Box:
     """Fractions of `frame` -> pixels of the original image, clipped to the image."""
-    return clip_box(frame_window(image_size, frame).from_unit(box), image_size)
+    return clip_box(_window(image_size, frame, crop_size).from_unit(box), image_size)
+
+
+def _window(image_size: ImageSize, frame: Frame, crop_size: int) -> FrameWindow:
+    # a LLaVA checkpoint's processor resizes the short side to its image side and crops that
+    # same side, so one number fixes the "crop" window
+    return frame_window(image_size, frame, shortest_edge=crop_size, crop_size=crop_size)
 
 
 def clip_box(box: Box, image_size: ImageSize) -> Box:
@@ -167,6 +176,7 @@ def format_box(
     family: Family,
     frame: Frame | None = None,
     label: str | None = None,
+    crop_size: int = LLAVA_HF_CROP_SIZE,
 ) -> str:
     """Render a ground-truth box exactly as `family` writes it (e.g. as a teacher-forced target).
 
@@ -176,6 +186,7 @@ def format_box(
       clipped to it; one entirely outside raises (the model cannot see that object). Whether
       LLaVA's training data printed `0.5` or `0.50` was not checked; parsing accepts both. A box
       under 0.01 of the frame wide may round to x1 == x2, which `parse_box` then rejects.
+      `crop_size`: the checkpoint's image side, which fixes the "crop" window (module docstring).
     - internvl: `<ref>{label}</ref><box>[[x1, y1, x2, y2]]</box>` with `int(x / W * 1000)`
       (InternVL issue #285); without `label`, only the `<box>…</box>` part.
 
@@ -186,11 +197,11 @@ def format_box(
     frame = _resolve_frame(family, frame)
     if family == "internvl":
         return _format_internvl(box, image_size, label)
-    return _format_llava(box, image_size, frame)
+    return _format_llava(box, image_size, frame, crop_size)
 
 
-def _format_llava(box: Box, image_size: ImageSize, frame: Frame) -> str:
-    unit = tuple(_clip(v, 0.0, 1.0) for v in box_to_frame(box, image_size, frame))
+def _format_llava(box: Box, image_size: ImageSize, frame: Frame, crop_size: int) -> str:
+    unit = tuple(_clip(v, 0.0, 1.0) for v in box_to_frame(box, image_size, frame, crop_size=crop_size))
     if not (unit[0] < unit[2] and unit[1] < unit[3]):
         raise ValueError(f"box {box} lies outside the {frame!r} frame of an image of size {image_size}")
     # `+ 0.0` turns a rounded -0.0 into 0.0
@@ -224,6 +235,7 @@ def parse_boxes(
     *,
     family: Family,
     frame: Frame | None = None,
+    crop_size: int = LLAVA_HF_CROP_SIZE,
 ) -> list[Box]:
     """Every well-formed box in a model's answer, in original-image pixels, clipped to the image.
 
@@ -240,13 +252,14 @@ def parse_boxes(
     InternVL values above 1050); boxes that are empty once clipped to the image (e.g. a LLaVA box
     drawn entirely on the padding). Coordinates within the slack are clipped to the scale.
     InternVL floats are read on the 0-1000 scale like integers (the official evaluator's
-    "divide by 1000 only if the sum is >= 4" heuristic is not reproduced).
+    "divide by 1000 only if the sum is >= 4" heuristic is not reproduced). `crop_size`: the
+    checkpoint's image side, which fixes the "crop" window (see the module docstring).
     """
     width, height = _check_image_size(image_size)
     frame = _resolve_frame(family, frame)
     if not isinstance(text, str):
         return []
-    window = frame_window((width, height), frame)
+    window = _window((width, height), frame, crop_size)
     boxes = []
     for quad in _number_quads(text):
         unit = _to_unit_box(quad, _SCALE[family])
@@ -264,13 +277,14 @@ def parse_box(
     *,
     family: Family,
     frame: Frame | None = None,
+    crop_size: int = LLAVA_HF_CROP_SIZE,
 ) -> Box | None:
     """The first box of `parse_boxes`, or None when the answer holds no well-formed box.
 
     Taking the first of several boxes follows PAPER_PROTOCOL §4 (log how often there were more
     with `len(parse_boxes(...))`).
     """
-    boxes = parse_boxes(text, image_size, family=family, frame=frame)
+    boxes = parse_boxes(text, image_size, family=family, frame=frame, crop_size=crop_size)
     return boxes[0] if boxes else None
 
 

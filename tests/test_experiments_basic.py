@@ -3,6 +3,9 @@ return the documented columns."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -10,7 +13,8 @@ from PIL import Image
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.data.synthetic import SyntheticLocalization
-from hooked_vlm.experiments import evaluate, summarize
+from hooked_vlm.boxes import format_box, frame_window
+from hooked_vlm.experiments import box_format, evaluate, summarize
 from hooked_vlm.experiments.data import Sample, as_samples
 from hooked_vlm.experiments.position_probe import position_probe, probe_sites
 
@@ -100,3 +104,20 @@ def test_a_sample_refuses_a_ground_truth_box_outside_its_image_or_inverted(box, 
     with pytest.raises(ValueError, match=rf"sample 'cat-1' \(image 112x84\): bad ground-truth box: .*{message}"):
         Sample("cat-1", image, "cat", box, mask_fn=lambda: None)
     assert Sample("cat-2", image, "cat", (0, 0, 112, 84), mask_fn=lambda: None).box == (0, 0, 112, 84)
+
+
+def test_llava_crop_frame_is_the_layouts_crop_window_at_the_checkpoints_image_size(monkeypatch):
+    model = HookedVLM.from_pretrained("toy-llava")  # 32-px images, not LLaVA-1.5's 336
+    model.preprocessing = replace(model.preprocessing, image_mode="crop")
+    image = Image.new("RGB", (640, 427))
+    view = model.prepare(image, "Hi").layout.views[0][0]
+    side = view.cols * view.token_px
+    window = (view.offset_x, view.offset_y, view.offset_x + view.scale_x * side, view.offset_y + view.scale_y * side)
+    assert window[0] > 0 and abs(frame_window(image.size, "crop").left - window[0]) > 5  # 336 px would crop elsewhere
+
+    monkeypatch.setattr(model, "generate", lambda inputs, **kwargs: ["[0.0, 0.0, 1.0, 1.0]"])  # the whole crop
+    sample = Sample("wide", image, "cat", (300, 100, 400, 200), mask_fn=lambda: None)
+    results = evaluate(model, [sample], "localization", progress=False)
+    np.testing.assert_allclose(results["pred_box"].iloc[0], window, atol=1e-9)
+    assert box_format(model) == {"family": "llava", "frame": "crop", "crop_size": 32}
+    assert format_box(window, image.size, **box_format(model)) == "[0.0, 0.0, 1.0, 1.0]"

@@ -3,7 +3,7 @@
 from hooked_vlm.experiments.attention_knockout import attention_knockout
 from hooked_vlm.experiments.cumulative_head_ablation import cumulative_head_ablation, normalised_auc
 from hooked_vlm.experiments.data import Sample, as_samples
-from hooked_vlm.experiments.evaluate import TASKS, evaluate, summarize
+from hooked_vlm.experiments.evaluate import TASKS, box_format, default_frame, evaluate, summarize
 from hooked_vlm.experiments.head_mediation import head_mediation, mediation_map, rank_heads
 from hooked_vlm.experiments.object_extension import extension_matrix, object_extension
 from hooked_vlm.experiments.position_probe import position_probe
@@ -16,6 +16,8 @@ __all__ = [
     "TASKS",
     "evaluate",
     "summarize",
+    "box_format",
+    "default_frame",
     "head_mediation",
     "mediation_map",
     "rank_heads",

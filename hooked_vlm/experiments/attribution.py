@@ -30,7 +30,7 @@ from torch import Tensor
 from hooked_vlm.boxes import Frame
 from hooked_vlm.data.prompts import localization_answer
 from hooked_vlm.experiments.data import Sample
-from hooked_vlm.experiments.evaluate import default_frame, task_prompt
+from hooked_vlm.experiments.evaluate import box_format, task_prompt
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.metrics import masked_nll
 
@@ -57,8 +57,7 @@ def teacher_forced_inputs(
 ) -> tuple[VLMInput, str | None]:
     """The task prompts with the ground-truth answers appended, and the token filter to score."""
     if task == "localization":
-        frame = frame or default_frame(model)
-        answers = [_box_answer(model, s, frame) for s in samples]
+        answers = [_box_answer(s, box_format(model, frame)) for s in samples]
         token_filter = "digits"
     elif task == "list":
         answers, token_filter = [s.class_name for s in samples], None
@@ -68,10 +67,9 @@ def teacher_forced_inputs(
     return model.prepare([s.image for s in samples], prompts, answers=answers), token_filter
 
 
-def _box_answer(model, sample: Sample, frame: Frame) -> str:
+def _box_answer(sample: Sample, boxes: dict) -> str:
     try:
-        family = model.cfg.family
-        return localization_answer(sample.box, sample.image_size, sample.class_name, family=family, frame=frame)
+        return localization_answer(sample.box, sample.image_size, sample.class_name, **boxes)
     except ValueError as error:  # e.g. an object outside LLaVA's centre crop: the model never sees it
         raise ValueError(f"sample {sample.id}: no ground-truth answer to attribute ({error})") from error
 

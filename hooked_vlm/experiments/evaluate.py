@@ -41,6 +41,17 @@ def default_frame(model) -> Frame:
     return "padded" if model.preprocessing.image_mode == "pad" else "crop"
 
 
+def box_format(model, frame: Frame | None = None) -> dict[str, Any]:
+    """How `model` writes boxes, as keyword arguments of `parse_boxes`, `format_box`,
+    `score_localization_answer` and `localization_answer`: its family, `frame` (None: the
+    `default_frame`) and, for LLaVA, its image side (the "crop" window depends on it; it is not
+    always LLaVA-1.5's 336 px)."""
+    kwargs: dict[str, Any] = {"family": model.cfg.family, "frame": frame or default_frame(model)}
+    if model.cfg.family == "llava":
+        kwargs["crop_size"] = model.preprocessing.image_size
+    return kwargs
+
+
 def task_prompt(task: Task, sample: Sample) -> str:
     if task == "localization":
         return localization_prompt(sample.class_name)
@@ -70,7 +81,7 @@ def evaluate(
     docstring for the columns). `intervention` adds hooks built from each batch's inputs."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
-    frame = frame or default_frame(model)
+    boxes = box_format(model, frame)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
     samples = itertools.islice(as_samples(dataset), limit)
     rows: list[dict] = []
@@ -82,7 +93,7 @@ def evaluate(
         hooks = intervention(model, inputs, [s for s, _, _ in batch]) if intervention else []
         responses = model.generate(inputs, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
         for (sample, image, kind), prompt, response in zip(batch, prompts, responses):
-            rows.append(_score(model, task, sample, kind, prompt, response, frame) | {"condition": condition})
+            rows.append(_score(task, sample, kind, prompt, response, boxes) | {"condition": condition})
         bar.update(len(batch))
     bar.close()
     return pd.DataFrame(rows)
@@ -96,11 +107,11 @@ def queries(samples: Iterable[Sample], task: Task):
             yield sample, sample.removed_image, "removed"
 
 
-def _score(model, task: Task, sample: Sample, kind: str, prompt: str, response: str, frame: Frame) -> dict:
+def _score(task: Task, sample: Sample, kind: str, prompt: str, response: str, boxes: dict[str, Any]) -> dict:
     row = {"sample_id": sample.id, "class_name": sample.class_name, "task": task, "prompt": prompt, "response": response}
     if task == "localization":
         width, height = sample.image_size
-        scored = score_localization_answer(response, sample.box, sample.image_size, family=model.cfg.family, frame=frame)
+        scored = score_localization_answer(response, sample.box, sample.image_size, **boxes)
         return row | {"image_width": width, "image_height": height, "gt_box": tuple(sample.box)} | scored
     if task == "list":
         return row | {"correct": classification_correct(response, sample.class_name)}

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from hooked_vlm.data.prompts import YES, binary_prompt, localization_answer, localization_prompt
 from hooked_vlm.experiments.data import Sample, as_samples
-from hooked_vlm.experiments.evaluate import default_frame
+from hooked_vlm.experiments.evaluate import box_format
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.metrics import mediation_fraction, scored_tokens
 from hooked_vlm.patching import answer_nll_metric, head_attribution, head_patching_sweep
@@ -126,9 +126,9 @@ def rank_heads(values: Float[Tensor, "layer head"], k: int | None = None, *, by:
 def _target_answer(model, sample: Sample, task: Task, prompt: str, target: str, max_new_tokens: int) -> tuple[str, str]:
     """The answer sequence to score: the source's greedy answer when it is correct (the
     protocol's recommendation), else (or with target="gt") the ground truth in the model's format."""
-    frame = default_frame(model)
+    boxes = box_format(model)
     truth = (
-        localization_answer(sample.box, sample.image_size, sample.class_name, family=model.cfg.family, frame=frame)
+        localization_answer(sample.box, sample.image_size, sample.class_name, **boxes)
         if task == "localization"
         else YES
     )
@@ -142,7 +142,7 @@ def _target_answer(model, sample: Sample, task: Task, prompt: str, target: str, 
     tokens = tokens[: next((i for i, t in enumerate(tokens) if t in eos), len(tokens))]
     text = model.tokenizer.decode(tokens, skip_special_tokens=False).strip()
     if task == "localization":
-        correct = score_localization_answer(text, sample.box, sample.image_size, family=model.cfg.family, frame=frame)["hit@0.5"]
+        correct = score_localization_answer(text, sample.box, sample.image_size, **boxes)["hit@0.5"]
     else:
         correct = binary_answer(text) is True
     return (text, "src_greedy") if correct and text else (truth, "gt")

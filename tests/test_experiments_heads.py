@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pandas as pd
 import pytest
 import torch
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.data.synthetic import SyntheticLocalization
-from hooked_vlm.experiments import evaluate
+from hooked_vlm.data.prompts import localization_answer
+from hooked_vlm.experiments import box_format, evaluate
 from hooked_vlm.experiments.cumulative_head_ablation import cumulative_head_ablation, normalised_auc
 from hooked_vlm.experiments.data import as_samples
 from hooked_vlm.experiments.head_mediation import head_mediation, mediation_map, rank_heads
@@ -98,6 +101,27 @@ def test_cumulative_ablation_removes_the_ranked_heads(model, pairs):
     assert list(at_zero.response) == list(baseline.response)
     everything = results[(results.fraction == 1.0) & (results.ranking == "by_index")]
     assert list(everything.response) != list(baseline.response)
+
+
+def test_cumulative_ablation_passes_frame_and_max_new_tokens_to_evaluate(model, pairs, monkeypatch):
+    module = importlib.import_module("hooked_vlm.experiments.cumulative_head_ablation")  # the package exports the function
+    frame = "padded" if model.cfg.family == "llava" else "original"  # llava_multilayer crops by default
+    calls = []
+    monkeypatch.setattr(module, "evaluate", lambda *args, **kwargs: calls.append(kwargs) or evaluate(*args, **kwargs))
+    ranking = torch.ones(model.cfg.n_layers, model.cfg.n_heads)
+    results = cumulative_head_ablation(model, pairs, {"all": ranking}, fractions=(0, 0.5), frame=frame, max_new_tokens=3, progress=False)
+    assert [(c["frame"], c["max_new_tokens"]) for c in calls] == [(frame, 3), (frame, 3)]
+    expected = evaluate(model, pairs, frame=frame, max_new_tokens=3, progress=False)
+    assert list(results[results.fraction == 0].response) == list(expected.response)
+
+
+def test_head_mediation_writes_the_target_box_in_the_given_frame(model, pairs):
+    frame = "padded" if model.cfg.family == "llava" else "original"
+    results = head_mediation(model, pairs, method="attribution", target="gt", frame=frame, progress=False)
+    expected = {s.id: localization_answer(s.box, s.image_size, s.class_name, **box_format(model, frame)) for s in as_samples(pairs)}
+    assert results.groupby("pair_id").target.first().to_dict() == expected
+    if model.cfg.family == "llava":
+        assert expected != {s.id: localization_answer(s.box, s.image_size, s.class_name, **box_format(model)) for s in as_samples(pairs)}
 
 
 def test_cumulative_mean_ablation_uses_the_prompt_means_of_the_dataset(model, pairs):

@@ -22,6 +22,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from hooked_vlm.boxes import Frame
 from hooked_vlm.experiments.data import as_samples, batched
 from hooked_vlm.experiments.evaluate import Task, evaluate, queries, task_prompt
 from hooked_vlm.experiments.head_mediation import rank_heads
@@ -41,6 +42,8 @@ def cumulative_head_ablation(
     value: Literal["zero", "mean"] = "zero",
     batch_size: int = 8,
     limit: int | None = None,
+    frame: Frame | None = None,
+    max_new_tokens: int | None = None,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Evaluate `task` with the top `fraction` of heads of each ranking ablated.
@@ -49,7 +52,8 @@ def cumulative_head_ablation(
     `{"localization": mediation_map(mf_loc), "classification": mediation_map(mf_cls)}`.
     `low_importance_from`: the name of a ranking whose least-|score| heads form the control.
     `value`: "zero" (the paper), or "mean": each head's mean `z` over the prompts of `dataset`
-    for `task` (real tokens, before any answer), computed once.
+    for `task` (real tokens, before any answer), computed once. `frame` and `max_new_tokens` are
+    `evaluate`'s (None: the model's default box frame, the task's answer length).
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if not rankings:
@@ -75,20 +79,20 @@ def cumulative_head_ablation(
         n_removed = math.ceil(fraction * n_layers * n_heads)
         for name, order in orders.items():
             if n_removed == 0 and baseline is not None:  # nothing removed: one baseline serves every ranking
-                frame = baseline.copy()
+                table = baseline.copy()
             else:
                 heads = order[:n_removed]
 
                 def intervention(model, inputs, samples, heads=heads):
                     return head_ablation(model, heads, value) if heads else []
 
-                frame = evaluate(
+                table = evaluate(
                     model, dataset, task, intervention=intervention, condition=f"{name}@{fraction:g}",
-                    batch_size=batch_size, limit=limit, progress=progress,
+                    batch_size=batch_size, limit=limit, frame=frame, max_new_tokens=max_new_tokens, progress=progress,
                 )  # fmt: skip
                 if n_removed == 0:
-                    baseline = frame
-            results.append(frame.assign(ranking=name, fraction=fraction, n_heads_removed=n_removed, condition=f"{name}@{fraction:g}"))
+                    baseline = table
+            results.append(table.assign(ranking=name, fraction=fraction, n_heads_removed=n_removed, condition=f"{name}@{fraction:g}"))
     return pd.concat(results, ignore_index=True)
 
 

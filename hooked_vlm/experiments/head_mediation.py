@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from hooked_vlm.data.prompts import YES, binary_prompt, localization_answer, localization_prompt
 from hooked_vlm.experiments.data import Sample, as_samples
+from hooked_vlm.boxes import Frame
 from hooked_vlm.experiments.evaluate import box_format
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.metrics import mediation_fraction, scored_tokens
@@ -50,6 +51,7 @@ def head_mediation(
     method: Literal["exact", "attribution"] = "exact",
     batch_size: int = 16,
     max_new_tokens: int = 40,
+    frame: Frame | None = None,
     min_effect: float = 0.01,
     limit: int | None = None,
     progress: bool = True,
@@ -62,6 +64,8 @@ def head_mediation(
     `positions`: "prompt" patches the text after the image up to the answer (the paper's
     setting), "answer" the teacher-forced answer tokens, or both. Pairs whose source and base
     perplexities differ by less than `min_effect` (relative) get NaN (see `mediation_fraction`).
+    `frame`: the box frame of the localization target and of scoring the source's greedy answer
+    (None: `default_frame(model)`, as in `evaluate`); `max_new_tokens` bounds that greedy answer.
     """
     if task not in ("localization", "binary"):
         raise ValueError(f"head mediation supports task 'localization' or 'binary', got {task!r}")
@@ -77,7 +81,7 @@ def head_mediation(
         if sample.removed_image.size != sample.image.size:
             raise ValueError(f"sample {sample.id}: the removed image is {sample.removed_image.size}, the source {sample.image.size}")
         prompt = localization_prompt(sample.class_name) if task == "localization" else binary_prompt(sample.class_name)
-        answer, answer_source = _target_answer(model, sample, task, prompt, target, max_new_tokens)
+        answer, answer_source = _target_answer(model, sample, task, prompt, target, max_new_tokens, frame)
         source = model.prepare(sample.image, prompt, answers=answer)
         base = model.prepare(sample.removed_image, prompt, answers=answer)
         mask = _scored_mask(model, base, task)
@@ -123,10 +127,12 @@ def rank_heads(values: Float[Tensor, "layer head"], k: int | None = None, *, by:
     return ranked if k is None else ranked[:k]
 
 
-def _target_answer(model, sample: Sample, task: Task, prompt: str, target: str, max_new_tokens: int) -> tuple[str, str]:
+def _target_answer(
+    model, sample: Sample, task: Task, prompt: str, target: str, max_new_tokens: int, frame: Frame | None
+) -> tuple[str, str]:
     """The answer sequence to score: the source's greedy answer when it is correct (the
     protocol's recommendation), else (or with target="gt") the ground truth in the model's format."""
-    boxes = box_format(model)
+    boxes = box_format(model, frame)
     truth = (
         localization_answer(sample.box, sample.image_size, sample.class_name, **boxes)
         if task == "localization"

@@ -3,6 +3,7 @@ language model and in the vision tower — and stays active on every generated t
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hf_reference import (
@@ -125,6 +126,22 @@ def test_decoding_step_scores_are_blocked_from_the_generated_token(setup):
         assert step.shape[2] == 1
         keys = obj.window(0, step.shape[-1])
         assert (step[:, :, 0][keys[:, None].expand_as(step[:, :, 0])] == minimum).all()
+
+
+def test_layers_and_heads_may_be_numpy_or_torch_integers(setup):
+    model, _, inputs, boxes = setup
+    after, obj = iv.after_image(inputs), iv.object_tokens(inputs, boxes)
+    with torch.no_grad(), iv.apply(model, iv.attention_knockout(model, after, obj, layers=[0, 1], heads=[0])):
+        expected = model(inputs)
+    for layers, heads in [(np.array([0, 1]), np.int64(0)), (torch.tensor([1, 0]), torch.tensor(0)), ([np.int32(0), 1], [np.int16(0)])]:
+        with torch.no_grad(), iv.apply(model, iv.attention_knockout(model, after, obj, layers=layers, heads=heads)):
+            assert torch.equal(model(inputs), expected)
+    with pytest.raises(IndexError, match=f"^layer {model.cfg.n_layers} out of range"):
+        iv.attention_knockout(model, after, obj, layers=np.int64(model.cfg.n_layers))
+    with pytest.raises(TypeError, match="a layer must be an integer, got 0.5"):
+        iv.attention_knockout(model, after, obj, layers=[0.5])
+    with pytest.raises(TypeError, match="heads must be an integer or an iterable of integers"):
+        iv.attention_knockout(model, after, obj, heads=1.0)
 
 
 def test_bad_layers_heads_and_sets_are_clear_errors(setup):

@@ -3,6 +3,7 @@ nothing, mismatched layouts are refused; head ablation removes a head's contribu
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hf_reference import assert_close, assert_same_generation, generate_without_cache
@@ -181,6 +182,32 @@ def test_head_ablation_out_of_range_is_an_error(pair):
         iv.head_ablation(model, [(0, model.cfg.n_heads)])
     with pytest.raises(ValueError, match="reference"):
         iv.head_ablation(model, [(0, 0)], "mean")
+
+
+def test_head_ablation_takes_numpy_and_torch_integers(pair):
+    model, base, _ = pair
+    layer = model.cfg.n_layers - 1
+    with torch.no_grad(), iv.apply(model, iv.head_ablation(model, [(layer, 1), (0, 0)])):
+        expected = model(base)
+    for heads in ([(np.int64(layer), np.int32(1)), (0, 0)], np.array([[layer, 1], [0, 0]]), torch.tensor([[layer, 1], [0, 0]])):
+        hooks = iv.head_ablation(model, heads)
+        assert [name for name, _ in hooks] == ["blocks.0.attn.hook_z", f"blocks.{layer}.attn.hook_z"]
+        with torch.no_grad(), iv.apply(model, hooks):
+            assert torch.equal(model(base), expected)
+
+
+def test_head_ablation_names_the_mistake_in_bad_heads(pair):
+    model, _, _ = pair
+    with pytest.raises(TypeError, match=r"\(layer, head\) pairs expected, got 1"):
+        iv.head_ablation(model, [1, 2])
+    with pytest.raises(TypeError, match=r"\(layer, head\) pairs expected"):
+        iv.head_ablation(model, 3)
+    with pytest.raises(TypeError, match="a layer must be an integer, got 0.0"):
+        iv.head_ablation(model, [(0.0, 1)])
+    with pytest.raises(TypeError, match="a head must be an integer, got '1'"):
+        iv.head_ablation(model, [(0, "1")])
+    with pytest.raises(IndexError, match=f"^layer {model.cfg.n_layers} out of range"):  # not "np.int64(...)"
+        iv.head_ablation(model, [(np.int64(model.cfg.n_layers), 0)])
 
 
 # ---------------------------------------------------------------------------------- composition

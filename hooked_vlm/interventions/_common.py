@@ -4,9 +4,11 @@ positions start at `model.past_length`: 0 on a prefill, the cache length on a de
 from __future__ import annotations
 
 import difflib
+import operator
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Literal
 
+import torch
 from torch import Tensor
 
 Hook = tuple[str, Callable[..., Any]]
@@ -46,14 +48,36 @@ def check_hook_name(model, name: str) -> str:
     return name
 
 
+def as_index(value: Any, what: str) -> int:
+    """Any integer (Python, numpy, a one-element integer tensor) as an int; TypeError otherwise.
+    Bools are refused: `True` as a layer is a slip, not layer 1."""
+    if not isinstance(value, (bool, Tensor)) or (isinstance(value, Tensor) and value.dtype != torch.bool):
+        try:
+            return operator.index(value)
+        except TypeError:
+            pass
+    raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
+
+
+def _indices(values: Any, what: str) -> list[int]:
+    """One integer or an iterable of integers (`what`: "layer", "head"), as a list of ints."""
+    try:
+        return [as_index(values, f"a {what}")]
+    except TypeError:
+        pass
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{what}s must be an integer or an iterable of integers, got {values!r}")
+    return [as_index(value, f"a {what}") for value in values]
+
+
 def check_layers(n_layers: int, layers: Iterable[int] | int | None, tower: str = "language model") -> list[int]:
     """`None` means every layer. Negative indices are refused: they would hide off-by-one errors."""
     if layers is None:
         return list(range(n_layers))
-    layers = [layers] if isinstance(layers, int) else list(layers)
+    layers = _indices(layers, "layer")
     for layer in layers:
-        if not isinstance(layer, int) or not 0 <= layer < n_layers:
-            raise IndexError(f"layer {layer!r} out of range: the {tower} has {n_layers} layers (0..{n_layers - 1})")
+        if not 0 <= layer < n_layers:
+            raise IndexError(f"layer {layer} out of range: the {tower} has {n_layers} layers (0..{n_layers - 1})")
     return sorted(set(layers))
 
 
@@ -61,20 +85,25 @@ def check_heads(n_heads: int, heads: Iterable[int] | int | None, where: str) -> 
     """`None` means every head."""
     if heads is None:
         return None
-    heads = [heads] if isinstance(heads, int) else list(heads)
+    heads = _indices(heads, "head")
     for head in heads:
-        if not isinstance(head, int) or not 0 <= head < n_heads:
-            raise IndexError(f"head {head!r} out of range: {where} has {n_heads} query heads (0..{n_heads - 1})")
+        if not 0 <= head < n_heads:
+            raise IndexError(f"head {head} out of range: {where} has {n_heads} query heads (0..{n_heads - 1})")
     return sorted(set(heads))
 
 
 def group_heads(model, heads: Iterable[tuple[int, int]]) -> dict[int, list[int]]:
     """(layer, query head) pairs of the language model, checked, grouped by layer."""
+    if isinstance(heads, (str, bytes)) or not isinstance(heads, Iterable):
+        raise TypeError(f"(layer, head) pairs expected, got {heads!r}")
     by_layer: dict[int, list[int]] = {}
     for pair in heads:
-        layer, head = pair
-        check_layers(model.cfg.text.n_layers, [layer])
-        check_heads(model.cfg.text.n_heads, [head], f"layer {layer}")
+        try:
+            layer, head = pair
+        except (TypeError, ValueError):
+            raise TypeError(f"(layer, head) pairs expected, got {pair!r} among the heads (one head is [(layer, head)])") from None
+        (layer,) = check_layers(model.cfg.text.n_layers, as_index(layer, "a layer"))
+        (head,) = check_heads(model.cfg.text.n_heads, as_index(head, "a head"), f"layer {layer}")
         by_layer.setdefault(layer, []).append(head)
     if not by_layer:
         raise ValueError("no heads given")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -149,6 +150,13 @@ def test_normalised_auc_is_the_mean_relative_score():
                           "loc_score": [1.0, 0.5, 0.0, 0.8, 0.8, 0.8]})  # fmt: skip
     auc = normalised_auc(frame)
     assert auc["a"] == pytest.approx(0.5) and auc["b"] == pytest.approx(1.0)
+
+
+def test_normalised_auc_is_nan_when_the_unablated_score_is_zero():
+    frame = pd.DataFrame({"ranking": ["a"] * 3 + ["b"] * 3, "fraction": [0, 0.5, 1.0] * 2,
+                          "correct": [0.0, 0.0, 0.0, 1.0, 0.5, 0.0]})  # fmt: skip
+    auc = normalised_auc(frame)
+    assert np.isnan(auc["a"]) and auc["b"] == pytest.approx(0.5)
 
 
 def test_bad_inputs_raise(model, pairs, photos):

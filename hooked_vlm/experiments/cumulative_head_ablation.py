@@ -108,7 +108,9 @@ def _prompt_means(model, dataset: Any, task: Task, batch_size: int, limit: int |
 def normalised_auc(results: pd.DataFrame, metric: str | None = None) -> pd.Series:
     """Per ranking: the area under (score / score at fraction 0) over the fractions, divided by
     the fraction range (trapezoid rule). 1 = removing heads never hurt; 0 = it destroyed the task
-    at once. `metric` defaults to `loc_score` (localization) or `correct` (classification)."""
+    at once. NaN for a ranking whose unablated score is 0 (or missing): there is nothing to lose,
+    so no relative curve. `metric` defaults to `loc_score` (localization) or `correct`
+    (classification)."""
     metric = metric or ("loc_score" if "loc_score" in results else "correct")
     curves = results.groupby(["ranking", "fraction"])[metric].mean().unstack("fraction")
     fractions = np.array(curves.columns, dtype=float)
@@ -118,7 +120,10 @@ def normalised_auc(results: pd.DataFrame, metric: str | None = None) -> pd.Serie
     for ranking, curve in curves.iterrows():
         values = curve.to_numpy(dtype=float)
         base = values[0]
-        relative = values / base if base > 0 else np.zeros_like(values)
+        if not base > 0:  # 0 or NaN: a relative curve is undefined (it was reported as 0, "destroyed")
+            out[ranking] = float("nan")
+            continue
+        relative = values / base
         area = np.sum((relative[1:] + relative[:-1]) / 2 * np.diff(fractions))  # trapezoid rule
         out[ranking] = float(area / (fractions[-1] - fractions[0]))
     return pd.Series(out, name="normalised_auc")

@@ -13,7 +13,7 @@ from hooked_vlm import HookedVLM
 from hooked_vlm.data.synthetic import SyntheticLocalization
 from hooked_vlm.data.prompts import localization_answer
 from hooked_vlm.experiments import box_format, evaluate
-from hooked_vlm.experiments.cumulative_head_ablation import cumulative_head_ablation, normalised_auc
+from hooked_vlm.experiments.cumulative_head_ablation import cumulative_head_ablation, heads_to_remove, normalised_auc
 from hooked_vlm.experiments.data import as_samples
 from hooked_vlm.experiments.head_mediation import head_mediation, mediation_map, rank_heads
 from hooked_vlm.metrics import masked_nll
@@ -150,6 +150,12 @@ def test_normalised_auc_is_the_mean_relative_score():
                           "loc_score": [1.0, 0.5, 0.0, 0.8, 0.8, 0.8]})  # fmt: skip
     auc = normalised_auc(frame)
     assert auc["a"] == pytest.approx(0.5) and auc["b"] == pytest.approx(1.0)
+
+
+def test_the_head_count_is_the_ceiling_of_the_exact_share():
+    assert heads_to_remove(0.07, 1600) == 112  # 0.07 * 1600 is 112.00000000000001 in floats
+    assert heads_to_remove(0.01, 1024) == 11 and heads_to_remove(0.5, 7) == 4
+    assert heads_to_remove(0.0, 1600) == 0 and heads_to_remove(1.0, 1600) == 1600
 
 
 def test_normalised_auc_is_nan_when_the_unablated_score_is_zero():

@@ -76,7 +76,7 @@ def cumulative_head_ablation(
     results = []
     baseline = None
     for fraction in sorted(fractions):
-        n_removed = math.ceil(fraction * n_layers * n_heads)
+        n_removed = heads_to_remove(fraction, n_layers * n_heads)
         for name, order in orders.items():
             if n_removed == 0 and baseline is not None:  # nothing removed: one baseline serves every ranking
                 table = baseline.copy()
@@ -94,6 +94,13 @@ def cumulative_head_ablation(
                     baseline = table
             results.append(table.assign(ranking=name, fraction=fraction, n_heads_removed=n_removed, condition=f"{name}@{fraction:g}"))
     return pd.concat(results, ignore_index=True)
+
+
+def heads_to_remove(fraction: float, n_heads: int) -> int:
+    """How many heads the top `fraction` is: at least that share, ceil(fraction * n_heads), with
+    the product rounded to 9 decimals first, since binary floats overshoot (0.07 * 1600 =
+    112.00000000000001 would remove 113)."""
+    return math.ceil(round(fraction * n_heads, 9))
 
 
 def _prompt_means(model, dataset: Any, task: Task, batch_size: int, limit: int | None) -> dict[int, Tensor]:

@@ -3,7 +3,9 @@
 It loads a toy model, predicts a box, then runs three of the paper's experiments on held-out
 synthetic images (token ablation, attention knockout, head mediation) and writes a short report
 (`report.md`, `report.json`) and figures (PNG) to an output folder. Every number in the report
-comes from this run.
+comes from this run. The ablation value, the mean visual embedding (the paper's is over
+ImageNet-val), is averaged over images of the toy's own distribution from a split of their own
+("mean"), so it shares no image with the evaluated ones.
 """
 
 from __future__ import annotations
@@ -27,9 +29,11 @@ from hooked_vlm.experiments import (
     token_ablation,
 )
 from hooked_vlm.experiments.data import as_samples
-from hooked_vlm.experiments.evaluate import default_frame
+from hooked_vlm.experiments.evaluate import box_format
 from hooked_vlm.model import HookedVLM
 from hooked_vlm.toy_models import toy_dataset
+
+MEAN_IMAGES = 64  # images averaged for the mean visual embedding (64 image tokens each on toy-llava)
 
 
 def run_demo(
@@ -54,11 +58,12 @@ def run_demo(
     # 1. one prediction, drawn over the image with the object's tokens
     sample = next(iter(as_samples(data)))
     inputs = model.prepare(sample.image, localization_prompt(sample.class_name))
-    answer = model.generate(inputs, max_new_tokens=40, skip_special_tokens=False)[0]
-    predicted = parse_box(answer, sample.image_size, family=model.cfg.family, frame=default_frame(model))
+    tokens = model.generate(inputs, max_new_tokens=40, return_tokens=True)[0]
+    answer = model.tokenizer.decode(tokens, skip_special_tokens=True)  # as the experiments score it
+    predicted = parse_box(answer, sample.image_size, **box_format(model))
     report["example"] = {
         "class_name": sample.class_name,
-        "answer": answer.strip(),
+        "answer": _as_written(model.tokenizer, tokens),
         "gt_box": [round(v, 1) for v in sample.box],
         "predicted_box": None if predicted is None else [round(v, 1) for v in predicted],
         "iou": None if predicted is None else round(iou(predicted, sample.box), 3),
@@ -79,9 +84,12 @@ def run_demo(
     }
 
     # 3. token ablation: the object's tokens against as many random tokens
+    mean_images = [item.image for item in toy_dataset(model_name, MEAN_IMAGES, seed=seed, split="mean")]
+    mean = iv.compute_mean_embedding(model, mean_images, progress=progress)
     ablation = token_ablation(model, data, strategies=("object", "random"), paddings=(0, 1), fractions=(_object_share(model, data),),
-                              seeds=(seed,), progress=progress)  # fmt: skip
+                              mean=mean, seeds=(seed,), progress=progress)  # fmt: skip
     by_condition = summarize(ablation)["loc_score"]
+    report["mean_embedding"] = {"split": "mean", "images": MEAN_IMAGES, "image_tokens": mean.count}
     report["token_ablation"] = {name: round(float(score), 3) for name, score in by_condition.items()}
 
     # 4. attention knockout: from every token after the image to the object, by layer
@@ -132,6 +140,8 @@ def render_report(report: dict[str, Any]) -> str:
         f"success at IoU 0.5: {base['success@0.5']:.3f}; list classification accuracy: {base['list_accuracy']:.3f}.",
         "",
         "## Token ablation (mean embedding at the LM input)",
+        f"The mean of {report['mean_embedding']['image_tokens']} image tokens of {report['mean_embedding']['images']} "
+        f"images of the toy's distribution (split {report['mean_embedding']['split']!r}: none of the images above).",
         *[f"- {name}: localization score {score:.3f}" for name, score in report["token_ablation"].items()],
         "",
         "## Attention knockout (after-image tokens -> object tokens + 1 ring)",
@@ -139,11 +149,19 @@ def render_report(report: dict[str, Any]) -> str:
         "![knockout](attention_knockout.png)",
         "",
         "## Head mediation (mean MF over pairs)",
+        "Each head patched at the prompt positions after the image. A last-layer head's output there reaches only "
+        "those positions' logits, not the answer's digits: its MF is 0 by construction.",
         *[f"- L{h['layer']}H{h['head']}: {h['mean_mf']:.3f}" for h in report["head_mediation"]["top_heads"]],
         "![mediation](head_mediation.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+def _as_written(tokenizer, tokens) -> str:
+    """An answer with its special tokens (InternVL's `<ref>`/`<box>` tags), up to the end of sequence."""
+    text = tokenizer.decode(tokens, skip_special_tokens=False)
+    return (text.split(tokenizer.eos_token)[0] if tokenizer.eos_token else text).strip()
 
 
 def _object_share(model, data) -> float:

@@ -4,24 +4,53 @@ write their outputs."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
+from transformers import AutoTokenizer
 
 from hooked_vlm.cli import EXPERIMENTS, main
+from hooked_vlm.demo import _as_written
+from hooked_vlm.toy_models import toy_model_path
 
 
-def test_demo_writes_a_report_and_figures(tiny_checkpoint, tmp_path):
-    out = tmp_path / "demo"
-    assert main(["demo", "--model", str(tiny_checkpoint("llava_multilayer")), "--out", str(out), "--n", "4", "--pairs", "1"]) == 0
+@pytest.fixture(scope="module")
+def demo_run(tiny_checkpoint, tmp_path_factory):
+    """One demo run on a tiny checkpoint: (output folder, warnings raised)."""
+    model_dir, out = tiny_checkpoint("llava_multilayer"), tmp_path_factory.mktemp("demo")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["demo", "--model", str(model_dir), "--out", str(out), "--n", "4", "--pairs", "1"]) == 0
+    return out, caught
+
+
+def test_demo_writes_a_report_and_figures(demo_run):
+    out, _ = demo_run
     report = json.loads((out / "report.json").read_text())
-    assert {"example", "baseline", "token_ablation", "attention_knockout", "head_mediation", "figures"} <= set(report)
+    assert {"example", "baseline", "mean_embedding", "token_ablation", "attention_knockout", "head_mediation", "figures"} <= set(report)
     for name in report["figures"].values():
         with Image.open(out / name) as image:
             assert image.format == "PNG"
     assert "## Head mediation" in (out / "report.md").read_text()
     assert len(pd.read_csv(out / "head_mediation.csv")) > 0
+
+
+def test_demo_ablates_with_a_mean_of_held_out_images_without_warning(demo_run):
+    out, caught = demo_run
+    assert json.loads((out / "report.json").read_text())["mean_embedding"]["split"] == "mean"
+    assert not [w for w in caught if "mean=None" in str(w.message)]
+
+
+@pytest.mark.parametrize(
+    "toy, answer", [("toy-llava", "[0.31, 0.28, 0.72, 0.69]"), ("toy-internvl", "<ref>red circle</ref><box>[[500, 250, 765, 781]]</box>")]
+)
+def test_demo_shows_an_answer_as_written_up_to_its_end_of_sequence_token(toy, answer):
+    tokenizer = AutoTokenizer.from_pretrained(toy_model_path(toy))
+    tokens = tokenizer(answer, add_special_tokens=False).input_ids + [tokenizer.eos_token_id, tokenizer.pad_token_id]
+    assert _as_written(tokenizer, torch.tensor(tokens)) == answer
 
 
 EXTRA = {

@@ -121,3 +121,15 @@ def test_llava_crop_frame_is_the_layouts_crop_window_at_the_checkpoints_image_si
     np.testing.assert_allclose(results["pred_box"].iloc[0], window, atol=1e-9)
     assert box_format(model) == {"family": "llava", "frame": "crop", "crop_size": 32}
     assert format_box(window, image.size, **box_format(model)) == "[0.0, 0.0, 1.0, 1.0]"
+
+
+def test_an_empty_dataset_is_a_clear_error(model, dataset):
+    for task in ("localization", "list", "binary"):
+        with pytest.raises(ValueError, match="the dataset holds no sample"):
+            evaluate(model, [], task, progress=False)
+    with pytest.raises(ValueError, match="the dataset holds no sample"):
+        evaluate(model, dataset, limit=0, progress=False)
+    with pytest.raises(ValueError, match="the dataset holds no sample"):
+        position_probe(model, [], dataset, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="no results to summarize"):
+        summarize(pd.DataFrame())

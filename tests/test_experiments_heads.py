@@ -165,6 +165,15 @@ def test_normalised_auc_is_nan_when_the_unablated_score_is_zero():
     assert np.isnan(auc["a"]) and auc["b"] == pytest.approx(0.5)
 
 
+def test_an_empty_dataset_is_a_clear_error(model):
+    ranking = {"x": torch.zeros(model.cfg.n_layers, model.cfg.n_heads)}
+    with pytest.raises(ValueError, match="the dataset holds no sample"):
+        head_mediation(model, [], progress=False)
+    for value in ("zero", "mean"):
+        with pytest.raises(ValueError, match="the dataset holds no sample"):
+            cumulative_head_ablation(model, [], ranking, value=value, progress=False)
+
+
 def test_bad_inputs_raise(model, pairs, photos):
     with pytest.raises(ValueError, match="shape"):
         cumulative_head_ablation(model, pairs, {"x": torch.zeros(1, 1)}, progress=False)

@@ -136,6 +136,12 @@ def test_noise_ablation_of_a_sample_does_not_depend_on_its_batch(model, samples)
     pd.testing.assert_frame_equal(batch[batch.sample_id == target.id][alone.columns], alone)
 
 
+@pytest.mark.parametrize("experiment", [token_ablation, token_shuffle, object_extension, attention_knockout])
+def test_token_experiments_refuse_an_empty_dataset(model, experiment):
+    with pytest.raises(ValueError, match="the dataset holds no sample"):
+        experiment(model, [], progress=False)  # token_ablation: before computing a mean over no image
+
+
 def test_internvl_views_restrict_ablation_to_the_thumbnail_or_the_tiles(model, dataset, mean):
     if model.cfg.family != "internvl":
         with pytest.raises(ValueError, match="needs InternVL"):

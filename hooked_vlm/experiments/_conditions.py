@@ -66,8 +66,6 @@ def run_conditions(
         results = evaluate(
             model, dataset, task, intervention=intervention, condition=condition.name, progress=False, **evaluate_kwargs
         )
-        if results.empty:
-            raise ValueError("the dataset holds no sample")
         evaluate_columns = evaluate_columns or list(results.columns)
         labels = pd.DataFrame([condition.labels] * len(results), index=results.index)
         tables.append(pd.concat([results, labels, pd.DataFrame(extra, index=results.index)], axis=1))

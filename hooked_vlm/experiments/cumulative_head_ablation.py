@@ -23,7 +23,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_vlm.boxes import Frame
-from hooked_vlm.experiments.data import as_samples, batched
+from hooked_vlm.experiments.data import as_samples, batched, empty_dataset_error
 from hooked_vlm.experiments.evaluate import Task, evaluate, queries, task_prompt
 from hooked_vlm.experiments.head_mediation import rank_heads
 from hooked_vlm.interventions import head_ablation, mean_head_activations
@@ -105,10 +105,12 @@ def heads_to_remove(fraction: float, n_heads: int) -> int:
 
 def _prompt_means(model, dataset: Any, task: Task, batch_size: int, limit: int | None) -> dict[int, Tensor]:
     samples = itertools.islice(as_samples(dataset), limit)
-    batches = (
+    batches = [
         model.prepare([image for _, image, _ in batch], [task_prompt(task, sample) for sample, _, _ in batch])
         for batch in batched(queries(samples, task), batch_size)
-    )
+    ]
+    if not batches:
+        raise empty_dataset_error()
     return mean_head_activations(model, batches)
 
 

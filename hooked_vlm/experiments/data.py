@@ -93,6 +93,11 @@ def _dataset_classes(dataset: Any) -> tuple[str, ...]:
     return ()
 
 
+def empty_dataset_error() -> ValueError:
+    """What every experiment raises when its dataset (after `limit`) holds no sample."""
+    return ValueError("the dataset holds no sample")
+
+
 def batched(samples: Iterable[Sample], batch_size: int) -> Iterator[list[Sample]]:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

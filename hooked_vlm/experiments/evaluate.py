@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from hooked_vlm.boxes import Frame
 from hooked_vlm.data.prompts import binary_prompt, list_prompt, localization_prompt
-from hooked_vlm.experiments.data import Sample, as_samples, batched
+from hooked_vlm.experiments.data import Sample, as_samples, batched, empty_dataset_error
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.scoring import binary_answer, classification_correct, score_localization_answer
 
@@ -78,7 +78,8 @@ def evaluate(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Greedy answers of `model` on every sample of `dataset` for `task`, scored (see the module
-    docstring for the columns). `intervention` adds hooks built from each batch's inputs."""
+    docstring for the columns). `intervention` adds hooks built from each batch's inputs. An empty
+    dataset raises ValueError."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     boxes = box_format(model, frame)
@@ -96,6 +97,8 @@ def evaluate(
             rows.append(_score(task, sample, kind, prompt, response, boxes) | {"condition": condition})
         bar.update(len(batch))
     bar.close()
+    if not rows:
+        raise empty_dataset_error()
     return pd.DataFrame(rows)
 
 
@@ -124,6 +127,8 @@ def summarize(results: pd.DataFrame, by: str | Sequence[str] = "condition") -> p
     """The paper's numbers per condition: localization score and hits, or accuracy."""
     from hooked_vlm.scoring import summarize_binary, summarize_classification, summarize_localization
 
+    if results.empty:
+        raise ValueError("no results to summarize (the table is empty)")
     task = results["task"].iloc[0]
     if task == "localization":
         return summarize_localization(results, by=by)

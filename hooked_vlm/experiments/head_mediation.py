@@ -29,7 +29,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from hooked_vlm.data.prompts import YES, binary_prompt, localization_answer, localization_prompt
-from hooked_vlm.experiments.data import Sample, as_samples
+from hooked_vlm.experiments.data import Sample, as_samples, empty_dataset_error
 from hooked_vlm.boxes import Frame
 from hooked_vlm.experiments.evaluate import box_format
 from hooked_vlm.inputs import VLMInput
@@ -75,6 +75,8 @@ def head_mediation(
         raise ValueError(f"unknown positions {positions!r} (expected 'prompt', 'answer' or 'prompt+answer')")
     rows = []
     samples = list(itertools.islice(as_samples(pairs), limit))
+    if not samples:
+        raise empty_dataset_error()
     for sample in tqdm(samples, desc=f"head mediation ({method})", disable=not progress):
         if sample.removed_image is None:
             raise ValueError(f"sample {sample.id} has no object-removed image: mediation needs source/base pairs")

@@ -18,7 +18,7 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_vlm.experiments.data import as_samples, batched
+from hooked_vlm.experiments.data import as_samples, batched, empty_dataset_error
 from hooked_vlm.inputs import VLMInput
 
 PROBE_PROMPT = "Describe the image."
@@ -87,6 +87,8 @@ def _gather(model, dataset, sites, tokens_per_image, batch_size, generator, prog
             keep = _subsample(views, tokens_per_image, generator)
             features[hook].append(x[keep].float())
             labels[hook].append(y[keep])
+    if not any(labels.values()):
+        raise empty_dataset_error()
     return {hook: (torch.cat(features[hook]), torch.cat(labels[hook])) for hook in names}
 
 

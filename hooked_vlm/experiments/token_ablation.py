@@ -27,7 +27,7 @@ Inapplicable labels are NA. One row per query and condition.
 from __future__ import annotations
 
 import warnings
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from typing import Any, Literal, Sequence
 
@@ -42,7 +42,7 @@ from hooked_vlm.experiments._conditions import (
     run_conditions, sample_rows, sample_seed, token_counts,
 )  # fmt: skip
 from hooked_vlm.experiments.attribution import Rank, integrated_gradients, teacher_forced_inputs, top_attributed
-from hooked_vlm.experiments.data import Sample, as_samples
+from hooked_vlm.experiments.data import Sample, as_samples, empty_dataset_error
 from hooked_vlm.inputs import VLMInput
 
 STRATEGIES = ("object", "random", "register", "ig")
@@ -239,10 +239,13 @@ def _resolve_mean(
         return iv.load_mean(mean, model)
     if mean is not None or not needed:
         return mean
+    images = (s.image for s in islice(as_samples(dataset), limit))
+    first = next(images, None)
+    if first is None:
+        raise empty_dataset_error()
     warnings.warn(
         "mean=None: computing the mean visual embedding over this dataset's images; the paper averages "
         "ImageNet-val (compute it once with compute_mean_embedding, save_mean, and pass mean=)",
         stacklevel=3,
     )
-    images = (s.image for s in islice(as_samples(dataset), limit))
-    return iv.compute_mean_embedding(model, images, batch_size=batch_size, progress=progress)
+    return iv.compute_mean_embedding(model, chain([first], images), batch_size=batch_size, progress=progress)

@@ -142,6 +142,16 @@ def test_token_experiments_refuse_an_empty_dataset(model, experiment):
         experiment(model, [], progress=False)  # token_ablation: before computing a mean over no image
 
 
+def test_token_ablation_takes_the_mean_as_a_plain_tensor(model, samples, mean):
+    kwargs = dict(strategies=["object", "ig"], paddings=[0], fractions=[0.25], ig_steps=2, progress=False)
+    as_tensor = token_ablation(model, samples[:2], mean=mean.vector, **kwargs)
+    pd.testing.assert_frame_equal(as_tensor, token_ablation(model, samples[:2], mean=mean, **kwargs))
+    with pytest.raises(ValueError, match=r"mean has shape \(3,\)"):
+        token_ablation(model, samples[:2], mean=torch.zeros(3), **kwargs)
+    with pytest.raises(TypeError, match="mean must be a MeanEmbedding, a \\[d_model\\] tensor"):
+        token_ablation(model, samples[:2], mean=[0.0] * model.cfg.d_model, **kwargs)
+
+
 def test_internvl_views_restrict_ablation_to_the_thumbnail_or_the_tiles(model, dataset, mean):
     if model.cfg.family != "internvl":
         with pytest.raises(ValueError, match="needs InternVL"):

@@ -59,7 +59,7 @@ def token_ablation(
     paddings: Sequence[int] = (-2, -1, 0, 1, 2),
     fractions: Sequence[float] = (0.01, 0.04, 0.08, 0.16, 0.32, 0.48),
     fill: Fill = "mean",
-    mean: iv.MeanEmbedding | str | Path | None = None,
+    mean: iv.MeanEmbedding | Float[Tensor, "d_model"] | str | Path | None = None,
     views: Literal["all", "global", "local"] = "all",
     seeds: Sequence[int] = (0, 1, 2),
     ig_steps: int = 50,
@@ -75,10 +75,11 @@ def token_ablation(
     """The baseline and every ablation condition on `dataset` (see the module docstring).
 
     `fill`: the replacement — "mean" (the paper: the global mean visual embedding, `mean`, a
-    `MeanEmbedding` or a `save_mean` file; with `mean=None` it is computed over the dataset's
-    images, with a warning, since the paper uses ImageNet-val), "zero", "noise" (seeded by the
-    condition's seed, 0 if none, and each sample's id, per position counted from the sample's
-    first token: a sample gets the same noise whatever its batch), or a `MeanEmbedding`.
+    `MeanEmbedding`, a `[d_model]` tensor or a `save_mean` file; with `mean=None` it is
+    computed over the dataset's images, with a warning, since the paper uses ImageNet-val),
+    "zero", "noise" (seeded by the condition's seed, 0 if none, and each sample's id, per
+    position counted from the sample's first token: a sample gets the same noise whatever its
+    batch), or a `MeanEmbedding`.
     `ig_baseline` is IG's reference input: the same mean vector, or zero. `views` restricts
     every token set to InternVL's thumbnail ("global") or tiles ("local"); `n_image_tokens`
     still counts every view.
@@ -114,7 +115,8 @@ def token_ablation(
         select = _register_tokens(views, register_sd)
         conditions.append(Condition("register", {"strategy": "register", **shared}, _ablating(value, select)))
     if "ig" in strategies:
-        reference = mean.vector if ig_baseline == "mean" else torch.zeros(model.cfg.text.d_model)
+        vector = mean.vector if isinstance(mean, iv.MeanEmbedding) else mean
+        reference = vector if ig_baseline == "mean" else torch.zeros(model.cfg.text.d_model)
         attributions = _AttributionCache(task, reference, ig_steps, frame)
         for fraction in fractions:
             labels = {"strategy": "ig", "fraction": fraction, **shared}
@@ -230,13 +232,19 @@ def _check_fractions(fractions: Sequence[float]) -> list[float]:
 
 def _resolve_mean(
     model, dataset, fill, mean, needed: bool, limit: int | None, batch_size: int, progress: bool
-) -> iv.MeanEmbedding | None:
+) -> iv.MeanEmbedding | Tensor | None:
     if isinstance(fill, iv.MeanEmbedding):
         if mean is not None and mean is not fill:
             raise ValueError("two means given: pass the MeanEmbedding as fill= or as mean=, not both")
         return fill
     if isinstance(mean, (str, Path)):
         return iv.load_mean(mean, model)
+    if isinstance(mean, Tensor):
+        if tuple(mean.shape) != (model.cfg.text.d_model,):
+            raise ValueError(f"mean has shape {tuple(mean.shape)}; a mean visual embedding is [d_model] = [{model.cfg.text.d_model}]")
+        return mean
+    if mean is not None and not isinstance(mean, iv.MeanEmbedding):
+        raise TypeError(f"mean must be a MeanEmbedding, a [d_model] tensor, a save_mean file or None, got a {type(mean).__name__}")
     if mean is not None or not needed:
         return mean
     images = (s.image for s in islice(as_samples(dataset), limit))

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from hooked_vlm.components import KVCache
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.interventions._common import as_index, group_heads
 from hooked_vlm.metrics import TokenFilter, scored_tokens, token_nll
 
 Metric = Callable[[Tensor, int], Tensor]  # (logits[:, offset:], offset) -> [batch]
@@ -67,12 +68,12 @@ def _all_heads(model) -> list[Head]:
     return [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
 
 
-def _check_heads(model, heads: Sequence[Head]) -> None:
-    for layer, head in heads:
-        if not 0 <= layer < model.cfg.n_layers:
-            raise IndexError(f"layer {layer} out of range: the language model has {model.cfg.n_layers} layers")
-        if not 0 <= head < model.cfg.n_heads:
-            raise IndexError(f"head {head} out of range: layers have {model.cfg.n_heads} query heads")
+def _checked_heads(model, heads: Sequence[Head] | None) -> list[Head]:
+    """Every head when None; else (layer, head) pairs of any integer type, checked, as ints."""
+    if heads is None:
+        return _all_heads(model)
+    group_heads(model, heads)  # raises on non-pairs, non-integers and indices out of range
+    return [(as_index(layer, "a layer"), as_index(head, "a head")) for layer, head in heads]
 
 
 def _source_z(model, source: VLMInput) -> dict[int, Tensor]:
@@ -99,8 +100,7 @@ def head_patching_sweep(
     before `min(positions)` differently from the base run itself.
     """
     _check_pair(base, source)
-    heads = _all_heads(model) if heads is None else list(heads)
-    _check_heads(model, heads)
+    heads = _checked_heads(model, heads)
     positions = torch.as_tensor(positions, dtype=torch.long).flatten()
     if len(positions) == 0:
         raise ValueError("no positions to patch")
@@ -180,8 +180,7 @@ def naive_head_patching(
 ) -> Float[Tensor, "layer head"]:
     """The reference: one full patched forward (vision tower included) per head."""
     _check_pair(base, source)
-    heads = _all_heads(model) if heads is None else list(heads)
-    _check_heads(model, heads)
+    heads = _checked_heads(model, heads)
     positions = torch.as_tensor(positions, dtype=torch.long).flatten()
     offset = int(positions.min())
     out = torch.full((model.cfg.n_layers, model.cfg.n_heads), float("nan"), dtype=torch.float64)

@@ -3,6 +3,7 @@ attribution patching is the first-order change of the metric."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -101,11 +102,21 @@ def test_bad_sweep_inputs_raise(pair, photos):
         head_patching_sweep(model, base, source, metric, positions, heads=[(99, 0)])
     with pytest.raises(IndexError, match="head 99 out of range"):
         head_patching_sweep(model, base, source, metric, positions, heads=[(0, 99)])
+    with pytest.raises(TypeError, match=r"\(layer, head\) pairs expected"):
+        head_patching_sweep(model, base, source, metric, positions, heads=[0, 1])
     other = model.prepare(photos["grace_hopper_tall"], "Where is the cat in this tall photo?", answers=ANSWER)
     with pytest.raises(ValueError, match="different token layouts"):
         head_patching_sweep(model, base, other, metric, positions)
     with pytest.raises(ValueError, match="carry no answer"):
         answer_nll_metric(model.prepare(photos["coffee"], "x"))
+
+
+def test_sweep_heads_may_be_numpy_or_torch_integers(pair):
+    model, base, source, positions = pair
+    metric = answer_nll_metric(base)
+    plain = head_patching_sweep(model, base, source, metric, positions, heads=[(0, 1), (1, 0)])
+    mixed = head_patching_sweep(model, base, source, metric, positions, heads=[(np.int64(0), torch.tensor(1)), (torch.tensor(1), np.int32(0))])
+    assert torch.equal(plain.isnan(), mixed.isnan()) and torch.equal(plain.nan_to_num(), mixed.nan_to_num())
 
 
 @pytest.mark.parametrize("qk_fix", [True, False])

@@ -12,9 +12,10 @@ MF ~ 1: the head carries the object's effect; ~ 0: it does not; < 0: patching it
 shared prefix, `hooked_vlm.patching.head_patching_sweep`); `method="attribution"` estimates every
 head's patched NLL to first order from one forward/backward (`head_attribution`).
 
-Output columns: `pair_id`, `class_name`, `layer`, `head`, `mf`, `p_base`, `p_src`, `p_patched`,
-`method`, `task`, `positions`, `target` (the answer text scored), `target_source` ("src_greedy"
-or "gt": the source's greedy answer is used when it is correct, else the ground truth).
+Output columns: `pair_id`, `class_name`, `layer`, `head`, `mf`, `p_base`, `p_src`, `p_patched`
+(the perplexities P above), `method`, `task`, `positions`, `target` (the answer text scored),
+`target_source` ("src_greedy" or "gt": the source's greedy answer is used when it is correct,
+else the ground truth).
 """
 
 from __future__ import annotations

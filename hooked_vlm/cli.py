@@ -9,6 +9,7 @@
 Data: the synthetic set (default; for a toy model, the distribution it was trained on, held out)
 or COCO-style annotations (`--coco`, `--images`, optionally `--removed` for object-removed pairs).
 Each experiment writes `results.csv` (one row per query), `summary.csv` and a figure.
+`parity` exits with 1 when an activation or the greedy generation differs beyond tolerance.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ def parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(run=_demo)
 
-    parity = sub.add_parser("parity", help="compare with the Hugging Face model, activation family by family")
+    parity = sub.add_parser("parity", help="compare with the Hugging Face model, activation family by family (exit 1 if they differ)")
     parity.add_argument("--model", required=True)
     parity.add_argument("--dtype", choices=DTYPES, default="float32")
     parity.add_argument("--device", default="cpu")
+    parity.add_argument("--tolerance", type=float, default=None, help="max difference relative to each activation's scale (default: per dtype)")
     parity.set_defaults(run=_parity)
 
     for name, (run, help_text, extra) in EXPERIMENTS.items():
@@ -88,10 +90,11 @@ def _demo(args) -> None:
     print(f"figures and tables written to {Path(args.out).resolve()} ({len(report['figures'])} figures)")
 
 
-def _parity(args) -> None:
+def _parity(args) -> int:
     from hooked_vlm.parity import check_parity
 
-    check_parity(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    report = check_parity(args.model, dtype=DTYPES[args.dtype], device=args.device, tolerance=args.tolerance)
+    return 0 if report.ok else 1
 
 
 def _experiment(fn: Callable[[Any, Any, argparse.Namespace], pd.DataFrame], summarise: Callable, figure: Callable | None):

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer
 
 from hooked_vlm.cli import EXPERIMENTS, main
 from hooked_vlm.demo import _as_written
+from hooked_vlm.model import HookedVLM
 from hooked_vlm.toy_models import toy_model_path
 
 
@@ -81,3 +82,22 @@ def test_coco_data_needs_an_image_folder(tiny_checkpoint, tmp_path):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "demo" in capsys.readouterr().out
+
+
+def test_parity_exits_0_when_the_models_agree(capsys):
+    assert main(["parity", "--model", "toy-llava"]) == 0
+    assert "PASS" in capsys.readouterr().out
+
+
+def test_parity_exits_1_when_an_activation_diverges(monkeypatch, capsys):
+    load = HookedVLM.from_pretrained
+
+    def perturbed(*args, **kwargs):
+        model = load(*args, **kwargs)
+        with torch.no_grad():
+            model.blocks[1].attn.o_proj.weight.add_(0.05)
+        return model
+
+    monkeypatch.setattr(HookedVLM, "from_pretrained", perturbed)
+    assert main(["parity", "--model", "toy-llava", "--tolerance", "1e-4"]) == 1
+    assert "FAIL: first diverging activation" in capsys.readouterr().out

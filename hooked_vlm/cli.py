@@ -15,6 +15,8 @@ Each experiment writes `results.csv` (one row per query), `summary.csv` and a fi
 from __future__ import annotations
 
 import argparse
+import itertools
+import random
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -52,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     parity.set_defaults(run=_parity)
 
     for name, (run, help_text, extra) in EXPERIMENTS.items():
-        command = sub.add_parser(name, help=help_text)
+        command = sub.add_parser(name, help=help_text, description=f"{help_text}. {DESCRIPTIONS.get(name, '')}".strip())
         _data_arguments(command)
         extra(command)
         command.set_defaults(run=run)
@@ -147,8 +149,25 @@ def _run_token_ablation(model, data, args):
     from hooked_vlm.experiments import token_ablation
 
     return token_ablation(model, data, task=args.task, strategies=args.strategies, paddings=args.paddings,
-                          fractions=args.fractions, seeds=args.seeds, fill=args.fill, views=args.views,
-                          batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+                          fractions=args.fractions, seeds=args.seeds, fill=args.fill, mean=_ablation_mean(model, args),
+                          views=args.views, batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+
+
+def _ablation_mean(model, args):
+    """The mean visual embedding: `--mean`; else, for synthetic data, the mean over images of the
+    toy distribution's held-out "mean" split, as the demo does (saved to mean_embedding.pt for
+    reuse); else None, and `token_ablation` averages the dataset's own images, with a warning."""
+    from hooked_vlm import interventions as iv
+    from hooked_vlm.demo import MEAN_IMAGES
+    from hooked_vlm.toy_models import toy_dataset
+
+    if args.mean or args.coco or not (args.fill == "mean" or "ig" in args.strategies):
+        return args.mean
+    images = [item.image for item in toy_dataset(args.model, MEAN_IMAGES, seed=args.seed, split="mean")]
+    mean = iv.compute_mean_embedding(model, images, batch_size=args.batch_size)
+    iv.save_mean(mean, Path(args.out) / "mean_embedding.pt")
+    print(f"mean visual embedding: {mean.count} image tokens of {MEAN_IMAGES} images of the 'mean' split")
+    return mean
 
 
 def _run_token_shuffle(model, data, args):
@@ -175,15 +194,34 @@ def _run_knockout(model, data, args):
 def _run_mediation(model, data, args):
     from hooked_vlm.experiments import head_mediation
 
-    return head_mediation(model, data, task=args.task, method=args.method, target=args.target, limit=args.limit)
+    return head_mediation(model, data, task=args.task, method=args.method, target=args.target,
+                          batch_size=args.batch_size, limit=args.limit)  # fmt: skip
 
 
 def _run_probe(model, data, args):
     from hooked_vlm.experiments import position_probe
     from hooked_vlm.toy_models import toy_dataset
 
-    test = toy_dataset(args.model, max(args.n // 4, 4), seed=args.seed + 1, split="probe-test") if not args.coco else data
-    return position_probe(model, data, test, epochs=args.epochs, batch_size=args.batch_size)
+    if args.coco:
+        train, test = _probe_split(list(itertools.islice(data, args.limit)), args.seed)
+    else:
+        train = list(itertools.islice(data, args.limit))
+        test = toy_dataset(args.model, max(len(train) // 4, 4), seed=args.seed + 1, split="probe-test")
+    return position_probe(model, train, test, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+
+
+def _probe_split(items: list, seed: int) -> tuple[list, list]:
+    """COCO items split by image, shuffled with `seed`, a fifth of the images held out: the
+    probe reads images only, so a test image must not be a training image under another object."""
+    by_image: dict[int, Any] = {}
+    for item in items:
+        by_image.setdefault(getattr(item, "item", item).image_id, item)  # ObjectRemovedPair wraps its item
+    images = list(by_image.values())
+    if len(images) < 2:
+        raise SystemExit(f"position-probe needs at least 2 distinct images to hold one out, got {len(images)}")
+    random.Random(seed).shuffle(images)
+    n_test = max(len(images) // 5, 1)
+    return images[n_test:], images[:n_test]
 
 
 def _mediation_summary(results: pd.DataFrame) -> pd.DataFrame:
@@ -225,6 +263,8 @@ def _extras_token_ablation(p):
     p.add_argument("--fractions", type=float, nargs="+", default=[0.08], help="random/IG shares of image tokens")
     _ints(p, "--seeds", [0, 1, 2], "random seeds")
     p.add_argument("--fill", choices=["mean", "zero", "noise"], default="mean")
+    p.add_argument("--mean", help="mean visual embedding saved by interventions.save_mean (default: synthetic data "
+                                  "uses the toy distribution's 'mean' split; COCO the dataset's own images, with a warning)")  # fmt: skip
     p.add_argument("--views", choices=["all", "global", "local"], default="all")
 
 
@@ -257,13 +297,17 @@ def _extras_probe(p):
 
 
 EXPERIMENTS: dict[str, tuple[Callable, str, Callable]] = {
-    "evaluate": (_experiment(_run_evaluate, _by_condition, None), "localization / list classification accuracy", _task),
+    "evaluate": (_experiment(_run_evaluate, _by_condition, None), "localization / list / yes-no classification accuracy", lambda p: _task(p, ("localization", "list", "binary"))),
     "token-ablation": (_experiment(_run_token_ablation, _by_condition, None), "ablate object, random, register or IG tokens", _extras_token_ablation),
     "token-shuffle": (_experiment(_run_token_shuffle, _by_condition, None), "shuffle image tokens (all, or the object's)", _extras_shuffle),
     "object-extension": (_experiment(_run_object_extension, _by_condition, None), "extend objects with copies of their tokens", _extras_extension),
     "attention-knockout": (_experiment(_run_knockout, _by_condition, _knockout_figure), "block attention to the object by layer group", _extras_knockout),
     "head-mediation": (_experiment(_run_mediation, _mediation_summary, _mediation_figure), "mediation fraction of every head", _extras_mediation),
     "position-probe": (_experiment(_run_probe, _probe_summary, _probe_figure), "linear row/column probes per layer", _extras_probe),
+}  # fmt: skip
+DESCRIPTIONS = {
+    "position-probe": "Probes are trained on the samples (at most --limit) and scored on held-out images: for synthetic "
+    "data a quarter as many from another split, for COCO a seeded fifth of the images.",
 }  # fmt: skip
 
 

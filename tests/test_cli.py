@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from types import SimpleNamespace
 
 import pandas as pd
 import pytest
@@ -12,6 +13,8 @@ import torch
 from PIL import Image
 from transformers import AutoTokenizer
 
+from hooked_vlm import experiments
+from hooked_vlm import interventions as iv
 from hooked_vlm.cli import EXPERIMENTS, main
 from hooked_vlm.demo import _as_written
 from hooked_vlm.model import HookedVLM
@@ -82,6 +85,76 @@ def test_coco_data_needs_an_image_folder(tiny_checkpoint, tmp_path):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "demo" in capsys.readouterr().out
+
+
+class Captured(Exception):
+    """Raised by a stand-in experiment with the arguments the command passed it."""
+
+
+def capture(monkeypatch, name: str) -> None:
+    def stand_in(*args, **kwargs):
+        raise Captured(args, kwargs)
+
+    monkeypatch.setattr(experiments, name, stand_in)
+
+
+def captured_call(argv: list[str]) -> tuple[tuple, dict]:
+    with pytest.raises(Captured) as call:
+        main(argv)
+    return call.value.args
+
+
+def test_evaluate_offers_the_yes_no_task(tmp_path):
+    assert main(["evaluate", "--model", "toy-llava", "--out", str(tmp_path), "--n", "2", "--task", "binary"]) == 0
+    results = pd.read_csv(tmp_path / "results.csv")
+    assert set(results["task"]) == {"binary"} and set(results["image"]) == {"original", "removed"}
+
+
+def test_head_mediation_passes_the_batch_size(monkeypatch, tmp_path):
+    capture(monkeypatch, "head_mediation")
+    _, kwargs = captured_call(["head-mediation", "--model", "toy-llava", "--out", str(tmp_path), "--batch-size", "3"])
+    assert kwargs["batch_size"] == 3
+
+
+def test_position_probe_trains_on_at_most_limit_samples(monkeypatch, tmp_path):
+    capture(monkeypatch, "position_probe")
+    (_, train, test), _ = captured_call(["position-probe", "--model", "toy-llava", "--out", str(tmp_path), "--n", "20", "--limit", "8"])
+    assert len(train) == 8 and len(test) == 4
+
+
+def test_position_probe_holds_out_coco_images_it_does_not_train_on(monkeypatch, tmp_path):
+    items = [SimpleNamespace(image_id=i // 2, annotation_id=i) for i in range(40)]  # two objects per image
+    monkeypatch.setattr("hooked_vlm.cli._dataset", lambda args: items)
+    capture(monkeypatch, "position_probe")
+    argv = ["position-probe", "--model", "toy-llava", "--out", str(tmp_path), "--coco", "ann.json"]
+    (_, train, test), _ = captured_call(argv)
+    train_images, test_images = [i.image_id for i in train], [i.image_id for i in test]
+    assert len(set(train_images)) == len(train_images) == 16 and len(test_images) == 4
+    assert not set(train_images) & set(test_images)
+    assert captured_call(argv)[0][2] == test  # seeded
+    assert captured_call(argv + ["--seed", "1"])[0][2] != test
+
+
+def test_token_ablation_on_synthetic_data_ablates_with_the_mean_split_without_warning(monkeypatch, tmp_path):
+    capture(monkeypatch, "token_ablation")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, kwargs = captured_call(["token-ablation", "--model", "toy-llava", "--out", str(tmp_path)])
+    assert isinstance(kwargs["mean"], iv.MeanEmbedding) and kwargs["mean"].count > 0
+    assert torch.equal(iv.load_mean(tmp_path / "mean_embedding.pt").vector, kwargs["mean"].vector)
+
+
+def test_token_ablation_reads_a_saved_mean(monkeypatch, tmp_path):
+    capture(monkeypatch, "token_ablation")
+    _, kwargs = captured_call(["token-ablation", "--model", "toy-llava", "--out", str(tmp_path), "--mean", "m.pt"])
+    assert kwargs["mean"] == "m.pt"
+
+
+def test_token_ablation_on_coco_without_a_mean_leaves_it_to_the_experiment(monkeypatch, tmp_path):
+    monkeypatch.setattr("hooked_vlm.cli._dataset", lambda args: [])
+    capture(monkeypatch, "token_ablation")
+    _, kwargs = captured_call(["token-ablation", "--model", "toy-llava", "--out", str(tmp_path), "--coco", "ann.json"])
+    assert kwargs["mean"] is None  # token_ablation averages the dataset's images and says so
 
 
 def test_parity_exits_0_when_the_models_agree(capsys):

@@ -1,14 +1,21 @@
 """`hooked-vlm` (or `python -m hooked_vlm`): the demo, and each experiment on a model and a dataset.
 
-    hooked-vlm demo [--model toy-llava] [--out demo_output]
-    hooked-vlm evaluate --model toy-internvl --task list --n 100 --out results/
-    hooked-vlm attention-knockout --model DIR --coco instances.json --images val2017/ --out results/
-    hooked-vlm head-mediation --model toy-llava --pairs 20 --method attribution --out results/
+examples:
+    hooked-vlm demo --model toy-llava --out demo_output
+    hooked-vlm evaluate --model toy-internvl --task list --n 100 --out results/evaluate
+    hooked-vlm token-ablation --model toy-llava --n 100 --out results/ablation
+    hooked-vlm attention-knockout --model toy-internvl --n 100 --out results/knockout
+    hooked-vlm head-mediation --model toy-llava --n 20 --seed 1 --method attribution --out results/cma
+    hooked-vlm cumulative-head-ablation --model toy-llava --n 50 --ranking results/cma --out results/cumulative
+    hooked-vlm head-mediation --model llava-hf/llava-1.5-7b-hf --coco ann.json --images val2017/ \\
+        --removed inpainted/ --dtype bfloat16 --device cuda --out results/cma-7b
+    hooked-vlm token-ablation --model llava-hf/llava-1.5-7b-hf --coco ann.json --images val2017/ \\
+        --mean imagenet_mean.pt --dtype bfloat16 --device cuda --out results/ablation-7b
     hooked-vlm parity --model llava-hf/llava-1.5-7b-hf --dtype float16 --device cuda
 
 Data: the synthetic set (default; for a toy model, the distribution it was trained on, held out)
 or COCO-style annotations (`--coco`, `--images`, optionally `--removed` for object-removed pairs).
-Each experiment writes `results.csv` (one row per query), `summary.csv` and a figure.
+Each experiment writes `results.csv` (one row per query), `summary.csv` and `figure.png`.
 `parity` exits with 1 when an activation or the greedy generation differs beyond tolerance.
 """
 
@@ -26,6 +33,8 @@ import torch
 
 from hooked_vlm.config import DTYPES
 
+SMALL_MODEL_LAYERS = 8  # below this, windows of 4 layers give at most one window besides "all"
+
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
@@ -36,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hooked-vlm", description=__doc__.split("\n\n")[0])
+    summary, _, epilog = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog="hooked-vlm", description=summary, epilog=epilog,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = p.add_subparsers(dest="command")
     demo = sub.add_parser("demo", help="the whole library on a shipped toy model: report + figures")
     demo.add_argument("--model", default="toy-llava")
@@ -99,8 +110,9 @@ def _parity(args) -> int:
     return 0 if report.ok else 1
 
 
-def _experiment(fn: Callable[[Any, Any, argparse.Namespace], pd.DataFrame], summarise: Callable, figure: Callable | None):
+def _experiment(fn: Callable[[Any, Any, argparse.Namespace], pd.DataFrame], summarise: Callable, figure: Callable):
     def run(args) -> None:
+        from hooked_vlm import plotting
         from hooked_vlm.model import HookedVLM
 
         out = Path(args.out)
@@ -111,10 +123,7 @@ def _experiment(fn: Callable[[Any, Any, argparse.Namespace], pd.DataFrame], summ
         summary = summarise(results)
         summary.to_csv(out / "summary.csv")
         print(summary.to_string())
-        if figure is not None:
-            from hooked_vlm import plotting
-
-            plotting.save_figure(figure(results, summary), out / "figure.png")
+        plotting.save_figure(figure(results, summary), out / "figure.png")
         print(f"written to {out.resolve()}")
 
     return run
@@ -137,6 +146,10 @@ def _by_condition(results: pd.DataFrame) -> pd.DataFrame:
     from hooked_vlm.experiments import summarize
 
     return summarize(results)
+
+
+def _metric(results: pd.DataFrame) -> str:
+    return "loc_score" if "loc_score" in results else "correct"
 
 
 def _run_evaluate(model, data, args):
@@ -185,8 +198,17 @@ def _run_object_extension(model, data, args):
 
 def _run_knockout(model, data, args):
     from hooked_vlm.experiments import attention_knockout
+    from hooked_vlm.experiments.attention_knockout import layer_windows
 
-    sizes = [s if s == "all" else int(s) for s in args.group_size]
+    n_layers = model.cfg.text.n_layers
+    if args.group_size is None:
+        sizes = [4, "all"] if n_layers >= SMALL_MODEL_LAYERS else [1, "all"]
+        if n_layers < SMALL_MODEL_LAYERS:
+            print(f"note: the model has {n_layers} layers; knocking out windows of 1 layer and all (not 4), for a curve")
+    else:
+        sizes = [s if s == "all" else int(s) for s in args.group_size]
+        if len(layer_windows(n_layers, sizes)) == 1:
+            print(f"note: the model has {n_layers} layers; --group-size {' '.join(args.group_size)} gives one window (all)")
     return attention_knockout(model, data, task=args.task, group_size=sizes, paddings=args.paddings, seeds=args.seeds,
                               batch_size=args.batch_size, limit=args.limit)  # fmt: skip
 
@@ -196,6 +218,34 @@ def _run_mediation(model, data, args):
 
     return head_mediation(model, data, task=args.task, method=args.method, target=args.target,
                           batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+
+
+def _run_cumulative(model, data, args):
+    from hooked_vlm.experiments import cumulative_head_ablation
+
+    name, scores = _head_ranking(model, data, args)
+    return cumulative_head_ablation(model, data, {name: scores}, task=args.task, fractions=args.fractions,
+                                    low_importance_from=name, value=args.value, batch_size=args.batch_size,
+                                    limit=args.limit)  # fmt: skip
+
+
+def _head_ranking(model, data, args) -> tuple[str, torch.Tensor]:
+    """(name, mean MF per head): read from `--ranking` (a `head-mediation` output folder, its
+    results.csv or its summary.csv), or computed by head mediation on the same samples (written
+    to mediation.csv)."""
+    from hooked_vlm.experiments import head_mediation, mediation_map
+
+    if args.ranking:
+        path = Path(args.ranking)
+        table = pd.read_csv(path / "results.csv" if path.is_dir() else path)
+        if "mf" in table:
+            return str(table["task"].iloc[0]), mediation_map(table)
+        return "mediation", torch.tensor(table.set_index("layer").to_numpy(dtype=float), dtype=torch.float32)
+    task = "localization" if args.task == "localization" else "binary"
+    table = head_mediation(model, data, task=task, method=args.method, target=args.target,
+                           batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+    table.to_csv(Path(args.out) / "mediation.csv", index=False)
+    return task, mediation_map(table)
 
 
 def _run_probe(model, data, args):
@@ -224,6 +274,79 @@ def _probe_split(items: list, seed: int) -> tuple[list, list]:
     return images[n_test:], images[:n_test]
 
 
+# ---------------------------------------------------------------------------------- summaries and figures
+def _curves(frame: pd.DataFrame, *, x: str, line: str, y: str, baseline: float | dict | None = None, **labels):
+    """`layer_curves` of per-item rows: mean and 95% CI band per (line, x), the score axis 0..1. A
+    line drawn at one x only gets an error bar, since a band there has no width."""
+    from hooked_vlm import plotting
+
+    fig = plotting.layer_curves(frame, x=x, y=y, condition=line, band="ci95", baseline=baseline,
+                                ylabel=f"{y} (mean, 95% CI over items)", **labels)  # fmt: skip
+    ax = fig.axes[0]
+    colours = {drawn.get_label(): drawn.get_color() for drawn in ax.get_lines()}
+    numeric = pd.api.types.is_numeric_dtype(frame[x])
+    position = {v: float(v) if numeric else float(i) for i, v in enumerate(pd.unique(frame[x]))}  # as layer_curves
+    for name, rows in frame.groupby(line, sort=False):
+        values = rows[y].astype(float)
+        if rows[x].nunique() == 1 and len(values) > 1:
+            half = 1.96 * values.std() / len(values) ** 0.5
+            ax.errorbar(position[rows[x].iloc[0]], values.mean(), yerr=half, color=colours[str(name)], capsize=3)
+    ax.set_ylim(-0.03, 1.03)
+    if not numeric:
+        ax.margins(x=0.08)
+        ax.tick_params(axis="x", labelrotation=30 if len(position) > 4 else 0)
+    return fig
+
+
+def _unablated(results: pd.DataFrame, column: str) -> float:
+    return float(results.loc[results[column] == "baseline", _metric(results)].astype(float).mean())
+
+
+def _evaluate_figure(results, summary):
+    y = _metric(results)
+    kinds = {"original": "object present", "removed": "object removed"}  # binary asks about both images
+    rows = results.assign(line=results["image"].map(kinds) if "image" in results else results["task"]).sort_values("class_name")
+    return _curves(rows, x="class_name", line="line", y=y, baseline={"all classes": results[y].astype(float).mean()},
+                   title=f"{results['task'].iloc[0]}: score per class", xlabel="class")  # fmt: skip
+
+
+def _token_ablation_figure(results, summary):
+    ablated = results[results.strategy != "baseline"].copy()
+    ablated["ablated"] = [
+        f"object{p:+d}" if s == "object" else f"{s} {100 * f:g}%" if s in ("random", "ig") else s
+        for s, p, f in zip(ablated["strategy"], ablated["padding"], ablated["fraction"])
+    ]  # seeds pooled
+    return _curves(ablated, x="ablated", line="strategy", y=_metric(results), baseline=_unablated(results, "strategy"),
+                   title=f"Token ablation ({results['fill'].iloc[0]} fill; seeds pooled)", xlabel="tokens ablated")  # fmt: skip
+
+
+def _token_shuffle_figure(results, summary):
+    return _curves(results[results["mode"] != "baseline"], x="mode", line="mode", y=_metric(results),
+                   baseline=_unablated(results, "mode"), title="Token shuffle (seeds pooled)", xlabel="tokens shuffled")  # fmt: skip
+
+
+def _extension_figure(results, summary):
+    from hooked_vlm import plotting
+
+    return plotting.matrix_plot(results, row="padding", col="gt_scale", value="loc_score", fmt="{:.2f}",
+                                title="Object extension: padding p x GT scale s")  # fmt: skip
+
+
+def _knockout_figure(results, summary):
+    """One line per target and padding (seeds pooled); with several window sizes, one per size,
+    each ending at "all". The unablated score is the dashed baseline."""
+    knocked = results[results.target != "baseline"].copy()
+    knocked["line"] = [f"{t}{p:+d}" for t, p in zip(knocked["target"], knocked["padding"])]
+    whole = knocked.layers == "all"
+    sizes = sorted(set(knocked.loc[~whole, "group_size"]))
+    if len(sizes) > 1:
+        parts = [knocked[~whole & (knocked.group_size == s)].assign(size=s) for s in sizes]
+        knocked = pd.concat(parts + [knocked[whole].assign(size=s) for s in sizes])
+        knocked["line"] += [f", {s}-layer windows" for s in knocked["size"]]
+    return _curves(knocked, x="layers", line="line", y=_metric(results), baseline=_unablated(results, "target"),
+                   title="Attention knockout (text after the image -> object)", xlabel="layers knocked out")  # fmt: skip
+
+
 def _mediation_summary(results: pd.DataFrame) -> pd.DataFrame:
     from hooked_vlm.experiments import mediation_map
 
@@ -233,15 +356,34 @@ def _mediation_summary(results: pd.DataFrame) -> pd.DataFrame:
 def _mediation_figure(results, summary):
     from hooked_vlm import plotting
 
-    return plotting.head_heatmap(torch.tensor(summary.to_numpy()), title="Mean mediation fraction", annotate_top=10)
+    mf = torch.tensor(summary.to_numpy())
+    return plotting.head_heatmap(mf, title="Mean mediation fraction", annotate_top=_notable_heads(mf))
 
 
-def _knockout_figure(results, summary):
+def _notable_heads(mf: torch.Tensor, k: int = 5, share: float = 0.1) -> int:
+    """How many of the top `k` heads carry at least `share` of the largest mean MF (none if no
+    head is positive): labels on heads with MF ~1e-8 would read as findings."""
     from hooked_vlm import plotting
 
-    frame = results[results.target != "baseline"].drop(columns="condition").rename(columns={"target": "condition"})
-    y = "loc_score" if "loc_score" in results else "correct"
-    return plotting.layer_curves(frame, x="layers", y=y, band="ci95", xlabel="layers knocked out")
+    top = float(torch.nan_to_num(mf, nan=-torch.inf).max())
+    if not top > 0:
+        return 0
+    return sum(float(mf[layer, head]) >= share * top for layer, head in plotting.top_heads(mf, k))
+
+
+def _cumulative_summary(results: pd.DataFrame) -> pd.DataFrame:
+    from hooked_vlm.experiments import normalised_auc, summarize
+
+    summary = summarize(results, by=["ranking", "fraction", "n_heads_removed"])
+    fractions = set(results["fraction"])
+    if 0 in fractions and len(fractions) > 1:  # the AUC is relative to the unablated score
+        summary["normalised_auc"] = summary.index.get_level_values("ranking").map(normalised_auc(results))
+    return summary
+
+
+def _cumulative_figure(results, summary):
+    return _curves(results, x="fraction", line="ranking", y=_metric(results), title="Cumulative head ablation",
+                   xlabel="fraction of heads removed")
 
 
 def _probe_summary(results: pd.DataFrame) -> pd.DataFrame:
@@ -256,6 +398,7 @@ def _probe_figure(results, summary):
     return plotting.layer_curves(frame.assign(condition="row/col mean"), x="site", y="accuracy", xlabel="layer")
 
 
+# ---------------------------------------------------------------------------------- options
 def _extras_token_ablation(p):
     _task(p)
     p.add_argument("--strategies", nargs="+", default=["object", "random", "register"], choices=["object", "random", "register", "ig"])
@@ -274,22 +417,36 @@ def _extras_shuffle(p):
 
 
 def _extras_extension(p):
-    _ints(p, "--paddings", [1, 2], "rings of copied object tokens")
+    _ints(p, "--paddings", [0, 1, 2], "rings of copied object tokens (0: the unmodified model)")
     _ints(p, "--gt-scales", [0, 1, 2], "GT box growth in token widths")
     _ints(p, "--seeds", list(range(10)), "random seeds")
 
 
 def _extras_knockout(p):
     _task(p)
-    p.add_argument("--group-size", nargs="+", default=["4", "all"], help="layer group sizes, or 'all'")
+    p.add_argument("--group-size", nargs="+", default=None,
+                   help=f"layer group sizes, or 'all' (default: 4 and all; 1 and all below {SMALL_MODEL_LAYERS} layers)")  # fmt: skip
     _ints(p, "--paddings", [0, 1], "object padding in token rings")
     _ints(p, "--seeds", [0], "random seeds of the size-matched control")
 
 
-def _extras_mediation(p):
-    _task(p, ("localization", "binary"))
+def _mediation_options(p):
     p.add_argument("--method", choices=["exact", "attribution"], default="exact")
     p.add_argument("--target", choices=["src_greedy", "gt"], default="src_greedy")
+
+
+def _extras_mediation(p):
+    _task(p, ("localization", "binary"))
+    _mediation_options(p)
+
+
+def _extras_cumulative(p):
+    _task(p, ("localization", "list", "binary"))
+    p.add_argument("--ranking", help="a head-mediation output folder, or its results.csv or summary.csv "
+                                     "(default: run head mediation on the same samples first)")  # fmt: skip
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.2], help="shares of heads removed")
+    p.add_argument("--value", choices=["zero", "mean"], default="zero", help="what an ablated head outputs")
+    _mediation_options(p)
 
 
 def _extras_probe(p):
@@ -297,17 +454,23 @@ def _extras_probe(p):
 
 
 EXPERIMENTS: dict[str, tuple[Callable, str, Callable]] = {
-    "evaluate": (_experiment(_run_evaluate, _by_condition, None), "localization / list / yes-no classification accuracy", lambda p: _task(p, ("localization", "list", "binary"))),
-    "token-ablation": (_experiment(_run_token_ablation, _by_condition, None), "ablate object, random, register or IG tokens", _extras_token_ablation),
-    "token-shuffle": (_experiment(_run_token_shuffle, _by_condition, None), "shuffle image tokens (all, or the object's)", _extras_shuffle),
-    "object-extension": (_experiment(_run_object_extension, _by_condition, None), "extend objects with copies of their tokens", _extras_extension),
+    "evaluate": (_experiment(_run_evaluate, _by_condition, _evaluate_figure), "localization / list / yes-no classification accuracy", lambda p: _task(p, ("localization", "list", "binary"))),
+    "token-ablation": (_experiment(_run_token_ablation, _by_condition, _token_ablation_figure), "ablate object, random, register or IG tokens", _extras_token_ablation),
+    "token-shuffle": (_experiment(_run_token_shuffle, _by_condition, _token_shuffle_figure), "shuffle image tokens (all, or the object's)", _extras_shuffle),
+    "object-extension": (_experiment(_run_object_extension, _by_condition, _extension_figure), "extend objects with copies of their tokens", _extras_extension),
     "attention-knockout": (_experiment(_run_knockout, _by_condition, _knockout_figure), "block attention to the object by layer group", _extras_knockout),
     "head-mediation": (_experiment(_run_mediation, _mediation_summary, _mediation_figure), "mediation fraction of every head", _extras_mediation),
+    "cumulative-head-ablation": (_experiment(_run_cumulative, _cumulative_summary, _cumulative_figure), "accuracy as the top-ranked heads are removed", _extras_cumulative),
     "position-probe": (_experiment(_run_probe, _probe_summary, _probe_figure), "linear row/column probes per layer", _extras_probe),
 }  # fmt: skip
 DESCRIPTIONS = {
-    "position-probe": "Probes are trained on the samples (at most --limit) and scored on held-out images: for synthetic "
-    "data a quarter as many from another split, for COCO a seeded fifth of the images.",
+    "cumulative-head-ablation": "Heads are ranked by mean mediation fraction (localization MF for --task localization, "
+    "yes/no MF for list and binary): read from --ranking, or computed by head mediation (--method, --target) on the "
+    "same samples and written to mediation.csv; a ranking measured on the evaluated samples themselves is optimistic. "
+    "The low-importance control removes the heads of smallest |MF|. summary.csv adds each ranking's normalised AUC.",
+    "position-probe": "--limit caps the samples read. Synthetic data: the probes train on them and are scored on a "
+    "quarter as many images of another split. COCO: a seeded fifth of their images is held out for scoring.",
+    "attention-knockout": "Windows: contiguous groups of --group-size layers, and 'all'.",
 }  # fmt: skip
 
 

@@ -4,6 +4,7 @@ write their outputs."""
 from __future__ import annotations
 
 import json
+import shlex
 import warnings
 from types import SimpleNamespace
 
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer
 
 from hooked_vlm import experiments
 from hooked_vlm import interventions as iv
-from hooked_vlm.cli import EXPERIMENTS, main
+from hooked_vlm.cli import EXPERIMENTS, _knockout_figure, _mediation_figure, main, parser
 from hooked_vlm.demo import _as_written
 from hooked_vlm.model import HookedVLM
 from hooked_vlm.toy_models import toy_model_path
@@ -65,6 +66,7 @@ EXTRA = {
     "head-mediation": ["--target", "gt", "--method", "attribution"],
     "position-probe": ["--epochs", "1"],
     "evaluate": ["--task", "list"],
+    "cumulative-head-ablation": ["--fractions", "0", "0.25", "--method", "attribution", "--target", "gt"],
 }
 
 
@@ -74,6 +76,8 @@ def test_every_experiment_command_writes_results(command, tiny_checkpoint, tmp_p
     args = [command, "--model", str(tiny_checkpoint("internvl_6b")), "--out", str(out), "--n", "3", "--batch-size", "2"]
     assert main(args + EXTRA[command]) == 0
     assert len(pd.read_csv(out / "results.csv")) > 0 and (out / "summary.csv").exists()
+    with Image.open(out / "figure.png") as image:
+        assert image.format == "PNG"
     assert "written to" in capsys.readouterr().out
 
 
@@ -85,6 +89,22 @@ def test_coco_data_needs_an_image_folder(tiny_checkpoint, tmp_path):
 def test_no_command_prints_help(capsys):
     assert main([]) == 2
     assert "demo" in capsys.readouterr().out
+
+
+def _example_commands() -> list[list[str]]:
+    epilog = parser().epilog.replace("\\\n", " ")
+    return [shlex.split(line, comments=True)[1:] for line in epilog.splitlines() if line.strip().startswith("hooked-vlm ")]
+
+
+def test_help_shows_the_examples(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "hooked-vlm cumulative-head-ablation --model toy-llava" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("example", _example_commands(), ids=" ".join)
+def test_every_example_in_the_help_parses(example):
+    assert parser().parse_args(example).command == example[0]
 
 
 class Captured(Exception):
@@ -108,6 +128,7 @@ def test_evaluate_offers_the_yes_no_task(tmp_path):
     assert main(["evaluate", "--model", "toy-llava", "--out", str(tmp_path), "--n", "2", "--task", "binary"]) == 0
     results = pd.read_csv(tmp_path / "results.csv")
     assert set(results["task"]) == {"binary"} and set(results["image"]) == {"original", "removed"}
+    assert (tmp_path / "figure.png").exists()
 
 
 def test_head_mediation_passes_the_batch_size(monkeypatch, tmp_path):
@@ -155,6 +176,56 @@ def test_token_ablation_on_coco_without_a_mean_leaves_it_to_the_experiment(monke
     capture(monkeypatch, "token_ablation")
     _, kwargs = captured_call(["token-ablation", "--model", "toy-llava", "--out", str(tmp_path), "--coco", "ann.json"])
     assert kwargs["mean"] is None  # token_ablation averages the dataset's images and says so
+
+
+def test_knockout_on_a_shallow_model_knocks_out_single_layers_and_all(monkeypatch, tmp_path, capsys):
+    capture(monkeypatch, "attention_knockout")
+    _, kwargs = captured_call(["attention-knockout", "--model", "toy-llava", "--out", str(tmp_path)])
+    assert kwargs["group_size"] == [1, "all"]
+    assert "the model has 4 layers" in capsys.readouterr().out
+
+
+def test_knockout_figure_draws_each_target_and_padding_and_the_unablated_baseline():
+    rows = [{"target": "baseline", "layers": None, "group_size": None, "padding": None, "loc_score": 0.9}]
+    for layers in ("0", "1", "all"):
+        for target in ("object", "random"):
+            for padding in (0, 1):
+                score = 0.0 if padding else (0.3 if target == "object" else 0.6)
+                rows.append({"target": target, "layers": layers, "group_size": 1, "padding": padding, "loc_score": score})
+    results = pd.DataFrame(rows).astype({"padding": "Int64", "group_size": "Int64"})
+    axes = _knockout_figure(results, None).axes[0]
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert {"object+0", "object+1", "random+0", "random+1"} <= set(lines)
+    assert list(lines["random+0"].get_ydata()) == [0.6, 0.6, 0.6]
+    assert [line.get_ydata()[0] for line in axes.get_lines() if line.get_gid() == "baseline"] == [0.9]
+
+
+def _annotated_heads(mf: list[list[float]]) -> int:
+    figure = _mediation_figure(None, pd.DataFrame(mf))
+    return sum(patch.get_gid() == "top-head" for patch in figure.axes[0].patches)
+
+
+def test_head_map_labels_only_heads_with_a_share_of_the_largest_mediation():
+    assert _annotated_heads([[0.4, 4e-8, 3e-8, 0.0], [0.1, -0.2, 2e-8, 1e-8]]) == 2
+    assert _annotated_heads([[-0.1, -1e-8], [0.0, -0.3]]) == 0
+
+
+def test_cumulative_head_ablation_ranks_heads_by_a_saved_mediation_map(monkeypatch, tmp_path):
+    mf = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    pd.DataFrame(mf.numpy()).rename_axis("layer").to_csv(tmp_path / "summary.csv")
+    capture(monkeypatch, "cumulative_head_ablation")
+    argv = ["cumulative-head-ablation", "--model", "toy-llava", "--out", str(tmp_path / "out"), "--ranking", str(tmp_path / "summary.csv")]
+    (_, _, rankings), kwargs = captured_call(argv)
+    assert torch.equal(rankings["mediation"], mf) and kwargs["low_importance_from"] == "mediation"
+
+
+def test_cumulative_head_ablation_without_a_ranking_runs_head_mediation_first(tiny_checkpoint, tmp_path):
+    argv = ["cumulative-head-ablation", "--model", str(tiny_checkpoint("llava_multilayer")), "--out", str(tmp_path), "--n", "2",
+            "--fractions", "0", "0.5", "--method", "attribution", "--target", "gt"]  # fmt: skip
+    assert main(argv) == 0
+    assert len(pd.read_csv(tmp_path / "mediation.csv")) > 0
+    assert set(pd.read_csv(tmp_path / "results.csv")["ranking"]) == {"localization", "low_importance"}
+    assert "normalised_auc" in pd.read_csv(tmp_path / "summary.csv")
 
 
 def test_parity_exits_0_when_the_models_agree(capsys):

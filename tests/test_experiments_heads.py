@@ -15,7 +15,7 @@ from hooked_vlm.data.prompts import localization_answer
 from hooked_vlm.experiments import box_format, evaluate
 from hooked_vlm.experiments.cumulative_head_ablation import cumulative_head_ablation, heads_to_remove, normalised_auc
 from hooked_vlm.experiments.data import as_samples
-from hooked_vlm.experiments.head_mediation import head_mediation, mediation_map, rank_heads
+from hooked_vlm.experiments.head_mediation import head_mediation, mediation_map, rank_heads, unreachable_layers
 from hooked_vlm.metrics import masked_nll
 
 MEDIATION_COLUMNS = {"pair_id", "class_name", "layer", "head", "mf", "p_base", "p_src", "p_patched", "method", "task",
@@ -67,15 +67,45 @@ def test_exact_mediation_equals_a_naive_loop_of_patched_forwards(eager, pairs):
                 return z
 
             p_patched = masked_nll(model, base, token_filter="digits", fwd_hooks=[(name, patch)]).exp()
-            mf = ((p_base - p_patched) / (p_base - p_src)).item()
-            assert row["mf"] == pytest.approx(mf, abs=1e-5, rel=1e-5)
             assert row["p_patched"] == pytest.approx(p_patched.item(), rel=1e-5)
+            if row["layer"] == model.cfg.n_layers - 1:  # the patch cannot reach the digits: not measured
+                assert np.isnan(row["mf"]) and p_patched.item() == pytest.approx(p_base.item(), rel=1e-6)
+            else:
+                mf = ((p_base - p_patched) / (p_base - p_src)).item()
+                assert row["mf"] == pytest.approx(mf, abs=1e-5, rel=1e-5)
 
 
 def test_attribution_mediation_covers_every_head(model, pairs):
-    results = head_mediation(model, pairs, method="attribution", target="gt", progress=False)
+    results = head_mediation(model, pairs, method="attribution", target="gt", positions="prompt+answer", progress=False)
     assert set(results.columns) == MEDIATION_COLUMNS and (results.method == "attribution").all()
     assert results.mf.notna().all() and mediation_map(results).shape == (model.cfg.n_layers, model.cfg.n_heads)
+
+
+def _nan_layers(results: pd.DataFrame) -> dict[int, bool]:
+    """Per layer: True if every head's MF is NaN on every pair, False if none is (else an error)."""
+    by_layer = results.groupby("layer").mf.agg(lambda mf: mf.isna().mean())
+    assert set(by_layer) <= {0.0, 1.0}, by_layer
+    return {int(layer): share == 1.0 for layer, share in by_layer.items()}
+
+
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_prompt_positions_leave_exactly_the_last_layers_heads_unmeasured(model, pairs, method):
+    """The last layer's output at the prompt positions reaches only their own logits, which
+    predict the prompt and the answer's template opening, never a scored digit: NaN, not 0.
+    Every earlier layer reaches the digits through a later layer's attention: measured."""
+    results = head_mediation(model, pairs, method=method, target="gt", progress=False)
+    last = model.cfg.n_layers - 1
+    assert _nan_layers(results) == {layer: layer == last for layer in range(model.cfg.n_layers)}
+    unmeasured = results[results.layer == last]
+    assert (unmeasured.p_patched == unmeasured.p_base).all()  # what the patch leaves unchanged
+    assert _nan_layers(head_mediation(model, pairs, method=method, target="gt", positions="prompt+answer", progress=False)) == {
+        layer: False for layer in range(model.cfg.n_layers)
+    }
+
+
+def test_exact_and_attribution_leave_the_same_heads_unmeasured(model, pairs):
+    exact, attribution = (head_mediation(model, pairs, method=m, target="gt", progress=False) for m in ("exact", "attribution"))
+    assert exact.mf.isna().any() and exact.mf.isna().tolist() == attribution.mf.isna().tolist()
 
 
 def test_binary_mediation_scores_the_decisive_token(model, pairs):
@@ -83,9 +113,34 @@ def test_binary_mediation_scores_the_decisive_token(model, pairs):
     assert set(results.target) == {"Yes"} and results.p_base.gt(0).all()
 
 
-def test_rank_heads_orders_by_value_and_by_least_magnitude():
+def test_binary_mediation_at_the_prompt_measures_the_last_layer_too(model, pairs):
+    """The scored "Yes" is predicted from the last prompt position, which the last layer's heads
+    write to; with positions="answer" no head can reach it, which is an error."""
+    results = head_mediation(model, pairs, task="binary", target="gt", progress=False)
+    assert results.mf.notna().all()
+    with pytest.raises(ValueError, match="no head's patch reaches a scored token"):
+        head_mediation(model, pairs, task="binary", positions="answer", target="gt", progress=False)
+
+
+def test_unreachable_layers_follow_where_a_patch_can_flow():
+    scored = torch.tensor([[False] * 6 + [True, True, False]])  # tokens 6 and 7, predicted at 5 and 6
+    assert unreachable_layers(3, torch.arange(2, 5), scored).tolist() == [False, False, True]
+    assert unreachable_layers(3, torch.arange(2, 6), scored).tolist() == [False, False, False]
+    assert unreachable_layers(3, torch.tensor([7]), scored).tolist() == [True, True, True]
+
+
+def test_mediation_map_averages_the_measured_pairs_and_keeps_unmeasured_heads_nan():
+    nan = float("nan")
+    results = pd.DataFrame({"pair_id": [0, 0, 0, 0, 1, 1, 1, 1], "layer": [0, 0, 1, 1] * 2, "head": [0, 1] * 4,
+                            "mf": [0.2, nan, nan, 0.5, 0.4, 0.1, nan, 0.7]})  # fmt: skip
+    mf = mediation_map(results)
+    assert torch.isnan(mf[1, 0]) and torch.allclose(mf[[0, 0, 1], [0, 1, 1]], torch.tensor([0.3, 0.1, 0.6]))
+
+
+def test_rank_heads_orders_measured_heads_by_value_and_by_least_magnitude():
     values = torch.tensor([[0.5, -2.0], [float("nan"), 0.1]])
-    assert rank_heads(values) == [(0, 0), (1, 1), (0, 1), (1, 0)]  # NaN last, negatives not "top"
+    assert rank_heads(values) == [(0, 0), (1, 1), (0, 1)]  # negatives not "top"; the NaN head not ranked
+    assert rank_heads(values, by="least_abs") == [(1, 1), (0, 0), (0, 1)]
     assert rank_heads(values, 2, by="least_abs") == [(1, 1), (0, 0)]
 
 
@@ -102,6 +157,40 @@ def test_cumulative_ablation_removes_the_ranked_heads(model, pairs):
     assert list(at_zero.response) == list(baseline.response)
     everything = results[(results.fraction == 1.0) & (results.ranking == "by_index")]
     assert list(everything.response) != list(baseline.response)
+
+
+def _ablated_heads(monkeypatch) -> list[list[tuple[int, int]]]:
+    """Records the heads of every `head_ablation` the cumulative ablation attaches."""
+    module = importlib.import_module("hooked_vlm.experiments.cumulative_head_ablation")
+    calls = []
+    monkeypatch.setattr(module, "head_ablation", lambda model, heads, value: calls.append(sorted(heads)) or [])
+    return calls
+
+
+def test_low_importance_control_chooses_among_measured_heads_only(model, pairs, monkeypatch):
+    """The last layer unmeasured (NaN, as at the prompt positions), every other head measured
+    with MF growing with its index: the top ranking removes the last measured heads first, the
+    control the first ones, and neither ever a NaN head, even when they remove every measured one."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    mf = torch.arange(1, n_layers * n_heads + 1, dtype=torch.float32).view(n_layers, n_heads)
+    mf[-1] = float("nan")
+    measured = [(layer, head) for layer in range(n_layers - 1) for head in range(n_heads)]
+    every_measured = len(measured) / (n_layers * n_heads)
+    calls = _ablated_heads(monkeypatch)
+    cumulative_head_ablation(model, pairs, {"mf": mf}, task="list", fractions=(0, 0.25, every_measured),
+                             low_importance_from="mf", batch_size=len(pairs), progress=False)  # fmt: skip
+    k = heads_to_remove(0.25, n_layers * n_heads)
+    assert calls == [measured[-k:], measured[:k], measured, measured]  # (top, control) at 0.25, then at every measured head
+
+
+def test_a_fraction_beyond_the_measured_heads_is_an_error_before_anything_runs(model, pairs, monkeypatch):
+    module = importlib.import_module("hooked_vlm.experiments.cumulative_head_ablation")
+    monkeypatch.setattr(module, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated before checking the fractions"))
+    mf = torch.ones(model.cfg.n_layers, model.cfg.n_heads)
+    mf[-1] = float("nan")
+    n, measured = mf.numel(), (model.cfg.n_layers - 1) * model.cfg.n_heads
+    with pytest.raises(ValueError, match=rf"ranking 'mf' measures {measured} of {n} heads \(the others are NaN: not measured"):
+        cumulative_head_ablation(model, pairs, {"mf": mf}, fractions=(0, 1.0), low_importance_from="mf", progress=False)
 
 
 def test_cumulative_ablation_passes_frame_and_max_new_tokens_to_evaluate(model, pairs, monkeypatch):

@@ -87,10 +87,12 @@ def mediation(toy):
 
 def test_top_mediating_heads_hurt_localization_more_than_low_importance_heads(toy, mediation):
     """The paper's control: zero-ablating the top eighth of the heads by exact MF (its positions)
-    costs more than ablating as many heads of least |MF|, and removing more top heads costs more.
-    It holds because both toys' last stages trained with head dropout: without it, a 16-head toy
-    leans on a few heads that break localization alone (see spec.py). Scores: toy-llava 0.91,
-    top 2 heads ablated 0.72, least 2 0.81; toy-internvl 0.83, 0.59 and 0.75 (top 4: 0.41)."""
+    costs more than ablating as many measured heads of least |MF|, and removing more top heads
+    costs more. (At the prompt positions the last layer's heads are not measured, NaN: neither
+    ranking removes them.) It holds because both toys' last stages trained with head dropout:
+    without it, a 16-head toy leans on a few heads that break localization alone (see spec.py).
+    Scores: toy-llava 0.91, top 2 heads ablated 0.72, least 2 0.88 (top 4: 0.59, least 4: 0.84);
+    toy-internvl 0.83, 0.59 and 0.75 (top 4: 0.41, least 4: 0.62)."""
     model, data, _ = toy
     exact = mediation["prompt"]["exact"]
     results = cumulative_head_ablation(model, data, {"top": exact}, fractions=(0, 0.125, 0.25), low_importance_from="top", progress=False)

@@ -6,6 +6,11 @@ every forward and generated token, and the task is re-evaluated. The low-importa
 removes the heads whose |MF| is smallest. A normalised area under the curve summarises each
 ranking: the mean of score / baseline score over the fractions (trapezoid rule), 1 = no effect.
 
+Only measured heads are ranked: a NaN score (e.g. the last layer's MF at the prompt positions,
+which no patch there can reach, see `head_mediation`) is neither critical nor low-importance,
+so the control never picks such heads because they look like MF 0. A fraction that needs more
+heads than a ranking measured is an error (raised before anything runs).
+
 Output columns: the `evaluate` columns, plus `ranking` (the name given, or "low_importance"),
 `fraction`, `n_heads_removed`.
 """
@@ -48,9 +53,9 @@ def cumulative_head_ablation(
 ) -> pd.DataFrame:
     """Evaluate `task` with the top `fraction` of heads of each ranking ablated.
 
-    `rankings`: name -> a `[layer, head]` score (higher = more critical), e.g.
-    `{"localization": mediation_map(mf_loc), "classification": mediation_map(mf_cls)}`.
-    `low_importance_from`: the name of a ranking whose least-|score| heads form the control.
+    `rankings`: name -> a `[layer, head]` score (higher = more critical; NaN = not measured,
+    never removed), e.g. `{"localization": mediation_map(mf_loc), "classification": mediation_map(mf_cls)}`.
+    `low_importance_from`: the name of a ranking whose least-|score| measured heads form the control.
     `value`: "zero" (the paper), or "mean": each head's mean `z` over the prompts of `dataset`
     for `task` (real tokens, before any answer), computed once. `frame` and `max_new_tokens` are
     `evaluate`'s (None: the model's default box frame, the task's answer length).
@@ -72,6 +77,7 @@ def cumulative_head_ablation(
         if low_importance_from not in rankings:
             raise ValueError(f"low_importance_from={low_importance_from!r} is not one of the rankings {list(rankings)}")
         orders["low_importance"] = rank_heads(rankings[low_importance_from], by="least_abs")
+    _check_measured_heads(orders, fractions, n_layers * n_heads)
 
     results = []
     baseline = None
@@ -101,6 +107,17 @@ def heads_to_remove(fraction: float, n_heads: int) -> int:
     the product rounded to 9 decimals first, since binary floats overshoot (0.07 * 1600 =
     112.00000000000001 would remove 113)."""
     return math.ceil(round(fraction * n_heads, 9))
+
+
+def _check_measured_heads(orders: Mapping[str, list], fractions: Sequence[float], n_heads: int) -> None:
+    most = heads_to_remove(max(fractions), n_heads)
+    for name, order in orders.items():
+        if len(order) < most:
+            raise ValueError(
+                f"ranking {name!r} measures {len(order)} of {n_heads} heads (the others are NaN: not measured, e.g. "
+                f"the last layer's MF at the prompt positions), but fraction {max(fractions):g} removes {most}; "
+                "choose smaller fractions"
+            )
 
 
 def _prompt_means(model, dataset: Any, task: Task, batch_size: int, limit: int | None) -> dict[int, Tensor]:

@@ -8,14 +8,26 @@ teacher-forced perplexity P of the target answer is measured:
     MF = (P_base - P_patched) / (P_base - P_src)
 
 MF ~ 1: the head carries the object's effect; ~ 0: it does not; < 0: patching it interferes.
+
+MF is NaN where nothing is measured: on a pair whose source and base barely differ
+(`mediation_fraction`'s guard), and for a head whose patch cannot reach a scored token. A head's
+output at position p enters the residual stream at p; a later layer's attention carries it to
+every position from p on, but from the last layer it reaches only p's own logits, which predict
+token p + 1. So with positions="prompt" for localization (the scored digits come after the
+answer's template opening, "[" or "<ref>") every last-layer head is unreachable: its MF would be
+0 by construction, not by measurement, and would rank it "unimportant". Those heads get MF NaN
+and `p_patched = p_base` (what the patch leaves unchanged; the exact sweep skips them). For
+binary, the scored "Yes" is predicted from the last prompt position, so the last layer is
+measured; with "answer" or "prompt+answer" every layer reaches the answer's logits.
+
 `method="exact"` runs every patched forward (all heads of a pair in a few batched passes over the
 shared prefix, `hooked_vlm.patching.head_patching_sweep`); `method="attribution"` estimates every
 head's patched NLL to first order from one forward/backward (`head_attribution`).
 
-Output columns: `pair_id`, `class_name`, `layer`, `head`, `mf`, `p_base`, `p_src`, `p_patched`
-(the perplexities P above), `method`, `task`, `positions`, `target` (the answer text scored),
-`target_source` ("src_greedy" or "gt": the source's greedy answer is used when it is correct,
-else the ground truth).
+Output columns: `pair_id`, `class_name`, `layer`, `head`, `mf` (NaN: not measured, see above),
+`p_base`, `p_src`, `p_patched` (the perplexities P above), `method`, `task`, `positions`,
+`target` (the answer text scored), `target_source` ("src_greedy" or "gt": the source's greedy
+answer is used when it is correct, else the ground truth).
 """
 
 from __future__ import annotations
@@ -25,7 +37,7 @@ from typing import Any, Literal
 
 import pandas as pd
 import torch
-from jaxtyping import Float
+from jaxtyping import Bool, Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -64,7 +76,10 @@ def head_mediation(
     (template tokens masked out, as the paper does), the first answer token ("Yes") for binary.
     `positions`: "prompt" patches the text after the image up to the answer (the paper's
     setting), "answer" the teacher-forced answer tokens, or both. Pairs whose source and base
-    perplexities differ by less than `min_effect` (relative) get NaN (see `mediation_fraction`).
+    perplexities differ by less than `min_effect` (relative) get NaN (see `mediation_fraction`),
+    and so do heads whose patch cannot reach a scored token (the last layer's with "prompt" for
+    localization; see the module docstring). A choice of positions no head can reach (binary
+    with "answer": its one scored token is predicted before the answer) is an error.
     `frame`: the box frame of the localization target and of scoring the source's greedy answer
     (None: `default_frame(model)`, as in `evaluate`); `max_new_tokens` bounds that greedy answer.
     """
@@ -89,15 +104,21 @@ def head_mediation(
         base = model.prepare(sample.removed_image, prompt, answers=answer)
         mask = _scored_mask(model, base, task)
         patched_positions = _positions(base, positions)
+        unreached = unreachable_layers(model.cfg.n_layers, patched_positions, mask)
+        if unreached.all():
+            raise ValueError(f"with positions={positions!r} no head's patch reaches a scored token of the answer {answer!r}")
         nll_base, nll_src = (_nll(model, inputs, mask) for inputs in (base, source))
         metric = answer_nll_metric(base, token_mask=mask)
         if method == "exact":
-            nll_patched = head_patching_sweep(model, base, source, metric, patched_positions, batch_size=batch_size)
+            heads = [(layer, head) for layer in torch.nonzero(~unreached).flatten().tolist() for head in range(model.cfg.n_heads)]
+            nll_patched = head_patching_sweep(model, base, source, metric, patched_positions, heads=heads, batch_size=batch_size)
         else:
             scores = head_attribution(model, base, source, metric, patched_positions, towers=("language",))
-            nll_patched = nll_base + scores["language"]
+            nll_patched = nll_base + scores["language"].double()
+        nll_patched[unreached] = nll_base.double()  # the patch cannot change the score
         p_base, p_src, p_patched = nll_base.exp(), nll_src.exp(), nll_patched.exp()
         mf = mediation_fraction(p_base, p_patched, p_src, min_effect=min_effect)
+        mf[unreached] = float("nan")  # not measured: 0 by construction says nothing about the head
         for layer in range(model.cfg.n_layers):
             for head in range(model.cfg.n_heads):
                 rows.append(
@@ -110,24 +131,41 @@ def head_mediation(
 
 
 def mediation_map(results: pd.DataFrame) -> Float[Tensor, "layer head"]:
-    """Mean MF per head over pairs (NaN pairs dropped): the paper's layer x head heat-map."""
-    table = results.groupby(["layer", "head"])["mf"].mean().unstack("head")
+    """Mean MF per head over the pairs where it was measured (NaN rows skipped): the paper's
+    layer x head heat-map. A head NaN in every pair (e.g. the last layer's with
+    positions="prompt") stays NaN: not measured, which is not MF 0."""
+    table = results.groupby(["layer", "head"])["mf"].mean().unstack("head")  # pandas' mean skips NaN
     return torch.tensor(table.to_numpy(), dtype=torch.float32)
 
 
 def rank_heads(values: Float[Tensor, "layer head"], k: int | None = None, *, by: Literal["top", "least_abs"] = "top") -> list[tuple[int, int]]:
-    """Heads ordered by value, largest first ("top": the paper ranks by mean MF, so strongly
-    negative heads are not critical), or by |value|, smallest first ("least_abs": the
-    low-importance control of the cumulative ablation). NaN heads come last; `k` keeps the first k."""
-    values = torch.as_tensor(values, dtype=torch.float64)
-    key = values if by == "top" else -values.abs()
+    """Measured heads ordered by value, largest first ("top": the paper ranks by mean MF, so
+    strongly negative heads are not critical), or by |value|, smallest first ("least_abs": the
+    low-importance control of the cumulative ablation). NaN heads (not measured) are left out,
+    so they are never ranked top nor least important, and the list may be shorter than the
+    number of heads; `k` keeps the first k."""
     if by not in ("top", "least_abs"):
         raise ValueError(f"unknown ranking {by!r} (expected 'top' or 'least_abs')")
-    key = torch.where(torch.isnan(key), torch.tensor(-torch.inf, dtype=key.dtype), key)
-    order = torch.argsort(key.flatten(), descending=True, stable=True)
+    values = torch.as_tensor(values, dtype=torch.float64)
+    key = (values if by == "top" else -values.abs()).flatten()
+    order = torch.argsort(key, descending=True, stable=True)
     n_heads = values.shape[1]
-    ranked = [(int(i) // n_heads, int(i) % n_heads) for i in order]
+    ranked = [(int(i) // n_heads, int(i) % n_heads) for i in order if not torch.isnan(key[i])]
     return ranked if k is None else ranked[:k]
+
+
+def unreachable_layers(n_layers: int, positions: Tensor, scored: Bool[Tensor, "1 pos"]) -> Bool[Tensor, "layer"]:
+    """Layers whose heads, patched at `positions`, cannot change any `scored` token's NLL.
+
+    Token t is scored from the logits at t - 1. A head's output at p reaches, through the
+    attention of any later layer, every position from p on; from the last layer only p itself.
+    So a layer before the last is unreachable only if every scored token is predicted before
+    the first patched position, and the last layer also if no patched position predicts one."""
+    predicted_at = torch.nonzero(scored[0]).flatten() - 1
+    positions = torch.as_tensor(positions).flatten()
+    unreached = torch.full((n_layers,), bool((predicted_at < int(positions.min())).all()))
+    unreached[-1] = not bool(torch.isin(predicted_at, positions).any())
+    return unreached
 
 
 def _target_answer(

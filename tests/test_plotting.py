@@ -1,6 +1,7 @@
 """Plotting: every function returns a Figure with the expected panels, token cells are drawn at
-the layout's pixel boxes (LLaVA pad and crop, InternVL tiles and thumbnail), NaN cells stay blank,
-and save_figure never leaves a partial file."""
+the layout's pixel boxes (LLaVA pad and crop, InternVL tiles and thumbnail), NaN cells stay blank
+(hatched grey in head maps, where blank would read as 0), and save_figure never leaves a partial
+file."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from hooked_vlm import HookedVLM
+from hooked_vlm.plotting.charts import NOT_MEASURED, NOT_MEASURED_NOTE
 from hooked_vlm.plotting import (
     attention_to_image,
     head_heatmap,
@@ -72,11 +74,25 @@ def test_head_heatmap_centres_signed_values_at_zero_with_a_diverging_map():
     assert (unsigned.norm.vmin, unsigned.norm.vmax) == (0.0, 0.9)
 
 
-def test_head_heatmap_leaves_nan_cells_blank():
+def test_head_heatmap_draws_unmeasured_heads_hatched_grey_not_as_zero():
+    """On the diverging map 0 is white; a NaN head (not measured) is an opaque grey cell under
+    hatching, and the axis says so."""
     values = np.array([[0.5, np.nan], [np.nan, -0.5]])
-    image = head_heatmap(values).axes[0].images[0]
-    alpha = image.to_rgba(image.get_array())[..., 3]
-    np.testing.assert_array_equal(alpha, [[1, 0], [0, 1]])
+    ax = head_heatmap(values).axes[0]
+    image = ax.images[0]
+    np.testing.assert_array_equal(np.ma.getmaskarray(image.get_array()), [[False, True], [True, False]])
+    colours = image.to_rgba(image.get_array())
+    grey, zero = colours[0, 1], image.cmap(image.norm(0.0))
+    assert tuple(grey) == tuple(colours[1, 0]) == NOT_MEASURED == tuple(image.cmap.get_bad()) and grey[3] == 1
+    assert np.abs(np.array(grey[:3]) - np.array(zero[:3])).max() > 0.05  # distinguishable from MF 0
+    hatched = [p for p in ax.patches if p.get_gid() == "not-measured"]
+    assert sorted((p.get_x() + 0.5, p.get_y() + 0.5) for p in hatched) == [(0, 1), (1, 0)]  # (head, layer)
+    assert all(p.get_hatch() for p in hatched) and NOT_MEASURED_NOTE in ax.get_xlabel()
+
+
+def test_head_heatmap_without_nan_has_no_not_measured_note():
+    ax = head_heatmap(np.array([[0.5, 0.0], [0.1, -0.5]])).axes[0]
+    assert ax.get_xlabel() == "head" and not [p for p in ax.patches if p.get_gid() == "not-measured"]
 
 
 def test_head_heatmap_marks_and_labels_the_top_k_heads():

@@ -5,7 +5,8 @@ Every function builds and returns a `matplotlib.figure.Figure` (created with `Fi
 thousands of figures, and in notebooks, which display a returned Figure). `save_figure` writes
 one to disk atomically.
 
-- `head_heatmap`: layer x head maps such as mean mediation fractions (§1.9).
+- `head_heatmap`: layer x head maps such as mean mediation fractions (§1.9); heads not
+  measured (NaN) are hatched grey, not drawn as 0.
 - `layer_curves`: accuracy per layer or layer group, one line per condition, sd or 95% CI
   bands, baselines, section boundaries (position decoding §1.7, knockout §1.8, cumulative head
   ablation §1.10).

@@ -23,6 +23,10 @@ from torch import Tensor
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence[float]]
 BLANK = (0.0, 0.0, 0.0, 0.0)  # colour of NaN cells: fully transparent, the axes background shows
+# NaN heads of a head map: light grey under grey hatching, since a blank (white) cell would read
+# as 0 on the diverging map, and a head that was not measured is not a head with MF 0
+NOT_MEASURED = (0.86, 0.86, 0.86, 1.0)
+NOT_MEASURED_NOTE = "hatched: not measured (NaN)"
 
 
 # ----------------------------------------------------------------------------- saving
@@ -61,14 +65,18 @@ def head_heatmap(
 
     Signed values (`signed=None`: any negative value) get a diverging colormap centred at 0 with
     a symmetric range, so a head's sign reads off its colour; otherwise a sequential one. NaN
-    cells (heads not measured) are left blank. `annotate_top=k` outlines the k largest heads and
-    labels them `L{layer}H{head}`."""
+    cells (heads not measured, e.g. the last layer's MF at the prompt positions) are grey and
+    hatched, with a note under the axis, so they do not read as 0. `annotate_top=k` outlines
+    the k largest heads and labels them `L{layer}H{head}`."""
     data = _as_matrix(values, "values")
     finite = np.isfinite(data)
     signed = bool((data[finite] < 0).any()) if signed is None else signed
     fig, ax = _figure_and_axes(ax, figsize=(max(0.18 * data.shape[1] + 2.5, 5.0), max(0.16 * data.shape[0] + 1.5, 3.0)))
-    image = _show_matrix(ax, data, cmap or ("RdBu_r" if signed else "viridis"), _value_norm(data, signed))
-    ax.set_xlabel("head")
+    image = _show_matrix(ax, data, cmap or ("RdBu_r" if signed else "viridis"), _value_norm(data, signed), bad=NOT_MEASURED)
+    for layer, head in np.argwhere(~finite):
+        ax.add_patch(Rectangle((head - 0.5, layer - 0.5), 1, 1, fill=False, hatch="///", edgecolor="0.55", linewidth=0,
+                               gid="not-measured"))  # fmt: skip
+    ax.set_xlabel("head" if finite.all() else f"head\n{NOT_MEASURED_NOTE}")
     ax.set_ylabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
@@ -280,8 +288,8 @@ def _value_norm(data: np.ndarray, signed: bool) -> Normalize:
     return Normalize(float(finite.min()), float(finite.max()))
 
 
-def _show_matrix(ax: Axes, data: np.ndarray, cmap: str | Colormap, norm: Normalize):
-    """imshow with NaN cells transparent."""
-    colormap = (colormaps[cmap] if isinstance(cmap, str) else cmap).with_extremes(bad=BLANK)
+def _show_matrix(ax: Axes, data: np.ndarray, cmap: str | Colormap, norm: Normalize, bad: tuple = BLANK):
+    """imshow with NaN cells masked, drawn in `bad` (default: transparent)."""
+    colormap = (colormaps[cmap] if isinstance(cmap, str) else cmap).with_extremes(bad=bad)
     return ax.imshow(np.ma.masked_invalid(data), cmap=colormap, norm=norm, aspect="auto", interpolation="nearest")
 

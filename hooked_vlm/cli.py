@@ -232,20 +232,29 @@ def _run_cumulative(model, data, args):
 def _head_ranking(model, data, args) -> tuple[str, torch.Tensor]:
     """(name, mean MF per head): read from `--ranking` (a `head-mediation` output folder, its
     results.csv or its summary.csv), or computed by head mediation on the same samples (written
-    to mediation.csv)."""
+    to mediation.csv). Heads without an MF (NaN, an empty cell of summary.csv: not measured, e.g.
+    the last layer's at the prompt positions) stay NaN, and the ranking leaves them out; a note
+    says how many."""
     from hooked_vlm.experiments import head_mediation, mediation_map
 
     if args.ranking:
         path = Path(args.ranking)
         table = pd.read_csv(path / "results.csv" if path.is_dir() else path)
         if "mf" in table:
-            return str(table["task"].iloc[0]), mediation_map(table)
-        return "mediation", torch.tensor(table.set_index("layer").to_numpy(dtype=float), dtype=torch.float32)
-    task = "localization" if args.task == "localization" else "binary"
-    table = head_mediation(model, data, task=task, method=args.method, target=args.target,
-                           batch_size=args.batch_size, limit=args.limit)  # fmt: skip
-    table.to_csv(Path(args.out) / "mediation.csv", index=False)
-    return task, mediation_map(table)
+            name, scores = str(table["task"].iloc[0]), mediation_map(table)
+        else:
+            name, scores = "mediation", torch.tensor(table.set_index("layer").to_numpy(dtype=float), dtype=torch.float32)
+    else:
+        name = "localization" if args.task == "localization" else "binary"
+        table = head_mediation(model, data, task=name, method=args.method, target=args.target,
+                               batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+        table.to_csv(Path(args.out) / "mediation.csv", index=False)
+        scores = mediation_map(table)
+    unmeasured = int(scores.isnan().sum())
+    if unmeasured:
+        print(f"note: {unmeasured} of {scores.numel()} heads have no MF (not measured); neither the ranking nor the "
+              "low-importance control removes them")  # fmt: skip
+    return name, scores
 
 
 def _run_probe(model, data, args):
@@ -467,7 +476,9 @@ DESCRIPTIONS = {
     "cumulative-head-ablation": "Heads are ranked by mean mediation fraction (localization MF for --task localization, "
     "yes/no MF for list and binary): read from --ranking, or computed by head mediation (--method, --target) on the "
     "same samples and written to mediation.csv; a ranking measured on the evaluated samples themselves is optimistic. "
-    "The low-importance control removes the heads of smallest |MF|. summary.csv adds each ranking's normalised AUC.",
+    "The low-importance control removes the heads of smallest |MF|. Heads without an MF (not measured: with the "
+    "paper's prompt positions, the last layer's for localization) are never removed. summary.csv adds each "
+    "ranking's normalised AUC.",
     "position-probe": "--limit caps the samples read. Synthetic data: the probes train on them and are scored on a "
     "quarter as many images of another split. COCO: a seeded fifth of their images is held out for scoring.",
     "attention-knockout": "Windows: contiguous groups of --group-size layers, and 'all'.",

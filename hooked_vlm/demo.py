@@ -109,7 +109,9 @@ def run_demo(
     mf = mediation_map(mediation)
     report["head_mediation"] = {
         "pairs": n_pairs,
+        "shape": list(mf.shape),  # [layers, heads]
         "top_heads": [{"layer": l, "head": h, "mean_mf": round(float(mf[l, h]), 3)} for l, h in rank_heads(mf, 5)],
+        "not_measured": [{"layer": int(l), "head": int(h)} for l, h in mf.isnan().nonzero().tolist()],
     }
     figure = plotting.head_heatmap(mf, title="Mean mediation fraction per head\n(localization)", annotate_top=5)
     figures["head_mediation"] = _save(plotting, figure, out / "head_mediation.png")
@@ -149,13 +151,31 @@ def render_report(report: dict[str, Any]) -> str:
         "![knockout](attention_knockout.png)",
         "",
         "## Head mediation (mean MF over pairs)",
-        "Each head patched at the prompt positions after the image. A last-layer head's output there reaches only "
-        "those positions' logits, not the answer's digits: its MF is 0 by construction.",
+        "Each head patched at the prompt positions after the image. " + _not_measured_text(report["head_mediation"]),
+        "Top heads:",
         *[f"- L{h['layer']}H{h['head']}: {h['mean_mf']:.3f}" for h in report["head_mediation"]["top_heads"]],
         "![mediation](head_mediation.png)",
         "",
     ]
     return "\n".join(lines)
+
+
+def _not_measured_text(mediation: dict[str, Any]) -> str:
+    """Which heads have no MF, and why: the last layer's cannot reach the scored digits from the
+    prompt positions (see `head_mediation`); any other NaN head had no pair with an effect."""
+    heads, (n_layers, n_heads) = mediation["not_measured"], mediation["shape"]
+    if not heads:
+        return "Every head was measured."
+    last = [h for h in heads if h["layer"] == n_layers - 1]
+    text = ""
+    if len(last) == n_heads:
+        text = (f"The {n_heads} heads of the last layer (L{n_layers - 1}) are not measured: a last-layer head's output at "
+                "those positions reaches only their own logits, never the answer's digits, so patching it cannot change "
+                "the score. ")  # fmt: skip
+    others = len(heads) - (len(last) if text else 0)
+    if others:
+        text += f"{others} heads are not measured on any pair (no pair's source and base perplexities differ enough). "
+    return text + "Unmeasured heads have no MF (NaN, hatched in the map) and are not ranked."
 
 
 def _as_written(tokenizer, tokens) -> str:

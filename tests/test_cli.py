@@ -43,6 +43,19 @@ def test_demo_writes_a_report_and_figures(demo_run):
     assert len(pd.read_csv(out / "head_mediation.csv")) > 0
 
 
+def test_demo_reports_the_last_layers_heads_as_not_measured(demo_run):
+    """Patched at the prompt positions, the last layer cannot reach the answer's digits: the
+    report lists its heads as not measured (not MF 0) and never among the top heads."""
+    out, _ = demo_run
+    mediation = json.loads((out / "report.json").read_text())["head_mediation"]
+    n_layers, n_heads = mediation["shape"]
+    assert mediation["not_measured"] == [{"layer": n_layers - 1, "head": h} for h in range(n_heads)]
+    assert all(h["layer"] < n_layers - 1 for h in mediation["top_heads"])
+    report = (out / "report.md").read_text()
+    assert f"The {n_heads} heads of the last layer (L{n_layers - 1}) are not measured" in report
+    assert "0 by construction" not in report
+
+
 def test_demo_ablates_with_a_mean_of_held_out_images_without_warning(demo_run):
     out, caught = demo_run
     assert json.loads((out / "report.json").read_text())["mean_embedding"]["split"] == "mean"
@@ -217,6 +230,17 @@ def test_cumulative_head_ablation_ranks_heads_by_a_saved_mediation_map(monkeypat
     argv = ["cumulative-head-ablation", "--model", "toy-llava", "--out", str(tmp_path / "out"), "--ranking", str(tmp_path / "summary.csv")]
     (_, _, rankings), kwargs = captured_call(argv)
     assert torch.equal(rankings["mediation"], mf) and kwargs["low_importance_from"] == "mediation"
+
+
+def test_cumulative_head_ablation_reads_unmeasured_heads_as_nan_and_says_so(monkeypatch, tmp_path, capsys):
+    mf = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    mf[3] = float("nan")  # the last layer at the prompt positions: empty cells in summary.csv
+    pd.DataFrame(mf.numpy()).rename_axis("layer").to_csv(tmp_path / "summary.csv")
+    capture(monkeypatch, "cumulative_head_ablation")
+    argv = ["cumulative-head-ablation", "--model", "toy-llava", "--out", str(tmp_path / "out"), "--ranking", str(tmp_path / "summary.csv")]
+    (_, _, rankings), _ = captured_call(argv)
+    assert torch.equal(rankings["mediation"].isnan(), mf.isnan()) and torch.equal(rankings["mediation"][:3], mf[:3])
+    assert "note: 4 of 16 heads have no MF (not measured)" in capsys.readouterr().out
 
 
 def test_cumulative_head_ablation_without_a_ranking_runs_head_mediation_first(tiny_checkpoint, tmp_path):

@@ -110,7 +110,9 @@ def _parity(args) -> int:
     return 0 if report.ok else 1
 
 
-def _experiment(fn: Callable[[Any, Any, argparse.Namespace], pd.DataFrame], summarise: Callable, figure: Callable):
+def _experiment(fn: Callable[[Any, Any, argparse.Namespace], pd.DataFrame], summarise: Callable, figure: str):
+    """A command: run `fn`, write results.csv, `summarise` it to summary.csv, draw `plotting.<figure>`."""
+
     def run(args) -> None:
         from hooked_vlm import plotting
         from hooked_vlm.model import HookedVLM
@@ -123,7 +125,7 @@ def _experiment(fn: Callable[[Any, Any, argparse.Namespace], pd.DataFrame], summ
         summary = summarise(results)
         summary.to_csv(out / "summary.csv")
         print(summary.to_string())
-        plotting.save_figure(figure(results, summary), out / "figure.png")
+        plotting.save_figure(getattr(plotting, figure)(results), out / "figure.png")
         print(f"written to {out.resolve()}")
 
     return run
@@ -146,10 +148,6 @@ def _by_condition(results: pd.DataFrame) -> pd.DataFrame:
     from hooked_vlm.experiments import summarize
 
     return summarize(results)
-
-
-def _metric(results: pd.DataFrame) -> str:
-    return "loc_score" if "loc_score" in results else "correct"
 
 
 def _run_evaluate(model, data, args):
@@ -283,101 +281,11 @@ def _probe_split(items: list, seed: int) -> tuple[list, list]:
     return images[n_test:], images[:n_test]
 
 
-# ---------------------------------------------------------------------------------- summaries and figures
-def _curves(frame: pd.DataFrame, *, x: str, line: str, y: str, baseline: float | dict | None = None, **labels):
-    """`layer_curves` of per-item rows: mean and 95% CI band per (line, x), the score axis 0..1. A
-    line drawn at one x only gets an error bar, since a band there has no width."""
-    from hooked_vlm import plotting
-
-    fig = plotting.layer_curves(frame, x=x, y=y, condition=line, band="ci95", baseline=baseline,
-                                ylabel=f"{y} (mean, 95% CI over items)", **labels)  # fmt: skip
-    ax = fig.axes[0]
-    colours = {drawn.get_label(): drawn.get_color() for drawn in ax.get_lines()}
-    numeric = pd.api.types.is_numeric_dtype(frame[x])
-    position = {v: float(v) if numeric else float(i) for i, v in enumerate(pd.unique(frame[x]))}  # as layer_curves
-    for name, rows in frame.groupby(line, sort=False):
-        values = rows[y].astype(float)
-        if rows[x].nunique() == 1 and len(values) > 1:
-            half = 1.96 * values.std() / len(values) ** 0.5
-            ax.errorbar(position[rows[x].iloc[0]], values.mean(), yerr=half, color=colours[str(name)], capsize=3)
-    ax.set_ylim(-0.03, 1.03)
-    if not numeric:
-        ax.margins(x=0.08)
-        ax.tick_params(axis="x", labelrotation=30 if len(position) > 4 else 0)
-    return fig
-
-
-def _unablated(results: pd.DataFrame, column: str) -> float:
-    return float(results.loc[results[column] == "baseline", _metric(results)].astype(float).mean())
-
-
-def _evaluate_figure(results, summary):
-    y = _metric(results)
-    kinds = {"original": "object present", "removed": "object removed"}  # binary asks about both images
-    rows = results.assign(line=results["image"].map(kinds) if "image" in results else results["task"]).sort_values("class_name")
-    return _curves(rows, x="class_name", line="line", y=y, baseline={"all classes": results[y].astype(float).mean()},
-                   title=f"{results['task'].iloc[0]}: score per class", xlabel="class")  # fmt: skip
-
-
-def _token_ablation_figure(results, summary):
-    ablated = results[results.strategy != "baseline"].copy()
-    ablated["ablated"] = [
-        f"object{p:+d}" if s == "object" else f"{s} {100 * f:g}%" if s in ("random", "ig") else s
-        for s, p, f in zip(ablated["strategy"], ablated["padding"], ablated["fraction"])
-    ]  # seeds pooled
-    return _curves(ablated, x="ablated", line="strategy", y=_metric(results), baseline=_unablated(results, "strategy"),
-                   title=f"Token ablation ({results['fill'].iloc[0]} fill; seeds pooled)", xlabel="tokens ablated")  # fmt: skip
-
-
-def _token_shuffle_figure(results, summary):
-    return _curves(results[results["mode"] != "baseline"], x="mode", line="mode", y=_metric(results),
-                   baseline=_unablated(results, "mode"), title="Token shuffle (seeds pooled)", xlabel="tokens shuffled")  # fmt: skip
-
-
-def _extension_figure(results, summary):
-    from hooked_vlm import plotting
-
-    return plotting.matrix_plot(results, row="padding", col="gt_scale", value="loc_score", fmt="{:.2f}",
-                                title="Object extension: padding p x GT scale s")  # fmt: skip
-
-
-def _knockout_figure(results, summary):
-    """One line per target and padding (seeds pooled); with several window sizes, one per size,
-    each ending at "all". The unablated score is the dashed baseline."""
-    knocked = results[results.target != "baseline"].copy()
-    knocked["line"] = [f"{t}{p:+d}" for t, p in zip(knocked["target"], knocked["padding"])]
-    whole = knocked.layers == "all"
-    sizes = sorted(set(knocked.loc[~whole, "group_size"]))
-    if len(sizes) > 1:
-        parts = [knocked[~whole & (knocked.group_size == s)].assign(size=s) for s in sizes]
-        knocked = pd.concat(parts + [knocked[whole].assign(size=s) for s in sizes])
-        knocked["line"] += [f", {s}-layer windows" for s in knocked["size"]]
-    return _curves(knocked, x="layers", line="line", y=_metric(results), baseline=_unablated(results, "target"),
-                   title="Attention knockout (text after the image -> object)", xlabel="layers knocked out")  # fmt: skip
-
-
+# ---------------------------------------------------------------------------------- summaries
 def _mediation_summary(results: pd.DataFrame) -> pd.DataFrame:
     from hooked_vlm.experiments import mediation_map
 
     return pd.DataFrame(mediation_map(results).numpy()).rename_axis("layer")
-
-
-def _mediation_figure(results, summary):
-    from hooked_vlm import plotting
-
-    mf = torch.tensor(summary.to_numpy())
-    return plotting.head_heatmap(mf, title="Mean mediation fraction", annotate_top=_notable_heads(mf))
-
-
-def _notable_heads(mf: torch.Tensor, k: int = 5, share: float = 0.1) -> int:
-    """How many of the top `k` heads carry at least `share` of the largest mean MF (none if no
-    head is positive): labels on heads with MF ~1e-8 would read as findings."""
-    from hooked_vlm import plotting
-
-    top = float(torch.nan_to_num(mf, nan=-torch.inf).max())
-    if not top > 0:
-        return 0
-    return sum(float(mf[layer, head]) >= share * top for layer, head in plotting.top_heads(mf, k))
 
 
 def _cumulative_summary(results: pd.DataFrame) -> pd.DataFrame:
@@ -390,21 +298,8 @@ def _cumulative_summary(results: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def _cumulative_figure(results, summary):
-    return _curves(results, x="fraction", line="ranking", y=_metric(results), title="Cumulative head ablation",
-                   xlabel="fraction of heads removed")
-
-
 def _probe_summary(results: pd.DataFrame) -> pd.DataFrame:
     return results.groupby(["section", "layer"], sort=False)["accuracy"].mean().to_frame()
-
-
-def _probe_figure(results, summary):
-    from hooked_vlm import plotting
-
-    frame = summary.reset_index()
-    frame["site"] = frame["section"] + " " + frame["layer"].astype(str)
-    return plotting.layer_curves(frame.assign(condition="row/col mean"), x="site", y="accuracy", xlabel="layer")
 
 
 # ---------------------------------------------------------------------------------- options
@@ -463,14 +358,14 @@ def _extras_probe(p):
 
 
 EXPERIMENTS: dict[str, tuple[Callable, str, Callable]] = {
-    "evaluate": (_experiment(_run_evaluate, _by_condition, _evaluate_figure), "localization / list / yes-no classification accuracy", lambda p: _task(p, ("localization", "list", "binary"))),
-    "token-ablation": (_experiment(_run_token_ablation, _by_condition, _token_ablation_figure), "ablate object, random, register or IG tokens", _extras_token_ablation),
-    "token-shuffle": (_experiment(_run_token_shuffle, _by_condition, _token_shuffle_figure), "shuffle image tokens (all, or the object's)", _extras_shuffle),
-    "object-extension": (_experiment(_run_object_extension, _by_condition, _extension_figure), "extend objects with copies of their tokens", _extras_extension),
-    "attention-knockout": (_experiment(_run_knockout, _by_condition, _knockout_figure), "block attention to the object by layer group", _extras_knockout),
-    "head-mediation": (_experiment(_run_mediation, _mediation_summary, _mediation_figure), "mediation fraction of every head", _extras_mediation),
-    "cumulative-head-ablation": (_experiment(_run_cumulative, _cumulative_summary, _cumulative_figure), "accuracy as the top-ranked heads are removed", _extras_cumulative),
-    "position-probe": (_experiment(_run_probe, _probe_summary, _probe_figure), "linear row/column probes per layer", _extras_probe),
+    "evaluate": (_experiment(_run_evaluate, _by_condition, "evaluate_figure"), "localization / list / yes-no classification accuracy", lambda p: _task(p, ("localization", "list", "binary"))),
+    "token-ablation": (_experiment(_run_token_ablation, _by_condition, "token_ablation_figure"), "ablate object, random, register or IG tokens", _extras_token_ablation),
+    "token-shuffle": (_experiment(_run_token_shuffle, _by_condition, "token_shuffle_figure"), "shuffle image tokens (all, or the object's)", _extras_shuffle),
+    "object-extension": (_experiment(_run_object_extension, _by_condition, "object_extension_figure"), "extend objects with copies of their tokens", _extras_extension),
+    "attention-knockout": (_experiment(_run_knockout, _by_condition, "attention_knockout_figure"), "block attention to the object by layer group", _extras_knockout),
+    "head-mediation": (_experiment(_run_mediation, _mediation_summary, "head_mediation_figure"), "mediation fraction of every head", _extras_mediation),
+    "cumulative-head-ablation": (_experiment(_run_cumulative, _cumulative_summary, "cumulative_head_ablation_figure"), "accuracy as the top-ranked heads are removed", _extras_cumulative),
+    "position-probe": (_experiment(_run_probe, _probe_summary, "position_probe_figure"), "linear row/column probes per layer", _extras_probe),
 }  # fmt: skip
 DESCRIPTIONS = {
     "cumulative-head-ablation": "Heads are ranked by mean mediation fraction (localization MF for --task localization, "

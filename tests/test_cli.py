@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from hooked_vlm import experiments
 from hooked_vlm import interventions as iv
-from hooked_vlm.cli import EXPERIMENTS, _knockout_figure, _mediation_figure, main, parser
+from hooked_vlm.cli import EXPERIMENTS, main, parser
 from hooked_vlm.demo import _as_written
 from hooked_vlm.model import HookedVLM
 from hooked_vlm.toy_models import toy_model_path
@@ -196,31 +196,6 @@ def test_knockout_on_a_shallow_model_knocks_out_single_layers_and_all(monkeypatc
     _, kwargs = captured_call(["attention-knockout", "--model", "toy-llava", "--out", str(tmp_path)])
     assert kwargs["group_size"] == [1, "all"]
     assert "the model has 4 layers" in capsys.readouterr().out
-
-
-def test_knockout_figure_draws_each_target_and_padding_and_the_unablated_baseline():
-    rows = [{"target": "baseline", "layers": None, "group_size": None, "padding": None, "loc_score": 0.9}]
-    for layers in ("0", "1", "all"):
-        for target in ("object", "random"):
-            for padding in (0, 1):
-                score = 0.0 if padding else (0.3 if target == "object" else 0.6)
-                rows.append({"target": target, "layers": layers, "group_size": 1, "padding": padding, "loc_score": score})
-    results = pd.DataFrame(rows).astype({"padding": "Int64", "group_size": "Int64"})
-    axes = _knockout_figure(results, None).axes[0]
-    lines = {line.get_label(): line for line in axes.get_lines()}
-    assert {"object+0", "object+1", "random+0", "random+1"} <= set(lines)
-    assert list(lines["random+0"].get_ydata()) == [0.6, 0.6, 0.6]
-    assert [line.get_ydata()[0] for line in axes.get_lines() if line.get_gid() == "baseline"] == [0.9]
-
-
-def _annotated_heads(mf: list[list[float]]) -> int:
-    figure = _mediation_figure(None, pd.DataFrame(mf))
-    return sum(patch.get_gid() == "top-head" for patch in figure.axes[0].patches)
-
-
-def test_head_map_labels_only_heads_with_a_share_of_the_largest_mediation():
-    assert _annotated_heads([[0.4, 4e-8, 3e-8, 0.0], [0.1, -0.2, 2e-8, 1e-8]]) == 2
-    assert _annotated_heads([[-0.1, -1e-8], [0.0, -0.3]]) == 0
 
 
 def test_cumulative_head_ablation_ranks_heads_by_a_saved_mediation_map(monkeypatch, tmp_path):

@@ -20,8 +20,10 @@ from PIL import Image
 from hooked_vlm import HookedVLM
 from hooked_vlm.plotting.charts import NOT_MEASURED, NOT_MEASURED_NOTE
 from hooked_vlm.plotting import (
+    attention_knockout_figure,
     attention_to_image,
     head_heatmap,
+    head_mediation_figure,
     layer_curves,
     matrix_plot,
     save_figure,
@@ -323,6 +325,33 @@ def test_attention_to_image_names_what_is_out_of_range(llava, photos, where, mes
         attention_to_image(cache, layout, **args)
 
 
+# ----------------------------------------------------------------------------- experiment figures
+def test_knockout_figure_draws_each_target_and_padding_and_the_unablated_baseline():
+    rows = [{"target": "baseline", "layers": None, "group_size": None, "padding": None, "loc_score": 0.9}]
+    for layers in ("0", "1", "all"):
+        for target in ("object", "random"):
+            for padding in (0, 1):
+                score = 0.0 if padding else (0.3 if target == "object" else 0.6)
+                rows.append({"target": target, "layers": layers, "group_size": 1, "padding": padding, "loc_score": score})
+    results = pd.DataFrame(rows).astype({"padding": "Int64", "group_size": "Int64"})
+    axes = attention_knockout_figure(results).axes[0]
+    lines = {line.get_label(): line for line in axes.get_lines()}
+    assert {"object+0", "object+1", "random+0", "random+1"} <= set(lines)
+    assert list(lines["random+0"].get_ydata()) == [0.6, 0.6, 0.6]
+    assert [line.get_ydata()[0] for line in axes.get_lines() if line.get_gid() == "baseline"] == [0.9]
+
+
+def _annotated_heads(mf: list[list[float]]) -> int:
+    rows = [{"pair_id": 0, "layer": layer, "head": head, "mf": value} for layer, values in enumerate(mf) for head, value in enumerate(values)]
+    figure = head_mediation_figure(pd.DataFrame(rows))
+    return sum(patch.get_gid() == "top-head" for patch in figure.axes[0].patches)
+
+
+def test_head_map_labels_only_heads_with_a_share_of_the_largest_mediation():
+    assert _annotated_heads([[0.4, 4e-8, 3e-8, 0.0], [0.1, -0.2, 2e-8, 1e-8]]) == 2
+    assert _annotated_heads([[-0.1, -1e-8], [0.0, -0.3]]) == 0
+
+
 # ----------------------------------------------------------------------------- save_figure
 def test_save_figure_writes_a_png_and_no_temporary_file(tmp_path):
     path = save_figure(head_heatmap(np.random.rand(3, 4)), tmp_path / "new" / "dir" / "mf.png")
@@ -355,3 +384,29 @@ def test_figures_are_not_registered_with_pyplot():
     head_heatmap(np.ones((2, 2)))
     matrix_plot(pd.DataFrame({"p": [0, 1], "s": [0, 1], "accuracy": [1.0, 2.0]}), "p", "s", "accuracy")
     assert plt.get_fignums() == before  # nothing for pyplot to leak or show
+
+
+@pytest.mark.parametrize("family", ["toy-llava"])
+def test_every_experiment_figure_draws_from_its_table(family):
+    """Each `*_figure` draws the table its experiment returns (the CLI saves them as figure.png)."""
+    from hooked_vlm import plotting
+    from hooked_vlm.experiments import (attention_knockout, cumulative_head_ablation, evaluate, head_mediation, mediation_map,
+                                        object_extension, position_probe, token_ablation, token_shuffle)  # fmt: skip
+    from hooked_vlm.toy_models import toy_dataset
+
+    model = HookedVLM.from_pretrained(family)
+    data, pairs = toy_dataset(family, 4), toy_dataset(family, 3, split="pairs")
+    mediation = head_mediation(model, pairs, progress=False)
+    tables = {
+        "evaluate_figure": evaluate(model, data, "localization", progress=False),
+        "token_ablation_figure": token_ablation(model, data, strategies=("object", "random"), paddings=(0,), fractions=(0.1,), seeds=(0,), fill="zero", progress=False),
+        "token_shuffle_figure": token_shuffle(model, data, seeds=(0,), progress=False),
+        "object_extension_figure": object_extension(model, data, paddings=(1,), gt_scales=(0, 1), seeds=(0,), progress=False),
+        "attention_knockout_figure": attention_knockout(model, data, group_size=(2, "all"), paddings=(0,), seeds=(0,), progress=False),
+        "head_mediation_figure": mediation,
+        "cumulative_head_ablation_figure": cumulative_head_ablation(model, data, {"mf": mediation_map(mediation)}, fractions=(0, 0.25), progress=False),
+        "position_probe_figure": position_probe(model, data, toy_dataset(family, 2, split="probe"), epochs=2, progress=False),
+    }
+    for name, table in tables.items():
+        figure = getattr(plotting, name)(table)
+        assert isinstance(figure, Figure) and figure.axes and figure.axes[0].has_data(), name

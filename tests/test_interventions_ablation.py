@@ -3,6 +3,7 @@ generated token, and mean vectors round-trip through a file that refuses the wro
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from hf_reference import assert_close, assert_same_generation, generate_without_cache, hf_inputs_embeds, hf_logits, load_hf
@@ -89,6 +90,9 @@ def test_noise_of_a_sample_is_the_same_alone_or_in_any_batch(setup, photos):
     assert not torch.equal(in_batch, noise(alone, [8], 0))
     with pytest.raises(ValueError, match="2 noise seeds given for a token set of 3 batch rows"):
         iv.token_ablation(model, iv.image_tokens(batch), "noise", seed=[1, 2], inputs=batch)
+    assert torch.equal(in_batch, noise(batch, np.array([11, 12, 7]), 2))  # any integers, as layers and heads
+    with pytest.raises(TypeError, match="seeds must be an integer or an iterable of integers, got True"):
+        iv.token_ablation(model, iv.image_tokens(batch), "noise", seed=True, inputs=batch)
 
 
 def test_ablation_stays_active_on_every_generated_token(setup):

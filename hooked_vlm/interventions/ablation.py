@@ -7,7 +7,6 @@ features are merged and before any positional term — with one global mean visu
 
 from __future__ import annotations
 
-import operator
 from typing import Literal, Sequence
 
 import torch
@@ -15,7 +14,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from hooked_vlm.inputs import VLMInput
-from hooked_vlm.interventions._common import Hooks, axes_of, batch_rows, check_hook_name
+from hooked_vlm.interventions._common import Hooks, _indices, axes_of, batch_rows, check_hook_name
 from hooked_vlm.interventions.means import MeanEmbedding, check_mean_fits
 from hooked_vlm.interventions.tokens import TokenSet
 
@@ -49,12 +48,13 @@ def token_ablation(
       residual stream, `[head, d_head]` for `attn.hook_z`, ...), e.g. the mean visual embedding;
     - "zero";
     - "noise": `noise_std * N(0, 1)`, one draw per token from a generator seeded by the token's
-      row seed and its position counted from the row's first real token. `seed` is one int for
-      every row or one per batch row (the token experiments pass each sample's own seed, so
-      samples differ); `inputs`, the batch the hooks will run on, tells where each row's real
-      tokens start under left padding (without it positions count from 0, and padding shifts
-      the draws). So a sample gets the same noise alone or in any batch, and a token the same
-      noise in a KV-cached `generate` as in a full forward.
+      row seed and its position counted from the row's first real token. `seed`: one int for
+      every row (so every row draws the same noise at the same position), or one int per batch
+      row to make rows differ: the token experiments pass each sample's own seed, so a sample
+      gets the same noise alone or in any batch. `inputs`, the batch the hooks will run on,
+      tells where each row's real tokens start under left padding (without it positions count
+      from 0, and padding shifts the draws). A token gets the same noise in a KV-cached
+      `generate` as in a full forward.
 
     Active on every call of the hook, decoding steps included (for a TokenSet with
     `include_generated`, generated tokens are ablated as they are fed back in).
@@ -87,10 +87,7 @@ def _noise_origin(
 ) -> tuple[Int[Tensor, "rows"], Int[Tensor, "rows"]]:
     """Per batch row of `tokens`: the noise seed, and the absolute position of its first real token."""
     n_rows = tokens.mask.shape[0]
-    try:
-        seeds = [operator.index(seed)] if not isinstance(seed, Sequence) else [operator.index(s) for s in seed]
-    except TypeError:
-        raise TypeError(f"seed must be an int or a sequence of one int per batch row, got {seed!r}") from None
+    seeds = _indices(seed, "seed")
     if len(seeds) not in (1, n_rows):
         raise ValueError(f"{len(seeds)} noise seeds given for a token set of {n_rows} batch rows")
     if inputs is None:

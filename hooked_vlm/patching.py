@@ -72,6 +72,7 @@ def _checked_heads(model, heads: Sequence[Head] | None) -> list[Head]:
     """Every head when None; else (layer, head) pairs of any integer type, checked, as ints."""
     if heads is None:
         return _all_heads(model)
+    heads = list(heads)  # read once: a generator would be spent by the check
     group_heads(model, heads)  # raises on non-pairs, non-integers and indices out of range
     return [(as_index(layer, "a layer"), as_index(head, "a head")) for layer, head in heads]
 

@@ -186,11 +186,13 @@ def test_low_importance_control_chooses_among_measured_heads_only(model, pairs, 
 def test_a_fraction_beyond_the_measured_heads_is_an_error_before_anything_runs(model, pairs, monkeypatch):
     module = importlib.import_module("hooked_vlm.experiments.cumulative_head_ablation")
     monkeypatch.setattr(module, "evaluate", lambda *args, **kwargs: pytest.fail("evaluated before checking the fractions"))
+    monkeypatch.setattr(module, "_prompt_means", lambda *args, **kwargs: pytest.fail("ran a forward before checking the fractions"))
     mf = torch.ones(model.cfg.n_layers, model.cfg.n_heads)
     mf[-1] = float("nan")
     n, measured = mf.numel(), (model.cfg.n_layers - 1) * model.cfg.n_heads
-    with pytest.raises(ValueError, match=rf"ranking 'mf' measures {measured} of {n} heads \(the others are NaN: not measured"):
-        cumulative_head_ablation(model, pairs, {"mf": mf}, fractions=(0, 1.0), low_importance_from="mf", progress=False)
+    for value in ("zero", "mean"):
+        with pytest.raises(ValueError, match=rf"ranking 'mf' measures {measured} of {n} heads \(the others are NaN: not measured"):
+            cumulative_head_ablation(model, pairs, {"mf": mf}, fractions=(0, 1.0), low_importance_from="mf", value=value, progress=False)
 
 
 def test_cumulative_ablation_passes_frame_and_max_new_tokens_to_evaluate(model, pairs, monkeypatch):

@@ -117,6 +117,8 @@ def test_sweep_heads_may_be_numpy_or_torch_integers(pair):
     plain = head_patching_sweep(model, base, source, metric, positions, heads=[(0, 1), (1, 0)])
     mixed = head_patching_sweep(model, base, source, metric, positions, heads=[(np.int64(0), torch.tensor(1)), (torch.tensor(1), np.int32(0))])
     assert torch.equal(plain.isnan(), mixed.isnan()) and torch.equal(plain.nan_to_num(), mixed.nan_to_num())
+    generated = head_patching_sweep(model, base, source, metric, positions, heads=((layer, head) for layer, head in [(0, 1), (1, 0)]))
+    assert (~generated.isnan()).sum() == 2 and torch.equal(plain.nan_to_num(), generated.nan_to_num())  # a generator is read once
 
 
 @pytest.mark.parametrize("qk_fix", [True, False])

@@ -68,16 +68,16 @@ def cumulative_head_ablation(
             raise ValueError(f"ranking {name!r} has shape {tuple(torch.as_tensor(scores).shape)}; expected ({n_layers}, {n_heads})")
     if not fractions or any(not 0 <= f <= 1 for f in fractions):
         raise ValueError(f"fractions must be a non-empty list in [0, 1], got {list(fractions)}")
-    if value == "mean":
-        value = _prompt_means(model, dataset, task, batch_size, limit)
-    elif value != "zero":
+    if value not in ("zero", "mean"):
         raise ValueError(f"unknown head ablation value {value!r} (expected 'zero' or 'mean')")
     orders = {name: rank_heads(scores, by="top") for name, scores in rankings.items()}
     if low_importance_from is not None:
         if low_importance_from not in rankings:
             raise ValueError(f"low_importance_from={low_importance_from!r} is not one of the rankings {list(rankings)}")
         orders["low_importance"] = rank_heads(rankings[low_importance_from], by="least_abs")
-    _check_measured_heads(orders, fractions, n_layers * n_heads)
+    _check_measured_heads(orders, fractions, n_layers * n_heads)  # before any forward
+    if value == "mean":
+        value = _prompt_means(model, dataset, task, batch_size, limit)
 
     results = []
     baseline = None

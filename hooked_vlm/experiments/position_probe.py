@@ -112,9 +112,7 @@ def _image_tokens(model, inputs: VLMInput, acts: Tensor, section: str):
     else:  # [batch, pos, d] at the layout's positions
         x = acts[layout.batch, layout.position][grid_tokens]
     y = torch.stack([layout.row[grid_tokens], layout.col[grid_tokens]], -1)
-    n_views = int(layout.view.max()) + 1 if len(layout) else 1
-    views = (layout.image * n_views + layout.view)[grid_tokens]
-    return x, y, views
+    return x, y, layout.view_index()[grid_tokens]
 
 
 def _subsample(views: Int[Tensor, "n"], k: int | None, generator: torch.Generator) -> Int[Tensor, "m"]:

@@ -148,7 +148,8 @@ def only_row(tokens: iv.TokenSet, row: int) -> iv.TokenSet:
 
 def object_set(inputs: VLMInput, samples: list[Sample], padding: int = 0, views: str = "all") -> iv.TokenSet:
     """Each sample's object tokens (its mask on the token grid, grown or shrunk by `padding`
-    rings per view, §1.4); an object eroded away selects nothing."""
+    rings in the image, tiles joined, see `iv.object_tokens`, §1.4); an object eroded away
+    selects nothing."""
     return iv.object_tokens(inputs, [s.mask for s in samples], dilation=padding, views=views, allow_empty=True)
 
 

@@ -2,7 +2,8 @@
 §1.5, Figure 1.)
 
 Each object is grown by `p` token rings filled with random copies of its own tokens
-(`interventions.object_extension`, at `hook_inputs_embeds`, within each view; seeded per sample),
+(`interventions.object_extension`, at `hook_inputs_embeds`; the thumbnail from its own tokens,
+InternVL's tiles from the object's tokens in any tile of the image; seeded per sample),
 so it looks bigger while its inside is scrambled. Each predicted box is then scored against the
 ground-truth box enlarged by `s` token widths on every side, clipped to the image. If the model
 reads the extent from the tokens, padding `p` matches scale `s = p` best (the diagonal).

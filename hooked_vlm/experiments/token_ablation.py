@@ -6,8 +6,8 @@ the projector, before any positional term) by the global mean visual embedding â
 noise â€” and the task is answered again. Token sets, per image:
 
 - `object`: the object's mask on the token grid (every token overlapping it by >= 1 pixel),
-  grown or shrunk by each `padding` (token rings within each view); an object eroded away
-  ablates nothing (`n_ablated` = 0).
+  grown or shrunk by each `padding` (token rings in the image; InternVL's tiles joined, the
+  thumbnail on its own); an object eroded away ablates nothing (`n_ablated` = 0).
 - `random`: `fraction` of the image tokens of the chosen views, for each seed; for InternVL drawn
   view by view (each view loses the same share), seeded per sample.
 - `register`: tokens whose embedding norm exceeds the mean + `register_sd` (sample) standard

@@ -105,11 +105,14 @@ def _check_prompt_only(tokens: TokenSet, what: str) -> None:
 
 
 def _groups(inputs: VLMInput, per_view: bool, by_sheet: bool = False) -> Int[Tensor, "batch pos"]:
+    """Each position's group: its view (or with `by_sheet`, its sheet), -1 for text; one group
+    per row without `per_view`."""
     if not per_view:
         return torch.zeros(inputs.input_ids.shape, dtype=torch.long)
-    groups = view_groups(inputs)
-    if by_sheet:
-        groups[inputs.layout.batch, inputs.layout.position] = inputs.layout.sheet_index()
+    if not by_sheet:
+        return view_groups(inputs)
+    groups = torch.full(inputs.input_ids.shape, -1, dtype=torch.long)
+    groups[inputs.layout.batch, inputs.layout.position] = inputs.layout.sheet_index()
     return groups
 
 

@@ -5,8 +5,8 @@
 - `PatchSet`: vision-tower positions, a `[view, vision_pos]` mask over every view in
   `pixel_values` (position 0 is CLS, `1 + r * n_grid + c` is patch (r, c)).
 
-Constructors: `image_tokens`, `object_tokens` (box or mask, dilated by +-k tokens, per view
-kind), `after_image` (the paper's knockout source), `answer_tokens`, `positions`,
+Constructors: `image_tokens`, `object_tokens` (box or mask, dilated by +-k tokens in the image:
+InternVL's tiles joined into one grid, the thumbnail on its own), `after_image` (the paper's knockout source), `answer_tokens`, `positions`,
 `random_tokens` (seeded, size-matched controls) and `vision_patches` (the patches under LM
 image tokens: 1 for LLaVA, 2x2 for InternVL's pixel shuffle).
 """
@@ -127,8 +127,10 @@ def object_tokens(
 ) -> TokenSet:
     """The image tokens covering an object, one region per image: a box `(x1, y1, x2, y2)` in
     original-image pixels or a boolean mask `[height, width]` (a token counts if it overlaps the
-    region by at least one pixel), grown (`dilation > 0`) or shrunk by that many token rings
-    inside each view. A single region is accepted for a one-image batch; `None` skips an image.
+    region by at least one pixel), grown (`dilation > 0`) or shrunk by that many token rings in
+    the image: across the seams of InternVL's tiles, the thumbnail on its own, never into LLaVA's
+    padding (`ImageLayout.box_to_positions`). A single region is accepted for a one-image batch;
+    `None` skips an image.
 
     Raises ValueError for a box outside its image, an empty mask, or (unless `allow_empty`) a
     region that selects no token, e.g. a small object eroded away by `dilation < 0`.

@@ -169,13 +169,11 @@ def _ablation_mean(model, args):
     toy distribution's held-out "mean" split, as the demo does (saved to mean_embedding.pt for
     reuse); else None, and `token_ablation` averages the dataset's own images, with a warning."""
     from hooked_vlm import interventions as iv
-    from hooked_vlm.demo import MEAN_IMAGES
-    from hooked_vlm.toy_models import toy_dataset
+    from hooked_vlm.toy_models import MEAN_IMAGES, toy_mean_embedding
 
     if args.mean or args.coco or not (args.fill == "mean" or "ig" in args.strategies):
         return args.mean
-    images = [item.image for item in toy_dataset(args.model, MEAN_IMAGES, seed=args.seed, split="mean")]
-    mean = iv.compute_mean_embedding(model, images, batch_size=args.batch_size)
+    mean = toy_mean_embedding(model, args.model, seed=args.seed)
     iv.save_mean(mean, Path(args.out) / "mean_embedding.pt")
     print(f"mean visual embedding: {mean.count} image tokens of {MEAN_IMAGES} images of the 'mean' split")
     return mean

@@ -31,9 +31,7 @@ from hooked_vlm.experiments import (
 from hooked_vlm.experiments.data import as_samples
 from hooked_vlm.experiments.evaluate import box_format
 from hooked_vlm.model import HookedVLM
-from hooked_vlm.toy_models import toy_dataset
-
-MEAN_IMAGES = 64  # images averaged for the mean visual embedding (64 image tokens each on toy-llava)
+from hooked_vlm.toy_models import MEAN_IMAGES, toy_dataset, toy_mean_embedding
 
 
 def run_demo(
@@ -84,8 +82,7 @@ def run_demo(
     }
 
     # 3. token ablation: the object's tokens against as many random tokens
-    mean_images = [item.image for item in toy_dataset(model_name, MEAN_IMAGES, seed=seed, split="mean")]
-    mean = iv.compute_mean_embedding(model, mean_images, progress=progress)
+    mean = toy_mean_embedding(model, model_name, seed=seed, progress=progress)
     ablation = token_ablation(model, data, strategies=("object", "random"), paddings=(0, 1), fractions=(_object_share(model, data),),
                               mean=mean, seeds=(seed,), progress=progress)  # fmt: skip
     by_condition = summarize(ablation)["loc_score"]

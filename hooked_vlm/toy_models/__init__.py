@@ -48,3 +48,16 @@ def toy_dataset(name_or_path: str | Path, n: int, *, seed: int = 0, split: str =
     if "image_sizes" in data:
         data["image_sizes"] = tuple(tuple(size) for size in data["image_sizes"])
     return SyntheticLocalization(n, seed, split=split, **{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+MEAN_IMAGES = 64  # images averaged for a toy's mean visual embedding (64 image tokens each on toy-llava)
+
+
+def toy_mean_embedding(model, name_or_path: str | Path, n: int = MEAN_IMAGES, *, seed: int = 0, progress: bool = False):
+    """The mean visual embedding (`interventions.compute_mean_embedding`) over `n` images of the
+    toy's held-out "mean" split: what the paper's ImageNet-val mean is to a real model, and no
+    image of any other split."""
+    from hooked_vlm import interventions as iv
+
+    images = [item.image for item in toy_dataset(name_or_path, n, seed=seed, split="mean")]
+    return iv.compute_mean_embedding(model, images, progress=progress)

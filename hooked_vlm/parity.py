@@ -160,8 +160,7 @@ def check_parity(
             judged = dtype in (torch.float32, torch.float64)
             report.add("logits (auto attention)", "logits (auto attention)", hooked(inputs), report.reference_logits, judged)
         if max_new_tokens:
-            ours = hooked.generate(inputs, max_new_tokens=max_new_tokens, return_tokens=True)
-            report.auto_generation_match = [_until_eos(row, hooked.cfg.eos_token_ids) for row in ours.tolist()] == report.reference_tokens
+            report.auto_generation_match = _greedy(hooked, inputs, max_new_tokens) == report.reference_tokens
     finally:
         hooked.set_attention_implementation(previous)
     if verbose:
@@ -254,16 +253,21 @@ def _compared_hook(name: str) -> bool:
 @torch.no_grad()
 def compare_generation(hooked: HookedVLM, reference: Any, inputs, max_new_tokens: int, report: ParityReport) -> None:
     """Greedy continuations of both models, compared token by token (up to each row's EOS)."""
-    ours = hooked.generate(inputs, max_new_tokens=max_new_tokens, return_tokens=True)
     theirs = reference.generate(
         **_hf_forward_kwargs(inputs) | {"position_ids": None},
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=hooked.cfg.pad_token_id,
     )[:, inputs.input_ids.shape[1] :]
-    report.hooked_tokens = [_until_eos(row, hooked.cfg.eos_token_ids) for row in ours.tolist()]
+    report.hooked_tokens = _greedy(hooked, inputs, max_new_tokens)
     report.reference_tokens = [_until_eos(row, hooked.cfg.eos_token_ids) for row in theirs.tolist()]
     report.generation_match = report.hooked_tokens == report.reference_tokens
+
+
+def _greedy(hooked: HookedVLM, inputs, max_new_tokens: int) -> list[list[int]]:
+    """The hooked model's greedy continuation of each row, up to and including its EOS."""
+    tokens = hooked.generate(inputs, max_new_tokens=max_new_tokens, return_tokens=True)
+    return [_until_eos(row, hooked.cfg.eos_token_ids) for row in tokens.tolist()]
 
 
 def _until_eos(tokens: list[int], eos: tuple[int, ...]) -> list[int]:

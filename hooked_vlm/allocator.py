@@ -9,10 +9,12 @@ and never to trim it, so the next call reuses the memory the last one freed; the
 its peak resident size until `release_freed_memory()` hands the free part back (the CPU analogue
 of `torch.cuda.empty_cache()`).
 
-`HookedVLM.run_with_cache` turns this on by itself the first time it caches into CPU memory,
-unless the user chose first (`keep_freed_memory(False)`) or the environment says
-`HOOKED_VLM_KEEP_FREED_MEMORY=0`: a cache is the one place where the library itself creates
-gigabytes of short-lived tensors call after call. glibc (Linux) only; elsewhere the default does
+`HookedVLM.run_with_cache` turns this on by itself the first time it caches into CPU memory, and
+so does attention the first time it materialises patterns on CPU (knockout, a pattern hook,
+eager mode), unless the user chose first (`keep_freed_memory(False)`) or the environment says
+`HOOKED_VLM_KEEP_FREED_MEMORY=0`: those are the places where the library itself creates large
+short-lived tensors call after call (a mid-size InternVL eager forward: 2.2-2.3 s without, 1.5 s
+with). glibc (Linux) only; elsewhere the default does
 nothing and the explicit calls warn. On CUDA none of this is needed. (PyTorch's own
 `THP_MEM_ALLOC_ENABLE=1`, huge pages for tensors of 2 MB and more, is no substitute: in a fresh
 process it cut the InternVL cache from 3.4x to 2.2x the forward in one trial and alternated
@@ -61,13 +63,13 @@ def _require_glibc(what: str) -> ctypes.CDLL | None:
 def keep_freed_memory(enabled: bool = True) -> bool:
     """Make freed CPU memory stay in the process for reuse.
 
-    `enabled=False` opts out of `run_with_cache`'s default; if the policy was on, it restores
+    `enabled=False` opts out of the default (see the module docstring); if the policy was on, it restores
     glibc's default thresholds (without their dynamic adjustment) for what is freed from then on,
     and blocks malloc already holds stay until `release_freed_memory()`.
 
     Returns whether the setting took effect. With it, a full `run_with_cache` costs about the
     forward plus the hooks (1.10-1.15x / 1.22-1.26x for the mid-size LLaVA / InternVL benchmarks,
-    against 1.49-2.61x / 2.5-3.8x without); eager-attention forwards (knockout) gain too. Memory
+    against 1.49-2.61x / 2.5-3.8x without); eager-attention forwards (knockout) 1.5x. Memory
     is not leaked: freed blocks serve later allocations of any size, and `release_freed_memory()`
     returns them to the system."""
     global _choice
@@ -81,8 +83,9 @@ def keep_freed_memory(enabled: bool = True) -> bool:
 
 
 def keep_freed_memory_by_default() -> None:
-    """The policy `run_with_cache` applies once, before its first cache in CPU memory: keep freed
-    memory, unless the user already chose or set `HOOKED_VLM_KEEP_FREED_MEMORY=0`."""
+    """The policy `run_with_cache` and eager attention apply once, before their first CPU cache or
+    pattern: keep freed memory, unless the user already chose or set
+    `HOOKED_VLM_KEEP_FREED_MEMORY=0`."""
     global _choice
     if _choice is not None:
         return

@@ -1,6 +1,6 @@
 """`keep_freed_memory` makes a freed large block serve the next allocation without page faults,
-and `release_freed_memory` hands it back to the kernel; `run_with_cache` turns it on by default
-unless the user opted out. Each case runs in a fresh interpreter: malloc's policy is
+and `release_freed_memory` hands it back to the kernel; `run_with_cache` and eager attention on CPU
+turn it on by default unless the user opted out. Each case runs in a fresh interpreter: malloc's policy is
 process-wide and must not leak into the rest of the suite."""
 
 from __future__ import annotations
@@ -52,7 +52,10 @@ inputs = model.prepare(Image.new("RGB", (96, 64), "white"), "Is there a red circ
 result = {"before": median_of_later()}
 model(inputs)  # a forward alone changes nothing
 result["after_forward"] = median_of_later()
-model.run_with_cache(inputs, names_filter="blocks.0.hook_resid_post")
+if sys.argv[2] == "cache":
+    model.run_with_cache(inputs, names_filter="blocks.0.hook_resid_post")
+else:  # a knockout-style forward: a hook on the scores materialises every pattern
+    model.run_with_hooks(inputs, fwd_hooks=[("blocks.0.attn.hook_attn_scores", lambda scores, hook: None)])
 result["after_cache"] = median_of_later()
 print(json.dumps(result))
 """
@@ -76,9 +79,12 @@ def test_keep_freed_memory_reuses_freed_blocks_until_released():
     assert faults["restored"] is True, faults
 
 
+@pytest.mark.parametrize("trigger", ["cache", "eager attention"])
 @pytest.mark.parametrize("case", ["default", "opt-out-variable", "opt-out-call"])
-def test_run_with_cache_keeps_freed_memory_unless_opted_out(case):
-    faults = _run(CACHE_PROGRAM, case, opt_out=case == "opt-out-variable")
+def test_caches_and_eager_attention_keep_freed_memory_unless_opted_out(case, trigger):
+    """The first CPU cache, or the first forward that materialises attention patterns (a hook on
+    the scores or pattern: knockout), switches the policy on; a plain forward does not."""
+    faults = _run(CACHE_PROGRAM, case, "cache" if trigger == "cache" else "eager", opt_out=case == "opt-out-variable")
     pages = 2**26 // 4096
     assert faults["before"] > pages // 2, faults
     assert faults["after_forward"] > pages // 2, faults

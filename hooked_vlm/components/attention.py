@@ -16,6 +16,7 @@ from jaxtyping import Float
 from torch import Tensor, nn
 from transformer_lens.hook_points import HookPoint
 
+from hooked_vlm.allocator import keep_freed_memory_by_default
 from hooked_vlm.components.norms import RMSNorm
 from hooked_vlm.config import TransformerConfig
 
@@ -160,6 +161,8 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, k, v)
         if self.force_eager or self._pattern_is_hooked():
+            if q.device.type == "cpu":  # patterns are large and short-lived: keep freed memory (hooked_vlm.allocator)
+                keep_freed_memory_by_default()
             z = self._eager_attention(q, k, v, mask)
         else:
             z = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=self.n_rep > 1)

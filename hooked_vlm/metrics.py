@@ -81,9 +81,11 @@ def masked_nll(
             logits = model.run_with_hooks(inputs, fwd_hooks=list(fwd_hooks))
     # the mean in float64: its value must not depend on how many unscored positions surround the
     # answer (a suffix-only forward sums fewer zeros), since MF divides small differences of it
-    nll = token_nll(logits, inputs.input_ids).nan_to_num(0.0).double()
+    # Unscored positions (position 0's NaN included) count 0; a NaN or inf at a scored token
+    # (an overflow in half precision) propagates rather than reading as a perfect prediction.
+    nll = token_nll(logits, inputs.input_ids).double()
     mask = mask.to(nll.device)
-    return (nll * mask).sum(1) / mask.sum(1)
+    return torch.where(mask, nll, 0.0).sum(1) / mask.sum(1)
 
 
 def masked_perplexity(model, inputs: VLMInput, **kwargs: Any) -> Float[Tensor, "batch"]:

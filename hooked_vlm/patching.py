@@ -50,9 +50,9 @@ def answer_nll_metric(
         if int(mask[:, : offset + 1].sum()):
             raise ValueError(f"scored tokens before position {offset + 1} are outside the patched suffix")
         ids = inputs.input_ids[:, offset:].to(logits.device).expand(len(logits), -1)
-        nll = token_nll(logits, ids).nan_to_num(0.0).double()  # float64 mean, as metrics.masked_nll
+        nll = token_nll(logits, ids).double()  # float64 mean, as metrics.masked_nll
         selected = mask[:, offset:].to(logits.device).expand(len(logits), -1)
-        return (nll * selected).sum(-1) / selected.sum(-1).clamp(min=1)
+        return torch.where(selected, nll, 0.0).sum(-1) / selected.sum(-1).clamp(min=1)  # NaN at a scored token propagates
 
     return metric
 

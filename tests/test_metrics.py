@@ -60,6 +60,26 @@ def test_masked_nll_equals_a_hand_computation(setup, token_filter):
     assert torch.allclose(masked_perplexity(model, inputs, token_filter=token_filter), ours.exp())
 
 
+def test_a_nan_logit_at_a_scored_token_propagates_and_one_elsewhere_does_not(setup):
+    """An overflow (NaN logits) where a scored token is predicted must not read as NLL 0."""
+    from hooked_vlm.patching import answer_nll_metric
+
+    model, inputs, _ = setup
+    with torch.no_grad():
+        logits = model(inputs)
+    scored = scored_tokens(inputs, model.tokenizer, "digits")
+    t = int(scored[0].nonzero()[0])
+    at_scored, elsewhere = logits.clone(), logits.clone()
+    at_scored[0, t - 1] = float("nan")
+    elsewhere[0, 0] = float("nan")  # predicts position 1, never scored
+    clean = masked_nll(model, inputs, token_filter="digits", logits=logits)
+    broken = masked_nll(model, inputs, token_filter="digits", logits=at_scored)
+    assert torch.isnan(broken[0]) and torch.equal(broken[1], clean[1])
+    assert torch.equal(masked_nll(model, inputs, token_filter="digits", logits=elsewhere), clean)
+    metric = answer_nll_metric(inputs, token_mask=scored)
+    assert torch.isnan(metric(at_scored, 0)[0]) and torch.allclose(metric(logits, 0), clean)
+
+
 def test_masked_nll_runs_under_hooks(setup):
     model, inputs, _ = setup
     hooks = iv.token_ablation(model, iv.image_tokens(inputs), "zero")

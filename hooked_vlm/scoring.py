@@ -229,7 +229,7 @@ def summarize_classification(results: pd.DataFrame, *, by: str | list[str] | Non
 
 
 def _classification_numbers(results: pd.DataFrame) -> dict[str, float]:
-    correct = results["correct"].astype(bool).to_numpy()
+    correct = results["correct"].eq(True).to_numpy()  # a missing value (None, NaN) is not correct
     return {"n": len(correct), "accuracy": float(np.mean(correct)) if len(correct) else float("nan")}
 
 
@@ -251,7 +251,7 @@ def summarize_binary(results: pd.DataFrame, *, by: str | list[str] | None = None
 
 def _binary_numbers(results: pd.DataFrame) -> dict[str, float]:
     answers = results["answer"].map(_as_optional_bool)
-    present = results["present"].astype(bool)
+    present = results["present"].eq(True)
     said_yes = answers.map(lambda a: a is True)
     correct = [a is not None and a == p for a, p in zip(answers, present)]
     absent = ~present

@@ -133,3 +133,6 @@ def test_an_empty_dataset_is_a_clear_error(model, dataset):
         position_probe(model, [], dataset, epochs=1, progress=False)
     with pytest.raises(ValueError, match="no results to summarize"):
         summarize(pd.DataFrame())
+    mixed = pd.DataFrame({"task": ["list", "localization"], "correct": [False, None], "condition": ["baseline"] * 2})
+    with pytest.raises(ValueError, match=r"the table mixes tasks \['list', 'localization'\]: summarize each"):
+        summarize(mixed)

@@ -176,6 +176,13 @@ def test_accuracy_is_the_fraction_correct():
     assert summarize_classification(results).iloc[0]["accuracy"] == 0.75
 
 
+def test_a_missing_correct_or_present_value_is_not_counted_as_true():
+    assert summarize_classification(pd.DataFrame({"correct": [False, float("nan"), None]})).iloc[0]["accuracy"] == 0.0
+    yes_no = pd.DataFrame({"answer": [True, True], "present": [True, float("nan")]})
+    summary = summarize_binary(yes_no).iloc[0]
+    assert summary["accuracy"] == 0.5 and summary["false_positive_rate"] == 1.0  # NaN present: not present
+
+
 def test_classification_summary_groups_by_a_column():
     results = pd.DataFrame({"correct": [True, False, True, True], "model": ["a", "a", "b", "b"]})
     summary = summarize_classification(results, by="model")

@@ -129,7 +129,10 @@ def summarize(results: pd.DataFrame, by: str | Sequence[str] = "condition") -> p
 
     if results.empty:
         raise ValueError("no results to summarize (the table is empty)")
-    task = results["task"].iloc[0]
+    tasks = results["task"].unique()
+    if len(tasks) > 1:
+        raise ValueError(f"the table mixes tasks {list(tasks)}: summarize each, e.g. results[results.task == {tasks[0]!r}]")
+    task = tasks[0]
     if task == "localization":
         return summarize_localization(results, by=by)
     if task == "list":

@@ -241,8 +241,10 @@ def test_removed_images_are_found_by_annotation_id_in_either_naming(tmp_path):
     save_image(tmp_path / "101.png", (4, 4))
     save_image(tmp_path / "4_401.jpg", (4, 4))
     (tmp_path / "notes.txt").write_text("ignored")
-    save_image(tmp_path / "mask_101.png", (4, 4))  # not the convention: ignored
-    found = removed_image_paths(tmp_path)
+    save_image(tmp_path / "mask_101.png", (4, 4))  # not the convention: skipped
+    save_image(tmp_path / "000000000104.png", (4, 4))  # COCO's zero-padded image file name, not annotation 104
+    with pytest.warns(UserWarning, match=r"3 files in .* were skipped: 000000000104.png, mask_101.png, notes.txt"):
+        found = removed_image_paths(tmp_path)
     assert found == {101: (None, tmp_path / "101.png"), 401: (4, tmp_path / "4_401.jpg")}
 
 
@@ -260,6 +262,8 @@ def test_pairs_match_items_with_their_removed_images(subset, tmp_path):
     save_image(removed / "4_401.png", (200, 250))
     pairs = pair_with_removed(subset, removed)
     assert [(p.item.annotation_id, p.removed_image_path.name) for p in pairs] == [(101, "101.png"), (401, "4_401.png")]
+    assert pairs.class_names == subset.class_names  # the list prompt offers the dataset's classes
+    assert pair_with_removed(list(subset), removed).class_names == sorted({item.class_name for item in subset})
     assert pairs[0].base_image_path == removed / "101.png"
     assert pairs[0].source_image_path == pairs[0].item.image_path
 
@@ -281,3 +285,13 @@ def test_removed_image_named_after_another_image_is_an_error(subset, tmp_path):
     save_image(tmp_path / "7_101.png", (400, 300))
     with pytest.raises(ValueError, match="names image 7"):
         pair_with_removed(subset, tmp_path)
+
+
+def test_an_image_of_another_size_than_the_annotation_file_says_is_an_error(subset, tmp_path):
+    item = next(i for i in subset if i.annotation_id == 101)  # 400x300 in the JSON
+    item.image_path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(item.image_path, (200, 150))  # a resized copy
+    with pytest.raises(ValueError, match=r"one.jpg is 200x150 but the annotation file says 400x300: box and mask"):
+        item.load_image()
+    save_image(item.image_path, (400, 300))
+    assert item.load_image().size == (400, 300)

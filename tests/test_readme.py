@@ -112,6 +112,11 @@ def test_experiments_example(toy, tmp_path):
         {"model": toy, "results": []},
     )
     assert len(ns["data"]) >= 4 and len(ns["pairs"]) >= 4
+    from hooked_vlm.experiments import evaluate, summarize
+
+    # the pairs keep the dataset's classes: the list prompt runs on them too
+    assert ns["pairs"].class_names == ns["data"].class_names
+    assert len(summarize(evaluate(toy, ns["pairs"], "list", progress=False))) == 1
     assert all(len(summary) > 0 for summary in ns["results"]) and ns["mf"].shape == (toy.cfg.n_layers, toy.cfg.n_heads)
 
 

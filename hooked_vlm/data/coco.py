@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +40,7 @@ MAX_AREA_FRACTION = 0.60
 MIN_SHORT_SIDE = 200
 
 REMOVED_IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-_REMOVED_NAME = re.compile(r"^(?:(?P<image_id>\d+)_)?(?P<ann_id>\d+)$")
+_REMOVED_NAME = re.compile(r"^(?:(?P<image_id>\d+)_)?(?P<ann_id>[1-9]\d*)$")  # no leading zeros: COCO's image file names have them
 
 
 @dataclass(frozen=True)
@@ -62,8 +63,11 @@ class CocoItem:
         return segmentation_to_mask(self.segmentation, self.image_size)
 
     def load_image(self) -> Image.Image:
-        """The image as RGB."""
+        """The image as RGB. Its size must be the annotation file's: box and mask are in those
+        pixels (a resized copy would be scored against a box of another scale)."""
         with Image.open(self.image_path) as image:
+            _check_size(self.image_path, image.size, self.image_size, "the annotation file says",
+                        ": box and mask are in the annotation's pixels (a resized copy?)")  # fmt: skip
             return image.convert("RGB")
 
 
@@ -242,20 +246,38 @@ class ObjectRemovedPair:
 def removed_image_paths(removed_dir: str | Path) -> dict[int, tuple[int | None, Path]]:
     """Map annotation id -> (image id if the name has one, path) for a removed-image directory.
 
-    Files whose names do not follow the convention are ignored; two files for the same
-    annotation (e.g. `42.png` and `7_42.png`) raise ValueError.
+    Files whose names do not follow the convention (e.g. `000000397133.png`, COCO's zero-padded
+    image file name, or a `_mask` file) are skipped with a warning naming a few; two files for
+    the same annotation (e.g. `42.png` and `7_42.png`) raise ValueError.
     """
     found: dict[int, tuple[int | None, Path]] = {}
+    skipped = []
     for path in sorted(Path(removed_dir).iterdir()):
         match = _REMOVED_NAME.match(path.stem)
         if path.suffix.lower() not in REMOVED_IMAGE_EXTENSIONS or match is None:
+            skipped.append(path.name)
             continue
         ann_id = int(match["ann_id"])
         if ann_id in found:
             raise ValueError(f"two object-removed images for annotation {ann_id}: {found[ann_id][1]}, {path}")
         image_id = int(match["image_id"]) if match["image_id"] else None
         found[ann_id] = (image_id, path)
+    if skipped:
+        warnings.warn(
+            f"{len(skipped)} files in {removed_dir} are not named {{ann_id}}.{{png,jpg,jpeg}} or "
+            f"{{image_id}}_{{ann_id}}.{{ext}} and were skipped: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}",
+            stacklevel=2,
+        )
     return found
+
+
+class ObjectRemovedPairs(list):
+    """`pair_with_removed`'s pairs, with the `class_names` of the dataset they came from (the
+    classes the list-classification prompt offers, as for the `CocoSubset`)."""
+
+    def __init__(self, pairs: Sequence[ObjectRemovedPair], class_names: Sequence[str]):
+        super().__init__(pairs)
+        self.class_names = list(class_names)
 
 
 def pair_with_removed(
@@ -263,14 +285,21 @@ def pair_with_removed(
     removed_dir: str | Path,
     *,
     require_all: bool = False,
-) -> list[ObjectRemovedPair]:
+) -> ObjectRemovedPairs:
     """Pair items with their object-removed images (items without one are skipped).
 
-    Raises ValueError when a removed image's size differs from its original (patching needs
-    identical token layouts, §1.9), when its name carries another image id than the item's, or,
-    with `require_all`, when an item has no removed image. Only image headers are read.
+    A removed image is named after the annotation whose object it removes: `{ann_id}.{ext}` or
+    `{image_id}_{ann_id}.{ext}`, ext png, jpg or jpeg (other files are skipped with a warning).
+    The result is a list of `ObjectRemovedPair` carrying the dataset's `class_names` (those of
+    a `CocoSubset`, else the items' own classes).
+
+    Raises ValueError when a removed image's size differs from its original's (patching needs
+    identical token layouts, §1.9; the original's is the annotation file's), when its name
+    carries another image id than the item's, or, with `require_all`, when an item has no
+    removed image. Only image headers are read.
     """
     available = removed_image_paths(removed_dir)
+    class_names = getattr(items, "class_names", None) or sorted({item.class_name for item in items})
     pairs = []
     for item in items:
         if item.annotation_id not in available:
@@ -285,15 +314,17 @@ def pair_with_removed(
             )
         _check_same_size(item, path)
         pairs.append(ObjectRemovedPair(item=item, removed_image_path=path))
-    return pairs
+    return ObjectRemovedPairs(pairs, class_names)
 
 
 def _check_same_size(item: CocoItem, path: Path) -> None:
-    with Image.open(path) as image:  # reads the header only
-        size = image.size
-    if size != tuple(item.image_size):
-        raise ValueError(
-            f"object-removed image {path} is {size[0]}x{size[1]} but its original {item.image_path} is "
-            f"{item.image_size[0]}x{item.image_size[1]}; the pair must have identical sizes so the token "
-            "layouts line up"
-        )
+    """The removed image has its original's size (the annotation file's, which `load_image`
+    holds the original to), so the pair lines up token for token."""
+    with Image.open(path) as removed:  # the header only
+        _check_size(path, removed.size, item.image_size, f"its original {item.image_path.name} is",
+                    "; the pair must have identical sizes so the token layouts line up")  # fmt: skip
+
+
+def _check_size(path: Path, size: tuple[int, int], expected: ImageSize, what: str, why: str = "") -> None:
+    if tuple(size) != tuple(expected):
+        raise ValueError(f"{path} is {size[0]}x{size[1]} but {what} {expected[0]}x{expected[1]}{why}")

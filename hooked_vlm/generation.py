@@ -24,6 +24,13 @@ def greedy_generate(model: HookedVLM, inputs: VLMInput, max_new_tokens: int) -> 
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    try:
+        return _greedy_loop(model, inputs, max_new_tokens)
+    finally:
+        model.past_length = 0  # position-addressed hooks used outside generate must see position 0 again
+
+
+def _greedy_loop(model: HookedVLM, inputs: VLMInput, max_new_tokens: int) -> Int[Tensor, "batch new_pos"]:
     eos = torch.tensor(model.cfg.eos_token_ids, dtype=torch.long, device=model.device)
     pad = model.cfg.pad_token_id if model.cfg.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     cache = KVCache(model.cfg.text.n_layers)

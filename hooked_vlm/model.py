@@ -23,6 +23,7 @@ from jaxtyping import Float, Int
 from torch import Tensor, nn
 from transformer_lens import HookedRootModule
 from transformer_lens.hook_points import HookPoint
+from transformer_lens.utilities import Slice
 
 from hooked_vlm.allocator import keep_freed_memory_by_default
 from hooked_vlm.cache import VLMActivationCache
@@ -30,6 +31,9 @@ from hooked_vlm.components import KVCache, RMSNorm, RotaryEmbedding, Transformer
 from hooked_vlm.config import HookedVLMConfig, as_dtype
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.towers import Projector, VisionTower
+
+# per-head hooks, [batch, pos, head, d]: their position axis is the third from last
+PER_HEAD_HOOKS = frozenset({"hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result"})
 
 
 class Embed(nn.Module):
@@ -253,6 +257,14 @@ class HookedVLM(HookedRootModule):
         instead of ~1.2x). The process then keeps its peak resident size until
         `hooked_vlm.release_freed_memory()`; opt out with `hooked_vlm.keep_freed_memory(False)`
         or `HOOKED_VLM_KEEP_FREED_MEMORY=0`."""
+        if kwargs.get("incl_bwd"):
+            raise ValueError(
+                "incl_bwd needs a scalar output to call backward on, and the weights load without gradients; "
+                "add backward hooks with `model.hooks(bwd_hooks=...)` and call backward on your own metric "
+                "(hooked_vlm.patching.head_attribution does this for attribution patching)"
+            )
+        if kwargs.get("remove_batch_dim") and model_args and len(model_args[0]) != 1:
+            raise ValueError(f"remove_batch_dim needs a batch of 1, got {len(model_args[0])}")
         if torch.device(kwargs.get("device") or self.device).type == "cpu":
             keep_freed_memory_by_default()
         out, cache_dict = super().run_with_cache(*model_args, **kwargs)
@@ -264,6 +276,31 @@ class HookedVLM(HookedRootModule):
     def attention_implementation(self) -> str:
         """"eager" after `set_attention_implementation("eager")`, else "auto"."""
         return "eager" if any(getattr(module, "force_eager", False) for module in self.modules()) else "auto"
+
+    def get_caching_hooks(self, names_filter=None, incl_bwd=False, device=None, remove_batch_dim=False, cache=None, pos_slice=None):
+        """TransformerLens's caching hooks, with two differences: names in a string or list
+        filter must exist (a typo is an error, not an empty cache); and `pos_slice` cuts the
+        position axis of every per-head hook `[batch, pos, head, d]` (q, k, v, their rotary and
+        q/k-norm outputs, z, result) and keeps a copy of the slice only, where TransformerLens's
+        own list of names would cut the head axis of the rotary and q/k-norm outputs."""
+        if isinstance(names_filter, str):
+            self._checked_name(names_filter)
+        elif isinstance(names_filter, list):
+            for name in names_filter:
+                self._checked_name(name)
+        cache, fwd, bwd = super().get_caching_hooks(names_filter, incl_bwd, device, remove_batch_dim, cache, pos_slice=None)
+        if pos_slice is None:
+            return cache, fwd, bwd
+        pos_slice = Slice.unwrap(pos_slice)
+
+        def sliced(save: Callable) -> Callable:
+            def hook(tensor: Tensor, hook: HookPoint):
+                dim = -3 if tensor.dim() == 4 and hook.name.rsplit(".", 1)[-1] in PER_HEAD_HOOKS | {"hook_normalized"} else -2
+                return save(pos_slice.apply(tensor, dim=dim).clone() if tensor.dim() >= -dim else tensor, hook=hook)
+
+            return hook
+
+        return cache, [(name, sliced(fn)) for name, fn in fwd], [(name, sliced(fn)) for name, fn in bwd]
 
     def set_attention_implementation(self, implementation: str) -> None:
         """"auto" (default): materialise attention patterns only when a hook reads or edits them,
@@ -301,6 +338,31 @@ class HookedVLM(HookedRootModule):
     @property
     def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
         return self.embed.W_E
+
+    def tokens_to_residual_directions(self, tokens: int | str | Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
+        """Each token's logit direction in the normalized residual stream (`ln_final.hook_normalized`,
+        what `decompose_resid(apply_ln=True)` gives): `ln_final.weight * W_U[:, token]`, since the
+        final norm's weight is not folded into `W_U` as TransformerLens folds it. What
+        `cache.logit_attrs` projects on. A string must be one token."""
+        if isinstance(tokens, str):
+            ids = self.tokenizer.encode(tokens, add_special_tokens=False)
+            if len(ids) != 1:
+                raise ValueError(f"{tokens!r} is {len(ids)} tokens, not one")
+            tokens = ids[0]
+        directions = self.W_U[:, torch.as_tensor(tokens, device=self.W_U.device)].movedim(0, -1)
+        return directions * self.ln_final.weight.to(directions.device)
+
+    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, "d_model"]:
+        """The sum of the attention-output (and MLP-output) biases of the language model's blocks
+        before `layer` (and layer's attention, with `mlp_input`), as TransformerLens's; zero for
+        Llama and Qwen3, which have none."""
+        total = torch.zeros(self.cfg.text.d_model, dtype=self.dtype, device=self.device)
+        for block in self.blocks[: layer + int(mlp_input)]:
+            total = total + block.attn.b_O.to(total.device)
+        for block in self.blocks[:layer] if include_mlp_biases else []:
+            if block.mlp.down_proj.bias is not None:
+                total = total + block.mlp.down_proj.bias.to(total.device)
+        return total
 
     @property
     def W_U(self) -> Float[Tensor, "d_model d_vocab"]:

@@ -256,3 +256,73 @@ def test_backward_hooks_on_hook_result_fire(model_and_inputs):
     finally:
         model.reset_hooks(including_permanent=True)
     assert grads and grads[0].shape[-2:] == (model.cfg.n_heads, model.cfg.d_model)
+
+
+def test_pos_slice_cuts_the_position_axis_of_every_hook(model_and_inputs):
+    """Per-head hooks ([batch, pos, head, d], rotary and q/k-norm outputs included) are cut on
+    their position axis, everything else on the second from last; the slice is a copy."""
+    model, inputs = model_and_inputs
+    _, full = model.run_with_cache(inputs)
+    _, last = model.run_with_cache(inputs, pos_slice=-1)
+    for name, tensor in full.items():
+        per_head = tensor.dim() == 4 and not name.endswith(("hook_pattern", "hook_attn_scores"))
+        dim = -3 if per_head else -2
+        expected = tensor.narrow(dim, tensor.shape[dim] - 1, 1) if tensor.dim() >= -dim else tensor
+        assert torch.equal(last[name], expected), name
+        if last[name].numel() < tensor.numel():
+            assert last[name].untyped_storage().nbytes() < tensor.untyped_storage().nbytes(), name  # not a view
+
+
+def test_a_typo_in_a_names_filter_is_an_error(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match=r"unknown hook name 'blocks.0.hook_resid_pr'"):
+        model.run_with_cache(inputs, names_filter="blocks.0.hook_resid_pr")
+    with pytest.raises(ValueError, match=r"unknown hook name 'blocks.0.hook_attn_ot'"):
+        model.run_with_cache(inputs, names_filter=["blocks.0.hook_resid_pre", "blocks.0.hook_attn_ot"])
+
+
+def test_cache_options_that_cannot_work_say_why(model_and_inputs):
+    model, inputs = model_and_inputs
+    with pytest.raises(ValueError, match="incl_bwd needs a scalar output"):
+        model.run_with_cache(inputs, incl_bwd=True)
+    with pytest.raises(ValueError, match="remove_batch_dim needs a batch of 1, got 2"):
+        model.run_with_cache(inputs, remove_batch_dim=True)
+
+
+def test_logit_attributions_of_the_decomposed_residual_stream_sum_to_the_logit(model_and_inputs):
+    """`cache.logit_attrs` (TransformerLens's, which applies the final norm's scale itself) over
+    `decompose_resid`: the parts sum to the token's logit at the last position."""
+    model, inputs = model_and_inputs
+    logits, cache = model.run_with_cache(inputs)
+    token = int(logits[0, -1].argmax())
+    parts = cache.decompose_resid(layer=-1, pos_slice=-1)  # [component, batch, d_model]
+    attrs = cache.logit_attrs(parts, tokens=torch.tensor([token] * len(inputs)), pos_slice=-1)  # [component, batch]
+    assert torch.allclose(attrs.sum(0)[0], logits[0, -1, token] - model.b_U[token], atol=1e-4)
+    assert torch.equal(model.tokens_to_residual_directions(token), model.W_U[:, token] * model.ln_final.weight)
+    assert torch.equal(model.accumulated_bias(model.cfg.n_layers), torch.zeros(model.cfg.text.d_model))
+
+
+def test_generate_leaves_no_position_offset_behind_even_when_it_raises(model_and_inputs):
+    """Position-addressed hooks read `model.past_length`; after `generate` (finished or not) a
+    direct call of `embed_inputs` must see the prompt's positions again."""
+    from hooked_vlm import interventions as iv
+
+    model, inputs = model_and_inputs
+    ablate = iv.token_ablation(model, iv.image_tokens(inputs), "zero")
+
+    def embeds():
+        with iv.apply(model, ablate):
+            return model.embed_inputs(inputs.input_ids, model.encode_images(inputs.pixel_values), inputs.image_token_mask())
+
+    with torch.no_grad():
+        before = embeds()
+        model.generate(inputs, max_new_tokens=3)
+        assert model.past_length == 0 and torch.equal(embeds(), before)
+
+        def explode(tensor, hook):
+            if model.past_length:
+                raise RuntimeError("boom on a decoding step")
+
+        with pytest.raises(RuntimeError, match="boom"):
+            model.generate(inputs, max_new_tokens=3, fwd_hooks=[("hook_embed", explode)])
+        assert model.past_length == 0 and torch.equal(embeds(), before)

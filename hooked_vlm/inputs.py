@@ -188,9 +188,10 @@ class ImageLayout:
         return torch.isin(self.grid(image, view), positions.to(self.position.device))
 
     def select_images(self, images: Sequence[int]) -> ImageLayout:
-        """The layout of a sub-batch holding these images (each with its batch row), renumbered."""
+        """The layout of a sub-batch holding these images, in this order, each with its batch row:
+        rows are renumbered in the order they first appear (build the sub-batch from them so)."""
         rows = [self.image_batch_row[i] for i in images]
-        new_row = {r: k for k, r in enumerate(sorted(set(rows)))}
+        new_row = {r: k for k, r in enumerate(dict.fromkeys(rows))}
         keep = torch.isin(self.image, torch.tensor(list(images)))
         image_map = torch.full((self.n_images,), -1, dtype=torch.long)
         image_map[torch.tensor(list(images))] = torch.arange(len(images))

@@ -175,3 +175,13 @@ def test_sheet_index_joins_the_local_tiles_of_each_image(tiny_checkpoint, photos
             expected = first + v if geometry.is_global else first + min(i for i, g in enumerate(image_views) if not g.is_global)
             assert (sheet[tokens] == expected).all(), (image, v)
     assert len(sheet.unique()) == sum(1 + any(not g.is_global for g in vs) for vs in layout.views if len(vs) > 1) + sum(len(vs) == 1 for vs in layout.views)
+
+
+def test_select_images_numbers_rows_in_the_order_given(tiny_checkpoint, photos):
+    model = HookedVLM.from_pretrained(tiny_checkpoint("llava_base"))
+    inputs = model.prepare([photos["chelsea"], photos["rocket"], photos["coffee"]], ["A?", "B?", "C?"])
+    sub = inputs.layout.select_images([2, 0])
+    assert sub.image_batch_row == [0, 1] and sub.image_sizes == [inputs.layout.image_sizes[2], inputs.layout.image_sizes[0]]
+    old = inputs.layout
+    assert torch.equal(sub.batch[sub.image == 0], torch.zeros_like(sub.batch[sub.image == 0]))
+    assert torch.equal(sub.position[sub.image == 0], old.position[old.image == 2])

@@ -57,3 +57,15 @@ def test_a_keyword_of_the_other_family_is_named(model):
     other = {"llava": "min_tiles", "internvl": "image_mode"}[model.cfg.family]
     with pytest.raises(TypeError, match=rf"prepare\(\) for {model.cfg.family} checkpoints takes no {other}; it takes raw, "):
         model.prepare(Image.new("RGB", (40, 30)), "What is this?", **{other: 1})
+
+
+def test_transparency_is_composited_onto_white_as_hugging_face_does(model):
+    rgba = np.zeros((30, 40, 4), dtype=np.uint8)
+    rgba[..., 0] = 200  # red everywhere, opaque on the left half only
+    rgba[:, :20, 3] = 255
+    image = Image.fromarray(rgba, "RGBA")
+    on_white = Image.alpha_composite(Image.new("RGBA", image.size, (255, 255, 255, 255)), image).convert("RGB")
+    expected = model.prepare(on_white, "What is this?").pixel_values
+    assert torch.equal(model.prepare(image, "What is this?").pixel_values, expected)
+    assert torch.equal(model.prepare(rgba, "What is this?").pixel_values, expected)  # an RGBA array too
+    assert not torch.equal(model.prepare(image.convert("RGB"), "What is this?").pixel_values, expected)

@@ -85,9 +85,10 @@ def as_pil_image(image: ImageLike, index: int = 0) -> Image.Image:
     """An RGB PIL image from a PIL image, a local path or URL (read by transformers'
     `load_image`, which applies the EXIF orientation), a uint8 numpy array `[height, width]` or
     `[height, width, channels]`, or a uint8 tensor `[channels, height, width]` (torchvision's
-    layout), channels being 1, 3 or 4."""
+    layout), channels being 1, 3 or 4. Transparency is composited onto white, as Hugging Face's
+    image processors do."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return _rgb(image)
     if isinstance(image, (str, Path)):
         from transformers.image_utils import load_image
 
@@ -106,8 +107,15 @@ def as_pil_image(image: ImageLike, index: int = 0) -> Image.Image:
             image = image[:, :, 0]
         if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
             raise ValueError(f"image {index} has array shape {image.shape}; expected [H, W] or [H, W, 1|3|4] (tensors: [1|3|4, H, W])")
-        return Image.fromarray(image).convert("RGB")
+        return _rgb(Image.fromarray(image))
     raise TypeError(f"image {index} is a {type(image).__name__}; expected a PIL image, a path or URL, or a uint8 array")
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """RGB as Hugging Face's image processors make it: transparency composited onto white."""
+    from transformers.image_transforms import convert_to_rgb
+
+    return convert_to_rgb(image)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -223,3 +223,20 @@ def test_device_map_places_every_module_where_asked(tiny_checkpoint, photos):
         assert torch.equal(split(inputs), plain(inputs)) and torch.equal(auto(inputs), plain(inputs))
     with pytest.raises(ValueError, match="device_map does not place '"):
         HookedVLM.from_pretrained(directory, device_map={"vision": "cpu"})
+
+
+def test_generation_stops_at_every_eos_of_the_generation_config_as_hugging_face_does(tiny_checkpoint, tmp_path, photos):
+    copy = tmp_path / "two-eos"
+    shutil.copytree(tiny_checkpoint("llava_base"), copy)
+    model = HookedVLM.from_pretrained(copy)
+    inputs = model.prepare(photos["coffee"], "Describe the image.")
+    free = model.generate(inputs, max_new_tokens=8, return_tokens=True)[0].tolist()
+    stop = free[2]  # a token the model emits third, made an end of sequence
+    assert stop not in model.cfg.eos_token_ids and stop not in free[:2]
+    config = json.loads((copy / "generation_config.json").read_text())
+    config["eos_token_id"] = [model.cfg.eos_token_ids[0], stop]
+    (copy / "generation_config.json").write_text(json.dumps(config))
+    from hooked_vlm.parity import check_parity
+
+    report = check_parity(copy, [photos["coffee"]], ["Describe the image."], max_new_tokens=8, verbose=False)
+    assert report.generation_match and report.hooked_tokens == [free[:3]], (report.hooked_tokens, free)

@@ -68,7 +68,23 @@ def load_pretrained(
         from weights_conversion import llava as module
     else:
         from weights_conversion import internvl as module
-    return module.load(directory, raw_config, dtype, Placement(device, device_map))
+    model = module.load(directory, raw_config, dtype, Placement(device, device_map))
+    if fmt.endswith("-hf"):
+        _apply_generation_config(model, directory)
+    return model
+
+
+def _apply_generation_config(model, directory: Path) -> None:
+    """Stop and pad where Hugging Face's `generate` does: with the `eos_token_id` (one or
+    several) and `pad_token_id` of `generation_config.json` when it has them, else the config's."""
+    from dataclasses import replace
+
+    generation = read_json(directory / "generation_config.json") or {}
+    eos, pad = generation.get("eos_token_id"), generation.get("pad_token_id")
+    if eos is not None:
+        model.cfg = replace(model.cfg, eos_token_id=tuple(eos) if isinstance(eos, list) else int(eos))
+    if pad is not None:
+        model.cfg = replace(model.cfg, pad_token_id=int(pad))
 
 
 def assemble(

@@ -10,6 +10,7 @@ tokens only through it; nothing hard-codes 576.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field, replace
 from typing import Sequence, Union
 
@@ -255,14 +256,14 @@ class ImageLayout:
             raise IndexError(f"image index {image} out of range for a batch of {self.n_images} images")
         selected = self.image == image
         image_views = self.views[image]
-        if views == "all":
+        if isinstance(views, str) and views == "all":
             return selected
         if isinstance(views, str):
             if views not in ("global", "local"):
                 raise ValueError(f"unknown views {views!r}: use 'all', 'global', 'local', a view index or a list of them")
             wanted = [i for i, v in enumerate(image_views) if v.is_global == (views == "global")]
         else:
-            wanted = [views] if isinstance(views, int) else list(views)
+            wanted = [int(views)] if isinstance(views, numbers.Integral) else [int(v) for v in views]  # numpy ints too
             for v in wanted:
                 if not 0 <= v < len(image_views):
                     raise IndexError(f"view {v} out of range: image {image} has {len(image_views)} views")

@@ -185,3 +185,10 @@ def test_select_images_numbers_rows_in_the_order_given(tiny_checkpoint, photos):
     old = inputs.layout
     assert torch.equal(sub.batch[sub.image == 0], torch.zeros_like(sub.batch[sub.image == 0]))
     assert torch.equal(sub.position[sub.image == 0], old.position[old.image == 2])
+
+
+def test_views_may_be_numpy_integers(tiny_checkpoint, photos):
+    model = HookedVLM.from_pretrained(tiny_checkpoint("internvl_6b"))
+    layout = model.prepare(photos["chelsea"], "What is this?").layout
+    assert torch.equal(layout.positions(0, np.int64(1)), layout.positions(0, 1))
+    assert torch.equal(layout.positions(0, np.array([0, 2])), layout.positions(0, [0, 2]))

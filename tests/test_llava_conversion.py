@@ -223,6 +223,11 @@ def test_device_map_places_every_module_where_asked(tiny_checkpoint, photos):
         assert torch.equal(split(inputs), plain(inputs)) and torch.equal(auto(inputs), plain(inputs))
     with pytest.raises(ValueError, match="device_map does not place '"):
         HookedVLM.from_pretrained(directory, device_map={"vision": "cpu"})
+    with pytest.raises(ValueError, match=r"device_map keys \['vison', 'blocks.7'\] name no module of the model"):
+        HookedVLM.from_pretrained(directory, device_map={"": "cpu", "vison": "cpu", "blocks.7": "cpu"})
+    everything = HookedVLM.from_pretrained(directory, device_map={"": "cpu"})  # accelerate's "the whole model"
+    with torch.no_grad():
+        assert torch.equal(everything(inputs), plain(inputs))
 
 
 def test_generation_stops_at_every_eos_of_the_generation_config_as_hugging_face_does(tiny_checkpoint, tmp_path, photos):

@@ -102,6 +102,7 @@ def assemble(
     check_plan(plan, model, shapes)
     placement = device if isinstance(device, Placement) else Placement(device)
     placement.resolve(cfg.text.n_layers)
+    placement.check_keys([name for name, _ in model.named_parameters()])
     if cfg.tie_word_embeddings and placement("embed.weight") != placement("unembed.weight"):
         raise ValueError("tied embeddings need the embedding and the unembedding on the same device")
     load_plan(plan, model, readers, dtype, placement)

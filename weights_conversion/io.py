@@ -170,14 +170,23 @@ class Placement:
             self._map |= {f"blocks.{l}": devices[l // per] for l in range(n_layers)}
             self._map |= {"ln_final": devices[-1], "unembed": devices[-1]}
         elif isinstance(self.device_map, dict):
-            self._map = {k: torch.device(v) for k, v in self.device_map.items()}
+            self._map = {k: torch.device(v) for k, v in self.device_map.items()}  # "" places everything
         else:
             raise ValueError(f"device_map must be a dict or 'auto', not {self.device_map!r}")
+
+    def check_keys(self, names: list[str]) -> None:
+        """A device_map key that places no parameter is a typo, not a no-op."""
+        if not isinstance(self.device_map, dict):
+            return
+        unused = [k for k in self.device_map if k and not any(n == k or n.startswith(k + ".") for n in names)]
+        if unused:
+            tops = sorted({n.split(".")[0] for n in names})
+            raise ValueError(f"device_map keys {unused} name no module of the model (top-level modules: {tops}; blocks are 'blocks.N')")
 
     def __call__(self, name: str) -> torch.device:
         if self._map is None:
             return self.default
-        matches = [k for k in self._map if name == k or name.startswith(k + ".")]
+        matches = [k for k in self._map if k == "" or name == k or name.startswith(k + ".")]
         if not matches:
             raise ValueError(f"device_map does not place {name!r}; give a device for one of its parent modules")
         return self._map[max(matches, key=len)]

@@ -246,16 +246,19 @@ class ObjectRemovedPair:
 def removed_image_paths(removed_dir: str | Path) -> dict[int, tuple[int | None, Path]]:
     """Map annotation id -> (image id if the name has one, path) for a removed-image directory.
 
-    Files whose names do not follow the convention (e.g. `000000397133.png`, COCO's zero-padded
-    image file name, or a `_mask` file) are skipped with a warning naming a few; two files for
+    Images whose names do not follow the convention (e.g. `000000397133.png`, COCO's zero-padded
+    image file name, a `_mask` file, a `.webp`) are skipped with a warning naming a few, other
+    files silently; two files for
     the same annotation (e.g. `42.png` and `7_42.png`) raise ValueError.
     """
     found: dict[int, tuple[int | None, Path]] = {}
     skipped = []
+    image_extensions = Image.registered_extensions()
     for path in sorted(Path(removed_dir).iterdir()):
         match = _REMOVED_NAME.match(path.stem)
         if path.suffix.lower() not in REMOVED_IMAGE_EXTENSIONS or match is None:
-            skipped.append(path.name)
+            if path.suffix.lower() in image_extensions:  # an image that will not be used; other files are no concern
+                skipped.append(path.name)
             continue
         ann_id = int(match["ann_id"])
         if ann_id in found:
@@ -264,7 +267,7 @@ def removed_image_paths(removed_dir: str | Path) -> dict[int, tuple[int | None, 
         found[ann_id] = (image_id, path)
     if skipped:
         warnings.warn(
-            f"{len(skipped)} files in {removed_dir} are not named {{ann_id}}.{{png,jpg,jpeg}} or "
+            f"{len(skipped)} images in {removed_dir} are not named {{ann_id}}.{{png,jpg,jpeg}} or "
             f"{{image_id}}_{{ann_id}}.{{ext}} and were skipped: {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''}",
             stacklevel=2,
         )
@@ -289,7 +292,7 @@ def pair_with_removed(
     """Pair items with their object-removed images (items without one are skipped).
 
     A removed image is named after the annotation whose object it removes: `{ann_id}.{ext}` or
-    `{image_id}_{ann_id}.{ext}`, ext png, jpg or jpeg (other files are skipped with a warning).
+    `{image_id}_{ann_id}.{ext}`, ext png, jpg or jpeg (other images are skipped with a warning).
     The result is a list of `ObjectRemovedPair` carrying the dataset's `class_names` (those of
     a `CocoSubset`, else the items' own classes).
 

@@ -340,10 +340,10 @@ class HookedVLM(HookedRootModule):
         return self.embed.W_E
 
     def tokens_to_residual_directions(self, tokens: int | str | Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
-        """Each token's logit direction in the normalized residual stream (`ln_final.hook_normalized`,
-        what `decompose_resid(apply_ln=True)` gives): `ln_final.weight * W_U[:, token]`, since the
-        final norm's weight is not folded into `W_U` as TransformerLens folds it. What
-        `cache.logit_attrs` projects on. A string must be one token."""
+        """Each token's logit direction for the residual stream divided by the final norm's scale
+        (what `decompose_resid(apply_ln=True)` gives and `cache.logit_attrs` projects):
+        `ln_final.weight * W_U[:, token]`, since the norm's weight is not folded into `W_U` as
+        TransformerLens folds it. A string must be one token."""
         if isinstance(tokens, str):
             ids = self.tokenizer.encode(tokens, add_special_tokens=False)
             if len(ids) != 1:

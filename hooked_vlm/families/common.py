@@ -115,7 +115,7 @@ def _rgb(image: Image.Image) -> Image.Image:
     """RGB as Hugging Face's image processors make it: transparency composited onto white."""
     from transformers.image_transforms import convert_to_rgb
 
-    return convert_to_rgb(image)
+    return Image.fromarray(convert_to_rgb(image, return_numpy=True))
 
 
 def left_pad(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -32,8 +32,9 @@ from hooked_vlm.config import HookedVLMConfig, as_dtype
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.towers import Projector, VisionTower
 
-# per-head hooks, [batch, pos, head, d]: their position axis is the third from last
-PER_HEAD_HOOKS = frozenset({"hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result"})
+# per-head hooks, [batch, pos, head, d]: their position axis is the third from last (so is a
+# per-head q/k norm's `hook_normalized` when it is 4-D)
+PER_HEAD_HOOKS = frozenset({"hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result", "hook_normalized"})
 
 
 class Embed(nn.Module):
@@ -295,7 +296,7 @@ class HookedVLM(HookedRootModule):
 
         def sliced(save: Callable) -> Callable:
             def hook(tensor: Tensor, hook: HookPoint):
-                dim = -3 if tensor.dim() == 4 and hook.name.rsplit(".", 1)[-1] in PER_HEAD_HOOKS | {"hook_normalized"} else -2
+                dim = -3 if tensor.dim() == 4 and hook.name.rsplit(".", 1)[-1] in PER_HEAD_HOOKS else -2
                 return save(pos_slice.apply(tensor, dim=dim).clone() if tensor.dim() >= -dim else tensor, hook=hook)
 
             return hook

@@ -248,8 +248,8 @@ def removed_image_paths(removed_dir: str | Path) -> dict[int, tuple[int | None, 
 
     Images whose names do not follow the convention (e.g. `000000397133.png`, COCO's zero-padded
     image file name, a `_mask` file, a `.webp`) are skipped with a warning naming a few, other
-    files silently; two files for
-    the same annotation (e.g. `42.png` and `7_42.png`) raise ValueError.
+    files silently; two files for the same annotation (e.g. `42.png` and `7_42.png`) raise
+    ValueError.
     """
     found: dict[int, tuple[int | None, Path]] = {}
     skipped = []

@@ -19,6 +19,7 @@ from hooked_vlm import interventions as iv
 from hooked_vlm import saes
 from hooked_vlm.inputs import position_ids_from_mask
 from hooked_vlm.testing import real_config
+from test_readme import run_example
 
 HOOK = "blocks.1.hook_resid_post"
 
@@ -375,3 +376,11 @@ def test_qwen_scope_layer_loads_onto_a_model_that_fits_and_refuses_one_that_does
     monkeypatch.setattr("huggingface_hub.hf_hub_download", fake_download)
     downloaded = saes.load_qwen_scope_layer("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", layer=2)
     assert requested == [("Qwen/SAE-Res-Qwen3-1.7B-Base-W32K-L0_50", "layer2.sae.pt")] and downloaded.cfg.k == 50
+
+
+def test_readme_example_runs_as_written(internvl, tmp_path):
+    model, inputs = internvl
+    path = saes.save_saelens(random_sae(model.cfg.d_model, HOOK), tmp_path / "sae")
+    ns = run_example("SAEs", {'"path/to/sae"': repr(str(path))}, {"model": model, "inputs": inputs})
+    assert ns["image_features"].shape == (len(inputs.layout), 256) and len(ns["texts"]) == len(inputs)
+    assert list(ns["report"].index) == ["image", "text", "all"] and torch.equal(ns["logits"], model.run_with_cache(inputs)[0])

@@ -12,11 +12,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformer_lens.patching as tl_patching
+from PIL import Image
 from transformer_lens import FactoredMatrix
 from transformer_lens.utilities import get_act_name
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.tl_surface import PAD_LABEL
+from test_readme import CAT, run_example
 
 
 @pytest.fixture(scope="module", params=["toy-llava", "toy-internvl"])
@@ -297,3 +299,14 @@ def test_moe_mlps_have_no_single_W_in(toy, monkeypatch):
     monkeypatch.setattr(model.blocks[1], "mlp", Experts())
     with pytest.raises(NotImplementedError, match="blocks.1.mlp is a Experts, which has no single W_in: read its own weights \\(experts\\)"):
         model.W_in
+
+
+def test_readme_example_runs_as_written():
+    ns = run_example(
+        "Coming from TransformerLens",
+        {'"OpenGVLab/InternVL3_5-2B-HF"': '"toy-internvl"', '"cat.jpg"': repr(str(CAT)), '"cat_mirrored.jpg"': "mirrored"},
+        {"HookedVLM": HookedVLM, "mirrored": Image.open(CAT).transpose(0)},
+    )
+    model = ns["model"]
+    assert ns["per_head"].shape == (model.cfg.n_layers, model.cfg.n_heads) and isinstance(ns["ov"], FactoredMatrix)
+    assert ns["labels"][ns["position"]] == "?" and ns["patches"][0] == "<cls v0>" and isinstance(ns["word"], str)

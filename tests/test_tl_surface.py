@@ -267,6 +267,13 @@ def test_transformer_lens_head_patching_sweeps_run_on_inputs_and_match_a_hand_pa
     _close(out[2, 1], metric(model.run_with_hooks(corrupted, fwd_hooks=[("blocks.2.attn.hook_z", patch)])))
 
 
+def test_direct_path_patching_says_what_it_would_need(toy, pair):
+    model = toy[0]
+    clean, corrupted, clean_cache, metric = pair
+    with pytest.raises(NotImplementedError, match="no per-head copies of the residual stream before Q/K/V"):
+        tl_patching.get_act_patch_direct_path(model, corrupted, clean_cache, clean_cache, metric, 0, 0, verbose=False)
+
+
 # ------------------------------------------------------------------------------ viewers (20-21)
 def test_circuitsvis_draws_attention_over_to_str_tokens(toy):
     model, inputs, cache = toy

@@ -34,6 +34,16 @@ from hooked_vlm.tl_surface.weights import LanguageModelWeights, StackedWeights, 
 class TransformerLensSurface(TokenHelpers, LanguageModelWeights, SAEMethods):
     """Mixed into `HookedVLM`: token helpers, language-model weight views, SAE splicing."""
 
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """TransformerLens's switch for per-head copies of the residual stream before Q/K/V, which
+        `get_act_patch_direct_path` needs: there are none here, so only False is accepted."""
+        if use_split_qkv_input:
+            raise NotImplementedError(
+                "HookedVLM has no per-head copies of the residual stream before Q/K/V (TransformerLens's "
+                "use_split_qkv_input), so transformer_lens.patching.get_act_patch_direct_path cannot run; "
+                "patch a head's output into later heads' attn.hook_q/hook_k/hook_v instead"
+            )
+
 
 class VisionTowerSurface(VisionTowerWeights):
     """Mixed into `VisionTower`: weight views and position labels of the vision tower."""

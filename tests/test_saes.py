@@ -192,6 +192,16 @@ def test_error_term_stays_exact_for_a_bf16_sae_and_a_head_sae(internvl):
     assert torch.equal(model.run_with_saes(inputs, saes=[bf16, per_head], use_error_term=True), plain)
 
 
+def test_error_term_stays_exact_on_a_bf16_model(photos):
+    model = HookedVLM.from_pretrained("toy-internvl", dtype=torch.bfloat16)
+    inputs = model.prepare(photos["rocket"], "Where is it?")
+    sae = random_sae(model.cfg.d_model, HOOK)  # fp32: the SAE computes in its own dtype
+    assert torch.equal(model.run_with_saes(inputs, saes=[sae], use_error_term=True), model(inputs))
+    _, cache = model.run_with_cache_with_saes(inputs, saes=[sae], names_filter=[HOOK, f"{HOOK}.hook_sae_recons"])
+    assert cache[HOOK].dtype == torch.bfloat16 and cache[f"{HOOK}.hook_sae_recons"].dtype == torch.float32
+    assert torch.equal(cache[HOOK], cache[f"{HOOK}.hook_sae_recons"].to(torch.bfloat16))  # without the error term
+
+
 def test_features_of_image_tokens_are_cached_under_their_hook_names(internvl):
     model, inputs = internvl
     sae = random_sae(model.cfg.d_model, HOOK)

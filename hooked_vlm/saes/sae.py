@@ -15,7 +15,7 @@ theirs, and with no edit the output *is* `x`, bit for bit, whatever the SAE's dt
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Literal
 
 import einops
@@ -60,11 +60,6 @@ class SAEConfig:
             raise ValueError(f"a TopK SAE needs an integer k in 1..d_sae={self.d_sae}, got {self.k!r}")
         if self.reshape_activations not in ("none", "hook_z"):
             raise ValueError(f"reshape_activations must be 'none' or 'hook_z', got {self.reshape_activations!r}")
-
-    def to_dict(self) -> dict:
-        out = asdict(self)
-        out["dtype"] = str(self.dtype).removeprefix("torch.")
-        return out
 
 
 class SAE(HookedRootModule):

@@ -11,6 +11,9 @@ With the error term (`use_error_term=True`), `error_clean = x - recons_clean` is
 misses, computed by a second pass with no hook active (as SAELens does): edits to the features
 change the output by exactly their effect on the reconstruction, edits to `hook_sae_error` by
 theirs, and with no edit the output *is* `x`, bit for bit, whatever the SAE's dtype.
+
+An SAE computes on its own device and in its own dtype (`sae.to("cuda")`, `sae.to(torch.bfloat16)`):
+activations are moved there, and its output back to the activation's device and dtype.
 """
 
 from __future__ import annotations

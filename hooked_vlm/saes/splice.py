@@ -11,8 +11,8 @@ SAEs and their hook points are gone.
 `tokens` restricts where the SAE's output replaces the activation: "image" or "text" (the
 language model's image tokens, or every other real token, generated ones included), a
 `TokenSet`, or for a vision-tower hook a `PatchSet`. The SAE still encodes every position (the
-cached features keep the activation's shape), but elsewhere the model's own activation flows
-on, so editing features there changes nothing.
+cached features, and `hook_sae_output`, keep the activation's shape), but elsewhere the model's
+own activation flows on, so editing features there changes nothing.
 """
 
 from __future__ import annotations

@@ -105,6 +105,10 @@ class HookedVLMConfig:
     tie_word_embeddings: bool = False
     checkpoint_format: str = ""  # e.g. "llava-hf", "llava-original", "internvl-hf", "internvl-original"
     extra: dict = field(default_factory=dict)  # family-specific preprocessing settings
+    # Not a field: transformer_lens helpers allocate their results on `cfg.device`
+    # (`transformer_lens.patching`); a VLM may span devices (device_map), so None: torch's default
+    # device. The model's own device is `model.device`.
+    device = None
 
     def __getattr__(self, name: str):
         # Only reached when normal lookup fails: forward to the language model's config so that

@@ -30,6 +30,7 @@ from hooked_vlm.cache import VLMActivationCache
 from hooked_vlm.components import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
 from hooked_vlm.config import HookedVLMConfig, as_dtype
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.tl_surface import TransformerLensSurface
 from hooked_vlm.towers import Projector, VisionTower
 
 # per-head hooks, [batch, pos, head, d]: their position axis is the third from last (so is a
@@ -72,7 +73,7 @@ class Unembed(nn.Module):
         return nn.functional.linear(x, self.weight)
 
 
-class HookedVLM(HookedRootModule):
+class HookedVLM(TransformerLensSurface, HookedRootModule):
     """A LLaVA-1.5 or InternVL-3.5 model whose every activation can be cached, patched or knocked out.
 
     Build one with `HookedVLM.from_pretrained(name_or_path, dtype=..., device=...)`; feed it the
@@ -334,63 +335,6 @@ class HookedVLM(HookedRootModule):
         if return_tokens:
             return tokens
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=skip_special_tokens)
-
-    # ----------------------------------------------------------------------------- TL-style views
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.W_E
-
-    def tokens_to_residual_directions(self, tokens: int | str | Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
-        """Each token's logit direction for the residual stream divided by the final norm's scale
-        (what `decompose_resid(apply_ln=True)` gives and `cache.logit_attrs` projects):
-        `ln_final.weight * W_U[:, token]`, since the norm's weight is not folded into `W_U` as
-        TransformerLens folds it. A string must be one token."""
-        if isinstance(tokens, str):
-            ids = self.tokenizer.encode(tokens, add_special_tokens=False)
-            if len(ids) != 1:
-                raise ValueError(f"{tokens!r} is {len(ids)} tokens, not one")
-            tokens = ids[0]
-        directions = self.W_U[:, torch.as_tensor(tokens, device=self.W_U.device)].movedim(0, -1)
-        return directions * self.ln_final.weight.to(directions.device)
-
-    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, "d_model"]:
-        """The sum of the attention-output (and MLP-output) biases of the language model's blocks
-        before `layer` (and layer's attention, with `mlp_input`), as TransformerLens's; zero for
-        Llama and Qwen3, which have none."""
-        total = torch.zeros(self.cfg.text.d_model, dtype=self.dtype, device=self.device)
-        for block in self.blocks[: layer + int(mlp_input)]:
-            total = total + block.attn.b_O.to(total.device)
-        for block in self.blocks[:layer] if include_mlp_biases else []:
-            if block.mlp.down_proj.bias is not None:
-                total = total + block.mlp.down_proj.bias.to(total.device)
-        return total
-
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.W_U
-
-    @property
-    def b_U(self) -> Float[Tensor, "d_vocab"]:
-        return self.unembed.b_U
-
-    def _stack(self, blocks: nn.ModuleList, name: str) -> Tensor:
-        return torch.stack([getattr(block.attn, name) for block in blocks])
-
-    @property
-    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(self.blocks, "W_Q")
-
-    @property
-    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(self.blocks, "W_K")
-
-    @property
-    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(self.blocks, "W_V")
-
-    @property
-    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
-        return self._stack(self.blocks, "W_O")
 
 
 def _output_checked(fn: Callable) -> Callable:

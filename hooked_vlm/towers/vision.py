@@ -13,9 +13,10 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_vlm.components import LayerNorm, TransformerBlock
 from hooked_vlm.config import TransformerConfig
+from hooked_vlm.tl_surface import VisionTowerSurface
 
 
-class VisionTower(nn.Module):
+class VisionTower(VisionTowerSurface, nn.Module):
     """Hooks: `hook_patch_embed` `[view, patch, d_model]` (conv output, row-major over the grid),
     `hook_pos_embed` `[1, 1 + patch, d_model]`, `hook_embed` (CLS + patches + positions),
     `ln_pre.hook_normalized` (CLIP), the blocks' hooks, and `hook_features`: the selected hidden

@@ -1,0 +1,168 @@
+"""`attention_view`: one (image, prompt) pair, its answer, and what the page draws of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from jaxtyping import Float, Int
+from PIL import Image
+
+from hooked_vlm.inputs import ImageLayout, VLMInput
+from hooked_vlm.viewer.collect import extend_with_answer, read_activations, select, stored_bytes
+
+MEGABYTE = 2**20
+
+
+@dataclass
+class AttentionView:
+    """The viewer's data for one image and prompt (+ answer). Arrays are float32, exact:
+    quantisation happens only when the page is written (`html`).
+
+    `labels` has one string per position; `queries` are the selectable query positions;
+    `answer_start` is the first answer position (`len(labels)` without an answer).
+    `lm_attention[l, h, q, t]`: language-model layer `layers[l]`, head h, from `queries[q]` to
+    the image's token t (layout order). `vision_attention[l, h, i, j]`: vision layer
+    `vision_layers[l]`, head h (or the mean over heads: `vision_heads == "mean"`), from the
+    image's i-th grid cell (layout order, CLS tokens skipped) to the j-th cell of the same view.
+    `lens_ids[l, t, k]`, `lens_probs[l, t, k]`: the top-k predictions of the residual stream
+    after layer `lens_layers[l]` at image token t; `lens_vocab` spells each id."""
+
+    family: str
+    image: Image.Image
+    layout: ImageLayout
+    labels: list[str]
+    answer_start: int
+    queries: Int[np.ndarray, "query"]
+    layers: list[int]
+    lm_attention: Float[np.ndarray, "layer head query image_token"]
+    vision_layers: list[int]
+    vision_heads: str
+    vision_attention: Float[np.ndarray, "vision_layer vision_head cell cell"]
+    lens_layers: list[int]
+    lens_ids: Int[np.ndarray, "lens_layer image_token k"]
+    lens_probs: Float[np.ndarray, "lens_layer image_token k"]
+    lens_vocab: dict[int, str]
+    title: str = ""
+    panel_px: int = 360
+
+    def html(self) -> str:
+        """The page: one self-contained HTML document (data, script, styles and image inline)."""
+        from hooked_vlm.viewer.page import render_page
+
+        return render_page(self)
+
+    def save(self, path: str | Path) -> Path:
+        """Write the page to `path` atomically (a failure leaves the previous file or none)."""
+        from hooked_vlm.viewer.page import write_atomically
+
+        return write_atomically(Path(path), self.html())
+
+    def _repr_html_(self) -> str:
+        """Jupyter: the page in an iframe, so its script and styles stay apart from the notebook's."""
+        from hooked_vlm.viewer.page import notebook_frame
+
+        return notebook_frame(self.html())
+
+
+def attention_view(
+    model,
+    inputs: VLMInput | Any,
+    prompt: str | None = None,
+    *,
+    max_new_tokens: int = 0,
+    layers: Sequence[int] | None = None,
+    queries: Sequence[int] | None = None,
+    vision_layers: Sequence[int] | None = None,
+    vision_heads: str = "mean",
+    lens_layers: Sequence[int] | None = None,
+    lens_top_k: int = 5,
+    max_megabytes: float = 100.0,
+    panel_px: int = 360,
+    title: str | None = None,
+) -> AttentionView:
+    """Attention over the image for one (image, prompt) pair: display it in Jupyter or `.save()`
+    it as a self-contained HTML file.
+
+    `inputs` is a one-row `VLMInput` from `model.prepare`, or an image (then `prompt` is needed).
+    `max_new_tokens > 0` generates an answer greedily, then runs one forward over prompt +
+    answer, so the answer's tokens are selectable queries too.
+
+    Kept (defaults in brackets): language-model attention of `layers` [all], every head, from
+    `queries` [the text tokens after the image, and the answer] to the image tokens; vision-tower
+    attention between image-token cells within each view for `vision_layers` [four, evenly
+    spaced up to the last block the projector reads], averaged over heads or per head
+    (`vision_heads` "mean" | "all"); the logit lens's `lens_top_k` [5] predictions at every
+    image token after each of `lens_layers` [all]. The page stores one byte per attention
+    weight; a request over `max_megabytes` is refused before anything runs."""
+    if not isinstance(inputs, VLMInput):
+        if not isinstance(prompt, str):
+            raise TypeError("attention_view(model, image, prompt): a prompt is needed with an image (or pass model.prepare's VLMInput)")
+        inputs = model.prepare(inputs, prompt)
+    elif prompt is not None:
+        raise TypeError("pass either a VLMInput or an image and a prompt, not a VLMInput and a prompt")
+    title = title if title is not None else prompt if prompt is not None else (inputs.text[0] if inputs.text else "")
+    _check_single(inputs)
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    selection = select(
+        model, inputs, max_new_tokens, layers=layers, queries=queries, vision_layers=vision_layers,
+        vision_heads=vision_heads, lens_layers=lens_layers, lens_top_k=lens_top_k,
+    )  # fmt: skip
+    size = stored_bytes(model, inputs, selection) / MEGABYTE
+    if size > max_megabytes:
+        raise ValueError(
+            f"the view would hold {size:.0f} MB of attention (limit max_megabytes={max_megabytes:g}): keep fewer "
+            "language-model layers (layers=...) or query tokens (queries=..., max_new_tokens), fewer vision layers "
+            "(vision_layers=...) or vision_heads='mean'"
+        )
+    answer_start = inputs.input_ids.shape[1]
+    if max_new_tokens:
+        inputs = extend_with_answer(inputs, model.generate(inputs, max_new_tokens, return_tokens=True))
+    elif inputs.answer_mask is not None and inputs.answer_mask[0].any():
+        answer_start = int(inputs.answer_mask[0].nonzero()[0])  # teacher-forced: prepare(..., answers=...)
+    arrays = read_activations(model, inputs, selection)
+    ids = np.unique(arrays["lens_ids"])
+    return AttentionView(
+        family=model.cfg.family,
+        image=inputs.images[0],
+        layout=inputs.layout,
+        labels=_token_labels(model, inputs)[0],
+        answer_start=answer_start,
+        queries=selection.queries.numpy(),
+        layers=selection.layers,
+        vision_layers=selection.vision_layers,
+        vision_heads=selection.vision_heads,
+        lens_layers=selection.lens_layers,
+        lens_vocab=dict(zip(ids.tolist(), model.tokenizer.batch_decode(ids[:, None].tolist(), clean_up_tokenization_spaces=False))),
+        title=title,
+        panel_px=panel_px,
+        **arrays,
+    )
+
+
+def _check_single(inputs: VLMInput) -> None:
+    if len(inputs) != 1:
+        raise ValueError(f"a view shows one (image, prompt) pair; got a batch of {len(inputs)} (prepare one pair)")
+    if inputs.layout.n_images != 1:
+        raise ValueError(f"a view shows one image; the prompt holds {inputs.layout.n_images}")
+    if not inputs.images:
+        raise ValueError("the inputs carry no original image to draw on (build them with model.prepare)")
+
+
+def _token_labels(model, inputs: VLMInput) -> list[list[str]]:
+    """One label per position per batch row: text tokens as the tokenizer spells them one by one,
+    image tokens as their place in the image map, `<img v{view} r{row} c{col}>` (`<img v0 cls>`
+    for a CLS token). (`model.to_str_tokens(inputs)` will say the same; swap it in when it lands.)"""
+    labels = [
+        model.tokenizer.batch_decode(row[:, None].tolist(), clean_up_tokenization_spaces=False)
+        for row in inputs.input_ids.cpu()
+    ]
+    layout = inputs.layout
+    for b, p, v, r, c in zip(*(t.tolist() for t in (layout.batch, layout.position, layout.view, layout.row, layout.col))):
+        labels[b][p] = f"<img v{v} cls>" if r < 0 else f"<img v{v} r{r} c{c}>"
+    return labels
+

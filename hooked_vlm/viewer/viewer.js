@@ -255,8 +255,10 @@
   const quote = (s) => "\u201c" + visible(s) + "\u201d";
   const pct = (x) => (100 * x).toFixed(1) + "%";
   function fmt(x) { return x >= 0.01 || x === 0 ? x.toFixed(3) : x.toExponential(2); }
-  function fitFrame() {  // in a notebook the page lives in an iframe: grow it to the page
-    try { if (window.frameElement) window.frameElement.style.height = document.documentElement.scrollHeight + 24 + "px"; } catch (e) { /* cross-origin host */ }
+  function fitFrame() {  // in a notebook the page lives in an iframe: fit it to the content (not to the
+    // document's scrollHeight, which is at least the frame's own height and would only ever grow)
+    const height = Math.ceil(document.body.getBoundingClientRect().bottom + window.scrollY) + 16;
+    try { if (window.frameElement) window.frameElement.style.height = height + "px"; } catch (e) { /* cross-origin host */ }
   }
   function fail(message) {
     const p = document.createElement("p");

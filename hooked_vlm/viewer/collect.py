@@ -13,6 +13,7 @@ Hooks slice every tensor as it passes, so only what the page needs is ever kept:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Sequence
@@ -120,6 +121,32 @@ def stored_bytes(model, inputs: VLMInput, selection: Selection) -> int:
     vision = len(selection.vision_layers) * vision_heads * n_grid * cells
     lens = len(selection.lens_layers) * n_image * selection.lens_top_k * 5
     return lm + vision + lens
+
+
+def fit_to_budget(model, inputs: VLMInput, selection: Selection, max_bytes: float, layers_chosen: bool) -> Selection:
+    """The selection if it fits in `max_bytes`; else, when the language-model layers were left
+    to the default, as many of them as fit, evenly spaced and always with the last (a warning
+    says which); else a ValueError naming the knobs."""
+    size = stored_bytes(model, inputs, selection)
+    if size <= max_bytes:
+        return selection
+    per_layer = model.cfg.text.n_heads * len(selection.queries) * len(inputs.layout)
+    others = size - per_layer * len(selection.layers)
+    n_fit = int((max_bytes - others) // per_layer)
+    if layers_chosen or n_fit < 1:
+        raise ValueError(
+            f"the view would hold {size / 2**20:.0f} MB of attention (limit max_megabytes={max_bytes / 2**20:g}): keep "
+            "fewer language-model layers (layers=...) or query tokens (queries=..., max_new_tokens), fewer vision "
+            "layers (vision_layers=...) or vision_heads='mean', or raise max_megabytes"
+        )
+    n_layers = model.cfg.text.n_layers
+    layers = sorted({int(round(x)) for x in np.linspace(n_layers - 1, 0, n_fit)})
+    warnings.warn(
+        f"kept {len(layers)} of {n_layers} language-model layers ({layers}) to stay under max_megabytes="
+        f"{max_bytes / 2**20:g}; pass layers=... (and a larger max_megabytes) for others",
+        stacklevel=3,
+    )
+    return replace(selection, layers=layers)
 
 
 @torch.no_grad()

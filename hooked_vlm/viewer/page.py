@@ -1,9 +1,11 @@
 """The page: an `AttentionView` encoded into one self-contained HTML document.
 
-Storage (what a 7B model's page costs): attention weights are kept one byte each, quantised per
-row (one query, layer and head) against the row's maximum, which is stored as float32 beside
-it. The heat-map's colour map has 256 entries and each map is normalised to its maximum, so the
-byte loses nothing the picture shows (a weight is off by at most 1/510 of the row's maximum);
+Storage (what a 7B model's page costs): attention weights are kept one byte each, per row (one
+query, layer and head) relative to the row's maximum, which is stored as float32 beside it. The
+byte codes the square root of that share: near the maximum a weight is off by at most 1/255 of
+it, as a linear byte would be (the colour map has 256 entries: the heat-map shows the same),
+while the many small weights of a row dominated by a few "sink" tokens keep their structure (a
+thousandth of the maximum is byte 8, not 0), which the page's square-root colour scale reveals.
 float16 would double the size for no visible gain. Only the image-token columns are kept.
 Arrays are then zlib-compressed (the browser inflates them with `DecompressionStream`) and
 base64-encoded; the original image is embedded as a data URI (PNG when small, else JPEG, at
@@ -59,6 +61,7 @@ def page_data(view: AttentionView) -> dict:
         "answer_start": view.answer_start,
         "queries": view.queries.tolist(),
         "panel_px": view.panel_px,
+        "start": view.start,
         **geometry(view),
         "colormap": encode_array(colormap_lut()),
         "lm": {"layers": view.layers, "n_heads": view.lm_attention.shape[1], "att": encode_array(lm_bytes), "scale": encode_array(lm_scale)},
@@ -111,12 +114,13 @@ def geometry(view: AttentionView) -> dict:
 
 
 def quantise_rows(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """uint8 values relative to each row's maximum (last axis), and those maxima as float32:
-    `value ~= byte / 255 * maximum`. An all-zero row is all zeros with maximum 0."""
+    """One byte per value, coding the square root of its share of its row's maximum (last axis),
+    and those maxima as float32: `value ~= (byte / 255) ** 2 * maximum`. An all-zero row is
+    all zeros with maximum 0."""
     values = np.asarray(values, dtype=np.float32)
     scale = values.max(-1)
     safe = np.where(scale > 0, scale, 1.0)[..., None]
-    return np.round(np.clip(values / safe, 0.0, 1.0) * 255).astype(np.uint8), scale.astype(np.float32)
+    return np.round(np.sqrt(np.clip(values / safe, 0.0, 1.0)) * 255).astype(np.uint8), scale.astype(np.float32)
 
 
 def encode_array(array: np.ndarray) -> dict:

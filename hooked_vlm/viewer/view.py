@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -12,7 +12,7 @@ from jaxtyping import Float, Int
 from PIL import Image
 
 from hooked_vlm.inputs import ImageLayout, VLMInput
-from hooked_vlm.viewer.collect import extend_with_answer, read_activations, select, stored_bytes
+from hooked_vlm.viewer.collect import extend_with_answer, fit_to_budget, read_activations, select
 
 MEGABYTE = 2**20
 
@@ -48,6 +48,35 @@ class AttentionView:
     lens_vocab: dict[int, str]
     title: str = ""
     panel_px: int = 360
+    start: dict = field(default_factory=dict)  # what the page opens on (see `select`)
+
+    def select(
+        self,
+        query: int | None = None,
+        layer: int | None = None,
+        head: int | str | None = None,
+        vision_layer: int | None = None,
+        lens_layer: int | None = None,
+    ) -> AttentionView:
+        """A copy that opens on these choices: `query` a query position, `layer` and `head`
+        (or "mean") of the language model, `vision_layer`, `lens_layer`; others stay as they are
+        (by default: the last prompt token, the middle layer, the mean over heads, the last vision
+        and lens layers)."""
+        checks = {
+            "query": (query, self.queries.tolist()),
+            "layer": (layer, self.layers),
+            "head": (head, ["mean", *range(self.lm_attention.shape[1])]),
+            "vision_layer": (vision_layer, self.vision_layers),
+            "lens_layer": (lens_layer, self.lens_layers),
+        }
+        start = dict(self.start)
+        for name, (value, allowed) in checks.items():
+            if value is None:
+                continue
+            if isinstance(value, bool) or value not in allowed:
+                raise ValueError(f"{name} {value!r} is not in the view; it holds {_summary(allowed)}")
+            start[name] = value if value == "mean" else int(value)  # numpy integers too, as JSON numbers
+        return replace(self, start=start)
 
     def html(self) -> str:
         """The page: one self-contained HTML document (data, script, styles and image inline)."""
@@ -80,7 +109,7 @@ def attention_view(
     vision_heads: str = "mean",
     lens_layers: Sequence[int] | None = None,
     lens_top_k: int = 5,
-    max_megabytes: float = 100.0,
+    max_megabytes: float = 64.0,
     panel_px: int = 360,
     title: str | None = None,
 ) -> AttentionView:
@@ -97,7 +126,9 @@ def attention_view(
     spaced up to the last block the projector reads], averaged over heads or per head
     (`vision_heads` "mean" | "all"); the logit lens's `lens_top_k` [5] predictions at every
     image token after each of `lens_layers` [all]. The page stores one byte per attention
-    weight; a request over `max_megabytes` is refused before anything runs."""
+    weight, before compression. When the default layers would exceed `max_megabytes`, as many
+    language-model layers as fit are kept, evenly spaced (with a warning); an explicit request
+    over it is refused before anything runs."""
     if not isinstance(inputs, VLMInput):
         if not isinstance(prompt, str):
             raise TypeError("attention_view(model, image, prompt): a prompt is needed with an image (or pass model.prepare's VLMInput)")
@@ -112,13 +143,7 @@ def attention_view(
         model, inputs, max_new_tokens, layers=layers, queries=queries, vision_layers=vision_layers,
         vision_heads=vision_heads, lens_layers=lens_layers, lens_top_k=lens_top_k,
     )  # fmt: skip
-    size = stored_bytes(model, inputs, selection) / MEGABYTE
-    if size > max_megabytes:
-        raise ValueError(
-            f"the view would hold {size:.0f} MB of attention (limit max_megabytes={max_megabytes:g}): keep fewer "
-            "language-model layers (layers=...) or query tokens (queries=..., max_new_tokens), fewer vision layers "
-            "(vision_layers=...) or vision_heads='mean'"
-        )
+    selection = fit_to_budget(model, inputs, selection, max_megabytes * MEGABYTE, layers_chosen=layers is not None)
     answer_start = inputs.input_ids.shape[1]
     if max_new_tokens:
         inputs = extend_with_answer(inputs, model.generate(inputs, max_new_tokens, return_tokens=True))
@@ -166,3 +191,7 @@ def _token_labels(model, inputs: VLMInput) -> list[list[str]]:
         labels[b][p] = f"<img v{v} cls>" if r < 0 else f"<img v{v} r{r} c{c}>"
     return labels
 
+
+
+def _summary(values: list) -> str:
+    return repr(values) if len(values) <= 12 else f"{values[:6]} ... {values[-3:]} ({len(values)} values)"

@@ -35,19 +35,22 @@
   const VH = D.vision.heads === "mean" ? 1 : D.vision.heads, C = D.vision.cells.length, CV = D.vision.cells_per_view;
   const cellOf = new Map(D.vision.cells.map((t, i) => [t, i]));  // image token -> grid cell index
   const tokenLabel = (t) => D.labels[T.position[t]];
+  const S = D.start, at = (list, value, otherwise) => (value === undefined ? otherwise : list.indexOf(value));
   const state = {
-    query: Math.max(0, D.queries.filter((p) => p < D.answer_start).length - 1),  // predicts the answer's first token
-    lmLayer: D.lm.layers.length >> 1, lmHead: "mean",
-    visionLayer: D.vision.layers.length - 1, visionHead: "mean", cell: centreCell(),
-    lensLayer: D.lens.layers.length - 1, opacity: +$("opacity").value, scale: "linear",
+    query: at(D.queries, S.query, Math.max(0, D.queries.filter((p) => p < D.answer_start).length - 1)),  // predicts the answer's first token
+    lmLayer: at(D.lm.layers, S.layer, D.lm.layers.length >> 1), lmHead: S.head === undefined ? "mean" : String(S.head),
+    visionLayer: at(D.vision.layers, S.vision_layer, D.vision.layers.length - 1), visionHead: "mean", cell: centreCell(),
+    lensLayer: at(D.lens.layers, S.lens_layer, D.lens.layers.length - 1), opacity: +$("opacity").value, scale: "linear",
   };
 
   // ------------------------------------------------------------------ values of each map
+  // An attention byte b codes the square root of the weight's share of its row's maximum (page.py)
+  const BYTE = Float32Array.from({ length: 256 }, (_, b) => (b / 255) ** 2);
   function lmValues() {
     const out = new Float32Array(N), heads = state.lmHead === "mean" ? [...Array(H).keys()] : [+state.lmHead];
     for (const h of heads) {
-      const row = (state.lmLayer * H + h) * Q + state.query, k = lmScale[row] / 255 / heads.length;
-      for (let t = 0; t < N; t++) out[t] += lmAtt[row * N + t] * k;
+      const row = (state.lmLayer * H + h) * Q + state.query, k = lmScale[row] / heads.length;
+      for (let t = 0; t < N; t++) out[t] += BYTE[lmAtt[row * N + t]] * k;
     }
     return out;
   }
@@ -56,8 +59,8 @@
     const heads = state.visionHead === "mean" && VH > 1 ? [...Array(VH).keys()] : [state.visionHead === "mean" ? 0 : +state.visionHead];
     for (let j = 0; j < CV; j++) out[D.vision.cells[first + j]] = 0;
     for (const h of heads) {
-      const row = (state.visionLayer * VH + h) * C + state.cell, k = visScale[row] / 255 / heads.length;
-      for (let j = 0; j < CV; j++) out[D.vision.cells[first + j]] += visAtt[row * CV + j] * k;
+      const row = (state.visionLayer * VH + h) * C + state.cell, k = visScale[row] / heads.length;
+      for (let j = 0; j < CV; j++) out[D.vision.cells[first + j]] += BYTE[visAtt[row * CV + j]] * k;
     }
     return out;
   }
@@ -216,7 +219,7 @@
   const layerItems = (layers) => layers.map((l, i) => [i, String(l)]);
   const headItems = (n) => [["mean", "mean"], ...[...Array(n).keys()].map((h) => [h, String(h)])];
   options($("lm-layer"), layerItems(D.lm.layers), state.lmLayer, (v) => { state.lmLayer = +v; });
-  options($("lm-head"), headItems(H), "mean", (v) => { state.lmHead = v; });
+  options($("lm-head"), headItems(H), state.lmHead, (v) => { state.lmHead = v; });
   options($("vision-layer"), layerItems(D.vision.layers), state.visionLayer, (v) => { state.visionLayer = +v; });
   options($("vision-head"), VH > 1 ? headItems(VH) : [["mean", "mean (stored so)"]], "mean", (v) => { state.visionHead = v; });
   options($("lens-layer"), layerItems(D.lens.layers), state.lensLayer, (v) => { state.lensLayer = +v; });

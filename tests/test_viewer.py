@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -269,6 +270,8 @@ def test_selecting_two_tokens_draws_each_ones_attention_over_tiles_and_thumbnail
         q = int(np.flatnonzero(internvl_view.queries == position)[0])
         stored = internvl_view.lm_attention[internvl_view.layers.index(1), 2, q]
         shots[position] = panel_shots(browser, "lm")
+        share = re.search(r"([\d.]+)% of its attention", browser.find_element(By.ID, "lm-info").text).group(1)
+        assert float(share) == pytest.approx(100 * stored.sum(), abs=0.051)  # exact, not from the bytes
         for panel, png in zip(data["panels"], shots[position]):
             assert_cells_show(png, panel, data["tokens"], dict(enumerate(stored.tolist())))
     before, after = (np.asarray(Image.open(io.BytesIO(s[0]))).astype(int) for s in shots.values())
@@ -352,6 +355,38 @@ def test_notebook_display_is_the_page_in_a_frame_fitted_to_it(browser, tmp_path,
         browser.switch_to.default_content()
     frame_height = frame.size["height"]
     assert frame_height == height
+
+
+def test_select_opens_the_page_on_the_chosen_token_layer_and_head(browser, tmp_path, internvl_view):
+    answer = internvl_view.answer_start
+    page = internvl_view.select(query=answer, layer=2, head=1).save(tmp_path / "chosen.html")
+    open_page(browser, page)
+    assert Select(browser.find_element(By.ID, "lm-layer")).first_selected_option.text == "2"
+    assert Select(browser.find_element(By.ID, "lm-head")).first_selected_option.text == "1"
+    assert browser.find_element(By.CSS_SELECTOR, "#tokens .sel").get_attribute("data-position") == str(answer)
+    assert f"at position {answer}" in browser.find_element(By.ID, "lm-info").text
+
+
+@pytest.mark.parametrize("choice", [dict(layer=7), dict(query=0), dict(head=4), dict(head=True), dict(vision_layer=3)])
+def test_select_refuses_what_the_view_does_not_hold(internvl_view, choice):
+    (name,) = choice
+    with pytest.raises(ValueError, match=f"{name} .* is not in the view"):
+        internvl_view.select(**choice)
+
+
+def test_the_readme_example_writes_the_page_of_its_screenshot(tmp_path, monkeypatch):
+    """The README's example, run as written (the picture beside it was taken from its page)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    section = readme[readme.index("\n## Attention over the image\n") :]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "docs/viewer_toy_internvl.png" in section and (Path(__file__).parents[1] / "docs/viewer_toy_internvl.png").is_file()
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(code, "README.md (Attention over the image)", "exec"), namespace)
+    view = namespace["view"]
+    assert (tmp_path / "view.html").read_text() == view.html()
+    assert view.start == {"query": view.answer_start, "layer": 3, "head": 1}
+    assert [p["name"] for p in geometry(view)["panels"]] == ["tiles (2)", "thumbnail"]
 
 
 # ----------------------------------------------------------------------------- command line

@@ -29,7 +29,7 @@ def add_view_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vision-layers", type=int, nargs="+", help="vision layers to keep (default: four, evenly spaced)")
     p.add_argument("--vision-heads", choices=VISION_HEADS, default="mean", help="vision attention per head, or averaged")
     p.add_argument("--lens-layers", type=int, nargs="+", help="layers of the logit lens (default: all)")
-    p.add_argument("--max-megabytes", type=float, default=64.0,
+    p.add_argument("--max-megabytes", type=float, default=32.0,
                    help="attention kept at most (one byte per weight); default layers are thinned to fit, explicit ones refused")  # fmt: skip
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cpu")

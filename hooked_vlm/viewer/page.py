@@ -64,7 +64,13 @@ def page_data(view: AttentionView) -> dict:
         "start": view.start,
         **geometry(view),
         "colormap": encode_array(colormap_lut()),
-        "lm": {"layers": view.layers, "n_heads": view.lm_attention.shape[1], "att": encode_array(lm_bytes), "scale": encode_array(lm_scale)},
+        "lm": {
+            "layers": view.layers,
+            "n_heads": view.lm_attention.shape[1],
+            "att": encode_array(lm_bytes),
+            "scale": encode_array(lm_scale),
+            "share": encode_array(view.lm_attention.sum(-1, dtype=np.float32)),  # exact, for the page's text
+        },
         "vision": {
             "layers": view.vision_layers,
             "heads": "mean" if view.vision_heads == "mean" else view.vision_attention.shape[1],
@@ -72,6 +78,7 @@ def page_data(view: AttentionView) -> dict:
             "cells_per_view": view.vision_attention.shape[-1],
             "att": encode_array(vision_bytes),
             "scale": encode_array(vision_scale),
+            "share": encode_array(view.vision_attention.sum(-1, dtype=np.float32)),
         },
         "lens": {
             "layers": view.lens_layers,

@@ -109,7 +109,7 @@ def attention_view(
     vision_heads: str = "mean",
     lens_layers: Sequence[int] | None = None,
     lens_top_k: int = 5,
-    max_megabytes: float = 64.0,
+    max_megabytes: float = 32.0,
     panel_px: int = 360,
     title: str | None = None,
 ) -> AttentionView:

@@ -19,10 +19,10 @@
     fail("this browser cannot inflate the page's data (DecompressionStream: Chrome 80+, Firefox 113+, Safari 16.4+)");
     return;
   }
-  let lut, lmAtt, lmScale, visAtt, visScale, lensIds, lensProb;
+  let lut, lmAtt, lmScale, lmShare, visAtt, visScale, visShare, lensIds, lensProb;
   try {
-    [lut, lmAtt, lmScale, visAtt, visScale, lensIds, lensProb] = await Promise.all(
-      [D.colormap, D.lm.att, D.lm.scale, D.vision.att, D.vision.scale, D.lens.ids, D.lens.prob].map(decode));
+    [lut, lmAtt, lmScale, lmShare, visAtt, visScale, visShare, lensIds, lensProb] = await Promise.all(
+      [D.colormap, D.lm.att, D.lm.scale, D.lm.share, D.vision.att, D.vision.scale, D.vision.share, D.lens.ids, D.lens.prob].map(decode));
   } catch (e) {
     fail("could not decode the page's data: " + e);
     return;
@@ -46,24 +46,31 @@
   // ------------------------------------------------------------------ values of each map
   // An attention byte b codes the square root of the weight's share of its row's maximum (page.py)
   const BYTE = Float32Array.from({ length: 256 }, (_, b) => (b / 255) ** 2);
+  // the heads a choice covers: "mean" is every stored head (vision heads stored averaged: the one row)
+  const headsOf = (choice, n) => (choice === "mean" ? [...Array(n).keys()] : [+choice]);
+  const lmRow = (h) => (state.lmLayer * H + h) * Q + state.query;
+  const visRow = (h) => (state.visionLayer * VH + h) * C + state.cell;
   function lmValues() {
-    const out = new Float32Array(N), heads = state.lmHead === "mean" ? [...Array(H).keys()] : [+state.lmHead];
+    const out = new Float32Array(N), heads = headsOf(state.lmHead, H);
     for (const h of heads) {
-      const row = (state.lmLayer * H + h) * Q + state.query, k = lmScale[row] / heads.length;
+      const row = lmRow(h), k = lmScale[row] / heads.length;
       for (let t = 0; t < N; t++) out[t] += BYTE[lmAtt[row * N + t]] * k;
     }
     return out;
   }
   function visionValues() {  // NaN outside the query cell's view: the tower sees each view alone
-    const out = new Float32Array(N).fill(NaN), first = Math.floor(state.cell / CV) * CV;
-    const heads = state.visionHead === "mean" && VH > 1 ? [...Array(VH).keys()] : [state.visionHead === "mean" ? 0 : +state.visionHead];
+    const out = new Float32Array(N).fill(NaN), first = Math.floor(state.cell / CV) * CV, heads = headsOf(state.visionHead, VH);
     for (let j = 0; j < CV; j++) out[D.vision.cells[first + j]] = 0;
     for (const h of heads) {
-      const row = (state.visionLayer * VH + h) * C + state.cell, k = visScale[row] / heads.length;
+      const row = visRow(h), k = visScale[row] / heads.length;
       for (let j = 0; j < CV; j++) out[D.vision.cells[first + j]] += BYTE[visAtt[row * CV + j]] * k;
     }
     return out;
   }
+  // the exact share of a row on the image (LM) or on the view's cells (vision), for the text
+  const meanOver = (heads, f) => heads.reduce((a, h) => a + f(h), 0) / heads.length;
+  const lmShareNow = () => meanOver(headsOf(state.lmHead, H), (h) => lmShare[lmRow(h)]);
+  const visShareNow = () => meanOver(headsOf(state.visionHead, VH), (h) => visShare[visRow(h)]);
   function lensTop(t, rank) {
     const i = (state.lensLayer * N + t) * D.lens.k + rank;
     return { text: D.lens.vocab[lensIds[i]], prob: lensProb[i] / 255 };
@@ -144,7 +151,7 @@
   };
   function render() {
     const lm = lmValues(), [lmMax, lmAt] = maxOf(lm, drawn), p = D.queries[state.query];
-    const share = lm.reduce((a, b) => a + b, 0);
+    const share = lmShareNow();
     sections.lm.panels.forEach((panel) => drawPanel(panel, lm, lmMax));
     replaceBar($("lm-panels"), lmMax, "");
     const next = p + 1 < D.labels.length ? ` (next token ${quote(D.labels[p + 1])})` : "";
@@ -153,7 +160,7 @@
       `image's ${N} tokens; the most, ${fmt(lmMax)}, on ${lmAt >= 0 ? tokenLabel(lmAt) : "none"}.`;
 
     const vis = visionValues(), [visMax, visAt] = maxOf(vis, drawn), q = D.vision.cells[state.cell];
-    const onCells = vis.reduce((a, b) => (Number.isFinite(b) ? a + b : a), 0);
+    const onCells = visShareNow();
     sections.vision.panels.forEach((panel) => drawPanel(panel, vis, visMax, (ctx, pp) => outline(ctx, pp, q, "#ff2020")));
     replaceBar($("vision-panels"), visMax, "");
     $("vision-info").textContent = `From ${tokenLabel(q)} (view ${D.views[T.view[q]].name}), layer ${D.vision.layers[state.visionLayer]}, ` +

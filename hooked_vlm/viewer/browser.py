@@ -83,7 +83,7 @@ def open_page(driver, path: str | Path, timeout: float = 30.0) -> None:
 
 def screenshot(page: str | Path, png: str | Path, width: int = 1100) -> Path:
     """A PNG of the whole page as Chromium draws it (written atomically)."""
-    from hooked_vlm.viewer.page import write_atomically
+    from hooked_vlm.viewer.page import write_page
 
     with headless_chromium(width=width) as driver:
         open_page(driver, page)
@@ -91,4 +91,4 @@ def screenshot(page: str | Path, png: str | Path, width: int = 1100) -> Path:
         # the viewport, not the window: a window's size includes whatever frame the browser draws
         metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
         driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride", metrics)
-        return write_atomically(Path(png), driver.get_screenshot_as_png())
+        return write_page(Path(png), driver.get_screenshot_as_png())

@@ -18,8 +18,6 @@ import base64
 import html
 import io
 import json
-import os
-import uuid
 import zlib
 from importlib import resources
 from pathlib import Path
@@ -28,6 +26,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from matplotlib import colormaps
 from PIL import Image
+
+from hooked_vlm.plotting.charts import write_atomically
 
 if TYPE_CHECKING:
     from hooked_vlm.viewer.view import AttentionView
@@ -163,21 +163,10 @@ def notebook_frame(page: str) -> str:
     )
 
 
-def write_atomically(path: Path, content: str | bytes) -> Path:
-    """Write into a temporary file beside `path`, then rename it over `path`: a failure leaves
-    the previous file or none, never a truncated page."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+def write_page(path: Path, content: str | bytes) -> Path:
+    """Write a page (or its screenshot) atomically: the previous file or none after a failure."""
     data = content.encode("utf-8") if isinstance(content, str) else content
-    try:
-        with open(tmp, "xb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_atomically(path, lambda f: f.write(data))
 
 
 def _package_text(name: str) -> str:

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-import torch
 from jaxtyping import Float, Int
 from PIL import Image
 
@@ -86,9 +85,9 @@ class AttentionView:
 
     def save(self, path: str | Path) -> Path:
         """Write the page to `path` atomically (a failure leaves the previous file or none)."""
-        from hooked_vlm.viewer.page import write_atomically
+        from hooked_vlm.viewer.page import write_page
 
-        return write_atomically(Path(path), self.html())
+        return write_page(Path(path), self.html())
 
     def _repr_html_(self) -> str:
         """Jupyter: the page in an iframe, so its script and styles stay apart from the notebook's."""

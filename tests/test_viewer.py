@@ -95,6 +95,16 @@ def test_answer_tokens_are_the_greedy_answer_and_their_attention_is_read_while_g
             torch.testing.assert_close(torch.from_numpy(internvl_view.lm_attention[i, :, q]), during, rtol=1e-4, atol=1e-6)
 
 
+def test_an_answer_that_ends_early_offers_only_its_own_tokens(internvl, photos, monkeypatch):
+    generate = internvl.generate
+    monkeypatch.setattr(internvl, "generate", lambda inputs, n, **kwargs: generate(inputs, 2, **kwargs))  # as if EOS came second
+    view = attention_view(internvl, photos["astronaut"], PROMPT, max_new_tokens=10)
+    assert len(view.labels) == view.answer_start + 2
+    assert view.queries.max() == view.answer_start + 1 and view.lm_attention.shape[2] == len(view.queries)
+    with pytest.raises(IndexError, match="ended early"):
+        attention_view(internvl, photos["astronaut"], PROMPT, max_new_tokens=10, queries=[view.answer_start + 5])
+
+
 def test_vision_attention_pools_each_cells_2x2_patches(internvl, photos):
     inputs = internvl.prepare(photos["astronaut"], PROMPT)
     view = attention_view(internvl, inputs, vision_heads="all")

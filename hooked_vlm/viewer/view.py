@@ -11,7 +11,7 @@ from jaxtyping import Float, Int
 from PIL import Image
 
 from hooked_vlm.inputs import ImageLayout, VLMInput
-from hooked_vlm.viewer.collect import extend_with_answer, fit_to_budget, read_activations, select
+from hooked_vlm.viewer.collect import Selection, extend_with_answer, fit_to_budget, read_activations, select
 
 MEGABYTE = 2**20
 
@@ -146,6 +146,7 @@ def attention_view(
     answer_start = inputs.input_ids.shape[1]
     if max_new_tokens:
         inputs = extend_with_answer(inputs, model.generate(inputs, max_new_tokens, return_tokens=True))
+        selection = _within_answer(selection, inputs.input_ids.shape[1], queries is None)
     elif inputs.answer_mask is not None and inputs.answer_mask[0].any():
         answer_start = int(inputs.answer_mask[0].nonzero()[0])  # teacher-forced: prepare(..., answers=...)
     arrays = read_activations(model, inputs, selection)
@@ -166,6 +167,15 @@ def attention_view(
         panel_px=panel_px,
         **arrays,
     )
+
+
+def _within_answer(selection: Selection, n_pos: int, default_queries: bool) -> Selection:
+    """Queries chosen for `max_new_tokens` answer tokens, once the answer is known: it may have
+    ended early (an end-of-sequence token), leaving fewer positions."""
+    beyond = selection.queries[selection.queries >= n_pos]
+    if len(beyond) and not default_queries:
+        raise IndexError(f"query positions {beyond.tolist()} out of range: the answer ended early, at {n_pos} positions")
+    return replace(selection, queries=selection.queries[selection.queries < n_pos])
 
 
 def _check_single(inputs: VLMInput) -> None:
@@ -189,7 +199,6 @@ def _token_labels(model, inputs: VLMInput) -> list[list[str]]:
     for b, p, v, r, c in zip(*(t.tolist() for t in (layout.batch, layout.position, layout.view, layout.row, layout.col))):
         labels[b][p] = f"<img v{v} cls>" if r < 0 else f"<img v{v} r{r} c{c}>"
     return labels
-
 
 
 def _summary(values: list) -> str:

@@ -64,6 +64,10 @@ def parser() -> argparse.ArgumentParser:
     parity.add_argument("--tolerance", type=float, default=None, help="max difference relative to each activation's scale (default: per dtype)")
     parity.set_defaults(run=_parity)
 
+    from hooked_vlm.viewer.command import add_view_command  # `hooked-vlm view`: attention over the image
+
+    add_view_command(sub)
+
     for name, (run, help_text, extra) in EXPERIMENTS.items():
         command = sub.add_parser(name, help=help_text, description=f"{help_text}. {DESCRIPTIONS.get(name, '')}".strip())
         _data_arguments(command)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from hooked_vlm.families import internvl as family
-from weights_conversion.io import Assignment, CheckpointReader, ConversionError, Plan, read_json
+from weights_conversion.io import Assignment, CheckpointReader, ConversionError, Plan, image_processor_config
 from weights_conversion.rules import (
     IGNORE,
     INTERNVIT_RULES,
@@ -231,15 +231,6 @@ def plan_internvl_original(reader: CheckpointReader, vision_blocks_used: int) ->
 
 
 # ---------------------------------------------------------------------------------- loading
-def _hf_processor_config(directory: Path) -> dict | None:
-    """`preprocessor_config.json`, or the image processor nested in `processor_config.json`
-    (where transformers 5.x saves it)."""
-    config = read_json(directory / "preprocessor_config.json")
-    if config is None:
-        config = (read_json(directory / "processor_config.json") or {}).get("image_processor")
-    return config
-
-
 def original_preprocessing(raw: dict, tile_size: int, patch_size: int) -> family.InternVLPreprocessing:
     """Tiling settings of an original config: `min/max_dynamic_patch`, `use_thumbnail`,
     `dynamic_image_size` (off: one tile), ImageNet mean/std as in InternVL's `build_transform`."""
@@ -262,8 +253,9 @@ def load_tokenizer(directory: Path) -> Any:
     return AutoTokenizer.from_pretrained(directory, config=PreTrainedConfig())
 
 
-def load(directory: Path, raw_config: dict, dtype: torch.dtype, device: Any):
-    """Build a hooked InternVL from an -HF or original checkpoint directory."""
+def load(directory: Path, raw_config: dict, dtype: torch.dtype, placement: Any, hub: Any = None):
+    """Build a hooked InternVL from an -HF or original checkpoint directory (`hub` is unused: an
+    InternVL repository holds everything it needs)."""
     from transformers import AutoConfig
 
     from weights_conversion import assemble
@@ -274,7 +266,7 @@ def load(directory: Path, raw_config: dict, dtype: torch.dtype, device: Any):
         cfg = config_from_internvl_hf(AutoConfig.from_pretrained(directory), reader.keys(), dtype)
         plan = plan_internvl_hf(reader.keys(), cfg.vision.n_layers)
         preprocessing = family.InternVLPreprocessing.from_processor_config(
-            _hf_processor_config(directory), cfg.vision.image_size, cfg.vision.patch_size, cfg.downsample_ratio
+            image_processor_config(directory), cfg.vision.image_size, cfg.vision.patch_size, cfg.downsample_ratio
         )
     elif is_internvl_original(raw_config):
         cfg = config_from_internvl_original(raw_config, reader.keys(), tokenizer, dtype)
@@ -282,4 +274,4 @@ def load(directory: Path, raw_config: dict, dtype: torch.dtype, device: Any):
         preprocessing = original_preprocessing(raw_config, cfg.vision.image_size, cfg.vision.patch_size)
     else:
         raise ValueError(f"{directory} is not an InternVL checkpoint (model_type {raw_config.get('model_type')!r})")
-    return assemble(cfg, plan, {"main": reader}, directory, preprocessing, dtype, device, tokenizer=tokenizer)
+    return assemble(cfg, plan, {"main": reader}, directory, preprocessing, dtype, placement, tokenizer=tokenizer)

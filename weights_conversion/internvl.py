@@ -16,13 +16,14 @@ original (`InternVLChatModel`, model_type "internvl_chat", ARCHITECTURES §2.7):
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hooked_vlm.families import internvl as family
-from weights_conversion.io import Assignment, CheckpointReader, ConversionError, Plan, image_processor_config
+from weights_conversion.io import Assignment, CheckpointReader, ConversionError, Plan, image_processor_config, load_tokenizer
 from weights_conversion.rules import (
     IGNORE,
     INTERNVIT_RULES,
@@ -242,15 +243,36 @@ def original_preprocessing(raw: dict, tile_size: int, patch_size: int) -> family
         min_tiles=int(raw.get("min_dynamic_patch", 1)) if dynamic else 1,
         max_tiles=int(raw.get("max_dynamic_patch", 6)) if dynamic else 1,
         use_thumbnail=bool(raw.get("use_thumbnail", False)),
+        template=original_template(raw),
     )
 
 
-def load_tokenizer(directory: Path) -> Any:
-    """The checkpoint's tokenizer. Passing a blank config keeps `AutoTokenizer` from reading
-    config.json, whose `auto_map` (original format) would ask to run the remote code."""
-    from transformers import AutoTokenizer, PreTrainedConfig
+def original_template(raw: dict) -> family.Template:
+    """The conversation template `model.chat()` uses (`template` in config.json): "internvl2_5",
+    with its system message, for every InternVL-3.5 (and 2.5/3) checkpoint. Another one is not
+    implemented: prompts then follow the -HF chat template, and a warning says so."""
+    name = raw.get("template")
+    if name == "internvl2_5":
+        return "internvl2_5"
+    warnings.warn(
+        f"conversation template {name!r} of this original InternVL checkpoint is not implemented; prepare() uses the "
+        "InternVL-HF chat template (no system message) unless given template=...",
+        stacklevel=5,
+    )
+    return "hf"
 
-    return AutoTokenizer.from_pretrained(directory, config=PreTrainedConfig())
+
+def refuse_unsupported_variants(raw_config: dict) -> None:
+    """InternVL3_5-GPT-OSS-20B-A4B-Preview(-HF) pairs InternViT with gpt-oss-20b (attention sinks,
+    alternating sliding-window attention, YaRN RoPE, 32 experts with a clamped SwiGLU): say so by
+    name, before any file is read, rather than fail on one of its fields."""
+    text = raw_config.get("text_config") or raw_config.get("llm_config") or {}
+    if text.get("model_type") == "gpt_oss" or raw_config.get("template") == "internvl3_5_gpt_oss":
+        raise NotImplementedError(
+            "this is an InternVL3.5-GPT-OSS checkpoint (InternVL3_5-GPT-OSS-20B-A4B-Preview: a gpt_oss language model with "
+            "attention sinks, sliding-window attention and mixture-of-experts MLPs), which hooked_vlm does not support; "
+            "supported InternVL-3.5 language models: qwen3 (1B-38B)"
+        )
 
 
 def load(directory: Path, raw_config: dict, dtype: torch.dtype, placement: Any, hub: Any = None):
@@ -260,6 +282,7 @@ def load(directory: Path, raw_config: dict, dtype: torch.dtype, placement: Any, 
 
     from weights_conversion import assemble
 
+    refuse_unsupported_variants(raw_config)
     reader = CheckpointReader.from_directory(directory)
     tokenizer = load_tokenizer(directory)
     if is_internvl_hf(raw_config):

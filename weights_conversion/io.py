@@ -188,5 +188,14 @@ def image_processor_config(directory: Path) -> dict | None:
     return config
 
 
+def load_tokenizer(directory: Path):
+    """The checkpoint's tokenizer, from its tokenizer files alone. Passing a blank config keeps
+    `AutoTokenizer` from reading config.json: an original InternVL's `auto_map` would ask to run
+    the remote code, an original LLaVA's 4.31 Llama fields would be read as a `LlavaConfig`."""
+    from transformers import AutoTokenizer, PreTrainedConfig
+
+    return AutoTokenizer.from_pretrained(directory, config=PreTrainedConfig())
+
+
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None

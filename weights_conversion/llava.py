@@ -22,7 +22,7 @@ import torch
 
 from hooked_vlm.families import llava as family
 from weights_conversion.hub import HubOptions, resolve_directory
-from weights_conversion.io import CheckpointReader, Plan, image_processor_config, read_json
+from weights_conversion.io import CheckpointReader, Plan, image_processor_config, load_tokenizer
 from weights_conversion.rules import CLIP_RULES, IGNORE, LANGUAGE_MODEL_RULES, PROJECTOR_RULES, build_plan, merge_plans
 
 RULES = LANGUAGE_MODEL_RULES + PROJECTOR_RULES + CLIP_RULES
@@ -168,4 +168,5 @@ def load(directory: Path, raw_config: dict, dtype: torch.dtype, placement: Any, 
     preprocessing = family.LlavaPreprocessing.from_processor_config(
         processor_config, cfg.vision.image_size, cfg.vision.patch_size, image_mode=image_mode, template=template
     )
-    return assemble(cfg, plan, readers, directory, preprocessing, dtype, placement)
+    tokenizer = load_tokenizer(directory) if template == "vicuna_v1" else None  # llava-hf: AutoTokenizer as transformers does
+    return assemble(cfg, plan, readers, directory, preprocessing, dtype, placement, tokenizer=tokenizer)

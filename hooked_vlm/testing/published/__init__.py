@@ -36,6 +36,7 @@ class PublishedRepo:
     shards: int  # weight files; 1 = a single file without an index
     found: str  # which files are copies of the hub's (where from: the README)
     index: IndexFacts | None = None  # None: the index was not found; keys and shapes derived from the config
+    parameters: int | None = None  # the published parameter count, where one was found
 
     @property
     def assumed(self) -> str:
@@ -54,6 +55,9 @@ _INTERNVL_8B_HF = IndexFacts(841, "56e5711a44438287", 17056636928, total_paramet
 # Shards: 5 GB each for transformers >= 4.3x saves (llava-hf, InternVL), 10 GB for LLaVA's 4.31
 # .bin shards; counts not seen in an index are the total size divided by that.
 _INTERNVL_SHARDS = {"1B": 1, "2B": 1, "4B": 2, "8B": 4, "14B": 7, "38B": 16}
+# Parameter counts: 8B-HF's index metadata; 1B-HF's as a third-party record of the checkpoint
+# states it (304,012,288 vision + 5,253,120 projector + 751,632,384 language, its own LM head)
+_INTERNVL_PARAMETERS = {"1B": 1060897792, "8B": 8528318464}
 
 
 def _rows() -> list[PublishedRepo]:
@@ -70,10 +74,13 @@ def _rows() -> list[PublishedRepo]:
     for size in internvl_facts.SIZES:
         original, hf = f"OpenGVLab/InternVL3_5-{size}", f"OpenGVLab/InternVL3_5-{size}-HF"
         is_8b = size == "8B"
+        parameters = _INTERNVL_PARAMETERS.get(size)
         rows.append(PublishedRepo(original, "internvl-original", size, hf, "safetensors", _INTERNVL_SHARDS[size],
-                                  "config.json, chat_template.jinja, weight index keys" if is_8b else "", _INTERNVL_8B if is_8b else None))  # fmt: skip
+                                  "config.json, chat_template.jinja, weight index keys" if is_8b else "",
+                                  _INTERNVL_8B if is_8b else None, parameters))  # fmt: skip
         rows.append(PublishedRepo(hf, "internvl-hf", size, original, "safetensors", _INTERNVL_SHARDS[size],
-                                  "config.json, generation_config.json, weight index keys" if is_8b else "", _INTERNVL_8B_HF if is_8b else None))  # fmt: skip
+                                  "config.json, generation_config.json, weight index keys" if is_8b else "",
+                                  _INTERNVL_8B_HF if is_8b else None, parameters))  # fmt: skip
     return rows
 
 
@@ -141,9 +148,9 @@ def metadata_files(repo_id: str) -> dict[str, dict | str]:
     return files
 
 
-from hooked_vlm.testing.published.build import build_published  # noqa: E402  (build imports the table)
+from hooked_vlm.testing.published.build import build_published, write_metadata_and_tokenizer  # noqa: E402  (build imports the table)
 
 __all__ = [
     "PUBLISHED", "CLIP_REPO", "IndexFacts", "PublishedRepo", "published_repo", "full_size_config", "metadata_files",
-    "key_fingerprint", "build_published",
+    "key_fingerprint", "build_published", "write_metadata_and_tokenizer",
 ]  # fmt: skip

@@ -59,14 +59,35 @@ def _directory(root: Path, repo_id: str) -> Path:
     return root / repo_id.replace("/", "__")
 
 
-def _write_metadata(directory: Path, repo_id: str, fmt: str) -> dict:
+def _write_metadata(directory: Path, repo_id: str, fmt: str, full_size: bool = False) -> dict:
     directory.mkdir(parents=True, exist_ok=True)
-    config = scale_config(full_size_config(repo_id), fmt)
+    config = full_size_config(repo_id) if full_size else scale_config(full_size_config(repo_id), fmt)
     files: dict[str, dict | str] = {"config.json": config} | metadata_files(repo_id)
     for name, content in files.items():
         text = content if isinstance(content, str) else json.dumps(content, indent=2, ensure_ascii=False) + "\n"
         (directory / name).write_text(text)
     return config
+
+
+def write_metadata_and_tokenizer(directory: str | Path, repo_id: str) -> Path:
+    """A repository without weights: its full-size config.json, every other metadata file and its
+    tokenizer (what a meta-device build of the real model needs)."""
+    directory = Path(directory)
+    fmt = "clip" if repo_id == CLIP_REPO else PUBLISHED[repo_id].fmt
+    _write_metadata(directory, repo_id, fmt, full_size=True)
+    if fmt != "clip":  # openai's CLIP repository is used for its vision tower only
+        _write_tokenizer(directory, fmt)
+    return directory
+
+
+def _write_tokenizer(directory: Path, fmt: str) -> None:
+    if fmt == "llava-hf":
+        _write_llava_hf_tokenizer(directory)
+    elif fmt == "llava-original":
+        (directory / "tokenizer.model").write_bytes(llama_sentencepiece_model())  # original LLaVA has no tokenizer.json
+    else:
+        for name, text in _qwen_files().items():
+            (directory / name).write_text(text)
 
 
 # ----------------------------------------------------------------------------------- weights
@@ -90,9 +111,9 @@ def _hf_weights(repo_id: str, directory: Path, seed: int, clip: dict[str, torch.
 
 def _write_repository(row, directory: Path, state: dict[str, torch.Tensor]) -> None:
     _write_metadata(directory, row.repo_id, row.fmt)
+    _write_tokenizer(directory, row.fmt)
     if row.fmt == "llava-hf":
         tensors = {legacy_key(name, clip_tower=True): t for name, t in state.items()}
-        _write_llava_hf_tokenizer(directory)
     elif row.fmt == "llava-original":
         from transformers import AutoConfig
 
@@ -100,13 +121,10 @@ def _write_repository(row, directory: Path, state: dict[str, torch.Tensor]) -> N
         tensors = _original_llava_tensors(state, hf_config)
         projector = {name: t.clone() for name, t in tensors.items() if name.startswith("model.mm_projector.")}
         torch.save(projector, directory / "mm_projector.bin")
-        (directory / "tokenizer.model").write_bytes(llama_sentencepiece_model())
     elif row.fmt == "internvl-hf":
         tensors = {legacy_key(name, clip_tower=False): t for name, t in state.items()}
-        _write_internvl_tokenizer(directory)
     else:
         tensors = _original_internvl_tensors(state)
-        _write_internvl_tokenizer(directory)
     _write_weights(directory, tensors, row.shards, row.weights, with_parameter_count=row.fmt == "internvl-hf")
 
 
@@ -206,8 +224,3 @@ def _qwen_files() -> dict[str, str]:
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
         return {name: (Path(tmp) / name).read_text() for name in ("tokenizer.json", "vocab.json", "merges.txt") if (Path(tmp) / name).exists()}
-
-
-def _write_internvl_tokenizer(directory: Path) -> None:
-    for name, text in _qwen_files().items():
-        (directory / name).write_text(text)

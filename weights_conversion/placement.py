@@ -12,6 +12,7 @@ tied embeddings together. The forward moves each activation to the device of the
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
@@ -43,7 +44,10 @@ def infer_device_map(model: nn.Module, strategy: str = "auto", max_memory: dict 
             model, max_memory=dict(max_memory) if max_memory else None, no_split_module_classes=NO_SPLIT_MODULES,
             dtype=dtype, low_zero=strategy == "balanced_low_0",
         )  # fmt: skip
-    device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=NO_SPLIT_MODULES, dtype=dtype)
+    with _untied(model) as ties:
+        device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=NO_SPLIT_MODULES, dtype=dtype)
+    for first, *others in ties:  # a tied weight is one tensor: it lives with the first module that holds it
+        device_map |= dict.fromkeys(others, _device_of(first, device_map))
     offloaded = [name for name, device in device_map.items() if device in ("disk", "meta")]
     if offloaded:
         raise ValueError(
@@ -51,6 +55,34 @@ def infer_device_map(model: nn.Module, strategy: str = "auto", max_memory: dict 
             "disk, which HookedVLM does not do; give max_memory more room on a GPU or on the CPU"
         )
     return device_map
+
+
+@contextlib.contextmanager
+def _untied(model: nn.Module):
+    """Tied parameters (the embedding and a tied LM head) given separate meta copies while
+    accelerate computes the map. accelerate matches module names by substring, so a tie between
+    "embed" and "unembed" breaks its bookkeeping (IndexError); untied, each is simply counted
+    (which over-counts the shared tensor once: a conservative map). Yields the tie groups."""
+    from accelerate.utils import find_tied_parameters
+
+    ties = find_tied_parameters(model)
+    originals = []
+    for group in ties:
+        for name in group[1:]:
+            module_name, _, attr = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            originals.append((module, attr, getattr(module, attr)))
+            setattr(module, attr, nn.Parameter(torch.empty_like(getattr(module, attr), device="meta"), requires_grad=False))
+    try:
+        yield ties
+    finally:
+        for module, attr, parameter in originals:
+            setattr(module, attr, parameter)
+
+
+def _device_of(name: str, device_map: DeviceMap) -> Any:
+    owner = max((k for k in device_map if k == "" or name == k or name.startswith(k + ".")), key=len)
+    return device_map[owner]
 
 
 def torch_device(device: Any) -> torch.device:
@@ -91,24 +123,24 @@ class Placement:
         if isinstance(self.device_map, str):
             self.hf_device_map = infer_device_map(model, self.device_map, self.max_memory)
         else:
-            self._check_keys(names)
+            self._check_keys(model)
             self.hf_device_map = dict(self.device_map)
         self._map = {name: torch_device(device) for name, device in self.hf_device_map.items()}
         for name in names:
             self(name)  # every parameter placed, before anything is read
 
-    def _check_keys(self, names: list[str]) -> None:
-        """A device_map key that places no parameter is a typo, not a no-op."""
-        unused = [k for k in self.device_map if k and not any(n == k or n.startswith(k + ".") for n in names)]
+    def _check_keys(self, model: nn.Module) -> None:
+        """A device_map key that names no module or parameter of the model is a typo, not a no-op."""
+        known = {name for name, _ in model.named_modules()} | {name for name, _ in model.named_parameters()}
+        unused = [k for k in self.device_map if k not in known]
         if unused:
-            tops = sorted({n.split(".")[0] for n in names})
+            tops = sorted({name.split(".")[0] for name, _ in model.named_parameters()})
             raise ValueError(f"device_map keys {unused} name no module of the model (top-level modules: {tops}; blocks are 'blocks.N')")
 
     def __call__(self, name: str) -> torch.device:
         if self._map is None:
             return self.default
-        matches = [k for k in self._map if k == "" or name == k or name.startswith(k + ".")]
-        if not matches:
+        if not any(k == "" or name == k or name.startswith(k + ".") for k in self._map):
             raise ValueError(f"device_map does not place {name!r}; give a device for one of its parent modules")
-        return self._map[max(matches, key=len)]
+        return _device_of(name, self._map)
 

@@ -81,10 +81,12 @@ def test_tied_embeddings_stay_on_one_device():
     assert model.unembed.weight is model.embed.weight
     # room on GPU 0 for the tower, projector, embedding and a few blocks, not for everything
     budget = sizes["vision"] + sizes["projector"] + sizes["embed"] + 4 * sizes["blocks.0"]
-    chosen = Placement(device_map="sequential", max_memory={0: budget, 1: 10 * GiB})
-    chosen.resolve(model)
-    assert set(chosen.hf_device_map.values()) == {0, 1}
-    assert chosen("embed.weight") == chosen("unembed.weight")
+    for strategy in ("sequential", "balanced"):
+        chosen = Placement(device_map=strategy, max_memory={0: budget, 1: 10 * GiB})
+        chosen.resolve(model)
+        assert set(chosen.hf_device_map.values()) == {0, 1}
+        assert chosen("embed.weight") == chosen("unembed.weight")
+    assert model.unembed.weight is model.embed.weight  # still tied after the computation
 
 
 def test_a_model_that_does_not_fit_is_refused_rather_than_offloaded(internvl_38b):

@@ -37,14 +37,14 @@ def infer_device_map(model: nn.Module, strategy: str = "auto", max_memory: dict 
     if strategy not in STRATEGIES:
         raise ValueError(f"device_map strategy must be one of {STRATEGIES} or a dict, not {strategy!r}")
     dtype = next(model.parameters()).dtype
-    if strategy == "sequential":
-        memory = get_max_memory(dict(max_memory) if max_memory else None)
-    else:
-        memory = get_balanced_memory(
-            model, max_memory=dict(max_memory) if max_memory else None, no_split_module_classes=NO_SPLIT_MODULES,
-            dtype=dtype, low_zero=strategy == "balanced_low_0",
-        )  # fmt: skip
     with _untied(model) as ties:
+        if strategy == "sequential":
+            memory = get_max_memory(dict(max_memory) if max_memory else None)
+        else:
+            memory = get_balanced_memory(
+                model, max_memory=dict(max_memory) if max_memory else None, no_split_module_classes=NO_SPLIT_MODULES,
+                dtype=dtype, low_zero=strategy == "balanced_low_0",
+            )  # fmt: skip
         device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=NO_SPLIT_MODULES, dtype=dtype)
     for first, *others in ties:  # a tied weight is one tensor: it lives with the first module that holds it
         device_map |= dict.fromkeys(others, _device_of(first, device_map))

@@ -270,8 +270,8 @@ def refuse_unsupported_variants(raw_config: dict) -> None:
     if text.get("model_type") == "gpt_oss" or raw_config.get("template") == "internvl3_5_gpt_oss":
         raise NotImplementedError(
             "this is an InternVL3.5-GPT-OSS checkpoint (InternVL3_5-GPT-OSS-20B-A4B-Preview: a gpt_oss language model with "
-            "attention sinks, sliding-window attention and mixture-of-experts MLPs), which hooked_vlm does not support; "
-            "supported InternVL-3.5 language models: qwen3 (1B-38B)"
+            "attention sinks, sliding-window attention and mixture-of-experts MLPs), which hooked_vlm does not support "
+            "(the README's table lists the supported checkpoints)"
         )
 
 

@@ -102,6 +102,18 @@ def test_bad_device_maps_are_named():
     assert Placement(device_map="cpu").device_map == {"": torch.device("cpu")}  # transformers' device_map="cuda:1"
 
 
+def test_auto_without_gpus_places_everything_within_the_cpus_memory(tiny_checkpoint, photos):
+    directory = tiny_checkpoint("internvl_300m")  # tied embeddings
+    plain = HookedVLM.from_pretrained(directory)
+    auto = HookedVLM.from_pretrained(directory, device_map="auto", max_memory={"cpu": "2GiB"})
+    assert auto.hf_device_map == {"": "cpu"} and plain.hf_device_map == {"": "cpu"}
+    inputs = plain.prepare(photos["coffee"], "What is this?")
+    with torch.no_grad():
+        assert torch.equal(auto(inputs), plain(inputs))
+    with pytest.raises(ValueError, match="offloaded to disk"):
+        HookedVLM.from_pretrained(directory, device_map="auto", max_memory={"cpu": 1000})
+
+
 # ----------------------------------------------------------------------------------- end to end
 def _fake_gpus(device) -> torch.device:
     """GPU 0 is the CPU, GPU 1 the meta device (shapes only)."""

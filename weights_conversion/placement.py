@@ -47,7 +47,8 @@ def infer_device_map(model: nn.Module, strategy: str = "auto", max_memory: dict 
             )  # fmt: skip
         device_map = infer_auto_device_map(model, max_memory=memory, no_split_module_classes=NO_SPLIT_MODULES, dtype=dtype)
     for first, *others in ties:  # a tied weight is one tensor: it lives with the first module that holds it
-        device_map |= dict.fromkeys(others, _device_of(first, device_map))
+        device = _device_of(first, device_map)
+        device_map |= {name: device for name in others if _device_of(name, device_map) != device}
     offloaded = [name for name, device in device_map.items() if device in ("disk", "meta")]
     if offloaded:
         raise ValueError(

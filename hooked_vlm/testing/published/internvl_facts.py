@@ -13,6 +13,7 @@ token ids (`<IMG_CONTEXT>` = 151671, which the -HF config states).
 
 from __future__ import annotations
 
+from hooked_vlm.testing.internvl import INTERNVL_CHAT_AUTO_MAP
 from hooked_vlm.testing.tokenizers import INTERNVL_CHAT_TEMPLATE
 
 # size -> Qwen3 base model and its shape; the vision tower
@@ -89,11 +90,7 @@ def internvl_original_config(size: str) -> dict:
     t = TOWERS[SIZES[size]["tower"]]
     return {
         "architectures": ["InternVLChatModel"],
-        "auto_map": {
-            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
-        },
+        "auto_map": dict(INTERNVL_CHAT_AUTO_MAP),
         "downsample_ratio": 0.5,
         "dynamic_image_size": True,
         "eos_token_id": 151645,

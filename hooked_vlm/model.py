@@ -28,7 +28,7 @@ from transformer_lens.utilities import Slice
 from hooked_vlm.allocator import keep_freed_memory_by_default
 from hooked_vlm.cache import VLMActivationCache
 from hooked_vlm.components import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
-from hooked_vlm.config import HookedVLMConfig, as_dtype
+from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.tl_surface import TransformerLensSurface
 from hooked_vlm.towers import Projector, VisionTower
@@ -117,15 +117,27 @@ class HookedVLM(TransformerLensSurface, HookedRootModule):
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
         device_map: dict[str, Any] | str | None = None,
+        max_memory: dict | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
     ) -> HookedVLM:
         """Load a checkpoint in any supported format (see `weights_conversion`): a local
-        directory, a Hugging Face hub id, or the name of a shipped toy model. `dtype` is a torch
-        dtype or its name ("bfloat16", "bf16", "float16", ...). `device_map`
-        spreads the model over several devices (the accelerate convention: module-name prefixes
-        such as "vision", "blocks.0", "unembed" -> device, or "auto"); activations follow."""
-        from weights_conversion import load_pretrained
+        directory, a Hugging Face hub id, or the name of a shipped toy model.
 
-        return load_pretrained(name_or_path, dtype=as_dtype(dtype), device=device, device_map=device_map)
+        `dtype`: a torch dtype, its name ("bfloat16", "bf16", ...) or "auto" (the checkpoint's own).
+        `device_map` spreads the model over several devices as in transformers: "auto" /
+        "balanced" / "balanced_low_0" / "sequential" (computed by accelerate within `max_memory`,
+        e.g. `{0: "70GiB", 1: "70GiB"}`), or a dict from module-name prefixes ("vision",
+        "blocks.0", "unembed", ...) to devices; activations follow, and the map used is
+        `model.hf_device_map`. `revision`, `cache_dir`, `token`, `local_files_only`: as for
+        `huggingface_hub.snapshot_download` (a hub id is read from the Hugging Face cache, and
+        `HF_HUB_OFFLINE=1` is honoured)."""
+        from weights_conversion import HubOptions, load_pretrained
+
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        return load_pretrained(name_or_path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory, hub=hub)
 
     # ----------------------------------------------------------------------------- inputs
     def prepare(self, images: Any, prompts: str | Sequence[str], **kwargs: Any) -> VLMInput:

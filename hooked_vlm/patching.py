@@ -263,7 +263,8 @@ def head_attribution(
             if tower == "language" and lm_positions is not None:
                 contribution = contribution[:, :, lm_positions]
             scores[tower].append(contribution.sum(dim=(0, 2, 3)))
-    return {tower: torch.stack(values) for tower, values in scores.items() if values}
+    # under a device map each layer's scores sit on its block's device: gather them on the first's
+    return {tower: torch.stack([v.to(values[0].device) for v in values]) for tower, values in scores.items() if values}
 
 
 def _attention_names(model, towers: Sequence[str], suffix: str) -> list[str]:

@@ -11,18 +11,13 @@ and shape mismatches all raise one error that lists them.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
 from torch import nn
-
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-CONFIG_PATTERNS = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken")
-
 
 class ConversionError(ValueError):
     """A checkpoint does not fit the model: lists every offending key."""
@@ -148,52 +143,9 @@ def check_plan(plan: Plan, model: nn.Module, shapes: dict[str, dict[str, tuple[i
         raise ConversionError("checkpoint does not match the model:\n- " + "\n- ".join(problems))
 
 
-class Placement:
-    """Where each parameter goes: one `device`, or an accelerate-style `device_map` from module
-    names (prefixes such as "vision", "blocks.12", "unembed") to devices, or "auto": the vision
-    tower, projector and embedding on the first device, the language-model blocks split evenly
-    over all visible CUDA devices in order, the final norm and unembedding on the last."""
-
-    def __init__(self, device: Any = "cpu", device_map: dict[str, Any] | str | None = None):
-        self.default = torch.device(device)
-        self.device_map = device_map
-        self._map: dict[str, torch.device] | None = None
-
-    def resolve(self, n_layers: int) -> None:
-        if self.device_map is None:
-            return
-        if self.device_map == "auto":
-            n_gpus = torch.cuda.device_count()
-            devices = [torch.device(f"cuda:{i}") for i in range(n_gpus)] or [self.default]
-            per = -(-n_layers // len(devices))
-            self._map = {"vision": devices[0], "projector": devices[0], "embed": devices[0]}
-            self._map |= {f"blocks.{l}": devices[l // per] for l in range(n_layers)}
-            self._map |= {"ln_final": devices[-1], "unembed": devices[-1]}
-        elif isinstance(self.device_map, dict):
-            self._map = {k: torch.device(v) for k, v in self.device_map.items()}  # "" places everything
-        else:
-            raise ValueError(f"device_map must be a dict or 'auto', not {self.device_map!r}")
-
-    def check_keys(self, names: list[str]) -> None:
-        """A device_map key that places no parameter is a typo, not a no-op."""
-        if not isinstance(self.device_map, dict):
-            return
-        unused = [k for k in self.device_map if k and not any(n == k or n.startswith(k + ".") for n in names)]
-        if unused:
-            tops = sorted({n.split(".")[0] for n in names})
-            raise ValueError(f"device_map keys {unused} name no module of the model (top-level modules: {tops}; blocks are 'blocks.N')")
-
-    def __call__(self, name: str) -> torch.device:
-        if self._map is None:
-            return self.default
-        matches = [k for k in self._map if k == "" or name == k or name.startswith(k + ".")]
-        if not matches:
-            raise ValueError(f"device_map does not place {name!r}; give a device for one of its parent modules")
-        return self._map[max(matches, key=len)]
-
-
-def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader], dtype, placement: Placement) -> None:
-    """Read each tensor once, cast it and put it into the (meta-device) model, on its device."""
+def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader], dtype, placement: Callable[[str], torch.device]) -> None:
+    """Read each tensor once, cast it and put it into the (meta-device) model, on the device
+    `placement(name)` gives (see `weights_conversion.placement`)."""
     last: tuple[str, str, torch.Tensor] | None = None
     for a in plan.assignments:
         if last is not None and last[:2] == (a.reader, a.source):
@@ -227,25 +179,22 @@ def _listing(items: list[str], limit: int = 20) -> str:
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-# ---------------------------------------------------------------------------------- resolving
-def resolve_directory(name_or_path: str | Path, weights: bool = True) -> Path:
-    """A local directory as is; otherwise a Hugging Face hub id, fetched (or found in the local
-    cache) with `huggingface_hub.snapshot_download`, which honours `HF_HUB_OFFLINE=1`."""
-    path = Path(os.path.expanduser(str(name_or_path)))
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise NotADirectoryError(f"{path} is a file; give the checkpoint's directory")
-    from huggingface_hub import snapshot_download
+def image_processor_config(directory: Path) -> dict | None:
+    """`preprocessor_config.json`, or the image processor nested in `processor_config.json`
+    (where transformers 5.x saves it); None when the directory has neither."""
+    config = read_json(directory / "preprocessor_config.json")
+    if config is None:
+        config = (read_json(directory / "processor_config.json") or {}).get("image_processor")
+    return config
 
-    repo_id = str(name_or_path)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise FileNotFoundError(f"{repo_id!r} is neither a local directory nor a hub id of the form 'owner/name'")
-    patterns = list(CONFIG_PATTERNS) + (["*.safetensors"] if weights else [])
-    directory = Path(snapshot_download(repo_id, allow_patterns=patterns))
-    if weights and not list(directory.glob("*.safetensors")):  # older repos ship only .bin shards
-        directory = Path(snapshot_download(repo_id, allow_patterns=list(CONFIG_PATTERNS) + ["*.bin"]))
-    return directory
+
+def load_tokenizer(directory: Path):
+    """The checkpoint's tokenizer, from its tokenizer files alone. Passing a blank config keeps
+    `AutoTokenizer` from reading config.json: an original InternVL's `auto_map` would ask to run
+    the remote code, an original LLaVA's 4.31 Llama fields would be read as a `LlavaConfig`."""
+    from transformers import AutoTokenizer, PreTrainedConfig
+
+    return AutoTokenizer.from_pretrained(directory, config=PreTrainedConfig())
 
 
 def read_json(path: Path) -> dict | None:

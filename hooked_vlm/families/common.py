@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -46,6 +47,16 @@ def text_config_from_hf(hf: Any, dtype: torch.dtype = torch.float32) -> Transfor
         causal=True,
         d_vocab=hf.vocab_size,
         dtype=dtype,
+    )
+
+
+def warn_assumed_preprocessing(family: str, defaults: str) -> None:
+    """A checkpoint without an image-processor config is loaded with the family's defaults; say
+    which, since a fine-tune trained with other settings would then see other pixels."""
+    warnings.warn(
+        f"the {family} checkpoint has no preprocessor_config.json (nor an image processor in processor_config.json); "
+        f"assuming the defaults: {defaults}",
+        stacklevel=4,
     )
 
 

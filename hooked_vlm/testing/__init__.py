@@ -14,6 +14,10 @@ What you get:
   `liuhaotian/llava-v1.5-*` and remote-code `InternVLChatModel` formats.
 - `real_config`: the full-size HF configs (no weights), to build models on the meta device.
 - `load_hf_processor`: `AutoProcessor`, with a fallback for InternVL when torchvision is missing.
+- `hooked_vlm.testing.published`: every published LLaVA-1.5 / InternVL-3.5 repository as facts
+  (configs field for field, weight-index fingerprints) and `build_published`, scaled-down copies
+  of them with real metadata; `hooked_vlm.testing.hub_cache.add_to_hub_cache` lays a directory out
+  as the Hugging Face cache does, so hub ids load offline.
 
 Key layouts (checked against transformers 5.23). Real llava-hf / InternVL-HF repos were written by
 4.x and use the *legacy* names (`language_model.model.*`, `language_model.lm_head.weight`,

@@ -48,7 +48,7 @@ def randomize_weights_(model: torch.nn.Module, seed: int = 0, gain: float = 2.0)
             value = noise
         elif name.endswith("bias"):
             value = 0.1 * noise
-        elif param.ndim == 1:  # LayerNorm / RMSNorm weights (incl. q/k norms)
+        elif param.ndim <= 1:  # LayerNorm / RMSNorm weights (incl. q/k norms), scalars (CLIP's logit_scale)
             value = 1.0 + 0.2 * noise
         else:
             value = noise * (gain / math.sqrt(param[0].numel()))

@@ -219,6 +219,14 @@ def _original_internvl_tensors(state: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
+# The remote code an original InternVL config.json names
+INTERNVL_CHAT_AUTO_MAP = {
+    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+    "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+}
+
+
 def _original_internvl_config(config: InternVLConfig, hf_dir: Path) -> dict:
     vision, text = config.vision_config, config.text_config
     image_processor = json.loads((hf_dir / "preprocessor_config.json").read_text())
@@ -229,11 +237,7 @@ def _original_internvl_config(config: InternVLConfig, hf_dir: Path) -> dict:
     llm_config.pop("dtype", None)
     return {
         "architectures": ["InternVLChatModel"],
-        "auto_map": {
-            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
-        },
+        "auto_map": dict(INTERNVL_CHAT_AUTO_MAP),
         "model_type": "internvl_chat",
         "downsample_ratio": config.downsample_ratio,
         "dynamic_image_size": True,

@@ -61,15 +61,18 @@ class VisionTower(VisionTowerSurface, nn.Module):
         # Both references cast pixels to the conv weight's dtype first (pitfall 20)
         patches = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         patches = self.hook_patch_embed(patches)
-        cls = self.cls_token.expand(n, 1, -1)
-        embed = self.hook_embed(torch.cat([cls, patches], dim=1) + self.hook_pos_embed(self.pos_embed[None]))
-        resid = self.ln_pre(embed) if self.cfg.ln_pre else embed
+        # Under a device map the tower's parts may sit on several devices: each activation moves
+        # to the device of the module it enters
+        cls = self.cls_token.to(patches.device).expand(n, 1, -1)
+        pos_embed = self.hook_pos_embed(self.pos_embed[None].to(patches.device))
+        embed = self.hook_embed(torch.cat([cls, patches], dim=1) + pos_embed)
+        resid = self.ln_pre(embed.to(self.ln_pre.weight.device)) if self.cfg.ln_pre else embed
 
         hidden_states = {0: resid}  # index k = input of block k = output of block k-1 (HF hidden_states[k])
         for block in self.blocks:
-            resid = block(resid)
+            resid = block(resid.to(block.ln1.weight.device))
             hidden_states[block.layer + 1] = resid
-        selected = [hidden_states[k] for k in self.feature_layers]
+        selected = [hidden_states[k].to(resid.device) for k in self.feature_layers]
         if self.select_strategy == "default":
             selected = [h[:, 1:] for h in selected]
         return self.hook_features(torch.cat(selected, dim=-1) if len(selected) > 1 else selected[0])

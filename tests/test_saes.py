@@ -352,6 +352,16 @@ def test_a_perfect_sae_reports_no_error_and_no_loss_change(internvl):
     assert (report["mse"] == 0).all() and (report["explained_variance"] == 1).all() and (report["delta_loss"] == 0).all()
 
 
+
+def test_reconstruction_report_reads_an_original_llava_checkpoint(tiny_checkpoint, photos):
+    """Original LLaVA-1.5 keeps its image placeholder, -200, in `input_ids`: no token, never a target."""
+    model = HookedVLM.from_pretrained(tiny_checkpoint("llava_original"))
+    inputs = model.prepare([photos["rocket"], photos["chelsea"]], ["Where is it?", "Describe the animal in this photo please."])
+    assert int(inputs.input_ids.min()) == -200
+    report = saes.reconstruction_report(model, inputs, random_sae(model.cfg.d_model, HOOK, "relu"))
+    assert report.loc["image", "n_tokens"] == len(inputs.layout)
+    assert torch.isfinite(torch.tensor(report[["loss_clean", "loss_spliced"]].to_numpy())).all()
+
 # ------------------------------------------------------------------------------ Qwen-Scope
 def test_qwen_scope_releases_map_onto_internvl_3_5_checkpoints():
     repos = {r.repo for r in saes.qwen_scope_releases("OpenGVLab/InternVL3_5-8B-HF")}

@@ -112,6 +112,22 @@ def test_to_single_token_is_the_tokenizers_one_token_and_refuses_several(toy):
         model.to_single_token("a whole sentence of many tokens")
 
 
+
+def test_ids_of_an_original_llava_checkpoint_read_its_image_placeholder_as_image(tiny_checkpoint, photos):
+    """Original LLaVA-1.5 writes its image placeholder, -200 (no token), into `input_ids`."""
+    model = HookedVLM.from_pretrained(tiny_checkpoint("llava_original"))
+    inputs = model.prepare(photos["chelsea"], "Where is the cat?")
+    ids, image = inputs.input_ids[0], inputs.image_token_mask()[0]
+    n = int(image.sum())
+    labels = model.to_str_tokens(ids)
+    assert [labels[p] for p in image.nonzero().flatten().tolist()] == ["<image>"] * n
+    by_layout = model.to_str_tokens(inputs)[0]
+    assert [labels[p] for p in (~image).nonzero().flatten().tolist()] == [by_layout[p] for p in (~image).nonzero().flatten().tolist()]
+    assert model.to_string(ids).endswith("USER: " + "<image>" * n + "\nWhere is the cat? ASSISTANT:")
+    assert model.to_string(inputs.input_ids) == [model.to_string(ids)]
+    with pytest.raises(ValueError, match="token id -3 is negative"):
+        model.to_str_tokens(torch.tensor([5, -3]))
+
 def test_get_token_position_indexes_the_inputs_activations(toy):
     model, inputs, _ = toy
     row = inputs.input_ids[1:]

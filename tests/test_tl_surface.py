@@ -102,6 +102,15 @@ def test_to_str_tokens_of_inputs_marks_left_padding(toy):
     assert (inputs.attention_mask == 0).any(), "the fixture's prompts differ in length: one row is padded"
 
 
+
+def test_running_token_ids_says_a_vlm_input_is_needed(toy):
+    """TransformerLens's `model(tokens)`: ids alone carry no image."""
+    model = toy[0]
+    tokens = model.to_tokens("a cat")
+    for run in (model, model.run_with_cache, lambda t: model.generate(t, 2)):
+        with pytest.raises(TypeError, match="HookedVLM runs a VLMInput, not a Tensor: build it with model.prepare"):
+            run(tokens)
+
 def test_to_single_token_is_the_tokenizers_one_token_and_refuses_several(toy):
     model = toy[0]
     word = next(w for w in ("the", "a", "is", "red") if len(model.tokenizer.encode(w, add_special_tokens=False)) == 1)

@@ -119,6 +119,8 @@ def test_to_single_token_is_the_tokenizers_one_token_and_refuses_several(toy):
     assert model.to_single_str_token(token) == model.tokenizer.decode([token])
     with pytest.raises(ValueError, match="tokens, not one"):
         model.to_single_token("a whole sentence of many tokens")
+    with pytest.raises(TypeError, match="to_single_token takes a string, got int"):
+        model.to_single_token(token)
 
 
 

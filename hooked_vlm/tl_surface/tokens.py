@@ -165,6 +165,8 @@ class TokenHelpers:
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is exactly one token (no special tokens added)."""
+        if not isinstance(string, str):
+            raise TypeError(f"to_single_token takes a string, got {type(string).__name__} (to_single_str_token reads an id)")
         ids = self.tokenizer.encode(string, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(f"{string!r} is {len(ids)} tokens, not one: {self.tokenizer.convert_ids_to_tokens(ids)}")

@@ -109,6 +109,8 @@ def test_sparsify_hookpoint_directory_round_trips_through_the_loader(tmp_path):
     cfg = {"expansion_factor": 4, "normalize_decoder": True, "num_latents": 0, "k": k, "multi_topk": False, "skip_connection": False, "d_in": d_in}
     (hookpoint / "cfg.json").write_text(json.dumps(cfg))
     loaded = saes.load_sae(tmp_path, hookpoint="model.layers.2")
+    with pytest.raises(ValueError, match=r"one sparsify SAE per hookpoint: pass hookpoint= one of \['model.layers.2'\]"):
+        saes.load_sae(tmp_path)
     assert loaded.cfg.hook_name == "blocks.2.hook_resid_post" and loaded.cfg.d_sae == d_sae
     x = torch.randn(5, d_in)
     acts = _reference_topk(F.relu(F.linear(x - weights["b_dec"], weights["encoder.weight"], weights["encoder.bias"])), k, relu=False)

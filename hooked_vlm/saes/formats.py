@@ -307,6 +307,9 @@ def load_sae(path: str | Path, **kwargs: Any) -> SAE:
         return load_qwen_scope(path, **kwargs)
     if path.is_file() and path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
         return from_state_dict(path, **kwargs)
+    hookpoints = sorted(p.parent.name for p in path.glob(f"*/{SPARSIFY_WEIGHTS}")) if path.is_dir() else []
+    if hookpoints:
+        raise ValueError(f"{path} holds one sparsify SAE per hookpoint: pass hookpoint= one of {hookpoints}")
     raise ValueError(
         f"{path} is no SAE this library reads: expected a SAELens directory ({SAELENS_CFG} + {SAELENS_WEIGHTS}), "
         f"a sparsify directory (cfg.json + {SPARSIFY_WEIGHTS}), a Qwen-Scope layer{{n}}.sae.pt or a state dict file"

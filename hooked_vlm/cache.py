@@ -1,8 +1,9 @@
 """transformer_lens's `ActivationCache`, taught two facts about a vision-language model.
 
 1. The residual stream starts at `hook_inputs_embeds` (text embeddings with the image features
-   written in), not at `hook_embed`: `decompose_resid` uses it as its first term, so the terms
-   sum to the residual stream at every position, image tokens included.
+   written in), not at `hook_embed`: `decompose_resid` and `get_full_resid_decomposition` use it
+   as their embedding term, so the terms sum to the residual stream at every position, image
+   tokens included.
 2. The norms here are Hugging Face's fused ones and expose no `hook_scale`; the scale that
    `apply_ln=True` needs is recomputed from the cached residual stream instead.
 3. Nothing is folded: a norm's weight stays in the norm, not in `W_U`, `W_Q` ... So `apply_ln=True`
@@ -56,6 +57,35 @@ class VLMActivationCache(ActivationCache):
         stack = torch.stack([pos_slice.apply(c, dim=-2) for c in components], dim=0)
         if apply_ln:
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
+        return (stack, labels) if return_labels else stack
+
+    def get_full_resid_decomposition(
+        self,
+        layer: int | None = None,
+        mlp_input: bool = False,
+        expand_neurons: bool = True,
+        apply_ln: bool = False,
+        pos_slice=None,
+        return_labels: bool = False,
+        project_output_onto: torch.Tensor | None = None,
+    ):
+        """TransformerLens's (heads, MLP outputs or neurons, embeddings, biases), whose embedding
+        term is `hook_inputs_embeds` (labelled "inputs_embeds"), as in `decompose_resid`: its
+        `hook_embed` lacks the image features, so the parts would not sum to the residual stream."""
+        # TransformerLens reads self["hook_embed"]: lend it the right tensor for this call only
+        kept, had_embed = self.cache_dict.get("hook_embed"), self.has_embed
+        self.cache_dict["hook_embed"], self.has_embed = self["hook_inputs_embeds"], True
+        try:
+            stack, labels = super().get_full_resid_decomposition(
+                layer, mlp_input, expand_neurons, apply_ln, pos_slice, return_labels=True, project_output_onto=project_output_onto
+            )
+        finally:
+            self.has_embed = had_embed
+            if kept is None:
+                del self.cache_dict["hook_embed"]
+            else:
+                self.cache_dict["hook_embed"] = kept
+        labels = ["inputs_embeds" if label == "embed" else label for label in labels]
         return (stack, labels) if return_labels else stack
 
     def apply_ln_to_stack(

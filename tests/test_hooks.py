@@ -153,6 +153,20 @@ def test_accumulated_resid_is_the_residual_stream_at_each_layer(model_and_inputs
 
 
 
+
+def test_full_resid_decomposition_sums_to_the_residual_stream_at_image_tokens_too(model_and_inputs):
+    """TransformerLens's heads + MLP outputs (or neurons) + embeddings + biases, whose embedding term
+    is `hook_inputs_embeds`: `hook_embed` holds no image features."""
+    model, inputs = model_and_inputs
+    _, cache = model.run_with_cache(inputs)
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    parts, labels = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+    assert "inputs_embeds" in labels
+    _assert_close(parts.sum(0), final, atol=1e-4)  # a sum of ~20 terms of ~100
+    image = int(inputs.layout.position[0])  # an image token of row 0; neurons make a large stack
+    _assert_close(cache.get_full_resid_decomposition(pos_slice=image).sum(0), final[:, image], atol=1e-4)
+    assert torch.equal(cache["hook_embed"], cache.cache_dict["hook_embed"])  # the cache is left as it was
+
 def test_stacks_with_the_norm_applied_sum_to_the_norms_output(model_and_inputs):
     """`apply_ln=True` applies the norm as the model does, its weight included (nothing is folded),
     so the stacks compose with the raw W_Q, W_in, W_U as ln1, ln2 and ln_final's outputs do."""

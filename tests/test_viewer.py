@@ -153,6 +153,8 @@ def test_a_teacher_forced_answer_is_marked_and_selectable(internvl, photos):
     answer = inputs.answer_mask[0].nonzero().flatten().tolist()
     assert view.answer_start == answer[0]
     assert set(answer) <= set(view.queries.tolist())
+    with pytest.raises(ValueError, match="already end in a teacher-forced answer"):  # generating after its end of turn
+        attention_view(internvl, inputs, max_new_tokens=3)
 
 
 def test_a_cls_image_token_is_labelled_but_is_no_cell_of_the_vision_map(tiny_checkpoint, photos):

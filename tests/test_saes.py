@@ -324,6 +324,8 @@ def test_splicing_mistakes_are_named(internvl):
         model.saes([random_sae(model.cfg.d_model, HOOK)], tokens="image").__enter__()
     with pytest.raises(ValueError, match="reset_saes_end=False is not supported"):
         model.run_with_saes(inputs, saes=[], reset_saes_end=False)
+    with pytest.raises(NotImplementedError, match="never left attached .* `with model.saes"):
+        model.add_sae(random_sae(model.cfg.d_model, HOOK))  # SAELens's habit
 
 
 # ------------------------------------------------------------------------------ report

@@ -111,6 +111,14 @@ class VLMActivationCache(ActivationCache):
         weight = self._norm(None if final else layer, mlp_input).weight
         return stack * weight.to(stack.device)
 
+    def _stack_neuron_results_apply_ln_projected(self, layer, pos_slice, neuron_slice, project_2d, mlp_input=False) -> torch.Tensor:
+        """TransformerLens's shortcut for `stack_neuron_results(apply_ln=True, project_output_onto=p)`,
+        which reads the cached scale and not `apply_ln_to_stack`: the norm's weight goes into `p`."""
+        weight = self._norm(None if layer == -1 else layer, mlp_input).weight
+        return super()._stack_neuron_results_apply_ln_projected(
+            layer, pos_slice, neuron_slice, weight.to(project_2d.device, project_2d.dtype)[:, None] * project_2d, mlp_input
+        )
+
     def _norm(self, layer: int | None, mlp_input: bool) -> torch.nn.Module:
         if layer is None or layer == self.model.cfg.n_layers:
             return self.model.ln_final

@@ -171,6 +171,7 @@ class HookedVLM(TransformerLensSurface, HookedRootModule):
     # ----------------------------------------------------------------------------- forward
     def forward(self, inputs: VLMInput, *, kv_cache: KVCache | None = None) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits for every position of every batch row."""
+        _check_vlm_input(inputs)
         self.past_length = len(kv_cache) if kv_cache is not None else 0
         image_features = self.encode_images(inputs.pixel_values)
         inputs_embeds = self.embed_inputs(inputs.input_ids, image_features, inputs.image_token_mask())
@@ -342,11 +343,21 @@ class HookedVLM(TransformerLensSurface, HookedRootModule):
         token ids (`return_tokens=True`)."""
         from hooked_vlm.generation import greedy_generate
 
+        _check_vlm_input(inputs)
         with self.hooks(fwd_hooks=list(fwd_hooks)):
             tokens = greedy_generate(self, inputs, max_new_tokens)
         if return_tokens:
             return tokens
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=skip_special_tokens)
+
+
+def _check_vlm_input(inputs: Any) -> None:
+    # TransformerLens's first habit, model(tokens), would otherwise end in "no attribute 'pixel_values'"
+    if not isinstance(inputs, VLMInput):
+        raise TypeError(
+            f"HookedVLM runs a VLMInput, not a {type(inputs).__name__}: build it with model.prepare(images, prompts), "
+            "which lays out the image tokens and their pixels (token ids alone carry no image)"
+        )
 
 
 def _output_checked(fn: Callable) -> Callable:

@@ -109,6 +109,8 @@ def test_sparsify_hookpoint_directory_round_trips_through_the_loader(tmp_path):
     cfg = {"expansion_factor": 4, "normalize_decoder": True, "num_latents": 0, "k": k, "multi_topk": False, "skip_connection": False, "d_in": d_in}
     (hookpoint / "cfg.json").write_text(json.dumps(cfg))
     loaded = saes.load_sae(tmp_path, hookpoint="model.layers.2")
+    with pytest.raises(ValueError, match=r"one sparsify SAE per hookpoint: pass hookpoint= one of \['model.layers.2'\]"):
+        saes.load_sae(tmp_path)
     assert loaded.cfg.hook_name == "blocks.2.hook_resid_post" and loaded.cfg.d_sae == d_sae
     x = torch.randn(5, d_in)
     acts = _reference_topk(F.relu(F.linear(x - weights["b_dec"], weights["encoder.weight"], weights["encoder.bias"])), k, relu=False)
@@ -322,6 +324,8 @@ def test_splicing_mistakes_are_named(internvl):
         model.saes([random_sae(model.cfg.d_model, HOOK)], tokens="image").__enter__()
     with pytest.raises(ValueError, match="reset_saes_end=False is not supported"):
         model.run_with_saes(inputs, saes=[], reset_saes_end=False)
+    with pytest.raises(NotImplementedError, match="never left attached .* `with model.saes"):
+        model.add_sae(random_sae(model.cfg.d_model, HOOK))  # SAELens's habit
 
 
 # ------------------------------------------------------------------------------ report
@@ -351,6 +355,16 @@ def test_a_perfect_sae_reports_no_error_and_no_loss_change(internvl):
     report = saes.reconstruction_report(model, inputs, identity)
     assert (report["mse"] == 0).all() and (report["explained_variance"] == 1).all() and (report["delta_loss"] == 0).all()
 
+
+
+def test_reconstruction_report_reads_an_original_llava_checkpoint(tiny_checkpoint, photos):
+    """Original LLaVA-1.5 keeps its image placeholder, -200, in `input_ids`: no token, never a target."""
+    model = HookedVLM.from_pretrained(tiny_checkpoint("llava_original"))
+    inputs = model.prepare([photos["rocket"], photos["chelsea"]], ["Where is it?", "Describe the animal in this photo please."])
+    assert int(inputs.input_ids.min()) == -200
+    report = saes.reconstruction_report(model, inputs, random_sae(model.cfg.d_model, HOOK, "relu"))
+    assert report.loc["image", "n_tokens"] == len(inputs.layout)
+    assert torch.isfinite(torch.tensor(report[["loss_clean", "loss_spliced"]].to_numpy())).all()
 
 # ------------------------------------------------------------------------------ Qwen-Scope
 def test_qwen_scope_releases_map_onto_internvl_3_5_checkpoints():

@@ -102,6 +102,15 @@ def test_to_str_tokens_of_inputs_marks_left_padding(toy):
     assert (inputs.attention_mask == 0).any(), "the fixture's prompts differ in length: one row is padded"
 
 
+
+def test_running_token_ids_says_a_vlm_input_is_needed(toy):
+    """TransformerLens's `model(tokens)`: ids alone carry no image."""
+    model = toy[0]
+    tokens = model.to_tokens("a cat")
+    for run in (model, model.run_with_cache, lambda t: model.generate(t, 2)):
+        with pytest.raises(TypeError, match="HookedVLM runs a VLMInput, not a Tensor: build it with model.prepare"):
+            run(tokens)
+
 def test_to_single_token_is_the_tokenizers_one_token_and_refuses_several(toy):
     model = toy[0]
     word = next(w for w in ("the", "a", "is", "red") if len(model.tokenizer.encode(w, add_special_tokens=False)) == 1)
@@ -110,7 +119,25 @@ def test_to_single_token_is_the_tokenizers_one_token_and_refuses_several(toy):
     assert model.to_single_str_token(token) == model.tokenizer.decode([token])
     with pytest.raises(ValueError, match="tokens, not one"):
         model.to_single_token("a whole sentence of many tokens")
+    with pytest.raises(TypeError, match="to_single_token takes a string, got int"):
+        model.to_single_token(token)
 
+
+
+def test_ids_of_an_original_llava_checkpoint_read_its_image_placeholder_as_image(tiny_checkpoint, photos):
+    """Original LLaVA-1.5 writes its image placeholder, -200 (no token), into `input_ids`."""
+    model = HookedVLM.from_pretrained(tiny_checkpoint("llava_original"))
+    inputs = model.prepare(photos["chelsea"], "Where is the cat?")
+    ids, image = inputs.input_ids[0], inputs.image_token_mask()[0]
+    n = int(image.sum())
+    labels = model.to_str_tokens(ids)
+    assert [labels[p] for p in image.nonzero().flatten().tolist()] == ["<image>"] * n
+    by_layout = model.to_str_tokens(inputs)[0]
+    assert [labels[p] for p in (~image).nonzero().flatten().tolist()] == [by_layout[p] for p in (~image).nonzero().flatten().tolist()]
+    assert model.to_string(ids).endswith("USER: " + "<image>" * n + "\nWhere is the cat? ASSISTANT:")
+    assert model.to_string(inputs.input_ids) == [model.to_string(ids)]
+    with pytest.raises(ValueError, match="token id -3 is negative"):
+        model.to_str_tokens(torch.tensor([5, -3]))
 
 def test_get_token_position_indexes_the_inputs_activations(toy):
     model, inputs, _ = toy

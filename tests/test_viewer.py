@@ -153,6 +153,8 @@ def test_a_teacher_forced_answer_is_marked_and_selectable(internvl, photos):
     answer = inputs.answer_mask[0].nonzero().flatten().tolist()
     assert view.answer_start == answer[0]
     assert set(answer) <= set(view.queries.tolist())
+    with pytest.raises(ValueError, match="already end in a teacher-forced answer"):  # generating after its end of turn
+        attention_view(internvl, inputs, max_new_tokens=3)
 
 
 def test_a_cls_image_token_is_labelled_but_is_no_cell_of_the_vision_map(tiny_checkpoint, photos):
@@ -360,6 +362,16 @@ def test_hovering_a_lens_cell_names_its_top_predictions(browser, internvl_page, 
     assert text.strip() == f"\u201c{top}\u201d"
     assert float(percent.rstrip("%")) == pytest.approx(100 * internvl_view.lens_probs[-1, token, 0], abs=0.3)
 
+
+
+def test_a_long_prompts_query_tokens_wrap_within_the_window(browser, tmp_path, llava, photos):
+    """Original LLaVA's system prompt alone is ~40 tokens: none of them may lie beyond the window."""
+    view = attention_view(llava, photos["rocket"], " ".join(["describe"] * 120), layers=[0], vision_layers=[0], lens_layers=[0])
+    open_page(browser, view.save(tmp_path / "long.html"))
+    strip, window = browser.execute_script("const s = document.getElementById('tokens'); return [s.scrollWidth, s.clientWidth]")
+    assert strip <= window
+    last = browser.find_element(By.CSS_SELECTOR, f'#tokens span[data-position="{len(view.labels) - 1}"]')
+    assert last.rect["x"] + last.rect["width"] <= browser.execute_script("return window.innerWidth")
 
 def test_page_loads_from_a_file_with_no_network_request(browser, internvl_page):
     open_page(browser, internvl_page)

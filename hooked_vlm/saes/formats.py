@@ -3,7 +3,8 @@
 - SAELens: a directory with `cfg.json` and `sae_weights.safetensors` (`W_enc` `[d_in, d_sae]`,
   `b_enc`, `W_dec` `[d_sae, d_in]`, `b_dec`, `threshold` for JumpReLU). Configs of SAELens 6
   (`metadata.hook_name`, `k`) and earlier (flat `hook_name`/`hook_point`,
-  `activation_fn_str`/`activation_fn` with `activation_fn_kwargs.k`) are both read.
+  `activation_fn_str`/`activation_fn` with `activation_fn_kwargs.k`, heads flattened for a hook
+  ending in `_z`) are both read; TopK's `rescale_acts_by_decoder_norm` is folded into the weights.
 - EleutherAI sparsify (and its predecessor `sae`, as lmms-lab's LLaVA-NeXT SAEs): a directory per
   hookpoint (`model.layers.24`) with `cfg.json` (`d_in`, `num_latents` or `expansion_factor`,
   `k`, `signed`, `transcode`, ...) and `sae.safetensors` (`encoder.weight` `[d_sae, d_in]`,
@@ -58,21 +59,48 @@ def load_saelens(path: str | Path, *, hook_name: str | None = None, dtype=None, 
     if cfg.get("finetuning_scaling_factor"):
         raise NotImplementedError(f"{path}: finetuning_scaling_factor is not supported")
     architecture, k = _saelens_architecture(cfg, path)
-    weights = load_file(str(path / SAELENS_WEIGHTS))
-    if "log_threshold" in weights:  # a training SAE's checkpoint
-        weights["threshold"] = weights.pop("log_threshold").exp()
+    weights = _saelens_weights(path, cfg, architecture)
+    hook_name = hook_name or meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point")
+    # SAELens before 6 wrote no reshape_activations: it flattened the heads of any hook ending in "_z"
+    reshape = cfg.get("reshape_activations") or ("hook_z" if "reshape_activations" not in cfg and str(hook_name).endswith("_z") else "none")
     config = SAEConfig(
         d_in=int(cfg["d_in"]),
         d_sae=int(cfg["d_sae"]),
         architecture=architecture,
         k=k,
         apply_b_dec_to_input=bool(cfg.get("apply_b_dec_to_input", True)),
-        hook_name=hook_name or meta.get("hook_name") or cfg.get("hook_name") or cfg.get("hook_point"),
-        reshape_activations=cfg.get("reshape_activations") or "none",
+        hook_name=hook_name,
+        reshape_activations=reshape,
         dtype=_dtype(dtype, cfg.get("dtype"), weights["W_enc"].dtype),
         metadata={"format": "saelens", "path": str(path), "config": cfg},
     )
     return _build(config, weights, device, str(path))
+
+
+def _saelens_weights(path: Path, cfg: dict, architecture: str) -> dict[str, Tensor]:
+    """The weights file, in this library's terms: a training checkpoint's `log_threshold` as
+    `threshold`, SAELens's all-ones `scaling_factor` dropped (SAELens drops it too), and TopK's
+    `rescale_acts_by_decoder_norm` folded into the weights (exact: the pre-activations are
+    multiplied, the activations divided, by each feature's decoder norm)."""
+    weights = load_file(str(path / SAELENS_WEIGHTS))
+    if "log_threshold" in weights:  # a training SAE's checkpoint
+        weights["threshold"] = weights.pop("log_threshold").exp()
+    scaling = weights.pop("scaling_factor", None)
+    if scaling is not None and not torch.all(scaling == 1):
+        raise NotImplementedError(f"{path}: a scaling_factor other than ones (SAELens's finetuning_scaling_factor) is not supported")
+    unknown = sorted(set(weights) - {"W_enc", "b_enc", "W_dec", "b_dec", "threshold"})
+    if unknown:
+        raise NotImplementedError(f"{path}: weights {unknown} are not part of a {architecture} SAE this library computes")
+    if cfg.get("rescale_acts_by_decoder_norm"):
+        if architecture != "topk":
+            raise NotImplementedError(f"{path}: rescale_acts_by_decoder_norm is supported for TopK SAEs only")
+        norm = weights["W_dec"].float().norm(dim=-1)
+        norm = torch.where(norm > 0, norm, 1.0)  # a dead feature's zero decoder row stays as it is
+        weights["W_enc"] = (weights["W_enc"].float() * norm).to(weights["W_enc"].dtype)
+        weights["W_dec"] = (weights["W_dec"].float() / norm[:, None]).to(weights["W_dec"].dtype)
+        if "b_enc" in weights:
+            weights["b_enc"] = (weights["b_enc"].float() * norm).to(weights["b_enc"].dtype)
+    return weights
 
 
 def _saelens_architecture(cfg: dict, path: Path) -> tuple[str, int | None]:
@@ -80,7 +108,10 @@ def _saelens_architecture(cfg: dict, path: Path) -> tuple[str, int | None]:
     activation = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
     kwargs = cfg.get("activation_fn_kwargs") or {}
     if architecture == "topk" or (architecture == "standard" and activation == "topk"):
-        return "topk", int(cfg.get("k") or kwargs["k"])
+        k = cfg.get("k") or kwargs.get("k")
+        if k is None:
+            raise ValueError(f"{path}: a TopK SAE whose config gives no k (neither k nor activation_fn_kwargs.k)")
+        return "topk", int(k)
     if architecture == "standard" and activation == "relu":
         return "relu", None
     if architecture == "jumprelu":
@@ -276,6 +307,9 @@ def load_sae(path: str | Path, **kwargs: Any) -> SAE:
         return load_qwen_scope(path, **kwargs)
     if path.is_file() and path.suffix in (".safetensors", ".pt", ".pth", ".bin"):
         return from_state_dict(path, **kwargs)
+    hookpoints = sorted(p.parent.name for p in path.glob(f"*/{SPARSIFY_WEIGHTS}")) if path.is_dir() else []
+    if hookpoints:
+        raise ValueError(f"{path} holds one sparsify SAE per hookpoint: pass hookpoint= one of {hookpoints}")
     raise ValueError(
         f"{path} is no SAE this library reads: expected a SAELens directory ({SAELENS_CFG} + {SAELENS_WEIGHTS}), "
         f"a sparsify directory (cfg.json + {SPARSIFY_WEIGHTS}), a Qwen-Scope layer{{n}}.sae.pt or a state dict file"

@@ -46,6 +46,21 @@ class SAEMethods:
         return run_with_hooks_with_saes(self, *model_args, saes=saes, use_error_term=use_error_term, tokens=tokens, **kwargs)
 
 
+    def add_sae(self, sae, use_error_term: bool | None = None):
+        """SAELens's lasting splice, refused with the way to do it here."""
+        raise NotImplementedError(LASTING)
+
+    def reset_saes(self, *args: Any, **kwargs: Any):
+        """SAELens's undo of `add_sae`: nothing to undo, SAEs never stay attached."""
+        raise NotImplementedError(LASTING)
+
+
+LASTING = (
+    "SAEs are spliced for one call or one block, never left attached (no add_sae/reset_saes): "
+    "`with model.saes([sae]): ...` (generation included) or model.run_with_saes(inputs, saes=[sae])"
+)
+
+
 def _refuse_lasting(reset_saes_end: bool) -> None:
     if not reset_saes_end:
         raise ValueError("SAEs are spliced for a call or a `with model.saes(...)` block only; reset_saes_end=False is not supported")

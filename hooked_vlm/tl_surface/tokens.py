@@ -19,6 +19,7 @@ from torch import Tensor
 from hooked_vlm.inputs import ImageLayout, VLMInput
 
 PAD_LABEL = "<pad>"
+IMAGE_PLACEHOLDER = "<image>"  # what original LLaVA's image id (-200, no token) stands for in its prompt
 
 
 def image_token_label(image: int | None, view: int, row: int, col: int) -> str:
@@ -79,13 +80,35 @@ class TokenHelpers:
         return self.tokenizer.pad({"input_ids": rows}, padding_side=side, return_tensors="pt")["input_ids"]
 
     def to_string(self, tokens: Sequence[int] | Tensor | np.ndarray) -> str | list[str]:
-        """Decode ids: a 1-D sequence to one string, a 2-D batch to a list of strings."""
+        """Decode ids: a 1-D sequence to one string, a 2-D batch to a list of strings. Original
+        LLaVA's image placeholder (id -200, no token) reads as `<image>`, the text it stands for."""
         tokens = torch.as_tensor(tokens)
         if tokens.dim() == 2:
-            return self.tokenizer.batch_decode(tokens, clean_up_tokenization_spaces=False)
+            return [self._decode(row.tolist()) for row in tokens]
         if tokens.dim() <= 1:
-            return self.tokenizer.decode(tokens.reshape(-1), clean_up_tokenization_spaces=False)
+            return self._decode(tokens.reshape(-1).tolist())
         raise ValueError(f"to_string takes 1-D or 2-D token ids, got shape {tuple(tokens.shape)}")
+
+    def _decode(self, ids: list[int]) -> str:
+        """The text of `ids`, runs of real tokens decoded together, a placeholder between them."""
+        pieces, run = [], []
+        for i in ids + [None]:
+            if i is not None and i >= 0:
+                run.append(i)
+                continue
+            if run:
+                pieces.append(self.tokenizer.decode(run, clean_up_tokenization_spaces=False))
+                run = []
+            if i is not None:
+                pieces.append(self._placeholder(i))
+        return "".join(pieces)
+
+    def _placeholder(self, token: int) -> str:
+        """A negative id is no token: original LLaVA's image placeholder reads `<image>` (as
+        `prepare`'s prompt wrote it); any other is an error, not a tokenizer overflow."""
+        if token != self.cfg.image_token_id:
+            raise ValueError(f"token id {token} is negative: no token has it (the image placeholder is {self.cfg.image_token_id})")
+        return IMAGE_PLACEHOLDER
 
     def to_str_tokens(
         self,
@@ -96,7 +119,7 @@ class TokenHelpers:
         """Each token as a string, TransformerLens's way (every id decoded on its own).
 
         A string gives a list, a list of strings a list of lists, ids `[pos]` or `[1, pos]` a
-        list. A `VLMInput` gives one list per batch row (also for a batch of one), one label per
+        list (original LLaVA's image placeholder id, -200, reads `<image>`). A `VLMInput` gives one list per batch row (also for a batch of one), one label per
         position: text tokens decoded, image tokens `<img v0 r3 c5>`, left padding `<pad>` —
         ready for circuitsvis (`cv.attention.attention_patterns(model.to_str_tokens(inputs)[0], ...)`)."""
         if isinstance(input, VLMInput):
@@ -115,7 +138,8 @@ class TokenHelpers:
         return self._decode_each(tokens.tolist())
 
     def _decode_each(self, ids: list[int]) -> list[str]:
-        return self.tokenizer.batch_decode([[i] for i in ids], clean_up_tokenization_spaces=False)
+        decoded = iter(self.tokenizer.batch_decode([[i] for i in ids if i >= 0], clean_up_tokenization_spaces=False))
+        return [next(decoded) if i >= 0 else self._placeholder(i) for i in ids]
 
     def _vlm_str_tokens(self, inputs: VLMInput) -> list[list[str]]:
         layout = inputs.layout
@@ -141,6 +165,8 @@ class TokenHelpers:
 
     def to_single_token(self, string: str) -> int:
         """The id of a string that is exactly one token (no special tokens added)."""
+        if not isinstance(string, str):
+            raise TypeError(f"to_single_token takes a string, got {type(string).__name__} (to_single_str_token reads an id)")
         ids = self.tokenizer.encode(string, add_special_tokens=False)
         if len(ids) != 1:
             raise ValueError(f"{string!r} is {len(ids)} tokens, not one: {self.tokenizer.convert_ids_to_tokens(ids)}")

@@ -151,14 +151,13 @@ class LanguageModelWeights(StackedWeights):
         )
 
     def tokens_to_residual_directions(self, tokens: int | str | Tensor) -> Float[Tensor, "... d_model"]:
-        """Each token's logit direction for the residual stream divided by the final norm's scale
-        (what `decompose_resid(apply_ln=True)` gives and `cache.logit_attrs` projects):
-        `ln_final.weight * W_U[:, token]`, since the norm's weight is not folded into `W_U` as
-        TransformerLens folds it. A string must be one token."""
+        """Each token's unembedding direction, `W_U[:, token]`, as TransformerLens's: it reads the
+        final norm's output, which is what the cache's `apply_ln=True` stacks are here (the norm's
+        weight included, nothing being folded), so `cache.logit_attrs` and a logit lens over
+        `accumulated_resid(apply_ln=True)` sum to the logits. A string must be one token."""
         if isinstance(tokens, str):
             tokens = self.to_single_token(tokens)
-        directions = self.W_U[:, torch.as_tensor(tokens, device=self.W_U.device)].movedim(0, -1)
-        return directions * self.ln_final.weight.to(directions.device)
+        return self.W_U[:, torch.as_tensor(tokens, device=self.W_U.device)].movedim(0, -1)
 
     def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, "d_model"]:
         """The sum of the attention-output (and MLP-output) biases of the language model's blocks

@@ -138,6 +138,11 @@ def attention_view(
     _check_single(inputs)
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens and inputs.answer_mask is not None and bool(inputs.answer_mask.any()):
+        raise ValueError(
+            "these inputs already end in a teacher-forced answer (prepare(..., answers=)): view it with "
+            "max_new_tokens=0, or prepare them without answers= to generate one"
+        )
     selection = select(
         model, inputs, max_new_tokens, layers=layers, queries=queries, vision_layers=vision_layers,
         vision_heads=vision_heads, lens_layers=lens_layers, lens_top_k=lens_top_k,

@@ -120,7 +120,7 @@ def _experiment(fn: Callable[[Any, Any, argparse.Namespace, Any], pd.DataFrame],
         from hooked_vlm import plotting, runs
         from hooked_vlm.model import HookedVLM
 
-        out, run = Path(args.out), _run(args)
+        out, run = Path(args.out), runs.Run.from_command_line(args, outputs=OUTPUTS, paths=PATH_OPTIONS)
         try:
             run.check_arguments()  # before loading a model
             model = HookedVLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=runs.process_device(args.device))
@@ -129,11 +129,9 @@ def _experiment(fn: Callable[[Any, Any, argparse.Namespace, Any], pd.DataFrame],
             raise SystemExit(f"hooked-vlm {args.command}: {error}") from None
         if not run.is_main:
             return
-        with runs.atomic_path(out / "results.csv") as tmp:
-            results.to_csv(tmp, index=False)
+        runs.write_atomically(out / "results.csv", lambda path: results.to_csv(path, index=False))
         summary = summarise(results)
-        with runs.atomic_path(out / "summary.csv") as tmp:
-            summary.to_csv(tmp)
+        runs.write_atomically(out / "summary.csv", summary.to_csv)
         print(summary.to_string())
         plotting.save_figure(getattr(plotting, figure)(results), out / "figure.png")
         print(f"written to {out.resolve()}")
@@ -141,24 +139,8 @@ def _experiment(fn: Callable[[Any, Any, argparse.Namespace, Any], pd.DataFrame],
     return run
 
 
-# arguments that do not change a row: recorded per launch, free to change when a run is resumed
-LAUNCH_ARGUMENTS = ("command", "run", "out", "overwrite", "batch_size", "device")
-PATH_ARGUMENTS = ("model", "coco", "images", "removed", "mean", "ranking")
-OUTPUTS = ("results.csv", "summary.csv", "figure.png")
-
-
-def _run(args):
-    """The run directory `--out`; its arguments are the command line's (local paths made
-    absolute, so that a resume from another folder must name the same files)."""
-    from hooked_vlm.runs import Run
-
-    arguments = {name: value for name, value in vars(args).items() if name not in LAUNCH_ARGUMENTS}
-    for name in PATH_ARGUMENTS:
-        if arguments.get(name) and Path(arguments[name]).exists():
-            arguments[name] = str(Path(arguments[name]).resolve())
-    launch = {"batch_size": args.batch_size, "device": args.device}
-    return Run(args.out, arguments={"command": args.command, **arguments}, overwrite=args.overwrite, outputs=OUTPUTS,
-               model_name=arguments["model"], launch=launch)  # fmt: skip
+OUTPUTS = ("results.csv", "summary.csv", "figure.png")  # what an experiment command writes in --out
+PATH_OPTIONS = ("model", "coco", "images", "removed", "mean", "ranking")  # recorded as absolute paths
 
 
 def _dataset(args) -> Any:
@@ -200,7 +182,7 @@ def _ablation_mean(model, args):
     read back when the run is resumed); else None, and `token_ablation` averages the dataset's
     own images, with a warning."""
     from hooked_vlm import interventions as iv
-    from hooked_vlm.runs import MANIFEST, atomic_path, is_main_process
+    from hooked_vlm.runs import MANIFEST, is_main_process, write_atomically
     from hooked_vlm.toy_models import MEAN_IMAGES, toy_mean_embedding
 
     if args.mean or args.coco or not (args.fill == "mean" or "ig" in args.strategies):
@@ -210,9 +192,8 @@ def _ablation_mean(model, args):
         return iv.load_mean(out / "mean_embedding.pt", model)  # a resumed run ablates with the same vector
     mean = toy_mean_embedding(model, args.model, seed=args.seed)
     if is_main_process():
-        with atomic_path(out / "mean_embedding.pt") as tmp:
-            iv.save_mean(mean, tmp)
-    print(f"mean visual embedding: {mean.count} image tokens of {MEAN_IMAGES} images of the 'mean' split")
+        write_atomically(out / "mean_embedding.pt", lambda path: iv.save_mean(mean, path))
+        print(f"mean visual embedding: {mean.count} image tokens of {MEAN_IMAGES} images of the 'mean' split")
     return mean
 
 
@@ -265,11 +246,11 @@ def _run_cumulative(model, data, args, run):
 def _head_ranking(model, data, args, run) -> tuple[str, torch.Tensor]:
     """(name, mean MF per head): read from `--ranking` (a `head-mediation` output folder, its
     results.csv or its summary.csv), or computed by head mediation on the same samples (a run of
-    its own in the subfolder mediation/, resumed like the rest; its table written to mediation.csv). Heads without an MF (NaN, an empty cell of summary.csv: not measured, e.g.
-    the last layer's at the prompt positions) stay NaN, and the ranking leaves them out; a note
-    says how many."""
+    its own in mediation/, resumed like the rest; its table written to mediation.csv). Heads
+    without an MF (NaN, an empty cell of summary.csv: not measured, e.g. the last layer's at the
+    prompt positions) stay NaN, and the ranking leaves them out; a note says how many."""
     from hooked_vlm.experiments import head_mediation, mediation_map
-    from hooked_vlm.runs import atomic_path
+    from hooked_vlm.runs import write_atomically
 
     if args.ranking:
         path = Path(args.ranking)
@@ -283,8 +264,7 @@ def _head_ranking(model, data, args, run) -> tuple[str, torch.Tensor]:
         table = head_mediation(model, data, task=name, method=args.method, target=args.target,
                                batch_size=args.batch_size, limit=args.limit, run=run.child("mediation"))  # fmt: skip
         if run.is_main:
-            with atomic_path(Path(args.out) / "mediation.csv") as tmp:
-                table.to_csv(tmp, index=False)
+            write_atomically(Path(args.out) / "mediation.csv", lambda path: table.to_csv(path, index=False))
         scores = mediation_map(table)
     unmeasured = int(scores.isnan().sum())
     if unmeasured:

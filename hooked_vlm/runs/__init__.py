@@ -17,7 +17,7 @@ other arguments, settings, model, dtype or data is an error naming what differs.
 every process takes a deterministic share of the pending items (whole groups, round-robin), the
 main process waits for the others (accelerate's `PartialState` barrier) and every process returns
 the merged table, in the work's item order: the table a single process gives. The caller writes
-its outputs from it, on the main process (`Run.is_main`), through `atomic_path`.
+its outputs from it, on the main process (`Run.is_main`), through `write_atomically`.
 
 How an experiment uses runs
 ---------------------------
@@ -49,7 +49,7 @@ An experiment stays a function of (model, data) that yields rows; it describes i
   `run.child("name")`, itself resumable.
 """
 
-from hooked_vlm.runs.files import atomic_path
+from hooked_vlm.runs.files import atomic_path, write_atomically
 from hooked_vlm.runs.manifest import MANIFEST, describe, describe_ids
 from hooked_vlm.runs.processes import is_main_process, launched_processes, process_device, processes
 from hooked_vlm.runs.records import RunBusy
@@ -72,4 +72,5 @@ __all__ = [
     "merged",
     "process_device",
     "processes",
+    "write_atomically",
 ]

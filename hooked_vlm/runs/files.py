@@ -6,7 +6,7 @@ import contextlib
 import os
 import uuid
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -29,6 +29,14 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         fsync_directory(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """`write(temporary path)`, then the rename of `atomic_path`:
+    `write_atomically(out / "summary.csv", summary.to_csv)`."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+    return Path(path)
 
 
 def fsync_directory(directory: Path) -> None:

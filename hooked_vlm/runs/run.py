@@ -61,6 +61,22 @@ class Run:
         self.model_name = model_name
         self.launch = dict(launch or {})
 
+    @classmethod
+    def from_command_line(
+        cls, args, *, outputs: Sequence[str] = (), paths: Sequence[str] = (), launch: Sequence[str] = ("batch_size", "device")
+    ) -> Run:
+        """The run of a command (an argparse namespace with `out`, `overwrite`, `model`): its
+        arguments are every option but `launch` ones (they do not change a row: recorded per launch,
+        free to change on resume); the `paths` options that name local files are made absolute (a
+        resume from another folder must name the same files)."""
+        skipped = {"command", "run", "out", "overwrite", *launch}
+        arguments = {"command": args.command} | {k: v for k, v in vars(args).items() if k not in skipped}
+        for name in paths:
+            if isinstance(arguments.get(name), str) and Path(arguments[name]).exists():
+                arguments[name] = str(Path(arguments[name]).resolve())
+        return cls(args.out, arguments=arguments, overwrite=args.overwrite, outputs=outputs, model_name=arguments.get("model"),
+                   launch={name: getattr(args, name) for name in launch})  # fmt: skip
+
     def __repr__(self) -> str:
         return f"Run({str(self.directory)!r}, overwrite={self.overwrite})"
 

@@ -86,7 +86,9 @@ def is_computing() -> bool:
 
 def computed(work: Work, items: list[Item], *, progress: bool, desc: str | None = None) -> Iterator[tuple[str, list[dict]]]:
     """`work.compute(items)`, checked: each item given comes back once, and no other. The bar
-    counts these items only: the work left, not the whole."""
+    counts these items only: the work left, not the whole. No item: `compute` is not called."""
+    if not items:
+        return
     wanted = {item.key for item in items}
     bar = tqdm(total=len(items), desc=desc or work.desc or work.name, unit=work.unit, disable=not progress)
     try:

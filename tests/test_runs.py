@@ -17,7 +17,7 @@ import torch
 
 from hooked_vlm import runs
 from hooked_vlm.runs import Item, Run, RunBusy, RunMismatch, Work, execute
-from hooked_vlm.runs.processes import Processes
+from hooked_vlm.runs.launch import Processes
 from hooked_vlm.runs.records import Shard, decode, encode, read_records, read_shard
 
 

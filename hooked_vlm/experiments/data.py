@@ -4,7 +4,8 @@ A `Sample` is one queried object: the image, the object's class, box (checked at
 to lie inside the image) and mask, the classes the list prompt offers, and (when there is one)
 the image with the object removed — the source/base pair of causal mediation. `as_samples`
 adapts the synthetic dataset, a filtered COCO subset, a list of COCO object-removed pairs, or a
-list of samples; images are loaded one sample at a time.
+list of samples; images are loaded one sample at a time. `sample_sources` gives each sample's id
+with a loader, so that a resumed run (`hooked_vlm.runs`) loads only the samples it still needs.
 """
 
 from __future__ import annotations

@@ -51,7 +51,7 @@ An experiment stays a function of (model, data) that yields rows; it describes i
 
 from hooked_vlm.runs.files import atomic_path, write_atomically
 from hooked_vlm.runs.manifest import MANIFEST, describe, describe_ids
-from hooked_vlm.runs.processes import is_main_process, launched_processes, process_device, processes
+from hooked_vlm.runs.launch import is_main_process, launched_processes, process_device, processes
 from hooked_vlm.runs.records import RunBusy
 from hooked_vlm.runs.run import Run, RunMismatch, execute, merged
 from hooked_vlm.runs.work import Item, Work

@@ -27,7 +27,7 @@ from hooked_vlm.runs.files import atomic_path
 from hooked_vlm.runs.manifest import (
     FORMAT, MANIFEST, describe, describe_ids, differences, launch_record, model_identity, normalised,
 )  # fmt: skip
-from hooked_vlm.runs.processes import is_main_process, launched_processes, processes
+from hooked_vlm.runs.launch import is_main_process, launched_processes, processes
 from hooked_vlm.runs.records import ROWS, Shard, read_records, shard_files
 from hooked_vlm.runs.work import Work, computed, computing, is_computing, run_in_memory
 

@@ -57,7 +57,8 @@ BOOKKEEPING = [
 ]
 EXPERIMENTS = {
     "token_ablation": lambda model, data, **kw: token_ablation(
-        model, data, strategies=("object", "random"), paddings=(0,), seeds=(0,), fill="zero", batch_size=4, **kw
+        model, data, strategies=("object", "random"), paddings=(0,), fractions=(0.08,), seeds=(0,), fill="zero", batch_size=4,
+        **kw,
     ),
     "head_mediation": lambda model, data, **kw: head_mediation(model, data, target="gt", method="exact", limit=2, **kw),
 }
@@ -118,7 +119,8 @@ def bench(family: str, path: Path, root: Path, reps: int) -> dict:
             "recorded_over_memory": t["recorded"] / t["memory"],
             "rerun_over_memory": t["rerun"] / t["memory"],
         }
-        print(f"{family} {name}: " + ", ".join(f"{k}={_fmt(v)}" for k, v in results[name].items() if not isinstance(v, dict)), flush=True)
+        figures = ", ".join(f"{k}={_fmt(v)}" for k, v in results[name].items() if not isinstance(v, dict))
+        print(f"{family} {name}: {figures}", flush=True)
     return results
 
 
@@ -143,9 +145,9 @@ def main() -> None:
 
 
 def table(results: dict) -> str:
-    lines = [f"{results['size']} models, {results['threads']} threads, torch {results['torch']}", "",
-             "| family | experiment | items | in memory s | recorded / in memory | rerun of a complete run / in memory | bookkeeping / in memory (target < 2%) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    header = ("| family | experiment | items | in memory s | recorded / in memory | rerun of a complete run / in memory "
+              "| bookkeeping / in memory (target < 2%) |")  # fmt: skip
+    lines = [f"{results['size']} models, {results['threads']} threads, torch {results['torch']}", "", header, "|---" * 7 + "|"]
     for family in ("llava", "internvl"):
         for name, r in results[family].items():
             lines.append(f"| {family} | {name} | {r['items']} | {r['memory_s']:.2f} | {r['recorded_over_memory']:.3f} | "

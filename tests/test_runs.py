@@ -190,26 +190,42 @@ class _Barrier:
         self.barrier.wait()
 
 
-def test_two_processes_each_compute_their_share_and_both_return_the_one_process_table(tmp_path, monkeypatch):
-    state, local = _Barrier(2), threading.local()
-    monkeypatch.setattr("hooked_vlm.runs.run.processes", lambda cpu: Processes(local.index, 2, state))
-    calls: dict[int, list[str]] = {0: [], 1: []}
+def launch(n_processes: int, directory: Path, monkeypatch) -> tuple[dict[int, list[str]], dict[int, pd.DataFrame]]:
+    """`squares()` run by `n_processes` threads standing for the processes of a launch: the
+    items each computed and the table each returned."""
+    state, local = _Barrier(n_processes), threading.local()
+    monkeypatch.setattr("hooked_vlm.runs.run.processes", lambda cpu: Processes(local.index, n_processes, state))
+    calls: dict[int, list[str]] = {index: [] for index in range(n_processes)}
     tables: dict[int, pd.DataFrame] = {}
 
     def process(index: int) -> None:
         local.index = index
-        tables[index] = execute(squares(calls=calls[index]), tmp_path, progress=False)
+        tables[index] = execute(squares(calls=calls[index]), directory, progress=False)
 
-    threads = [threading.Thread(target=process, args=(index,)) for index in range(2)]
+    threads = [threading.Thread(target=process, args=(index,)) for index in range(n_processes)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return calls, tables
+
+
+def test_two_processes_each_compute_their_share_and_both_return_the_one_process_table(tmp_path, monkeypatch):
+    calls, tables = launch(2, tmp_path, monkeypatch)
     assert calls == {0: ["x0", "x1", "x4", "x5"], 1: ["x2", "x3"]}  # groups g0, g2 and g1
     expected = execute(squares(), progress=False)
     for table in tables.values():
         pd.testing.assert_frame_equal(table, expected)
     assert sorted(p.name for p in (tmp_path / "rows").glob("*.jsonl")) == ["shard-00000.jsonl", "shard-00001.jsonl"]
+    assert json.loads((tmp_path / "manifest.json").read_text())["launches"][0]["processes"] == 2
+
+
+def test_a_run_begun_on_one_process_is_resumed_by_two_sharing_what_is_left(tmp_path, monkeypatch):
+    with pytest.raises(Crash):
+        execute(squares(crash_after=3), tmp_path, progress=False)
+    calls, tables = launch(2, tmp_path, monkeypatch)
+    assert calls == {0: ["x3"], 1: ["x4", "x5"]}  # the groups with items left, g1 and g2, dealt in turn
+    pd.testing.assert_frame_equal(tables[1], execute(squares(), progress=False))
 
 
 def test_in_memory_work_under_a_launcher_warns_that_every_process_computes_everything(monkeypatch):

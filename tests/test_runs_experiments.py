@@ -33,13 +33,19 @@ def _ranking(model):
 
 
 EXPERIMENTS = {
-    "evaluate binary": lambda m, d, **kw: evaluate(m, d, "binary", batch_size=3, **kw),  # a sample's 2 queries may straddle batches
-    "token ablation": lambda m, d, **kw: token_ablation(m, d, strategies=("object", "random", "ig"), paddings=(0,),
-                                                         fractions=(0.25,), seeds=(0,), fill="zero", ig_steps=2, ig_baseline="zero",
-                                                         batch_size=2, **kw),  # fmt: skip
+    # batches of 3 queries: a sample's original and removed image may fall in two batches
+    "evaluate binary": lambda m, d, **kw: evaluate(m, d, "binary", batch_size=3, **kw),
+    "token ablation": lambda m, d, **kw: token_ablation(
+        m, d, strategies=("object", "random", "ig"), paddings=(0,), fractions=(0.25,), seeds=(0,), fill="zero", ig_steps=2,
+        ig_baseline="zero", batch_size=2, **kw
+    ),
     "token shuffle": lambda m, d, **kw: token_shuffle(m, d, seeds=(0,), batch_size=2, **kw),
-    "object extension": lambda m, d, **kw: object_extension(m, d, paddings=(0, 1), gt_scales=(0, 1), seeds=(0,), batch_size=2, **kw),
-    "attention knockout": lambda m, d, **kw: attention_knockout(m, d, group_size="all", paddings=(0,), batch_size=2, **kw),
+    "object extension": lambda m, d, **kw: object_extension(
+        m, d, paddings=(0, 1), gt_scales=(0, 1), seeds=(0,), batch_size=2, **kw
+    ),
+    "attention knockout": lambda m, d, **kw: attention_knockout(
+        m, d, group_size="all", paddings=(0,), batch_size=2, **kw
+    ),
     "head mediation": lambda m, d, **kw: head_mediation(m, d, target="gt", method="attribution", **kw),
     "cumulative head ablation": lambda m, d, **kw: cumulative_head_ablation(
         m, d, {"by_index": _ranking(m)}, task="list", fractions=(0, 0.5), low_importance_from="by_index", batch_size=2, **kw

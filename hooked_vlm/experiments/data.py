@@ -66,15 +66,18 @@ def sample_sources(dataset: Any, limit: int | None = None) -> list[tuple[str, Ca
 
 def iter_sources(dataset: Any, *, choices: Iterable[str] | None = None) -> Iterator[tuple[str, Callable[[], Sample]]]:
     from hooked_vlm.data.coco import CocoItem, ObjectRemovedPair
-    from hooked_vlm.data.synthetic import SyntheticItem
+    from hooked_vlm.data.synthetic import SyntheticItem, SyntheticLocalization
 
     dataset_choices = tuple(choices) if choices is not None else _dataset_classes(dataset)
+    if isinstance(dataset, SyntheticLocalization):  # ids without rendering: a scene is drawn when loaded
+        for index in range(len(dataset)):
+            yield f"{dataset.split}-{index}", lambda index=index: _synthetic_sample(dataset[index], choices, dataset_choices)
+        return
     for item in dataset:
         if isinstance(item, Sample):
             yield item.id, lambda item=item: item
         elif isinstance(item, SyntheticItem):
-            item_choices = tuple(choices) if choices is not None else (item.list_choices or dataset_choices)
-            yield f"{item.split}-{item.index}", lambda item=item, c=item_choices: _synthetic_sample(item, c)
+            yield f"{item.split}-{item.index}", lambda item=item: _synthetic_sample(item, choices, dataset_choices)
         elif isinstance(item, (CocoItem, ObjectRemovedPair)):
             coco = item if isinstance(item, CocoItem) else item.item
             yield f"coco-{coco.annotation_id}", lambda item=item, c=dataset_choices: _coco_sample(item, c)
@@ -82,7 +85,8 @@ def iter_sources(dataset: Any, *, choices: Iterable[str] | None = None) -> Itera
             raise TypeError(f"cannot make a sample of a {type(item).__name__}")
 
 
-def _synthetic_sample(item, choices: tuple[str, ...]) -> Sample:
+def _synthetic_sample(item, choices: Iterable[str] | None, dataset_choices: tuple[str, ...]) -> Sample:
+    choices = tuple(choices) if choices is not None else (item.list_choices or dataset_choices)
     return Sample(
         id=f"{item.split}-{item.index}",
         image=item.image,

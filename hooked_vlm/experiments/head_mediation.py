@@ -105,7 +105,10 @@ def head_mediation(
     return execute(work, run, progress=progress)
 
 
-def _pair_rows(model, sample: Sample, task, positions, target, method, batch_size, max_new_tokens, frame, min_effect) -> list[dict]:
+def _pair_rows(
+    model, sample: Sample, task: Task, positions: Positions, target: str, method: str, batch_size: int, max_new_tokens: int,
+    frame: Frame | None, min_effect: float,
+) -> list[dict]:
     """One row per head: the mediation fractions of one source/base pair."""
     if sample.removed_image is None:
         raise ValueError(f"sample {sample.id} has no object-removed image: mediation needs source/base pairs")

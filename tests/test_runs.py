@@ -46,14 +46,20 @@ def records_in(directory: Path) -> dict[str, list[dict]]:
 
 
 # ---------------------------------------------------------------------------------- records
+def _not_json(constant: str):
+    raise AssertionError(f"{constant} is not JSON")
+
+
 def test_a_record_keeps_the_types_of_its_values():
-    row = {"box": (1.0, 2.5), "boxes": [(1, 2), (3, 4)], "none": None, "nan": float("nan"), "inf": float("inf"),
+    row = {"box": (1.0, 2.5), "boxes": [(1, 2), (3, 4)], "none": None, "nan": float("nan"), "inf": float("inf"), "minus_inf": np.float64("-inf"),
            "flag": True, "n": 3, "float32": np.float32(0.5), "bool_": np.bool_(False), "text": "a\nb é \t"}  # fmt: skip
-    key, (back,) = decode(encode("k|1", [row])[:-1])
+    line = encode("k|1", [row])
+    json.loads(line[9:], parse_constant=_not_json)  # strict JSON, NaN and infinities included
+    key, (back,) = decode(line[:-1])
     assert key == "k|1"
     assert back["box"] == (1.0, 2.5) and isinstance(back["box"], tuple)
     assert back["boxes"] == [(1, 2), (3, 4)] and isinstance(back["boxes"][0], tuple)
-    assert back["none"] is None and math.isnan(back["nan"]) and back["inf"] == math.inf
+    assert back["none"] is None and math.isnan(back["nan"]) and back["inf"] == math.inf and back["minus_inf"] == -math.inf
     assert back["flag"] is True and back["n"] == 3 and type(back["n"]) is int
     assert back["float32"] == 0.5 and type(back["float32"]) is float and back["bool_"] is False
     assert back["text"] == "a\nb é \t"

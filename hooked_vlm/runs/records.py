@@ -6,15 +6,16 @@ cut short by a SIGKILL or a power loss mid-write, or whose checksum fails, is no
 skip it, so the item is computed again, and the process that owns the file cuts it off before
 appending, so that the next record starts on a line of its own.
 
-Row values keep their Python types through the file: None, bool, int, float (NaN and infinities
-included), str, lists, and tuples (boxes), written as `{"__tuple__": [...]}`; numpy scalars are
-written as the Python scalars they hold.
+Row values keep their Python types through the file: None, bool, int, float, str, lists, and
+tuples (boxes), written as `{"__tuple__": [...]}`; NaN and the infinities, which JSON lacks, as
+`{"__float__": "nan"}` (so every line is strict JSON); numpy scalars as the Python scalars they hold.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import warnings
 import zlib
@@ -27,7 +28,7 @@ from filelock import FileLock, Timeout
 from hooked_vlm.runs.files import fsync_directory
 
 ROWS = "rows"  # the folder of shard files inside a run directory
-TUPLE = "__tuple__"
+TUPLE, FLOAT = "__tuple__", "__float__"
 
 
 class RunBusy(RuntimeError):
@@ -44,7 +45,8 @@ def shard_files(directory: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------- lines
 def encode(key: str, rows: list[dict]) -> bytes:
-    payload = json.dumps({"key": key, "rows": [_row(row) for row in rows]}, separators=(",", ":"), ensure_ascii=False)
+    record = {"key": key, "rows": [_row(row) for row in rows]}
+    payload = json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     data = payload.encode()
     return b"%08x " % zlib.crc32(data) + data + b"\n"
 
@@ -75,6 +77,8 @@ def _row(row: dict) -> dict:
 
 
 def _value(value: Any, column: str) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return {FLOAT: str(value)}  # "nan", "inf", "-inf"
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, tuple):
@@ -89,6 +93,8 @@ def _value(value: Any, column: str) -> Any:
 def _untag(obj: dict) -> Any:
     if len(obj) == 1 and TUPLE in obj:
         return tuple(obj[TUPLE])
+    if len(obj) == 1 and FLOAT in obj:
+        return float(obj[FLOAT])
     return obj
 
 

@@ -33,8 +33,8 @@ from hooked_vlm.inputs import VLMInput
 from hooked_vlm.towers import Projector, VisionTower
 
 # per-head hooks, [batch, pos, head, d]: their position axis is the third from last (so is a
-# per-head q/k norm's `hook_normalized` when it is 4-D)
-PER_HEAD_HOOKS = frozenset({"hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result", "hook_normalized"})
+# per-head q/k norm's `hook_normalized` when it is 4-D, and a MoE MLP's [batch, pos, expert, d_model])
+PER_HEAD_HOOKS = frozenset({"hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result", "hook_normalized", "hook_expert_out"})
 
 
 class Embed(nn.Module):
@@ -361,8 +361,8 @@ class HookedVLM(HookedRootModule):
         for block in self.blocks[: layer + int(mlp_input)]:
             total = total + block.attn.b_O.to(total.device)
         for block in self.blocks[:layer] if include_mlp_biases else []:
-            if block.mlp.down_proj.bias is not None:
-                total = total + block.mlp.down_proj.bias.to(total.device)
+            if block.mlp.b_out is not None:
+                total = total + block.mlp.b_out.to(total.device)
         return total
 
     @property

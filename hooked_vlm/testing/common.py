@@ -35,7 +35,8 @@ def _is_embedding_table(name: str) -> bool:
 @torch.no_grad()
 def randomize_weights_(model: torch.nn.Module, seed: int = 0, gain: float = 2.0) -> torch.nn.Module:
     """Overwrite every parameter with a deterministic draw that keeps activations O(1) and logits
-    far from flat: matrices (token embeddings and lm_head included) N(0, gain²/fan_in), position
+    far from flat: matrices (token embeddings and lm_head included, each expert of a stacked
+    `[expert, out, in]` tensor on its own) N(0, gain²/fan_in), position
     and class embeddings N(0, 1), norm weights 1 + N(0, 0.2²), layer-scale lambdas 0.5 + N(0, 0.2²),
     biases N(0, 0.1²). Parameters are visited in name order with one seeded generator, so the
     result depends only on `seed` and the parameter names and shapes; tied parameters are drawn once."""
@@ -50,6 +51,8 @@ def randomize_weights_(model: torch.nn.Module, seed: int = 0, gain: float = 2.0)
             value = 0.1 * noise
         elif param.ndim == 1:  # LayerNorm / RMSNorm weights (incl. q/k norms)
             value = 1.0 + 0.2 * noise
+        elif re.search(r"experts\.(gate_up_proj|down_proj)$", name):  # [expert, out, in]: per-expert fan-in
+            value = noise * (gain / math.sqrt(param.shape[-1]))
         else:
             value = noise * (gain / math.sqrt(param[0].numel()))
         param.copy_(value.to(param.dtype))

@@ -111,6 +111,27 @@ def apply_key_layout(path: Path, key_layout: KeyLayout, *, clip_tower: bool) -> 
         raise ValueError(f"key_layout must be 'saved', 'legacy' or 'runtime', not {key_layout!r}")
 
 
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def fuse_expert_tensors(path: Path) -> None:
+    """Rewrite a single-file checkpoint's per-expert tensors (`...mlp.experts.{e}.{gate,up,down}_proj.weight`,
+    as transformers' save_pretrained writes them) into the fused tensors transformers 5.x holds in
+    memory: `...mlp.experts.gate_up_proj` `[expert, 2 * d_mlp, d_model]` (every gate, then every
+    up: `MergeModulelist` + `Concatenate(dim=1)`) and `...mlp.experts.down_proj` `[expert, d_model, d_mlp]`."""
+    file = Path(path) / "model.safetensors"
+    tensors = load_file(file)
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for key in [k for k in tensors if _PER_EXPERT.match(k)]:
+        prefix, expert, kind = _PER_EXPERT.match(key).groups()
+        experts.setdefault(prefix, {}).setdefault(kind, {})[int(expert)] = tensors.pop(key)
+    for prefix, kinds in experts.items():
+        stacked = {kind: torch.stack([by_expert[e] for e in sorted(by_expert)]) for kind, by_expert in kinds.items()}
+        tensors[f"{prefix}.gate_up_proj"] = torch.cat([stacked["gate"], stacked["up"]], dim=1)
+        tensors[f"{prefix}.down_proj"] = stacked["down"]
+    save_file(tensors, file, metadata={"format": "pt"})
+
+
 def load_runtime_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:
     """All tensors of an HF Llava/InternVL checkpoint directory, under their 5.x runtime names,
     whatever the on-disk layout."""

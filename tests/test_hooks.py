@@ -15,7 +15,7 @@ from hooked_vlm.components.attention import Attention
 # only build the blocks whose output is read, and every hook covers whole tensors.
 NOT_CAUSAL: dict[str, str] = {}
 
-CHECKPOINTS = ["llava_base", "llava_multilayer", "llava_full", "internvl_300m", "internvl_6b"]
+CHECKPOINTS = ["llava_base", "llava_multilayer", "llava_full", "internvl_300m", "internvl_6b", "internvl_moe", "internvl_moe_top1"]
 
 
 @pytest.fixture(scope="module", params=CHECKPOINTS)

@@ -198,3 +198,19 @@ def test_token_ablation_experiment_runs_unchanged_on_a_moe_model(model):
     baseline = results[results.condition == "baseline"].set_index("sample_id")["response"]
     ablated = results[results.condition == "object+1"].set_index("sample_id")["response"]
     assert (ablated != baseline.loc[ablated.index]).any()
+
+
+def test_the_readme_example_runs_on_a_tiny_moe(model, pair, photos):
+    """README "Mixture-of-experts models", on the 2-layer, 8-expert checkpoint."""
+    from test_readme import example
+
+    base, source = pair
+    code = example("Mixture-of-experts models")
+    for old, new in {"(20, 17), (20, 96)": "(1, 2), (1, 5)", "range(10, 20)": "range(0, 2)"}.items():
+        assert old in code, f"the README example no longer contains {old!r}"
+        code = code.replace(old, new)
+    inputs = model.prepare(photos["chelsea"], "Where is the cat?")
+    namespace = dict(model=model, inputs=inputs, box=(50, 60, 250, 280), base=base, source=source)
+    exec(code, namespace)
+    assert namespace["usage"].shape == namespace["scores"].shape == (2, 8)
+    assert len(namespace["texts"]) == 1 and len(namespace["patch"]) == 2

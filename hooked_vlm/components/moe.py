@@ -70,11 +70,11 @@ class MoEMLP(nn.Module):
         logits = self.hook_router_logits(self.router(x))
         weights = self.hook_router_weights(self.route(logits))
         flat_x, flat_w = x.reshape(-1, d), weights.reshape(b * p, -1)
-        token, expert = _pairs_by_expert(flat_w)
+        token, expert, slot = _pairs_by_expert(flat_w)
         pair_weights = flat_w[token, expert].unsqueeze(-1)
         keep = _has_hooks(self.hook_expert_out)
         if self._use_grouped_mm(flat_x):
-            out, contributions = self._grouped_experts(flat_x, token, expert, pair_weights)
+            out, contributions = self._grouped_experts(flat_x, token, expert, slot, pair_weights)
         else:
             out, contributions = self._eager_experts(flat_x, token, expert, pair_weights, keep)
         out = out.view(b, p, d)
@@ -110,17 +110,15 @@ class MoEMLP(nn.Module):
             return out, None
         return out, torch.cat(contributions) if contributions else x.new_zeros(0, x.shape[-1])
 
-    def _grouped_experts(self, x: Tensor, token: Tensor, expert: Tensor, pair_weights: Tensor):
+    def _grouped_experts(self, x: Tensor, token: Tensor, expert: Tensor, slot: Tensor, pair_weights: Tensor):
         """All experts in two grouped matmuls; each token's weighted outputs are summed over a
         `[token, slot, d_model]` buffer (deterministic on CUDA, unlike `index_add_`)."""
         if len(token) == 0:
             return torch.zeros_like(x), x.new_zeros(0, x.shape[-1])
-        counts = torch.bincount(expert, minlength=self.cfg.num_experts)
-        offsets = counts.cumsum(0, dtype=torch.int32)
+        offsets = _expert_ends(expert, self.cfg.num_experts).to(torch.int32)
         gate, up = F.grouped_mm(x[token], self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         hidden = F.grouped_mm(self.act(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
         contributions = hidden * pair_weights
-        slot = _slot_in_token(token, len(x))
         buffer = x.new_zeros(len(x), int(slot.max()) + 1, x.shape[-1])
         buffer[token, slot] = contributions
         return buffer.sum(dim=1), contributions
@@ -178,25 +176,23 @@ class MoEMLP(nn.Module):
         return None
 
 
-def _pairs_by_expert(weights: Float[Tensor, "token expert"]) -> tuple[Int[Tensor, "pair"], Int[Tensor, "pair"]]:
-    """The (token, expert) pairs with a nonzero weight, sorted by expert, tokens ascending."""
-    token, expert = weights.detach().nonzero(as_tuple=True)
+def _pairs_by_expert(weights: Float[Tensor, "token expert"]) -> tuple[Tensor, Tensor, Tensor]:
+    """The (token, expert) pairs with a nonzero weight, sorted by expert (tokens ascending), and
+    each pair's slot: how many pairs of its token come before it in expert order."""
+    token, expert = weights.detach().nonzero(as_tuple=True)  # by token, experts ascending
+    slot = torch.arange(len(token), device=token.device) - torch.searchsorted(token, token)
     order = torch.argsort(expert, stable=True)
-    return token[order], expert[order]
+    return token[order], expert[order], slot[order]
+
+
+def _expert_ends(expert: Int[Tensor, "pair"], n_experts: int) -> Int[Tensor, "expert"]:
+    """End of each expert's run of pairs in `expert` (sorted); `searchsorted`, not `bincount`,
+    which has no deterministic CUDA kernel."""
+    return torch.searchsorted(expert, torch.arange(n_experts, device=expert.device), right=True)
 
 
 def _expert_groups(expert: Int[Tensor, "pair"], n_experts: int) -> list[tuple[int, slice]]:
     """(expert, rows of its pairs) for every used expert, in expert order (one host sync)."""
-    ends = torch.bincount(expert, minlength=n_experts).cumsum(0).tolist()
+    ends = _expert_ends(expert, n_experts).tolist()
     starts = [0] + ends[:-1]
     return [(e, slice(start, end)) for e, (start, end) in enumerate(zip(starts, ends)) if end > start]
-
-
-def _slot_in_token(token: Int[Tensor, "pair"], n_tokens: int) -> Int[Tensor, "pair"]:
-    """For each pair, how many pairs of the same token come before it (in expert order)."""
-    by_token = torch.argsort(token, stable=True)
-    counts = torch.bincount(token, minlength=n_tokens)
-    first = counts.cumsum(0) - counts
-    slot = torch.empty_like(token)
-    slot[by_token] = torch.arange(len(token), device=token.device) - first[token[by_token]]
-    return slot

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-from run import ASSETS, PROMPT, hf_kwargs, interleaved  # noqa: E402
+from run import ASSETS, PROMPT, hf_kwargs, interleaved, with_eager_attention  # noqa: E402
 
 from hooked_vlm import HookedVLM  # noqa: E402
 from hooked_vlm.patching import answer_nll_metric, expert_attribution  # noqa: E402
@@ -60,22 +60,12 @@ def bench(path: Path, reps: int) -> dict:
     inputs = hooked.prepare(Image.open(ASSETS / "chelsea.jpg"), PROMPT)
     routing = lambda name: name.endswith("mlp.hook_router_weights")  # noqa: E731
 
-    def eager(fn):
-        def run():
-            hooked.set_attention_implementation("eager")  # eager attention and one expert at a time
-            try:
-                return fn()
-            finally:
-                hooked.set_attention_implementation("auto")
-
-        return run
-
     t = interleaved(
         {
             "hf_grouped": lambda: hf_grouped(**hf_kwargs(inputs)),
             "hf_eager": lambda: hf_eager(**hf_kwargs(inputs)),
             "hooked": lambda: hooked(inputs),
-            "hooked_eager": eager(lambda: hooked(inputs)),
+            "hooked_eager": with_eager_attention(hooked, lambda: hooked(inputs)),  # and one expert at a time
             "cache_all": lambda: hooked.run_with_cache(inputs),
             "cache_routing": lambda: hooked.run_with_cache(inputs, names_filter=routing),
         },
@@ -96,8 +86,9 @@ def bench(path: Path, reps: int) -> dict:
         "cache_all_mb": sum(v.numel() * v.element_size() for v in cache.cache_dict.values()) / 2**20,
         "logits_rel_diff_vs_hf_eager": (logits - hf_eager(**hf_kwargs(inputs)).logits).abs().max().item() / scale,
     }
-    base = hooked.prepare(Image.open(ASSETS / "coffee.jpg").resize(Image.open(ASSETS / "chelsea.jpg").size), PROMPT, answers=ANSWER)
-    source = hooked.prepare(Image.open(ASSETS / "chelsea.jpg"), PROMPT, answers=ANSWER)
+    cat = Image.open(ASSETS / "chelsea.jpg")
+    base = hooked.prepare(Image.open(ASSETS / "coffee.jpg").resize(cat.size), PROMPT, answers=ANSWER)  # same token layout
+    source = hooked.prepare(cat, PROMPT, answers=ANSWER)
     metric = answer_nll_metric(base)
     a = interleaved(
         {"forward": lambda: hooked(base), "attribution": lambda: expert_attribution(hooked, base, source, metric)},

@@ -255,7 +255,7 @@ def _add_cached(report: ParityReport, cache, family: str, name: str, ref: torch.
     report.add(family, name, cache[name], ref)
 
 
-def _add_router(report: ParityReport, cache, layer: int, logits: torch.Tensor, top_weights: torch.Tensor, top_index: torch.Tensor) -> None:
+def _add_router(report: ParityReport, cache, layer: int, logits: torch.Tensor, top_weights: torch.Tensor, top_index: torch.Tensor):
     """A MoE layer's router: Hugging Face's `[token, expert]` logits and its top-k weights and
     indices, made dense (zero for unselected experts) as `hook_router_weights` holds them."""
     name = f"blocks.{layer}.mlp.hook_router_logits"

@@ -333,7 +333,9 @@ def expert_attribution(
     return scores
 
 
-def _mlp_out_grads(model, base: VLMInput, metric: Metric, offset: int, layers: list[int], fwd_hooks: Sequence) -> dict[int, Tensor]:
+def _mlp_out_grads(
+    model, base: VLMInput, metric: Metric, offset: int, layers: list[int], fwd_hooks: Sequence
+) -> dict[int, Float[Tensor, "batch pos d_model"]]:
     """dM/d(hook_mlp_out) `[batch, pos, d_model]` of each layer at the base run."""
     names = {f"blocks.{layer}.hook_mlp_out": layer for layer in layers}
     acts: dict[str, Tensor] = {}

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from test_internvl_conversion import _assert_same_weights
 from transformers import InternVLForConditionalGeneration
 from transformers.core_model_loading import revert_weight_conversion
 
@@ -21,13 +22,6 @@ from hooked_vlm.testing import fuse_expert_tensors, load_runtime_state_dict, rea
 from weights_conversion import ConversionError
 from weights_conversion.internvl import config_from_internvl_hf, plan_internvl_hf
 from weights_conversion.io import check_plan
-
-
-def _assert_same_weights(a: HookedVLM, b: HookedVLM) -> None:
-    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
-    assert pa.keys() == pb.keys()
-    for name in pa:
-        assert torch.equal(pa[name], pb[name]), name
 
 
 @pytest.fixture(scope="module")
@@ -117,8 +111,9 @@ def test_real_configs_build_on_meta_and_every_key_and_shape_matches(name, d_mode
     assert not plan.ignored and len(plan.assignments) == len(shapes)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
     text = cfg.text
-    assert (text.d_model, text.n_layers, text.n_heads, text.n_key_value_heads, text.d_head) == (d_model, n_layers, d_model // 64, 4, 128)
-    assert (text.num_experts, text.experts_per_token, text.norm_topk_prob, text.d_mlp, text.dense_mlp_layers) == (128, 8, True, d_expert, ())
+    assert (text.d_model, text.n_layers, text.n_heads, text.n_key_value_heads, text.d_head) == (d_model, n_layers, d_model // 64, 4, 128)  # fmt: skip
+    experts = (text.num_experts, text.experts_per_token, text.norm_topk_prob, text.d_mlp, text.dense_mlp_layers)
+    assert experts == (128, 8, True, d_expert, ())
     assert all(isinstance(block.mlp, MoEMLP) for block in model.blocks)
     assert cfg.vision.qk_norm == ("full" if vision_variant == "6b" else None)
 
@@ -144,8 +139,12 @@ def test_a_missing_expert_tensor_is_named(moe_dir, tmp_path):
 
 
 def test_an_expert_count_unlike_the_config_is_named(moe_dir, tmp_path):
-    copy = _tampered(moe_dir, tmp_path, edit_config=lambda c: c["text_config"].update(num_local_experts=16))  # 5.x spells num_experts so
-    expected = r"(?s)only in part: blocks\.0\.mlp\.down_proj, blocks\.0\.mlp\.gate_up_proj.*shape mismatches.*blocks\.0\.mlp\.router\.weight \(16, 48\)"
+    # transformers 5.x spells num_experts so in config.json
+    copy = _tampered(moe_dir, tmp_path, edit_config=lambda c: c["text_config"].update(num_local_experts=16))
+    expected = (
+        r"(?s)only in part: blocks\.0\.mlp\.down_proj, blocks\.0\.mlp\.gate_up_proj"
+        r".*shape mismatches.*blocks\.0\.mlp\.router\.weight \(16, 48\)"
+    )
     with pytest.raises(ConversionError, match=expected):
         HookedVLM.from_pretrained(copy)
 
@@ -165,5 +164,6 @@ def test_gpt_oss_is_refused_by_name(tiny_checkpoint, tmp_path, checkpoint):
         config["text_config" if "text_config" in config else "llm_config"]["model_type"] = "gpt_oss"
 
     copy = _tampered(tiny_checkpoint(checkpoint), tmp_path, edit_config=edit)
-    with pytest.raises(NotImplementedError, match=r"language model type 'gpt_oss' \(InternVL3_5-GPT-OSS-20B-A4B-Preview\) is not supported"):
+    named = r"language model type 'gpt_oss' \(InternVL3_5-GPT-OSS-20B-A4B-Preview\) is not supported"
+    with pytest.raises(NotImplementedError, match=named):
         HookedVLM.from_pretrained(copy)

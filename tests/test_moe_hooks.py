@@ -12,7 +12,8 @@ from hooked_vlm import HookedVLM
 from hooked_vlm.components import MoEMLP
 
 LAYER = 0
-NAMES = [f"blocks.{LAYER}.{n}" for n in ("ln2.hook_normalized", "mlp.hook_router_logits", "mlp.hook_router_weights", "mlp.hook_expert_out", "hook_mlp_out")]
+HOOKS = ("ln2.hook_normalized", "mlp.hook_router_logits", "mlp.hook_router_weights", "mlp.hook_expert_out", "hook_mlp_out")
+NAMES = [f"blocks.{LAYER}.{hook}" for hook in HOOKS]
 
 
 @pytest.fixture(scope="module", params=["internvl_moe", "internvl_moe_top1"])

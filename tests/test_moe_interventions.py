@@ -190,8 +190,9 @@ def test_expert_attribution_is_the_first_order_change_of_the_metric(model, pair,
 def test_token_ablation_experiment_runs_unchanged_on_a_moe_model(model):
     """Object, random and integrated-gradients (gradients through every expert) conditions."""
     dataset = SyntheticLocalization(3, seed=0, image_sizes=((112, 56),))
-    kwargs = dict(strategies=("object", "random", "ig"), paddings=(1,), fractions=(0.25,), seeds=(0,), ig_steps=4, ig_baseline="zero")
-    results = token_ablation(model, dataset, fill="zero", batch_size=2, progress=False, **kwargs)
+    kwargs = dict(strategies=("object", "random", "ig"), paddings=(1,), fractions=(0.25,), seeds=(0,), ig_steps=4)
+    kwargs |= dict(ig_baseline="zero", fill="zero")
+    results = token_ablation(model, dataset, batch_size=2, progress=False, **kwargs)
     assert list(results.columns) == LOCALIZATION + ABLATION_LABELS + ablation_counts(model)
     assert sorted(results.condition.unique()) == ["baseline", "ig 25%", "object+1", "random 25% s0"]
     assert results.groupby("condition").size().eq(3).all() and results["n_image_tokens"].gt(0).all()

@@ -63,7 +63,7 @@ def _qwen3_moe_fields(hf: Any) -> dict:
     is `intermediate_size` wide, every expert `moe_intermediate_size`."""
     step = hf.decoder_sparse_step
     if hf.num_experts <= 0 or step <= 0:  # HF's rule makes every layer dense then: not a MoE model
-        raise NotImplementedError(f"a qwen3_moe config without experts (num_experts {hf.num_experts}, decoder_sparse_step {step})")
+        raise NotImplementedError(f"a qwen3_moe config without experts (num_experts {hf.num_experts}, sparse step {step})")
     only = set(hf.mlp_only_layers or [])
     dense = tuple(l for l in range(hf.num_hidden_layers) if l in only or (l + 1) % step)
     return dict(

@@ -50,7 +50,8 @@ def group_experts(model, experts: Iterable[tuple[int, int]]) -> dict[int, list[i
         try:
             layer, expert = pair
         except (TypeError, ValueError):
-            raise TypeError(f"(layer, expert) pairs expected, got {pair!r} among the experts (one expert is [(layer, expert)])") from None
+            expected = "(layer, expert) pairs expected"
+            raise TypeError(f"{expected}, got {pair!r} among the experts (one expert is [(layer, expert)])") from None
         (layer,) = moe_layers(model, as_index(layer, "a layer"))
         expert = as_index(expert, "an expert")
         if not 0 <= expert < n_experts:

@@ -305,7 +305,8 @@ class HookedVLM(HookedRootModule):
 
     def set_attention_implementation(self, implementation: str) -> None:
         """"auto" (default): materialise attention patterns only when a hook reads or edits them,
-        else use `F.scaled_dot_product_attention`; "eager": always materialise them."""
+        else use `F.scaled_dot_product_attention`; "eager": always materialise them (and run a
+        mixture of experts one expert at a time, in expert order, as transformers' eager experts)."""
         if implementation not in ("auto", "eager"):
             raise ValueError(f"attention implementation must be 'auto' or 'eager', got {implementation!r}")
         for module in self.modules():

@@ -4,8 +4,8 @@
     python benchmarks/moe.py --quick    # small, a smoke run (to results_moe_quick.json)
 
 Builds a random InternVL checkpoint whose language model is a Qwen3-MoE (`hooked_vlm.testing`),
-loads it twice in transformers (eager attention; its default `grouped_mm` experts, and its eager
-experts) and once hooked, and times them interleaved in one process (`run.interleaved`: every
+loads it three times in transformers (eager attention with its default `grouped_mm` experts or
+with its eager experts; and its defaults, SDPA and `grouped_mm`) and once hooked, and times them interleaved in one process (`run.interleaved`: every
 round runs each function once, in a new order; medians compared), so machine load hits all alike.
 Every figure is a ratio against a reference measured in the same run. Results: stdout and
 `benchmarks/results_moe.json` (`--quick`: `results_moe_quick.json`). See `benchmarks/README.md`.
@@ -42,13 +42,13 @@ SIZES = {
 ANSWER = "<ref>cat</ref><box>[[120, 300, 550, 910]]</box>"
 
 
-def reference(path: Path, experts: str | None):
-    """The HF model with eager attention and `experts` ("eager"; None: transformers' default,
+def reference(path: Path, experts: str | None, attention: str = "eager"):
+    """The HF model with `attention` and `experts` ("eager"; None: transformers' default,
     `grouped_mm` where PyTorch has it, which asking for it by name on InternVL refuses)."""
     from transformers import InternVLForConditionalGeneration
 
     extra = {} if experts is None else {"experts_implementation": experts}
-    model = InternVLForConditionalGeneration.from_pretrained(path, attn_implementation="eager", **extra).eval()
+    model = InternVLForConditionalGeneration.from_pretrained(path, attn_implementation=attention, **extra).eval()
     assert model.model.language_model.config._experts_implementation == (experts or "grouped_mm")
     return model
 
@@ -56,7 +56,7 @@ def reference(path: Path, experts: str | None):
 @torch.no_grad()
 def bench(path: Path, reps: int) -> dict:
     hooked = HookedVLM.from_pretrained(path)
-    hf_grouped, hf_eager = reference(path, None), reference(path, "eager")
+    hf_grouped, hf_eager, hf_default = reference(path, None), reference(path, "eager"), reference(path, None, "sdpa")
     inputs = hooked.prepare(Image.open(ASSETS / "chelsea.jpg"), PROMPT)
     routing = lambda name: name.endswith("mlp.hook_router_weights")  # noqa: E731
 
@@ -64,6 +64,7 @@ def bench(path: Path, reps: int) -> dict:
         {
             "hf_grouped": lambda: hf_grouped(**hf_kwargs(inputs)),
             "hf_eager": lambda: hf_eager(**hf_kwargs(inputs)),
+            "hf_default": lambda: hf_default(**hf_kwargs(inputs)),  # transformers' defaults: SDPA, grouped_mm
             "hooked": lambda: hooked(inputs),
             "hooked_eager": with_eager_attention(hooked, lambda: hooked(inputs)),  # and one expert at a time
             "cache_all": lambda: hooked.run_with_cache(inputs),
@@ -81,6 +82,7 @@ def bench(path: Path, reps: int) -> dict:
         "forward_ratio_vs_hf_eager": t["hooked"] / t["hf_eager"],
         "forward_eager_ratio_vs_hf_eager": t["hooked_eager"] / t["hf_eager"],
         "hf_eager_ratio_vs_hf_grouped": t["hf_eager"] / t["hf_grouped"],
+        "forward_ratio_vs_hf_default": t["hooked"] / t["hf_default"],
         "cache_all_ratio_vs_forward": t["cache_all"] / t["hooked"],
         "cache_routing_ratio_vs_forward": t["cache_routing"] / t["hooked"],
         "cache_all_mb": sum(v.numel() * v.element_size() for v in cache.cache_dict.values()) / 2**20,

@@ -111,15 +111,21 @@ class MoEMLP(nn.Module):
         return out, torch.cat(contributions) if contributions else x.new_zeros(0, x.shape[-1])
 
     def _grouped_experts(self, x: Tensor, token: Tensor, expert: Tensor, slot: Tensor, pair_weights: Tensor):
-        """All experts in two grouped matmuls; each token's weighted outputs are summed over a
-        `[token, slot, d_model]` buffer (deterministic on CUDA, unlike `index_add_`)."""
+        """All experts in two grouped matmuls; each token's weighted outputs are laid out
+        `[token, slot, d_model]` and summed over the slots (deterministic on CUDA, unlike
+        `index_add_`), as transformers' grouped experts sum theirs."""
         if len(token) == 0:
             return torch.zeros_like(x), x.new_zeros(0, x.shape[-1])
         offsets = _expert_ends(expert, self.cfg.num_experts).to(torch.int32)
         gate, up = F.grouped_mm(x[token], self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
         hidden = F.grouped_mm(self.act(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
         contributions = hidden * pair_weights
-        buffer = x.new_zeros(len(x), int(slot.max()) + 1, x.shape[-1])
+        per_token = int(slot.max()) + 1
+        if per_token * len(x) == len(token):  # every token has as many experts (top-k, unedited): no buffer to zero
+            by_token = torch.empty_like(token)
+            by_token[token * per_token + slot] = torch.arange(len(token), device=token.device)
+            return contributions[by_token].view(len(x), per_token, -1).sum(dim=1), contributions
+        buffer = x.new_zeros(len(x), per_token, x.shape[-1])
         buffer[token, slot] = contributions
         return buffer.sum(dim=1), contributions
 

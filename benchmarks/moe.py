@@ -5,8 +5,9 @@
 
 Builds a random InternVL checkpoint whose language model is a Qwen3-MoE (`hooked_vlm.testing`),
 loads it three times in transformers (eager attention with its default `grouped_mm` experts or
-with its eager experts; and its defaults, SDPA and `grouped_mm`) and once hooked, and times them interleaved in one process (`run.interleaved`: every
-round runs each function once, in a new order; medians compared), so machine load hits all alike.
+with its eager experts; and its defaults, SDPA and `grouped_mm`) and once hooked, and times them
+interleaved in one process (`run.interleaved`: every round runs each function once, in a new
+order; medians compared), so machine load hits all alike.
 Every figure is a ratio against a reference measured in the same run. Results: stdout and
 `benchmarks/results_moe.json` (`--quick`: `results_moe_quick.json`). See `benchmarks/README.md`.
 """

@@ -362,8 +362,9 @@ class HookedVLM(HookedRootModule):
         for block in self.blocks[: layer + int(mlp_input)]:
             total = total + block.attn.b_O.to(total.device)
         for block in self.blocks[:layer] if include_mlp_biases else []:
-            if block.mlp.b_out is not None:
-                total = total + block.mlp.b_out.to(total.device)
+            bias = getattr(block.mlp, "b_out", None)  # a mixture of experts has none
+            if bias is not None:
+                total = total + bias.to(total.device)
         return total
 
     @property

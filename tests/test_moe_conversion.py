@@ -111,7 +111,8 @@ def test_real_configs_build_on_meta_and_every_key_and_shape_matches(name, d_mode
     assert not plan.ignored and len(plan.assignments) == len(shapes)
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in reference.parameters())
     text = cfg.text
-    assert (text.d_model, text.n_layers, text.n_heads, text.n_key_value_heads, text.d_head) == (d_model, n_layers, d_model // 64, 4, 128)  # fmt: skip
+    shape = (text.d_model, text.n_layers, text.n_heads, text.n_key_value_heads, text.d_head)
+    assert shape == (d_model, n_layers, d_model // 64, 4, 128)
     experts = (text.num_experts, text.experts_per_token, text.norm_topk_prob, text.d_mlp, text.dense_mlp_layers)
     assert experts == (128, 8, True, d_expert, ())
     assert all(isinstance(block.mlp, MoEMLP) for block in model.blocks)

@@ -70,12 +70,13 @@ def test_expert_outputs_sum_to_the_mlp_output_and_vanish_for_unused_experts(cach
 def test_weight_views_reproduce_each_expert_output(model, cache):
     mlp = model.blocks[LAYER].mlp
     cfg = model.cfg.text
-    assert mlp.W_gate.shape == mlp.W_in.shape == (cfg.num_experts, cfg.d_model, cfg.d_mlp)
-    assert mlp.W_out.shape == (cfg.num_experts, cfg.d_mlp, cfg.d_model) and mlp.W_router.shape == (cfg.d_model, cfg.num_experts)
+    assert mlp.experts_W_gate.shape == mlp.experts_W_in.shape == (cfg.num_experts, cfg.d_model, cfg.d_mlp)
+    assert mlp.experts_W_out.shape == (cfg.num_experts, cfg.d_mlp, cfg.d_model)
+    assert mlp.W_router.shape == (cfg.d_model, cfg.num_experts)
     x = cache["ln2.hook_normalized"]
     assert _close(x @ mlp.W_router, cache["mlp.hook_router_logits"])
-    hidden = F.silu(torch.einsum("bpm,emf->bpef", x, mlp.W_gate)) * torch.einsum("bpm,emf->bpef", x, mlp.W_in)
-    expected = torch.einsum("bpef,efm->bpem", hidden, mlp.W_out) * cache["mlp.hook_router_weights"][..., None]
+    hidden = F.silu(torch.einsum("bpm,emf->bpef", x, mlp.experts_W_gate)) * torch.einsum("bpm,emf->bpef", x, mlp.experts_W_in)
+    expected = torch.einsum("bpef,efm->bpem", hidden, mlp.experts_W_out) * cache["mlp.hook_router_weights"][..., None]
     assert _close(expected, cache["mlp.hook_expert_out"])
 
 

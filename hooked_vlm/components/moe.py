@@ -45,11 +45,15 @@ class MoEMLP(nn.Module):
 
     There is no `hook_pre`/`hook_post`: a token's hidden activations live in the experts it is
     routed to, not in one `[batch, pos, d_mlp]` tensor. Expert e's are
-    `act(x @ W_gate[e]) * (x @ W_in[e])` with `x` = `ln2.hook_normalized`.
+    `act(x @ experts_W_gate[e]) * (x @ experts_W_in[e])` with `x` = `ln2.hook_normalized`.
 
     Weights are stored as transformers 5.x holds them: `router.weight` `[expert, d_model]`,
     `gate_up_proj` `[expert, 2 * d_mlp, d_model]` (gate rows, then up rows), `down_proj`
-    `[expert, d_model, d_mlp]`. TransformerLens views: `W_router`, `W_gate`, `W_in`, `W_out`.
+    `[expert, d_model, d_mlp]`. TransformerLens-shaped views: `W_router` `[d_model, expert]` (what
+    TransformerLens's own MoE calls `W_gate`), and each expert's `experts_W_gate`, `experts_W_in`
+    `[expert, d_model, d_mlp]`, `experts_W_out` `[expert, d_mlp, d_model]`. The dense MLP's names
+    (`W_in`, `W_gate`, `W_out`, `b_in`, `b_out`) are left out on purpose: there is no single one,
+    and stacked views over the layers must not mistake an expert axis for one.
     """
 
     def __init__(self, cfg: TransformerConfig):
@@ -162,24 +166,16 @@ class MoEMLP(nn.Module):
         return self.router.weight.T
 
     @property
-    def W_gate(self) -> Float[Tensor, "expert d_model d_mlp"]:
+    def experts_W_gate(self) -> Float[Tensor, "expert d_model d_mlp"]:
         return einops.rearrange(self.gate_up_proj[:, : self.cfg.d_mlp], "e f m -> e m f")
 
     @property
-    def W_in(self) -> Float[Tensor, "expert d_model d_mlp"]:
+    def experts_W_in(self) -> Float[Tensor, "expert d_model d_mlp"]:
         return einops.rearrange(self.gate_up_proj[:, self.cfg.d_mlp :], "e f m -> e m f")
 
     @property
-    def W_out(self) -> Float[Tensor, "expert d_mlp d_model"]:
+    def experts_W_out(self) -> Float[Tensor, "expert d_mlp d_model"]:
         return einops.rearrange(self.down_proj, "e m f -> e f m")
-
-    @property
-    def b_in(self) -> None:
-        return None
-
-    @property
-    def b_out(self) -> None:
-        return None
 
 
 def _pairs_by_expert(weights: Float[Tensor, "token expert"]) -> tuple[Tensor, Tensor, Tensor]:

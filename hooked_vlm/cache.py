@@ -22,6 +22,8 @@ import torch
 from transformer_lens import ActivationCache
 from transformer_lens.utilities import Slice
 
+from hooked_vlm.components.moe import MoEMLP
+
 
 class VLMActivationCache(ActivationCache):
     def decompose_resid(
@@ -72,6 +74,11 @@ class VLMActivationCache(ActivationCache):
         """TransformerLens's (heads, MLP outputs or neurons, embeddings, biases), whose embedding
         term is `hook_inputs_embeds` (labelled "inputs_embeds"), as in `decompose_resid`: its
         `hook_embed` lacks the image features, so the parts would not sum to the residual stream."""
+        if expand_neurons and any(isinstance(block.mlp, MoEMLP) for block in self.model.blocks[:layer]):
+            raise ValueError(
+                "expand_neurons=True splits each MLP into its neurons, but a mixture-of-experts MLP has a set of "
+                "neurons per expert (see mlp.hook_expert_out and mlp.expert): pass expand_neurons=False"
+            )
         # TransformerLens reads self["hook_embed"]: lend it the right tensor for this call only
         kept, had_embed = self.cache_dict.get("hook_embed"), self.has_embed
         self.cache_dict["hook_embed"], self.has_embed = self["hook_inputs_embeds"], True

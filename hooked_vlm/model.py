@@ -34,8 +34,8 @@ from hooked_vlm.tl_surface import TransformerLensSurface
 from hooked_vlm.towers import Projector, VisionTower
 
 # per-head hooks, [batch, pos, head, d]: their position axis is the third from last (so is a
-# per-head q/k norm's `hook_normalized` when it is 4-D)
-PER_HEAD_HOOKS = frozenset({"hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result", "hook_normalized"})
+# per-head q/k norm's `hook_normalized` when it is 4-D, and a MoE MLP's [batch, pos, expert, d_model])
+PER_HEAD_HOOKS = frozenset({"hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result", "hook_normalized", "hook_expert_out"})
 
 
 class Embed(nn.Module):
@@ -319,7 +319,8 @@ class HookedVLM(TransformerLensSurface, HookedRootModule):
 
     def set_attention_implementation(self, implementation: str) -> None:
         """"auto" (default): materialise attention patterns only when a hook reads or edits them,
-        else use `F.scaled_dot_product_attention`; "eager": always materialise them."""
+        else use `F.scaled_dot_product_attention`; "eager": always materialise them (and run a
+        mixture of experts one expert at a time, in expert order, as transformers' eager experts)."""
         if implementation not in ("auto", "eager"):
             raise ValueError(f"attention implementation must be 'auto' or 'eager', got {implementation!r}")
         for module in self.modules():

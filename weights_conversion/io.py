@@ -95,12 +95,17 @@ def _open(path: Path):
 
 @dataclass(frozen=True)
 class Assignment:
-    """Fill hooked parameter `target` with checkpoint tensor `source` (optionally a row range)."""
+    """Fill hooked parameter `target` with checkpoint tensor `source` (optionally a row range).
+
+    `part=(i, k, n)` fills only a part of `target`: chunk k of n, split along the rows, of
+    `target[i]`. Per-expert checkpoint tensors are so stacked into one `[expert, ...]` parameter
+    (expert e's gate into `(e, 0, 2)`, its up into `(e, 1, 2)`), without a second copy of it."""
 
     target: str
     source: str
     rows: tuple[int, int] | None = None
     reader: str = "main"  # which reader holds `source` (original LLaVA keeps CLIP apart)
+    part: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -124,9 +129,10 @@ def check_plan(plan: Plan, model: nn.Module, shapes: dict[str, dict[str, tuple[i
     extra = sorted({t for t in targets if t not in params})
     if extra:
         problems.append(f"{len(extra)} converted names the model does not have: {_listing(extra)}")
-    doubled = sorted({t for t in targets if targets.count(t) > 1})
+    whole = [a.target for a in plan.assignments if a.part is None]
+    doubled = sorted({t for t in whole if whole.count(t) > 1} | _badly_stacked(plan, params))
     if doubled:
-        problems.append(f"parameters filled twice: {_listing(doubled)}")
+        problems.append(f"parameters filled twice or only in part: {_listing(doubled)}")
     mismatched = []
     for a in plan.assignments:
         if a.target not in params:
@@ -134,13 +140,37 @@ def check_plan(plan: Plan, model: nn.Module, shapes: dict[str, dict[str, tuple[i
         source_shape = shapes[a.reader][a.source]
         if a.rows is not None:
             source_shape = (a.rows[1] - a.rows[0], *source_shape[1:])
-        expected = tuple(params[a.target].shape)
+        expected = tuple(params[a.target].shape) if a.part is None else _part_shape(params[a.target].shape, a.part)
         if _squeeze(source_shape) != _squeeze(expected):
             mismatched.append(f"{a.source}{'' if a.rows is None else list(a.rows)} {tuple(source_shape)} -> {a.target} {expected}")
     if mismatched:
         problems.append(f"{len(mismatched)} shape mismatches between config and weights: {_listing(mismatched)}")
     if problems:
         raise ConversionError("checkpoint does not match the model:\n- " + "\n- ".join(problems))
+
+
+def _part_shape(shape: torch.Size, part: tuple[int, int, int]) -> tuple[int, ...]:
+    """The shape of chunk k of n (rows) of `target[i]`; `()` when the target cannot be so split."""
+    i, k, n = part
+    if len(shape) < 2 or not 0 <= i < shape[0] or not 0 <= k < n or shape[1] % n:
+        return ()
+    return (shape[1] // n, *shape[2:])
+
+
+def _badly_stacked(plan: Plan, params: dict[str, nn.Parameter]) -> set[str]:
+    """Targets filled by parts that do not cover them exactly once (or also as a whole)."""
+    parts: dict[str, list[tuple[int, int, int]]] = {}
+    for a in plan.assignments:
+        if a.part is not None and a.target in params:
+            parts.setdefault(a.target, []).append(a.part)
+    whole = {a.target for a in plan.assignments if a.part is None}
+    bad = set()
+    for target, filled in parts.items():
+        n = filled[0][2]
+        expected = {(i, k, n) for i in range(params[target].shape[0]) for k in range(n)}
+        if target in whole or len(filled) != len(set(filled)) or set(filled) != expected:
+            bad.add(target)
+    return bad
 
 
 def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader], dtype, placement: Callable[[str], torch.device]) -> None:
@@ -155,6 +185,9 @@ def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader]
             last = (a.reader, a.source, tensor)
         if a.rows is not None:
             tensor = tensor[a.rows[0] : a.rows[1]]
+        if a.part is not None:
+            _fill_part(model, a.target, a.part, tensor, dtype, placement(a.target))
+            continue
         # an independent copy: never a view into a memory-mapped shard; one tensor at a time
         _set_parameter(model, a.target, tensor.to(device=placement(a.target), dtype=dtype, copy=True))
 
@@ -172,6 +205,21 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     module = model.get_submodule(module_name) if module_name else model
     old = getattr(module, attr)
     setattr(module, attr, nn.Parameter(value.reshape(old.shape).contiguous(), requires_grad=False))
+
+
+def _fill_part(model: nn.Module, name: str, part: tuple[int, int, int], tensor: torch.Tensor, dtype, device) -> None:
+    """Copy `tensor` into its part of parameter `name`, allocating the parameter (still on the
+    meta device) at its first part: the stacked parameter exists once, filled in place."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    param = getattr(module, attr)
+    if param.is_meta:
+        param = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False)
+        setattr(module, attr, param)
+    i, k, n = part
+    rows = param.shape[1] // n
+    with torch.no_grad():
+        param[i, k * rows : (k + 1) * rows].copy_(tensor.reshape(rows, *param.shape[2:]))
 
 
 def _listing(items: list[str], limit: int = 20) -> str:

@@ -167,8 +167,9 @@ class LanguageModelWeights(StackedWeights):
         for block in self.blocks[: layer + int(mlp_input)]:
             total = total + block.attn.b_O.to(total.device)
         for block in self.blocks[:layer] if include_mlp_biases else []:
-            if block.mlp.down_proj.bias is not None:
-                total = total + block.mlp.down_proj.bias.to(total.device)
+            bias = getattr(block.mlp, "b_out", None)  # a mixture of experts has none
+            if bias is not None:
+                total = total + bias.to(total.device)
         return total
 
 

@@ -61,6 +61,18 @@ class VLMActivationCache(ActivationCache):
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
 
+    def stack_neuron_results(self, layer: int, *args, **kwargs):
+        """TransformerLens's per-neuron outputs; refused for mixture-of-experts MLPs, whose neurons are per expert."""
+        self._refuse_neurons_of_experts(layer, "stack_neuron_results splits each MLP into its neurons")
+        return super().stack_neuron_results(layer, *args, **kwargs)
+
+    def _refuse_neurons_of_experts(self, layer: int | None, what: str) -> None:
+        if any(isinstance(block.mlp, MoEMLP) for block in self.model.blocks[:layer]):
+            raise ValueError(
+                f"{what}, but a mixture-of-experts MLP has a set of neurons per expert (see mlp.hook_expert_out and "
+                "mlp.expert): use decompose_resid or expand_neurons=False"
+            )
+
     def get_full_resid_decomposition(
         self,
         layer: int | None = None,
@@ -74,11 +86,8 @@ class VLMActivationCache(ActivationCache):
         """TransformerLens's (heads, MLP outputs or neurons, embeddings, biases), whose embedding
         term is `hook_inputs_embeds` (labelled "inputs_embeds"), as in `decompose_resid`: its
         `hook_embed` lacks the image features, so the parts would not sum to the residual stream."""
-        if expand_neurons and any(isinstance(block.mlp, MoEMLP) for block in self.model.blocks[:layer]):
-            raise ValueError(
-                "expand_neurons=True splits each MLP into its neurons, but a mixture-of-experts MLP has a set of "
-                "neurons per expert (see mlp.hook_expert_out and mlp.expert): pass expand_neurons=False"
-            )
+        if expand_neurons:
+            self._refuse_neurons_of_experts(layer, "expand_neurons=True splits each MLP into its neurons")
         # TransformerLens reads self["hook_embed"]: lend it the right tensor for this call only
         kept, had_embed = self.cache_dict.get("hook_embed"), self.has_embed
         self.cache_dict["hook_embed"], self.has_embed = self["hook_inputs_embeds"], True

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from hooked_vlm.families import internvl as family
+from hooked_vlm.families.common import GPT_OSS_REFUSAL
 from weights_conversion.io import Assignment, CheckpointReader, ConversionError, Plan, image_processor_config, load_tokenizer
 from weights_conversion.rules import (
     IGNORE,
@@ -268,11 +269,7 @@ def refuse_unsupported_variants(raw_config: dict) -> None:
     name, before any file is read, rather than fail on one of its fields."""
     text = raw_config.get("text_config") or raw_config.get("llm_config") or {}
     if text.get("model_type") == "gpt_oss" or raw_config.get("template") == "internvl3_5_gpt_oss":
-        raise NotImplementedError(
-            "this is an InternVL3.5-GPT-OSS checkpoint (InternVL3_5-GPT-OSS-20B-A4B-Preview: a gpt_oss language model with "
-            "attention sinks, sliding-window attention and mixture-of-experts MLPs), which hooked_vlm does not support "
-            "(the README's table lists the supported checkpoints)"
-        )
+        raise NotImplementedError(GPT_OSS_REFUSAL)
 
 
 def load(directory: Path, raw_config: dict, dtype: torch.dtype, placement: Any, hub: Any = None):

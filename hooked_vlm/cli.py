@@ -32,6 +32,7 @@ import pandas as pd
 import torch
 
 from hooked_vlm.config import DTYPES
+from hooked_vlm.data.commands import register as register_data_commands
 
 SMALL_MODEL_LAYERS = 8  # below this, windows of 4 layers give at most one window besides "all"
 
@@ -63,6 +64,7 @@ def parser() -> argparse.ArgumentParser:
     parity.add_argument("--device", default="cpu")
     parity.add_argument("--tolerance", type=float, default=None, help="max difference relative to each activation's scale (default: per dtype)")
     parity.set_defaults(run=_parity)
+    register_data_commands(sub)  # remove-objects, control-set, mean-embedding
 
     for name, (run, help_text, extra) in EXPERIMENTS.items():
         command = sub.add_parser(name, help=help_text, description=f"{help_text}. {DESCRIPTIONS.get(name, '')}".strip())

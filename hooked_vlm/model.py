@@ -84,6 +84,7 @@ class HookedVLM(HookedRootModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.preprocessing = preprocessing  # the family's image/prompt settings (see hooked_vlm.families)
+        self.name_or_path: str | None = None  # what `from_pretrained` was given (results record it)
         text, vision = cfg.text, cfg.vision
         self.vision = VisionTower(vision, cfg.feature_layers, cfg.feature_select_strategy)
         self.projector = Projector(
@@ -124,7 +125,9 @@ class HookedVLM(HookedRootModule):
         such as "vision", "blocks.0", "unembed" -> device, or "auto"); activations follow."""
         from weights_conversion import load_pretrained
 
-        return load_pretrained(name_or_path, dtype=as_dtype(dtype), device=device, device_map=device_map)
+        model = load_pretrained(name_or_path, dtype=as_dtype(dtype), device=device, device_map=device_map)
+        model.name_or_path = str(name_or_path)
+        return model
 
     # ----------------------------------------------------------------------------- inputs
     def prepare(self, images: Any, prompts: str | Sequence[str], **kwargs: Any) -> VLMInput:

@@ -1,0 +1,75 @@
+"""The data subcommands of `hooked-vlm`: what the experiments run on, made from raw data.
+
+    hooked-vlm remove-objects --coco ann.json --images val2017/ --out removed/ [--inpainter lama]
+    hooked-vlm control-set --model A --model B --coco ann.json --images val2017/ --removed removed/ --out control.json
+    hooked-vlm mean-embedding --model M --collection imagenet/val --out mean.pt
+
+`register(subparsers)` adds them to the command line (`hooked_vlm.cli`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from hooked_vlm.config import DTYPES
+
+FILTERS = ("paper", "none")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    removal = sub.add_parser("remove-objects", help="inpaint each selected object out of its image (the object-removed twins)",
+                             description=_doc("hooked_vlm.data.removal"), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    _coco_arguments(removal)
+    removal.add_argument("--out", required=True, help="folder of the object-removed images ({image_id}_{ann_id}.png)")
+    removal.add_argument("--inpainter", choices=["opencv", "lama"], default="opencv",
+                         help="opencv: classical, offline (default); lama: the paper's (needs big-lama.pt, see --lama-weights)")  # fmt: skip
+    removal.add_argument("--method", choices=["telea", "ns"], default="telea", help="OpenCV's method")
+    removal.add_argument("--radius", type=int, default=5, help="OpenCV's neighbourhood in pixels")
+    removal.add_argument("--lama-weights", help="LaMa's TorchScript big-lama.pt (default: $LAMA_MODEL, torch's hub cache, or a download)")
+    removal.add_argument("--dilation", type=int, default=5, help="pixels the mask is grown by before inpainting")
+    removal.add_argument("--device", default=None, help="LaMa's device (default: cuda when available)")
+    removal.add_argument("--overwrite", action="store_true", help="redo objects already in --out (e.g. with other settings)")
+    removal.set_defaults(run=_remove_objects)
+
+
+def _doc(module: str) -> str:
+    import importlib
+
+    return importlib.import_module(module).__doc__ or ""
+
+
+def _coco_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--coco", required=True, help="COCO-style instance annotations (JSON)")
+    p.add_argument("--images", required=True, help="the annotations' image folder")
+    p.add_argument("--filters", choices=FILTERS, default="paper",
+                   help="paper: the paper's object filters (§1.2); none: every non-crowd annotation")  # fmt: skip
+    p.add_argument("--limit", type=int, default=None, help="the first N selected annotations only")
+
+
+def load_filtered_coco(annotation_file, image_dir, filters: str = "paper", limit: int | None = None):
+    """The COCO subset a data command works on: the paper's filters or none, then `limit`."""
+    from hooked_vlm.data.coco import CocoSubset, load_coco
+
+    if filters not in FILTERS:
+        raise ValueError(f"filters must be one of {FILTERS}, got {filters!r}")
+    options = {} if filters == "paper" else dict(min_area=0, max_area=1, min_short_side=0, unique_category=False)
+    subset = load_coco(annotation_file, image_dir, **options)
+    if limit is not None:
+        subset = CocoSubset(subset.items[:limit], subset.report, subset.categories)
+    return subset
+
+
+def _remove_objects(args) -> None:
+    from hooked_vlm.data.inpainters import LamaInpainter, OpenCVInpainter
+    from hooked_vlm.data.removal import remove_objects
+
+    subset = load_filtered_coco(args.coco, args.images, args.filters, args.limit)
+    if args.inpainter == "lama":
+        inpainter = LamaInpainter(args.lama_weights, device=args.device)
+    else:
+        inpainter = OpenCVInpainter(args.method, args.radius)
+    report = remove_objects(subset, args.out, inpainter=inpainter, dilation=args.dilation, overwrite=args.overwrite)
+    print(f"{len(report.written)} written, {len(report.skipped)} already there, {len(report.empty_mask)} with an empty mask; "
+          f"{len(subset)} selected annotations in {Path(args.out).resolve()}")  # fmt: skip
+

@@ -82,6 +82,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coco", help="COCO-style instance annotations (JSON)")
     p.add_argument("--images", help="the annotations' image folder")
     p.add_argument("--removed", help="folder of object-removed images ({ann_id}.png), for source/base pairs")
+    p.add_argument("--pairs", help="a control-set manifest (hooked-vlm control-set): its kept annotations, in its order")
     p.add_argument("--limit", type=int, default=None, help="use at most this many samples")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -134,6 +135,10 @@ def _experiment(fn: Callable[[Any, Any, argparse.Namespace], pd.DataFrame], summ
 
 
 def _dataset(args) -> Any:
+    if args.pairs:
+        from hooked_vlm.data.control_set import control_set_dataset
+
+        return control_set_dataset(args.pairs, coco=args.coco, images=args.images, removed=args.removed)
     if args.coco:
         from hooked_vlm.data.coco import load_coco, pair_with_removed
 
@@ -173,7 +178,7 @@ def _ablation_mean(model, args):
     from hooked_vlm import interventions as iv
     from hooked_vlm.toy_models import MEAN_IMAGES, toy_mean_embedding
 
-    if args.mean or args.coco or not (args.fill == "mean" or "ig" in args.strategies):
+    if args.mean or args.coco or args.pairs or not (args.fill == "mean" or "ig" in args.strategies):
         return args.mean
     mean = toy_mean_embedding(model, args.model, seed=args.seed)
     iv.save_mean(mean, Path(args.out) / "mean_embedding.pt")

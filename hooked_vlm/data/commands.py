@@ -32,6 +32,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     removal.add_argument("--overwrite", action="store_true", help="redo objects already in --out (e.g. with other settings)")
     removal.set_defaults(run=_remove_objects)
 
+    control = sub.add_parser("control-set", help="the pairs every model recognises in the original and misses without the object",
+                             description=_doc("hooked_vlm.data.control_set"), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    control.add_argument("--model", action="append", required=True, help="a model (repeat for each: the set is the intersection)")
+    _coco_arguments(control)
+    control.add_argument("--removed", required=True, help="folder of object-removed images (hooked-vlm remove-objects)")
+    control.add_argument("--out", required=True, help="the manifest (JSON) that experiments read with --pairs")
+    control.add_argument("--task", choices=["list", "binary"], default="list", help="list: the paper's rule; binary: yes/no")
+    control.add_argument("--max-new-tokens", type=int, default=None, help="default: evaluate's for the task")
+    control.add_argument("--batch-size", type=int, default=8)
+    control.add_argument("--dtype", choices=DTYPES, default="float32")
+    control.add_argument("--device", default="cpu")
+    control.set_defaults(run=_control_set)
+
 
 def _doc(module: str) -> str:
     import importlib
@@ -73,3 +86,20 @@ def _remove_objects(args) -> None:
     print(f"{len(report.written)} written, {len(report.skipped)} already there, {len(report.empty_mask)} with an empty mask; "
           f"{len(subset)} selected annotations in {Path(args.out).resolve()}")  # fmt: skip
 
+
+
+def _control_set(args) -> None:
+    from hooked_vlm.data.control_set import build_control_set
+
+    subset = load_filtered_coco(args.coco, args.images, args.filters, args.limit)
+    source = {"coco": str(Path(args.coco).resolve()), "images": str(Path(args.images).resolve()),
+              "filters": args.filters, "limit": args.limit}  # fmt: skip
+    control = build_control_set(args.model, subset, Path(args.removed).resolve(), task=args.task, out=args.out,
+                                dtype=DTYPES[args.dtype], device=args.device, batch_size=args.batch_size,
+                                max_new_tokens=args.max_new_tokens, source=source)  # fmt: skip
+    counts = control.manifest["counts"]
+    for model in control.manifest["models"]:
+        print(f"{model['name']}: keeps {model['counts']['kept']}, misses {model['counts']['missed_in_original']} in the original, "
+              f"still recognises {model['counts']['recognised_without_object']} without the object")  # fmt: skip
+    print(f"control set: {counts['kept']} of {counts['candidates']} annotations ({counts['kept_images']} images; "
+          f"{counts['candidates'] - counts['with_removed_image']} without an object-removed image) -> {Path(args.out).resolve()}")  # fmt: skip

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from tqdm.auto import tqdm
 from hooked_vlm.data.coco import CocoItem, removed_image_paths
 from hooked_vlm.data.inpainters import Inpainter, LamaInpainter, OpenCVInpainter
 from hooked_vlm.data.shapes import dilate_mask
-from hooked_vlm.provenance import code_version
+from hooked_vlm.provenance import code_version, write_atomically
 
 DEFAULT_DILATION = 5  # pixels (Chebyshev): LaMa's own object-removal masks are dilated by a few pixels
 SETTINGS_FILE = "removal.json"
@@ -144,23 +143,8 @@ def _check_settings(out: Path, settings: dict, overwrite: bool) -> set[int]:
 
 
 def _write_settings(out: Path, settings: dict) -> None:
-    _write_atomically(out / SETTINGS_FILE, lambda f: f.write(json.dumps(settings | {"hooked_vlm": code_version()}, indent=1).encode()))
+    write_atomically(out / SETTINGS_FILE, lambda f: f.write(json.dumps(settings | {"hooked_vlm": code_version()}, indent=1).encode()))
 
 
 def _save_png_atomically(pixels: UInt8[np.ndarray, "height width 3"], path: Path) -> None:
-    _write_atomically(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
-
-
-def _write_atomically(path: Path, write) -> None:
-    """Write through a hidden temporary file in the same folder, flushed to disk and renamed over
-    `path`: readers see the old file or the whole new one, never a part (the temporary name ends
-    in .part, which the removed-image reader ignores)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(temporary, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_atomically(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))

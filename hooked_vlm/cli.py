@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import random
 import sys
 from pathlib import Path
@@ -264,12 +265,18 @@ def _run_probe(model, data, args):
     from hooked_vlm.experiments import position_probe
     from hooked_vlm.toy_models import toy_dataset
 
-    if args.coco:
+    if args.collection:
+        from hooked_vlm.data.commands import probe_collections
+
+        train, test = probe_collections(args)
+    elif args.coco or args.pairs:
         train, test = _probe_split(list(itertools.islice(data, args.limit)), args.seed)
     else:
         train = list(itertools.islice(data, args.limit))
         test = toy_dataset(args.model, max(len(train) // 4, 4), seed=args.seed + 1, split="probe-test")
-    return position_probe(model, train, test, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    results = position_probe(model, train, test, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    (Path(args.out) / "provenance.json").write_text(json.dumps(results.attrs["provenance"], indent=1))
+    return results
 
 
 def _probe_split(items: list, seed: int) -> tuple[list, list]:
@@ -359,7 +366,14 @@ def _extras_cumulative(p):
 
 
 def _extras_probe(p):
+    from hooked_vlm.data.commands import collection_arguments
+
     p.add_argument("--epochs", type=int, default=10)
+    collection_arguments(p)
+    collection_arguments(p, prefix="test-")
+    p.add_argument("--test-split", default=None, help="the datasets split of --test-collection")
+    p.add_argument("--n-train", type=int, default=50_000, help="--collection images to train on (the paper's 50,000)")
+    p.add_argument("--n-test", type=int, default=10_000, help="images to score on (the paper's 10,000)")
 
 
 EXPERIMENTS: dict[str, tuple[Callable, str, Callable]] = {
@@ -379,8 +393,11 @@ DESCRIPTIONS = {
     "The low-importance control removes the heads of smallest |MF|. Heads without an MF (not measured: with the "
     "paper's prompt positions, the last layer's for localization) are never removed. summary.csv adds each "
     "ranking's normalised AUC.",
-    "position-probe": "--limit caps the samples read. Synthetic data: the probes train on them and are scored on a "
-    "quarter as many images of another split. COCO: a seeded fifth of their images is held out for scoring.",
+    "position-probe": "Images: with --collection (e.g. ImageNet), --n-train of them to train on and --n-test others "
+    "(or of --test-collection) to score on, as the paper (50,000 / 10,000). Else --limit caps the samples read; "
+    "synthetic data: the probes train on them and are scored on a quarter as many images of another split; COCO: a "
+    "seeded fifth of their images is held out for scoring. The probes train as the images stream past (nothing is "
+    "stored), so each epoch reads the training images again. provenance.json records the model and the images.",
     "attention-knockout": "Windows: contiguous groups of --group-size layers, and 'all'.",
 }  # fmt: skip
 

@@ -45,6 +45,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     control.add_argument("--device", default="cpu")
     control.set_defaults(run=_control_set)
 
+    mean = sub.add_parser("mean-embedding", help="the mean visual embedding over an image collection (the paper's: ImageNet val)",
+                          description=_doc("hooked_vlm.interventions.means"), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    mean.add_argument("--model", required=True)
+    collection_arguments(mean, required=True)
+    mean.add_argument("--limit", type=int, default=None, help="the first N images only")
+    mean.add_argument("--hook", default="hook_inputs_embeds", help="where the mean is taken (default: the LM input, the paper's)")
+    mean.add_argument("--views", choices=["all", "global", "local"], default="all")
+    mean.add_argument("--batch-size", type=int, default=8)
+    mean.add_argument("--dtype", choices=DTYPES, default="float32")
+    mean.add_argument("--device", default="cpu")
+    mean.add_argument("--out", required=True, help="the mean's file (.pt), which token-ablation reads with --mean")
+    mean.set_defaults(run=_mean_embedding)
+
+
+def collection_arguments(p: argparse.ArgumentParser, *, required: bool = False, prefix: str = "") -> None:
+    """--collection (a folder of images, a saved `datasets` dataset, or hf:NAME[:CONFIG]),
+    --split and --image-column for the `datasets` ones."""
+    p.add_argument(f"--{prefix}collection", required=required,
+                   help="images: a folder (flat or class subfolders), a saved datasets dataset, or hf:NAME[:CONFIG] (streamed)")  # fmt: skip
+    if not prefix:
+        p.add_argument("--split", default=None, help="the datasets split (hf: sources)")
+        p.add_argument("--image-column", default="image", help="the datasets column holding the images")
+
 
 def _doc(module: str) -> str:
     import importlib
@@ -103,3 +126,29 @@ def _control_set(args) -> None:
               f"still recognises {model['counts']['recognised_without_object']} without the object")  # fmt: skip
     print(f"control set: {counts['kept']} of {counts['candidates']} annotations ({counts['kept_images']} images; "
           f"{counts['candidates'] - counts['with_removed_image']} without an object-removed image) -> {Path(args.out).resolve()}")  # fmt: skip
+
+
+def _mean_embedding(args) -> None:
+    from hooked_vlm import interventions as iv
+    from hooked_vlm.data.collections import open_collection
+    from hooked_vlm.model import HookedVLM
+
+    images = open_collection(args.collection, split=args.split, image_column=args.image_column, limit=args.limit)
+    model = HookedVLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    mean = iv.compute_mean_embedding(model, images, hook=args.hook, views=args.views, batch_size=args.batch_size)
+    iv.save_mean(mean, args.out)
+    used = mean.provenance["images"]
+    print(f"mean of {args.hook} over {mean.count} image tokens of {used['count']} images (digest {used['digest']}) "
+          f"-> {Path(args.out).resolve()}")  # fmt: skip
+
+
+def probe_collections(args) -> tuple:
+    """--collection's images: --n-train to train on and --n-test others to score on (a seeded
+    draw), or --n-test images of --test-collection."""
+    from hooked_vlm.data.collections import open_collection, sample_collection, split_collection
+
+    images = open_collection(args.collection, split=args.split, image_column=args.image_column)
+    if not args.test_collection:
+        return split_collection(images, args.n_train, args.n_test, seed=args.seed)
+    test = open_collection(args.test_collection, split=args.test_split, image_column=args.image_column)
+    return sample_collection(images, args.n_train, seed=args.seed), sample_collection(test, args.n_test, seed=args.seed)

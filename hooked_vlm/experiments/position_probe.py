@@ -1,15 +1,24 @@
 """`position_probe`: can a linear classifier read an image token's row and column from its
 activation, layer by layer, through the vision tower, the projector and the language model?
 (PAPER_PROTOCOL §1.7: one linear classifier per axis and layer, trained on one image set and
-evaluated on another.)
+evaluated on another; the paper: 10 epochs on 50,000 ImageNet images, scored on 10,000.)
+
+The image sets are plain images (`hooked_vlm.data.collections`: a folder, a `datasets` dataset,
+PIL images) or any dataset of samples. Features are never stored (PROTOCOL-AUDIT A6): the probes
+train as the activations of each batch of images stream past (`streaming_probe`), so every epoch
+runs the model over the training images again.
 
 Output columns: `section` ("vision", "projector", "language"), `layer` (block index; 0 for the
-projector), `hook`, `axis` ("row" | "col"), `accuracy` (held-out), `n_train`, `n_test`,
-`chance` (1 / number of classes).
+projector), `hook`, `axis` ("row" | "col"), `accuracy` (held-out), `n_train` (tokens per epoch),
+`n_test`, `chance` (1 / number of classes). `results.attrs["provenance"]`: the model's identity,
+the images of each set (count and a digest of their keys), the dtype, the preprocessing and the
+training settings.
 """
 
 from __future__ import annotations
 
+import datetime
+import itertools
 from typing import Any
 
 import pandas as pd
@@ -18,10 +27,14 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_vlm.experiments.data import as_samples, batched, empty_dataset_error
+from hooked_vlm.data.collections import ImagesUsed, known_length
+from hooked_vlm.experiments.data import batched, empty_dataset_error
+from hooked_vlm.experiments.streaming_probe import RunningMoments, SiteProbe
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.provenance import code_version, model_identity, preprocessing_settings
 
 PROBE_PROMPT = "Describe the image."
+STANDARDISE_IMAGES = 512  # the training images whose features set each site's standardisation
 
 
 def probe_sites(model) -> list[tuple[str, int, str]]:
@@ -46,50 +59,99 @@ def position_probe(
 ) -> pd.DataFrame:
     """Row/column decodability of image tokens at every layer (see the module docstring).
 
-    Features are gathered once per image set (`tokens_per_image` samples that many tokens per
-    image and view, to bound memory on large sets), then one softmax-regression probe per
-    (site, axis) is trained with Adam for `epochs` passes and scored on the test set. Vision-tower
-    positions are the patch grid (CLS excluded); projector and language-model positions are the
-    layout's (row, col) within each view. The token draws, the probes' initial weights and their
-    minibatch order come from one generator seeded with `seed`: the result depends on the seed
-    only, and the global random state is left untouched.
+    Each site's features are standardised with the moments of the first `STANDARDISE_IMAGES`
+    training images; then one softmax-regression probe per (site, axis) is trained with Adam for
+    `epochs` passes (minibatches of 256 tokens within each batch of images) and scored on the
+    test images. `tokens_per_image` draws that many tokens per image and view, afresh in every
+    pass. Vision-tower positions are the patch grid (CLS excluded); projector and language-model
+    positions are the layout's (row, col) within each view. The token draws, the probes' initial
+    weights and their minibatch order come from one generator seeded with `seed`: the result
+    depends on the seed only, and the global random state is left untouched.
     """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    for name, images in (("train_dataset", train_dataset), ("test_dataset", test_dataset)):
+        if iter(images) is images:
+            raise TypeError(f"{name} is a one-shot iterator; the probe reads its images once per epoch: pass a collection or a list")
     generator = torch.Generator().manual_seed(seed)
     sites = probe_sites(model)
-    train = _gather(model, train_dataset, sites, tokens_per_image, batch_size, generator, progress, "train")
-    test = _gather(model, test_dataset, sites, tokens_per_image, batch_size, generator, progress, "test")
+    stream = _Stream(model, sites, tokens_per_image, batch_size, generator, progress)
+    moments = {hook: RunningMoments() for _, _, hook in sites}
+    for features in stream(itertools.islice(ImagesUsed(train_dataset), STANDARDISE_IMAGES), "standardisation"):
+        for hook, (x, _) in features.items():
+            moments[hook].update(x)
+    probes: dict[str, SiteProbe] = {}
+    n_train: dict[str, int] = {}
+    for epoch in range(epochs):
+        used = ImagesUsed(train_dataset)
+        train_used = used if epoch == 0 else train_used
+        for features in stream(used, f"probe training, epoch {epoch + 1}/{epochs}"):
+            for hook, (x, y) in features.items():
+                if hook not in probes:
+                    probes[hook] = SiteProbe(moments[hook], *stream.n_classes[hook], lr, generator, x.device)
+                probes[hook].train_on(x, y, generator)
+                if epoch == 0:
+                    n_train[hook] = n_train.get(hook, 0) + len(y)
+    test_used = ImagesUsed(test_dataset)
+    correct = {hook: [0, 0, 0] for _, _, hook in sites}  # rows right, cols right, tokens
+    for features in stream(test_used, "probe scoring"):
+        for hook, (x, y) in features.items():
+            rows, cols = probes[hook].n_correct(x, y)
+            correct[hook] = [correct[hook][0] + rows, correct[hook][1] + cols, correct[hook][2] + len(y)]
     rows = []
-    for section, layer, hook in tqdm(sites, desc="probes", disable=not progress):
+    for section, layer, hook in sites:
         for axis_index, axis in enumerate(("row", "col")):
-            x_train, y_train = train[hook]
-            x_test, y_test = test[hook]
-            n_classes = int(max(y_train[:, axis_index].max(), y_test[:, axis_index].max())) + 1
-            probe = _fit(x_train, y_train[:, axis_index], n_classes, epochs, lr, generator)
-            accuracy = (probe(x_test).argmax(-1) == y_test[:, axis_index]).float().mean().item()
             rows.append(
-                {"section": section, "layer": layer, "hook": hook, "axis": axis, "accuracy": accuracy,
-                 "n_train": len(y_train), "n_test": len(y_test), "chance": 1 / n_classes}
+                {"section": section, "layer": layer, "hook": hook, "axis": axis,
+                 "accuracy": correct[hook][axis_index] / correct[hook][2], "n_train": n_train[hook],
+                 "n_test": correct[hook][2], "chance": 1 / stream.n_classes[hook][axis_index]}
             )  # fmt: skip
-    return pd.DataFrame(rows)
+    results = pd.DataFrame(rows)
+    results.attrs["provenance"] = {
+        "model": model_identity(model), "dtype": str(model.dtype).removeprefix("torch."),
+        "preprocessing": preprocessing_settings(model), "train_images": train_used.provenance(),
+        "test_images": test_used.provenance(), "epochs": epochs, "tokens_per_image": tokens_per_image,
+        "lr": lr, "seed": seed, "prompt": PROBE_PROMPT, "hooked_vlm": code_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }  # fmt: skip
+    return results
 
 
-@torch.no_grad()
-def _gather(model, dataset, sites, tokens_per_image, batch_size, generator, progress, split) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per hook: features `[n, d]` (float32, CPU) and labels `[n, 2]` (row, col)."""
-    names = {hook for _, _, hook in sites}
-    features: dict[str, list[Tensor]] = {hook: [] for hook in names}
-    labels: dict[str, list[Tensor]] = {hook: [] for hook in names}
-    for batch in tqdm(batched(as_samples(dataset), batch_size), desc=f"probe features ({split})", disable=not progress):
-        inputs = model.prepare([s.image for s in batch], [PROBE_PROMPT] * len(batch))
-        _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in names, device="cpu")
-        for section, _, hook in sites:
-            x, y, views = (_vision_tokens if section == "vision" else _image_tokens)(model, inputs, cache[hook], section)
-            keep = _subsample(views, tokens_per_image, generator)
-            features[hook].append(x[keep].float())
-            labels[hook].append(y[keep])
-    if not any(labels.values()):
-        raise empty_dataset_error()
-    return {hook: (torch.cat(features[hook]), torch.cat(labels[hook])) for hook in names}
+class _Stream:
+    """Run the model over images, a batch at a time, and give each site's (features, labels) of
+    the drawn tokens; learns each site's number of row and column classes on the way."""
+
+    def __init__(self, model, sites, tokens_per_image, batch_size, generator, progress):
+        self.model, self.sites, self.tokens_per_image = model, sites, tokens_per_image
+        self.batch_size, self.generator, self.progress = batch_size, generator, progress
+        self.n_classes: dict[str, tuple[int, int]] = {}
+
+    @torch.no_grad()
+    def __call__(self, images, what: str):
+        names = {hook for _, _, hook in self.sites}
+        n_images = known_length(getattr(images, "images", images))
+        total = None if n_images is None else -(-n_images // self.batch_size)
+        seen = False
+        for batch in tqdm(batched(images, self.batch_size), desc=what, unit="batch", total=total, disable=not self.progress):
+            inputs = self.model.prepare(batch, [PROBE_PROMPT] * len(batch))
+            _, cache = self.model.run_with_cache(inputs, names_filter=lambda n: n in names)
+            features = {}
+            for section, _, hook in self.sites:
+                x, y, views = (_vision_tokens if section == "vision" else _image_tokens)(self.model, inputs, cache[hook], section)
+                self._check_classes(hook, y)
+                keep = _subsample(views, self.tokens_per_image, self.generator).to(x.device)
+                features[hook] = (x[keep], y[keep.cpu()])
+            seen = True
+            yield features
+        if not seen:
+            raise empty_dataset_error()
+
+    def _check_classes(self, hook: str, y: Int[Tensor, "n 2"]) -> None:
+        """Every view is a full grid, so the first batch shows every row and column."""
+        n = (int(y[:, 0].max()) + 1, int(y[:, 1].max()) + 1)
+        known = self.n_classes.setdefault(hook, n)
+        if n[0] > known[0] or n[1] > known[1]:
+            raise ValueError(f"{hook}: a grid of {n} rows and columns after one of {known}; the probe's classes are fixed")
 
 
 # Each extractor returns features `[n, d]`, labels `[n, 2]` (row, col) and each token's view of
@@ -124,24 +186,3 @@ def _subsample(views: Int[Tensor, "n"], k: int | None, generator: torch.Generato
         members = torch.nonzero(views == view).flatten()
         chosen.append(members[torch.randperm(len(members), generator=generator)[:k]])
     return torch.cat(chosen) if chosen else torch.arange(0)
-
-
-def _fit(x: Float[Tensor, "n d"], y: Int[Tensor, "n"], n_classes: int, epochs: int, lr: float, generator: torch.Generator):
-    """A softmax-regression probe on standardised features (Adam, minibatches of 256)."""
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    # nn.Linear's own initialisation (U(-1/sqrt(d), 1/sqrt(d))), drawn from the experiment's
-    # generator instead of the global one, so the fit depends on the seed alone
-    linear = torch.nn.utils.skip_init(torch.nn.Linear, x.shape[1], n_classes)
-    bound = x.shape[1] ** -0.5
-    with torch.no_grad():
-        for parameter in (linear.weight, linear.bias):
-            torch.nn.init.uniform_(parameter, -bound, bound, generator=generator)
-    optimizer = torch.optim.Adam(linear.parameters(), lr=lr)
-    xs = (x - mean) / std
-    with torch.enable_grad():
-        for _ in range(epochs):
-            for index in torch.randperm(len(y), generator=generator).split(256):
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(linear(xs[index]), y[index]).backward()
-                optimizer.step()
-    return lambda features: linear((features - mean) / std).detach()

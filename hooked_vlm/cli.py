@@ -12,9 +12,15 @@ examples:
     hooked-vlm token-ablation --model llava-hf/llava-1.5-7b-hf --coco ann.json --images val2017/ \\
         --mean imagenet_mean.pt --dtype bfloat16 --device cuda --out results/ablation-7b
     hooked-vlm parity --model llava-hf/llava-1.5-7b-hf --dtype float16 --device cuda
+    hooked-vlm remove-objects --coco ann.json --images val2017/ --out removed/ --inpainter lama
+    hooked-vlm control-set --model llava-hf/llava-1.5-7b-hf --model OpenGVLab/InternVL3_5-8B-HF --coco ann.json \\
+        --images val2017/ --removed removed/ --out control.json
+    hooked-vlm head-mediation --model llava-hf/llava-1.5-7b-hf --pairs control.json --out results/cma
+    hooked-vlm mean-embedding --model llava-hf/llava-1.5-7b-hf --collection imagenet/val --out mean.pt
 
 Data: the synthetic set (default; for a toy model, the distribution it was trained on, held out)
-or COCO-style annotations (`--coco`, `--images`, optionally `--removed` for object-removed pairs).
+or COCO-style annotations (`--coco`, `--images`, optionally `--removed` for object-removed pairs),
+or a control set's kept pairs (`--pairs control.json`, from `control-set`).
 Each experiment writes `results.csv` (one row per query), `summary.csv` and `figure.png`.
 `parity` exits with 1 when an activation or the greedy generation differs beyond tolerance.
 """
@@ -82,7 +88,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coco", help="COCO-style instance annotations (JSON)")
     p.add_argument("--images", help="the annotations' image folder")
-    p.add_argument("--removed", help="folder of object-removed images ({ann_id}.png), for source/base pairs")
+    p.add_argument("--removed", help="folder of object-removed images ({ann_id}.png or {image_id}_{ann_id}.png, e.g. from remove-objects), for source/base pairs")
     p.add_argument("--pairs", help="a control-set manifest (hooked-vlm control-set): its kept annotations, in its order")
     p.add_argument("--limit", type=int, default=None, help="use at most this many samples")
     p.add_argument("--batch-size", type=int, default=8)

@@ -4,7 +4,8 @@
     hooked-vlm control-set --model A --model B --coco ann.json --images val2017/ --removed removed/ --out control.json
     hooked-vlm mean-embedding --model M --collection imagenet/val --out mean.pt
 
-`register(subparsers)` adds them to the command line (`hooked_vlm.cli`).
+`register(subparsers)` adds them to the command line (`hooked_vlm.cli`); `collection_arguments`
+and `probe_collections` give `position-probe` its image collections.
 """
 
 from __future__ import annotations

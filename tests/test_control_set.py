@@ -146,6 +146,16 @@ def test_a_rerun_after_a_crash_starts_at_the_model_it_was_on(subset, export, tmp
     assert set(calls) == {"internvl"} and out.is_file()
 
 
+def test_a_rerun_with_other_settings_recomputes_every_model(subset, export, tmp_path, monkeypatch):
+    out = tmp_path / "control.json"
+    with pytest.raises(FileNotFoundError):
+        build_control_set(["toy-llava", str(tmp_path / "no-such-model")], subset[:4], export[1] / "removed", out=out, progress=False)
+    calls = []
+    monkeypatch.setattr(sys.modules["hooked_vlm.experiments.evaluate"], "evaluate", lambda *a, **k: calls.append(a[0].cfg.family) or evaluate(*a, **k))
+    build_control_set(["toy-llava"], subset[:4], export[1] / "removed", out=out, preprocessing={"template": "hf"}, progress=False)
+    assert calls == ["llava", "llava"]  # the original and the twins, again
+
+
 def test_the_commands_build_a_manifest_that_experiments_take_as_pairs(export, tmp_path):
     path, out = export
     manifest = tmp_path / "control.json"

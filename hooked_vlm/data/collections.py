@@ -206,8 +206,11 @@ class ImagesUsed:
     def provenance(self) -> dict[str, Any]:
         if hasattr(self.images, "source"):
             source = self.images.source()
-        else:  # PIL images in a list, or a dataset of samples (whose repr says how to make it again)
-            source = {"source": "images in memory" if isinstance(self.images, (list, tuple)) else repr(self.images)[:300]}
+        elif isinstance(self.images, (list, tuple)):  # PIL images, paths, or items of a dataset
+            kinds = sorted({type(item).__name__ for item in self.images})
+            source = {"source": f"a list of {', '.join(kinds) or 'nothing'}"}
+        else:  # a dataset of samples, whose repr says how to make it again
+            source = {"source": repr(self.images)[:300]}
         return source | {"count": self.count, "digest": self._digest.hexdigest()[:16]}
 
 

@@ -135,7 +135,11 @@ def build_control_set(
     pairs = pair_with_removed(data, removed_dir) if removed_dir is not None else data
     if not isinstance(pairs, ObjectRemovedPairs):
         raise TypeError("pass COCO items with removed_dir, or the ObjectRemovedPairs of pair_with_removed")
-    arguments = {"task": task, "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task], "batch_size": batch_size}
+    arguments = {"task": task, "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task], "batch_size": batch_size,
+                 "removed_dir": str(removed_dir) if removed_dir is not None else None,
+                 "preprocessing": _describe_preprocessing(preprocessing), "dtype": str(dtype).removeprefix("torch."),
+                 "device": str(device)}  # fmt: skip
+    # a rerun reuses a finished model's verdicts only when everything that made them is the same
     partial = _Partial(out, arguments | {"candidates": [_annotation(c).annotation_id for c in candidates]})
     records = []
     for given in models:
@@ -153,7 +157,7 @@ def build_control_set(
     names = [record["name"] for record in records]
     if len(set(names)) < len(names):
         raise ValueError(f"the models must differ; got {names}")
-    manifest = _manifest(candidates, pairs, records, arguments | {"removed_dir": str(removed_dir) if removed_dir else None}, source)
+    manifest = _manifest(candidates, pairs, records, arguments, source)
     control = ControlSet(manifest, Path(out) if out else None)
     if out is not None:
         _write_json(Path(out), manifest)
@@ -196,6 +200,14 @@ def _samples(pairs: ObjectRemovedPairs, ids: dict[str, int], twin: bool):
     for pair, sample in zip(pairs, as_samples(pairs)):
         ids[sample.id] = pair.item.annotation_id
         yield replace(sample, image=sample.removed_image) if twin else sample
+
+
+def _describe_preprocessing(preprocessing: Preprocessing) -> Any:
+    """The overrides as asked (a function by its name; each model's settings in force are in
+    the manifest's `models`)."""
+    if callable(preprocessing):
+        return f"{getattr(preprocessing, '__module__', '')}.{getattr(preprocessing, '__qualname__', repr(preprocessing))}"
+    return dict(preprocessing or {})
 
 
 def _load(given, dtype, device):

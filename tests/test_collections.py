@@ -8,6 +8,7 @@ import sys
 
 import datasets
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -190,13 +191,24 @@ def test_the_probes_read_collections_and_record_them(toy, imagenet_val, image_da
 
 
 def test_the_probes_train_on_one_batch_of_tokens_at_a_time(toy, imagenet_val, monkeypatch):
-    sizes = []
-    train_on = SiteProbe.train_on
+    monkeypatch.setattr(sys.modules["hooked_vlm.experiments.position_probe"], "KEEP_ACTIVATIONS_BYTES", 0)  # as on ImageNet
+    sizes, forwards = [], []
+    train_on, run_with_cache = SiteProbe.train_on, toy.run_with_cache
     monkeypatch.setattr(SiteProbe, "train_on", lambda self, x, y, g: sizes.append(len(y)) or train_on(self, x, y, g))
+    monkeypatch.setattr(toy, "run_with_cache", lambda inputs, **k: forwards.append(len(inputs.input_ids)) or run_with_cache(inputs, **k))
     results = position_probe(toy, ImageFolder(imagenet_val), ImageFolder(imagenet_val), epochs=2, batch_size=2, progress=False)
     assert max(sizes) == 2 * 64 and len(sizes) == 2 * 3 * len(set(results["hook"]))  # epochs x batches x sites
+    assert sum(forwards) == 6 * (1 + 2 + 1)  # standardisation, two epochs, scoring: the images are read again
     with pytest.raises(TypeError, match="one-shot iterator"):
         position_probe(toy, iter(ImageFolder(imagenet_val)), ImageFolder(imagenet_val), progress=False)
+
+
+def test_a_small_training_set_kept_in_memory_gives_the_streamed_result(toy, imagenet_val, monkeypatch):
+    probe = sys.modules["hooked_vlm.experiments.position_probe"]
+    kept = position_probe(toy, ImageFolder(imagenet_val), ImageFolder(imagenet_val), epochs=2, tokens_per_image=5, progress=False)
+    monkeypatch.setattr(probe, "KEEP_ACTIVATIONS_BYTES", 0)
+    streamed = position_probe(toy, ImageFolder(imagenet_val), ImageFolder(imagenet_val), epochs=2, tokens_per_image=5, progress=False)
+    pd.testing.assert_frame_equal(kept, streamed)
 
 
 def test_the_mean_embedding_command_reads_a_folder(imagenet_val, tmp_path, capsys):

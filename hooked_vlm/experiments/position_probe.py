@@ -4,9 +4,10 @@ activation, layer by layer, through the vision tower, the projector and the lang
 evaluated on another; the paper: 10 epochs on 50,000 ImageNet images, scored on 10,000.)
 
 The image sets are plain images (`hooked_vlm.data.collections`: a folder, a `datasets` dataset,
-PIL images) or any dataset of samples. Features are never stored (PROTOCOL-AUDIT A6): the probes
+PIL images) or any dataset of samples. Features are not stored (PROTOCOL-AUDIT A6): the probes
 train as the activations of each batch of images stream past (`streaming_probe`), so every epoch
-runs the model over the training images again.
+runs the model over the training images again, unless the training set is small enough
+(`STANDARDISE_IMAGES` images and `KEEP_ACTIVATIONS_BYTES`) to keep its activations in memory.
 
 Output columns: `section` ("vision", "projector", "language"), `layer` (block index; 0 for the
 projector), `hook`, `axis` ("row" | "col"), `accuracy` (held-out), `n_train` (tokens per epoch),
@@ -35,6 +36,9 @@ from hooked_vlm.provenance import code_version, model_identity, preprocessing_se
 
 PROBE_PROMPT = "Describe the image."
 STANDARDISE_IMAGES = 512  # the training images whose features set each site's standardisation
+# a training set read whole by the standardisation pass is kept in memory up to this size, and
+# its epochs reuse it instead of running the model again (small sets; large ones stream)
+KEEP_ACTIVATIONS_BYTES = 2 * 1024**3
 
 
 def probe_sites(model) -> list[tuple[str, int, str]]:
@@ -76,26 +80,12 @@ def position_probe(
     generator = torch.Generator().manual_seed(seed)
     sites = probe_sites(model)
     stream = _Stream(model, sites, tokens_per_image, batch_size, generator, progress)
-    moments = {hook: RunningMoments() for _, _, hook in sites}
-    for features in stream(itertools.islice(ImagesUsed(train_dataset), STANDARDISE_IMAGES), "standardisation"):
-        for hook, (x, _) in features.items():
-            moments[hook].update(x)
-    probes: dict[str, SiteProbe] = {}
-    n_train: dict[str, int] = {}
-    for epoch in range(epochs):
-        used = ImagesUsed(train_dataset)
-        train_used = used if epoch == 0 else train_used
-        for features in stream(used, f"probe training, epoch {epoch + 1}/{epochs}"):
-            for hook, (x, y) in features.items():
-                if hook not in probes:
-                    probes[hook] = SiteProbe(moments[hook], *stream.n_classes[hook], lr, generator, x.device)
-                probes[hook].train_on(x, y, generator)
-                if epoch == 0:
-                    n_train[hook] = n_train.get(hook, 0) + len(y)
+    moments, kept, first = _standardise(stream, train_dataset)
+    probes, n_train, train_used = _train(stream, train_dataset, moments, kept, first, epochs, lr, generator)
     test_used = ImagesUsed(test_dataset)
     correct = {hook: [0, 0, 0] for _, _, hook in sites}  # rows right, cols right, tokens
-    for features in stream(test_used, "probe scoring"):
-        for hook, (x, y) in features.items():
+    for activations in stream.activations(test_used, "probe scoring"):
+        for hook, (x, y) in stream.draw(activations).items():
             rows, cols = probes[hook].n_correct(x, y)
             correct[hook] = [correct[hook][0] + rows, correct[hook][1] + cols, correct[hook][2] + len(y)]
     rows = []
@@ -117,9 +107,50 @@ def position_probe(
     return results
 
 
+def _standardise(stream: _Stream, train_dataset):
+    """Each site's running moments over the first `STANDARDISE_IMAGES` training images, the
+    activations read for them when they are the whole training set and fit in
+    `KEEP_ACTIVATIONS_BYTES` (else None), and the `ImagesUsed` of that pass."""
+    moments = {hook: RunningMoments() for _, _, hook in stream.sites}
+    first = ImagesUsed(train_dataset)
+    kept, size = [], 0
+    for activations in stream.activations(itertools.islice(first, STANDARDISE_IMAGES), "standardisation"):
+        size += sum(x.numel() * x.element_size() for x, _, _ in activations.values())
+        kept = kept if kept is not None and size <= KEEP_ACTIVATIONS_BYTES else None
+        if kept is not None:
+            kept.append(activations)
+        for hook, (x, _) in stream.draw(activations).items():
+            moments[hook].update(x)
+    whole = first.count < STANDARDISE_IMAGES or known_length(train_dataset) == first.count
+    return moments, kept if whole else None, first
+
+
+def _train(stream: _Stream, train_dataset, moments, kept, first, epochs: int, lr: float, generator):
+    """The probes after `epochs` passes over the training images (the `kept` activations when
+    there are, else the model run again), the tokens of one pass per site, and the images of one
+    pass. The draws and steps are the same either way: keeping only saves forwards."""
+    probes: dict[str, SiteProbe] = {}
+    n_train: dict[str, int] = {}
+    train_used = first if kept is not None else None
+    for epoch in range(epochs):
+        if kept is None:
+            used = ImagesUsed(train_dataset)
+            train_used = train_used or used
+        batches = kept if kept is not None else stream.activations(used, f"probe training, epoch {epoch + 1}/{epochs}")
+        for activations in batches:
+            for hook, (x, y) in stream.draw(activations).items():
+                if hook not in probes:
+                    probes[hook] = SiteProbe(moments[hook], *stream.n_classes[hook], lr, generator, x.device)
+                probes[hook].train_on(x, y, generator)
+                if epoch == 0:
+                    n_train[hook] = n_train.get(hook, 0) + len(y)
+    return probes, n_train, train_used
+
+
 class _Stream:
-    """Run the model over images, a batch at a time, and give each site's (features, labels) of
-    the drawn tokens; learns each site's number of row and column classes on the way."""
+    """Run the model over images, a batch at a time, giving each site's activations of the image
+    tokens with their (row, col) labels and views (`activations`), and draw the tokens a pass
+    uses (`draw`); learns each site's number of row and column classes on the way."""
 
     def __init__(self, model, sites, tokens_per_image, batch_size, generator, progress):
         self.model, self.sites, self.tokens_per_image = model, sites, tokens_per_image
@@ -127,7 +158,7 @@ class _Stream:
         self.n_classes: dict[str, tuple[int, int]] = {}
 
     @torch.no_grad()
-    def __call__(self, images, what: str):
+    def activations(self, images, what: str):
         names = {hook for _, _, hook in self.sites}
         n_images = known_length(getattr(images, "images", images))
         total = None if n_images is None else -(-n_images // self.batch_size)
@@ -135,16 +166,23 @@ class _Stream:
         for batch in tqdm(batched(images, self.batch_size), desc=what, unit="batch", total=total, disable=not self.progress):
             inputs = self.model.prepare(batch, [PROBE_PROMPT] * len(batch))
             _, cache = self.model.run_with_cache(inputs, names_filter=lambda n: n in names)
-            features = {}
+            activations = {}
             for section, _, hook in self.sites:
                 x, y, views = (_vision_tokens if section == "vision" else _image_tokens)(self.model, inputs, cache[hook], section)
                 self._check_classes(hook, y)
-                keep = _subsample(views, self.tokens_per_image, self.generator).to(x.device)
-                features[hook] = (x[keep], y[keep.cpu()])
+                activations[hook] = (x, y, views)
             seen = True
-            yield features
+            yield activations
         if not seen:
             raise empty_dataset_error()
+
+    def draw(self, activations: dict[str, tuple[Tensor, Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per site: `tokens_per_image` random tokens of every view (all without it)."""
+        drawn = {}
+        for hook, (x, y, views) in activations.items():
+            keep = _subsample(views, self.tokens_per_image, self.generator)
+            drawn[hook] = (x[keep.to(x.device)], y[keep])
+        return drawn
 
     def _check_classes(self, hook: str, y: Int[Tensor, "n 2"]) -> None:
         """Every view is a full grid, so the first batch shows every row and column."""

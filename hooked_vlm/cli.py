@@ -12,9 +12,15 @@ examples:
     hooked-vlm token-ablation --model llava-hf/llava-1.5-7b-hf --coco ann.json --images val2017/ \\
         --mean imagenet_mean.pt --dtype bfloat16 --device cuda --out results/ablation-7b
     hooked-vlm parity --model llava-hf/llava-1.5-7b-hf --dtype float16 --device cuda
+    hooked-vlm remove-objects --coco ann.json --images val2017/ --out removed/ --inpainter lama
+    hooked-vlm control-set --model llava-hf/llava-1.5-7b-hf --model OpenGVLab/InternVL3_5-8B-HF --coco ann.json \\
+        --images val2017/ --removed removed/ --out control.json
+    hooked-vlm head-mediation --model llava-hf/llava-1.5-7b-hf --pairs control.json --out results/cma
+    hooked-vlm mean-embedding --model llava-hf/llava-1.5-7b-hf --collection imagenet/val --out mean.pt
 
 Data: the synthetic set (default; for a toy model, the distribution it was trained on, held out)
-or COCO-style annotations (`--coco`, `--images`, optionally `--removed` for object-removed pairs).
+or COCO-style annotations (`--coco`, `--images`, optionally `--removed` for object-removed pairs),
+or a control set's kept pairs (`--pairs control.json`, from `control-set`).
 Each experiment writes `results.csv` (one row per query), `summary.csv` and `figure.png`.
 `parity` exits with 1 when an activation or the greedy generation differs beyond tolerance.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import random
 import sys
 from pathlib import Path
@@ -32,6 +39,7 @@ import pandas as pd
 import torch
 
 from hooked_vlm.config import DTYPES
+from hooked_vlm.data.commands import register as register_data_commands
 
 SMALL_MODEL_LAYERS = 8  # below this, windows of 4 layers give at most one window besides "all"
 
@@ -63,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     parity.add_argument("--device", default="cpu")
     parity.add_argument("--tolerance", type=float, default=None, help="max difference relative to each activation's scale (default: per dtype)")
     parity.set_defaults(run=_parity)
+    register_data_commands(sub)  # remove-objects, control-set, mean-embedding
 
     from hooked_vlm.viewer.command import add_view_command  # `hooked-vlm view`: attention over the image
 
@@ -83,7 +92,8 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--coco", help="COCO-style instance annotations (JSON)")
     p.add_argument("--images", help="the annotations' image folder")
-    p.add_argument("--removed", help="folder of object-removed images ({ann_id}.png), for source/base pairs")
+    p.add_argument("--removed", help="folder of object-removed images ({ann_id}.png or {image_id}_{ann_id}.png, e.g. from remove-objects), for source/base pairs")
+    p.add_argument("--pairs", help="a control-set manifest (hooked-vlm control-set): its kept annotations, in its order")
     p.add_argument("--limit", type=int, default=None, help="use at most this many samples")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -148,6 +158,10 @@ PATH_OPTIONS = ("model", "coco", "images", "removed", "mean", "ranking")  # reco
 
 
 def _dataset(args) -> Any:
+    if args.pairs:
+        from hooked_vlm.data.control_set import control_set_dataset
+
+        return control_set_dataset(args.pairs, coco=args.coco, images=args.images, removed=args.removed)
     if args.coco:
         from hooked_vlm.data.coco import load_coco, pair_with_removed
 
@@ -189,7 +203,7 @@ def _ablation_mean(model, args):
     from hooked_vlm.runs import MANIFEST, is_main_process, write_atomically
     from hooked_vlm.toy_models import MEAN_IMAGES, toy_mean_embedding
 
-    if args.mean or args.coco or not (args.fill == "mean" or "ig" in args.strategies):
+    if args.mean or args.coco or args.pairs or not (args.fill == "mean" or "ig" in args.strategies):
         return args.mean
     out = Path(args.out)
     if (out / "mean_embedding.pt").exists() and (out / MANIFEST).exists() and not args.overwrite:
@@ -279,14 +293,23 @@ def _head_ranking(model, data, args, run) -> tuple[str, torch.Tensor]:
 
 def _run_probe(model, data, args, run):
     from hooked_vlm.experiments import position_probe
+    from hooked_vlm.runs import write_atomically
     from hooked_vlm.toy_models import toy_dataset
 
-    if args.coco:
+    if args.collection:
+        from hooked_vlm.data.commands import probe_collections
+
+        train, test = probe_collections(args)
+    elif args.coco or args.pairs:
         train, test = _probe_split(list(itertools.islice(data, args.limit)), args.seed)
     else:
         train = list(itertools.islice(data, args.limit))
         test = toy_dataset(args.model, max(len(train) // 4, 4), seed=args.seed + 1, split="probe-test")
-    return position_probe(model, train, test, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    results = position_probe(model, train, test, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, run=run)
+    if run.is_main:
+        provenance = json.dumps(results.attrs["provenance"], indent=1)
+        write_atomically(Path(args.out) / "provenance.json", lambda path: path.write_text(provenance))
+    return results
 
 
 def _probe_split(items: list, seed: int) -> tuple[list, list]:
@@ -376,7 +399,14 @@ def _extras_cumulative(p):
 
 
 def _extras_probe(p):
+    from hooked_vlm.data.commands import collection_arguments
+
     p.add_argument("--epochs", type=int, default=10)
+    collection_arguments(p)
+    collection_arguments(p, prefix="test-")
+    p.add_argument("--test-split", default=None, help="the datasets split of --test-collection")
+    p.add_argument("--n-train", type=int, default=50_000, help="--collection images to train on (the paper's 50,000)")
+    p.add_argument("--n-test", type=int, default=10_000, help="images to score on (the paper's 10,000)")
 
 
 EXPERIMENTS: dict[str, tuple[Callable, str, Callable]] = {
@@ -396,8 +426,11 @@ DESCRIPTIONS = {
     "The low-importance control removes the heads of smallest |MF|. Heads without an MF (not measured: with the "
     "paper's prompt positions, the last layer's for localization) are never removed. summary.csv adds each "
     "ranking's normalised AUC.",
-    "position-probe": "--limit caps the samples read. Synthetic data: the probes train on them and are scored on a "
-    "quarter as many images of another split. COCO: a seeded fifth of their images is held out for scoring.",
+    "position-probe": "Images: with --collection (e.g. ImageNet), --n-train of them to train on and --n-test others "
+    "(or of --test-collection) to score on, as the paper (50,000 / 10,000). Else --limit caps the samples read; "
+    "synthetic data: the probes train on them and are scored on a quarter as many images of another split; COCO: a "
+    "seeded fifth of their images is held out for scoring. The probes train as the images stream past (nothing is "
+    "stored), so each epoch reads the training images again. provenance.json records the model and the images.",
     "attention-knockout": "Windows: contiguous groups of --group-size layers, and 'all'.",
 }  # fmt: skip
 

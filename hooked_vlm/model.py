@@ -85,6 +85,7 @@ class HookedVLM(TransformerLensSurface, HookedRootModule):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.preprocessing = preprocessing  # the family's image/prompt settings (see hooked_vlm.families)
+        self.name_or_path: str | None = None  # what `from_pretrained` was given (results record it)
         text, vision = cfg.text, cfg.vision
         self.vision = VisionTower(vision, cfg.feature_layers, cfg.feature_select_strategy)
         self.projector = Projector(
@@ -137,7 +138,9 @@ class HookedVLM(TransformerLensSurface, HookedRootModule):
         from weights_conversion import HubOptions, load_pretrained
 
         hub = HubOptions(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
-        return load_pretrained(name_or_path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory, hub=hub)
+        model = load_pretrained(name_or_path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory, hub=hub)
+        model.name_or_path = str(name_or_path)
+        return model
 
     # ----------------------------------------------------------------------------- inputs
     def prepare(self, images: Any, prompts: str | Sequence[str], **kwargs: Any) -> VLMInput:

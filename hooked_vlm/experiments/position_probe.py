@@ -1,15 +1,25 @@
 """`position_probe`: can a linear classifier read an image token's row and column from its
 activation, layer by layer, through the vision tower, the projector and the language model?
 (PAPER_PROTOCOL §1.7: one linear classifier per axis and layer, trained on one image set and
-evaluated on another.)
+evaluated on another; the paper: 10 epochs on 50,000 ImageNet images, scored on 10,000.)
+
+The image sets are plain images (`hooked_vlm.data.collections`: a folder, a `datasets` dataset,
+PIL images) or any dataset of samples. Features are not stored (PROTOCOL-AUDIT A6): the probes
+train as the activations of each batch of images stream past (`streaming_probe`), so every epoch
+runs the model over the training images again, unless the training set is small enough
+(`STANDARDISE_IMAGES` images and `KEEP_ACTIVATIONS_BYTES`) to keep its activations in memory.
 
 Output columns: `section` ("vision", "projector", "language"), `layer` (block index; 0 for the
-projector), `hook`, `axis` ("row" | "col"), `accuracy` (held-out), `n_train`, `n_test`,
-`chance` (1 / number of classes).
+projector), `hook`, `axis` ("row" | "col"), `accuracy` (held-out), `n_train` (tokens per epoch),
+`n_test`, `chance` (1 / number of classes). `results.attrs["provenance"]`: the model's identity,
+the images of each set (count and a digest of their keys), the dtype, the preprocessing and the
+training settings. `run=`: recorded in a run directory, one item per site (`hooked_vlm.runs`).
 """
 
 from __future__ import annotations
 
+import datetime
+import itertools
 import zlib
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,11 +30,18 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_vlm.experiments.data import as_samples, batched, empty_dataset_error, sample_sources
+from hooked_vlm.data.collections import ImagesUsed, describe_collection, known_length
+from hooked_vlm.experiments.data import batched, empty_dataset_error
+from hooked_vlm.experiments.streaming_probe import RunningMoments, SiteProbe
 from hooked_vlm.inputs import VLMInput
-from hooked_vlm.runs import Item, Run, Work, describe_ids, execute
+from hooked_vlm.provenance import code_version, model_identity, preprocessing_settings
+from hooked_vlm.runs import Item, Run, Work, execute
 
 PROBE_PROMPT = "Describe the image."
+STANDARDISE_IMAGES = 512  # the training images whose features set each site's standardisation
+# a training set read whole by the standardisation pass is kept in memory up to this size, and
+# its epochs reuse it instead of running the model again (small sets; large ones stream)
+KEEP_ACTIVATIONS_BYTES = 2 * 1024**3
 
 
 def probe_sites(model) -> list[tuple[str, int, str]]:
@@ -50,63 +67,144 @@ def position_probe(
 ) -> pd.DataFrame:
     """Row/column decodability of image tokens at every layer (see the module docstring).
 
-    Features are gathered once per image set (`tokens_per_image` samples that many tokens per
-    image and view, to bound memory on large sets), then one softmax-regression probe per
-    (site, axis) is trained with Adam for `epochs` passes and scored on the test set. Vision-tower
-    positions are the patch grid (CLS excluded); projector and language-model positions are the
-    layout's (row, col) within each view. The token draws, the probes' initial weights and their
-    minibatch order come from one generator per site seeded with `seed` and the site: the result
-    depends on the seed only, and the global random state is left untouched. `run`: a run
-    directory to record the rows in and resume from (`hooked_vlm.runs`; one item per site, both
-    axes; the features of the pending sites are gathered in one pass first, so a process of a
-    launch runs every image through the model for its own sites).
+    Each site's features are standardised with the moments of the first `STANDARDISE_IMAGES`
+    training images; then one softmax-regression probe per (site, axis) is trained with Adam for
+    `epochs` passes (minibatches of 256 tokens within each batch of images) and scored on the
+    test images. `tokens_per_image` draws that many tokens per image and view, afresh in every
+    pass. Vision-tower positions are the patch grid (CLS excluded); projector and language-model
+    positions are the layout's (row, col) within each view. The token draws, the probes' initial
+    weights and their minibatch order come from one generator per site, seeded with `seed` and the
+    site: a site's result depends on the seed only (not on which other sites are computed with it,
+    so a resumed or shared run gives the same table), and the global random state is untouched.
+    `run`: a run directory to record the rows in and resume from (one item per site, both axes).
     """
-    train_ids, test_ids = ([sample_id for sample_id, _ in sample_sources(data)] for data in (train_dataset, test_dataset))
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    for name, images in (("train_dataset", train_dataset), ("test_dataset", test_dataset)):
+        if iter(images) is images:
+            raise TypeError(f"{name} is a one-shot iterator; the probe reads its images once per epoch: pass a collection or a list")
     items = [Item(hook, hook, (section, layer, hook)) for section, layer, hook in probe_sites(model)]
+    read: dict[str, Any] = {}  # the images this call read, for the provenance
 
     def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
         sites = [item.payload for item in pending]
-        # one generator per site, so a site's probe does not depend on which others are computed with it
         generators = {hook: torch.Generator().manual_seed(zlib.crc32(f"{seed}/{hook}".encode())) for _, _, hook in sites}
-        train = _gather(model, train_dataset, sites, tokens_per_image, batch_size, generators, progress, "train")
-        test = _gather(model, test_dataset, sites, tokens_per_image, batch_size, generators, progress, "test")
+        stream = _Stream(model, sites, tokens_per_image, batch_size, generators, progress)
+        moments, kept, first = _standardise(stream, train_dataset)
+        probes, n_train, used = _train(stream, train_dataset, moments, kept, first, epochs, lr, generators)
+        scoring = ImagesUsed(test_dataset)
+        correct = {hook: [0, 0, 0] for _, _, hook in sites}  # rows right, cols right, tokens
+        for activations in stream.activations(scoring, "probe scoring"):
+            for hook, (x, y) in stream.draw(activations).items():
+                rows, cols = probes[hook].n_correct(x, y)
+                correct[hook] = [correct[hook][0] + rows, correct[hook][1] + cols, correct[hook][2] + len(y)]
+        read.update(train_images=used.provenance(), test_images=scoring.provenance())
         for section, layer, hook in sites:
             rows = []
             for axis_index, axis in enumerate(("row", "col")):
-                x_train, y_train = train[hook]
-                x_test, y_test = test[hook]
-                n_classes = int(max(y_train[:, axis_index].max(), y_test[:, axis_index].max())) + 1
-                probe = _fit(x_train, y_train[:, axis_index], n_classes, epochs, lr, generators[hook])
-                accuracy = (probe(x_test).argmax(-1) == y_test[:, axis_index]).float().mean().item()
                 rows.append(
-                    {"section": section, "layer": layer, "hook": hook, "axis": axis, "accuracy": accuracy,
-                     "n_train": len(y_train), "n_test": len(y_test), "chance": 1 / n_classes}
+                    {"section": section, "layer": layer, "hook": hook, "axis": axis,
+                     "accuracy": correct[hook][axis_index] / correct[hook][2], "n_train": n_train[hook],
+                     "n_test": correct[hook][2], "chance": 1 / stream.n_classes[hook][axis_index]}
                 )  # fmt: skip
             yield hook, rows
 
-    settings = {"epochs": epochs, "tokens_per_image": tokens_per_image, "lr": lr, "seed": seed,
-                "train": describe_ids(train_ids), "test": describe_ids(test_ids)}  # fmt: skip
+    settings = {"epochs": epochs, "tokens_per_image": tokens_per_image, "lr": lr, "seed": seed, "prompt": PROBE_PROMPT,
+                "train": describe_collection(train_dataset), "test": describe_collection(test_dataset)}  # fmt: skip
     work = Work("position_probe", items, compute, settings=settings, model=model, desc="probes", unit="site")
-    return execute(work, run, progress=progress)
+    results = execute(work, run, progress=progress)
+    results.attrs["provenance"] = {
+        "model": model_identity(model), "dtype": str(model.dtype).removeprefix("torch."),
+        "preprocessing": preprocessing_settings(model), **settings, "hooked_vlm": code_version(),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        **read,  # none when a resumed run had nothing left to compute
+    }  # fmt: skip
+    return results
 
 
-@torch.no_grad()
-def _gather(model, dataset, sites, tokens_per_image, batch_size, generators, progress, split) -> dict[str, tuple[Tensor, Tensor]]:
-    """Per hook: features `[n, d]` (float32, CPU) and labels `[n, 2]` (row, col)."""
-    names = {hook for _, _, hook in sites}
-    features: dict[str, list[Tensor]] = {hook: [] for hook in names}
-    labels: dict[str, list[Tensor]] = {hook: [] for hook in names}
-    for batch in tqdm(batched(as_samples(dataset), batch_size), desc=f"probe features ({split})", disable=not progress):
-        inputs = model.prepare([s.image for s in batch], [PROBE_PROMPT] * len(batch))
-        _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in names, device="cpu")
-        for section, _, hook in sites:
-            x, y, views = (_vision_tokens if section == "vision" else _image_tokens)(model, inputs, cache[hook], section)
-            keep = _subsample(views, tokens_per_image, generators[hook])
-            features[hook].append(x[keep].float())
-            labels[hook].append(y[keep])
-    if not any(labels.values()):
-        raise empty_dataset_error()
-    return {hook: (torch.cat(features[hook]), torch.cat(labels[hook])) for hook in names}
+def _standardise(stream: _Stream, train_dataset):
+    """Each site's running moments over the first `STANDARDISE_IMAGES` training images, the
+    activations read for them when they are the whole training set and fit in
+    `KEEP_ACTIVATIONS_BYTES` (else None), and the `ImagesUsed` of that pass."""
+    moments = {hook: RunningMoments() for _, _, hook in stream.sites}
+    first = ImagesUsed(train_dataset)
+    kept, size = [], 0
+    for activations in stream.activations(itertools.islice(first, STANDARDISE_IMAGES), "standardisation"):
+        size += sum(x.numel() * x.element_size() for x, _, _ in activations.values())
+        kept = kept if kept is not None and size <= KEEP_ACTIVATIONS_BYTES else None
+        if kept is not None:
+            kept.append(activations)
+        for hook, (x, _) in stream.draw(activations).items():
+            moments[hook].update(x)
+    whole = first.count < STANDARDISE_IMAGES or known_length(train_dataset) == first.count
+    return moments, kept if whole else None, first
+
+
+def _train(stream: _Stream, train_dataset, moments, kept, first, epochs: int, lr: float, generators: dict[str, torch.Generator]):
+    """The probes after `epochs` passes over the training images (the `kept` activations when
+    there are, else the model run again), the tokens of one pass per site, and the images of one
+    pass. The draws and steps are the same either way: keeping only saves forwards."""
+    probes: dict[str, SiteProbe] = {}
+    n_train: dict[str, int] = {}
+    train_used = first if kept is not None else None
+    for epoch in range(epochs):
+        if kept is None:
+            used = ImagesUsed(train_dataset)
+            train_used = train_used or used
+        batches = kept if kept is not None else stream.activations(used, f"probe training, epoch {epoch + 1}/{epochs}")
+        for activations in batches:
+            for hook, (x, y) in stream.draw(activations).items():
+                if hook not in probes:
+                    probes[hook] = SiteProbe(moments[hook], *stream.n_classes[hook], lr, generators[hook], x.device)
+                probes[hook].train_on(x, y, generators[hook])
+                if epoch == 0:
+                    n_train[hook] = n_train.get(hook, 0) + len(y)
+    return probes, n_train, train_used
+
+
+class _Stream:
+    """Run the model over images, a batch at a time, giving each site's activations of the image
+    tokens with their (row, col) labels and views (`activations`), and draw the tokens a pass
+    uses (`draw`); learns each site's number of row and column classes on the way."""
+
+    def __init__(self, model, sites, tokens_per_image, batch_size, generators: dict[str, torch.Generator], progress):
+        self.model, self.sites, self.tokens_per_image = model, sites, tokens_per_image
+        self.batch_size, self.generators, self.progress = batch_size, generators, progress
+        self.n_classes: dict[str, tuple[int, int]] = {}
+
+    @torch.no_grad()
+    def activations(self, images, what: str):
+        names = {hook for _, _, hook in self.sites}
+        n_images = known_length(getattr(images, "images", images))
+        total = None if n_images is None else -(-n_images // self.batch_size)
+        seen = False
+        for batch in tqdm(batched(images, self.batch_size), desc=what, unit="batch", total=total, disable=not self.progress):
+            inputs = self.model.prepare(batch, [PROBE_PROMPT] * len(batch))
+            _, cache = self.model.run_with_cache(inputs, names_filter=lambda n: n in names)
+            activations = {}
+            for section, _, hook in self.sites:
+                x, y, views = (_vision_tokens if section == "vision" else _image_tokens)(self.model, inputs, cache[hook], section)
+                self._check_classes(hook, y)
+                activations[hook] = (x, y, views)
+            seen = True
+            yield activations
+        if not seen:
+            raise empty_dataset_error()
+
+    def draw(self, activations: dict[str, tuple[Tensor, Tensor, Tensor]]) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per site: `tokens_per_image` random tokens of every view (all without it)."""
+        drawn = {}
+        for hook, (x, y, views) in activations.items():
+            keep = _subsample(views, self.tokens_per_image, self.generators[hook])
+            drawn[hook] = (x[keep.to(x.device)], y[keep])
+        return drawn
+
+    def _check_classes(self, hook: str, y: Int[Tensor, "n 2"]) -> None:
+        """Every view is a full grid, so the first batch shows every row and column."""
+        n = (int(y[:, 0].max()) + 1, int(y[:, 1].max()) + 1)
+        known = self.n_classes.setdefault(hook, n)
+        if n[0] > known[0] or n[1] > known[1]:
+            raise ValueError(f"{hook}: a grid of {n} rows and columns after one of {known}; the probe's classes are fixed")
 
 
 # Each extractor returns features `[n, d]`, labels `[n, 2]` (row, col) and each token's view of
@@ -141,24 +239,3 @@ def _subsample(views: Int[Tensor, "n"], k: int | None, generator: torch.Generato
         members = torch.nonzero(views == view).flatten()
         chosen.append(members[torch.randperm(len(members), generator=generator)[:k]])
     return torch.cat(chosen) if chosen else torch.arange(0)
-
-
-def _fit(x: Float[Tensor, "n d"], y: Int[Tensor, "n"], n_classes: int, epochs: int, lr: float, generator: torch.Generator):
-    """A softmax-regression probe on standardised features (Adam, minibatches of 256)."""
-    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
-    # nn.Linear's own initialisation (U(-1/sqrt(d), 1/sqrt(d))), drawn from the experiment's
-    # generator instead of the global one, so the fit depends on the seed alone
-    linear = torch.nn.utils.skip_init(torch.nn.Linear, x.shape[1], n_classes)
-    bound = x.shape[1] ** -0.5
-    with torch.no_grad():
-        for parameter in (linear.weight, linear.bias):
-            torch.nn.init.uniform_(parameter, -bound, bound, generator=generator)
-    optimizer = torch.optim.Adam(linear.parameters(), lr=lr)
-    xs = (x - mean) / std
-    with torch.enable_grad():
-        for _ in range(epochs):
-            for index in torch.randperm(len(y), generator=generator).split(256):
-                optimizer.zero_grad()
-                torch.nn.functional.cross_entropy(linear(xs[index]), y[index]).backward()
-                optimizer.step()
-    return lambda features: linear((features - mean) / std).detach()

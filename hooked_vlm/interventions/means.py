@@ -1,14 +1,20 @@
 """Mean activations of image tokens over a dataset, the paper's ablation value (§1.4, §1.11.5:
 one vector per model, averaged over every image token of ImageNet-val after the projector; for
-InternVL over tiles and thumbnail alike), saved with enough metadata to refuse a wrong model."""
+InternVL over tiles and thumbnail alike), saved with its provenance (the model's identity, the
+images read: count, source and a digest of their keys, the dtype and preprocessing), so that
+loading it onto another model is an error naming both.
+
+    images = ImageFolder("imagenet/val")        # hooked_vlm.data.collections; or a datasets dataset
+    save_mean(compute_mean_embedding(model, images), "imagenet_mean.pt")
+"""
 
 from __future__ import annotations
 
-import hashlib
+import datetime
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import torch
 from jaxtyping import Float
@@ -16,16 +22,27 @@ from PIL import Image
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from hooked_vlm.data.collections import ImagesUsed, known_length
 from hooked_vlm.inputs import Views
+from hooked_vlm.provenance import (
+    Preprocessing,
+    check_same_model,
+    code_version,
+    model_fingerprint,
+    model_identity,
+    with_preprocessing,
+    write_atomically,
+)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with `provenance`; files of version 1 still load
 
 
 @dataclass
 class MeanEmbedding:
     """A mean activation: `vector` has the hook's per-token shape (`[d_model]` at
     `hook_inputs_embeds`). `count` image tokens were averaged; `fingerprint`/`model` identify
-    the model it was computed on (see `model_fingerprint`)."""
+    the model's architecture (see `model_fingerprint`); `provenance` records the model's
+    identity, the images, the dtype and the preprocessing (`compute_mean_embedding`)."""
 
     vector: Float[Tensor, "..."]
     hook: str
@@ -33,18 +50,7 @@ class MeanEmbedding:
     views: str
     fingerprint: str
     model: str
-
-
-def model_fingerprint(model) -> tuple[str, str]:
-    """(hash, description) of the model's architecture and checkpoint format. Two checkpoints of
-    one architecture share it; a different width, depth or family does not."""
-    cfg, text = model.cfg, model.cfg.text
-    description = (
-        f"{cfg.family} {cfg.checkpoint_format}: d_model={text.d_model} n_layers={text.n_layers} "
-        f"n_heads={text.n_heads} d_vocab={text.d_vocab} vision d_model={cfg.vision.d_model}"
-    )
-    fields = repr((description, text.d_head, text.d_mlp, cfg.vision.n_layers, cfg.vision.image_size, cfg.downsample_ratio))
-    return hashlib.sha1(fields.encode()).hexdigest()[:16], description
+    provenance: dict = field(default_factory=dict)
 
 
 def hook_shape(model, hook: str) -> tuple[int, ...] | None:
@@ -77,9 +83,13 @@ def compute_mean_embedding(
     views: Views = "all",
     prompt: str = "Describe the image.",
     batch_size: int = 8,
+    preprocessing: Preprocessing = None,
     progress: bool = True,
 ) -> MeanEmbedding:
-    """Average `hook`'s activation over every image token (of the chosen views) of `images`.
+    """Average `hook`'s activation over every image token (of the chosen views) of `images`: an
+    image collection (`hooked_vlm.data.collections`: a folder, a `datasets` dataset), PIL
+    images, or a dataset of samples, read one batch at a time. `preprocessing` overrides
+    `model.preprocessing` meanwhile (e.g. {"image_mode": "pad"}).
 
     Each batch runs only up to the hook (the rest of the forward is skipped); sums are kept in
     float64. The prompt matters only for hooks after the first attention layer, and there only
@@ -88,10 +98,25 @@ def compute_mean_embedding(
     from hooked_vlm.interventions.ablation import check_position_hook
 
     check_position_hook(model, hook)
+    used = ImagesUsed(images)
+    with with_preprocessing(model, preprocessing) as settings:
+        total, count = _sum_tokens(model, used, hook, views, prompt, batch_size, progress)
+    if count == 0:
+        raise ValueError(f"no image tokens in views {views!r} of the given images")
+    fingerprint, description = model_fingerprint(model)
+    provenance = {"model": model_identity(model), "images": used.provenance(), "dtype": str(model.dtype).removeprefix("torch."),
+                  "preprocessing": settings, "prompt": prompt, "hooked_vlm": code_version(),
+                  "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}  # fmt: skip
+    return MeanEmbedding((total / count).to(model.dtype).cpu(), hook, count, str(views), fingerprint, description, provenance)
+
+
+def _sum_tokens(model, images: ImagesUsed, hook: str, views: Views, prompt: str, batch_size: int, progress: bool):
+    """(float64 sum, count) of `hook`'s activations over the image tokens of `images`."""
     total: Tensor | None = None
     count = 0
-    batches = _batched(images, batch_size)
-    for batch in tqdm(batches, desc=f"mean of {hook}", disable=not progress, total=_n_batches(images, batch_size)):
+    n_images = known_length(images.images)
+    n_batches = None if n_images is None else -(-n_images // batch_size)
+    for batch in tqdm(_batched(images, batch_size), desc=f"mean of {hook}", unit="batch", disable=not progress, total=n_batches):
         inputs = model.prepare(batch, [prompt] * len(batch))
         captured: dict[str, Tensor] = {}
 
@@ -110,10 +135,7 @@ def compute_mean_embedding(
             rows = value[layout.image_batch_row[image], layout.positions(image, views).to(value.device)]
             total = rows.double().sum(0) if total is None else total + rows.double().sum(0)
             count += rows.shape[0]
-    if count == 0:
-        raise ValueError(f"no image tokens in views {views!r} of the given images")
-    fingerprint, description = model_fingerprint(model)
-    return MeanEmbedding((total / count).to(model.dtype).cpu(), hook, count, str(views), fingerprint, description)
+    return total, count
 
 
 def _batched(images: Iterable[Image.Image], size: int):
@@ -129,32 +151,32 @@ def _batched(images: Iterable[Image.Image], size: int):
         yield batch
 
 
-def _n_batches(images: Iterable, size: int) -> int | None:
-    return -(-len(images) // size) if isinstance(images, Sequence) else None
-
-
 def save_mean(mean: MeanEmbedding, path: str | Path) -> Path:
-    """Write the vector and its metadata (hook, count, views, model fingerprint) to one file."""
+    """Write the vector and its metadata (hook, count, views, model fingerprint, provenance) to
+    one file, atomically (a crash never leaves a truncated file)."""
     path = Path(path)
     payload = asdict(mean) | {"vector": mean.vector.detach().cpu(), "format_version": FORMAT_VERSION}
-    torch.save(payload, path)
+    write_atomically(path, lambda f: torch.save(payload, f))
     return path
 
 
 def load_mean(path: str | Path, model=None) -> MeanEmbedding:
-    """Read a `save_mean` file. With `model`, refuse a vector of another width (ValueError) and
-    warn when it was computed on a model of another architecture."""
+    """Read a `save_mean` file. With `model`, refuse a vector of another width and a mean computed
+    on another model (ValueError naming both; files without provenance, of format 1, only warn
+    when the architecture differs)."""
     payload = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if payload.get("format_version") != FORMAT_VERSION:
+    if payload.get("format_version") not in (1, FORMAT_VERSION):
         raise ValueError(f"{path} is not a mean-embedding file of format {FORMAT_VERSION}")
     payload.pop("format_version")
     mean = MeanEmbedding(**payload)
     if model is not None:
-        check_mean_fits(mean, model, mean.hook)
+        check_mean_fits(mean, model, mean.hook, where=f"the mean in {path}")
     return mean
 
 
-def check_mean_fits(mean: MeanEmbedding, model, hook: str) -> None:
+def check_mean_fits(mean: MeanEmbedding, model, hook: str, where: str = "the mean") -> None:
+    """Refuse a mean of another shape than `hook`'s, or computed on another model (by its
+    provenance; a mean without one only warns when the architecture differs)."""
     expected = hook_shape(model, hook)
     if expected is not None and tuple(mean.vector.shape) != expected:
         raise ValueError(
@@ -163,6 +185,9 @@ def check_mean_fits(mean: MeanEmbedding, model, hook: str) -> None:
         )
     if mean.hook != hook:
         warnings.warn(f"using a mean computed at {mean.hook} to ablate {hook}", stacklevel=3)
+    if "model" in mean.provenance:
+        check_same_model(mean.provenance["model"], model, where)
+        return
     fingerprint, description = model_fingerprint(model)
     if mean.fingerprint != fingerprint:
         warnings.warn(f"the mean was computed on another model ({mean.model}); this one is {description}", stacklevel=3)

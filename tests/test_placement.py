@@ -171,3 +171,23 @@ def test_from_pretrained_places_by_accelerate_and_every_activation_follows(tiny_
     with torch.no_grad():
         assert torch.equal(one_device(inputs), expected)
     assert torch.equal(one_device.generate(inputs, 6, return_tokens=True), plain.generate(inputs, 6, return_tokens=True))
+
+
+def test_the_final_norm_and_the_lm_head_may_sit_on_different_devices(internvl_38b, tiny_checkpoint, photos, monkeypatch):
+    """accelerate fills a GPU that is not the first to the brim: the tiny final norm fits beside
+    the last block, the LM head goes to the next GPU. The forward must cross between them."""
+    device_map = infer_device_map(internvl_38b, "sequential", {0: "30GiB", 1: "41.8GiB", 2: "40GiB"})
+    assert (device_map["ln_final"], device_map["unembed"]) == (1, 2)
+    directory = tiny_checkpoint("llava_base")
+    plain = HookedVLM.from_pretrained(directory)
+    inputs = plain.prepare(photos["chelsea"], "Where is the cat?")
+    monkeypatch.setattr(placement, "torch_device", _fake_gpus)
+    placed = HookedVLM.from_pretrained(directory, device_map={"": 0, "unembed": 1})
+    handles = _check_devices(placed)
+    try:
+        with torch.no_grad():
+            logits = placed(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert logits.device.type == "meta" and logits.shape == plain(inputs).shape

@@ -191,3 +191,13 @@ def test_the_final_norm_and_the_lm_head_may_sit_on_different_devices(internvl_38
         for handle in handles:
             handle.remove()
     assert logits.device.type == "meta" and logits.shape == plain(inputs).shape
+
+
+def test_a_device_map_that_splits_a_block_is_refused_by_name(tiny_checkpoint):
+    directory = tiny_checkpoint("llava_base")
+    with pytest.raises(ValueError, match=r"device_map splits 'blocks.1' over \['cpu', 'meta'\]"):
+        HookedVLM.from_pretrained(directory, device_map={"": "cpu", "blocks.1.mlp": "meta"})
+    with pytest.raises(ValueError, match=r"device_map splits 'projector'"):
+        HookedVLM.from_pretrained(directory, device_map={"": "cpu", "projector.linear_2": "meta"})
+    with pytest.raises(ValueError, match=r"device_map splits 'vision.blocks.0'"):
+        HookedVLM.from_pretrained(directory, device_map={"": "cpu", "vision.blocks.0.attn.q_proj": "meta"})

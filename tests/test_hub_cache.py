@@ -8,6 +8,7 @@ named by `cache_dir=` or by `HF_HUB_CACHE` with `HF_HUB_OFFLINE=1`.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import huggingface_hub.constants as hub_constants
@@ -138,3 +139,34 @@ def test_a_bin_only_repository_loads_without_running_pickled_code(tmp_path, tiny
     torch.save(tensors | {"payload": _RunsCode()}, repo / "pytorch_model.bin")
     with pytest.raises(ConversionError, match=r"cannot read weight file .*pytorch_model\.bin"):
         HookedVLM.from_pretrained(repo)
+
+
+def test_a_cached_snapshot_without_weights_is_named_with_how_to_complete_it(tmp_path, tiny_checkpoint):
+    """Offline, huggingface_hub returns a cached snapshot as it is: one holding only the config
+    (fetched alone, or an interrupted download) must not surface as a bare 'no weight files'."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tiny_checkpoint("llava_base") / "config.json", partial)
+    cache = tmp_path / "hub"
+    add_to_hub_cache(cache, "tiny-org/partial", partial)
+    with pytest.raises(FileNotFoundError, match=r"tiny-org/partial: its snapshot .*models--tiny-org--partial.* holds no weight files .*only \['config.json'\].*`hf download tiny-org/partial`"):
+        HookedVLM.from_pretrained("tiny-org/partial", cache_dir=cache, local_files_only=True)
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(partial))} holds no weight files"):
+        HookedVLM.from_pretrained(partial)  # a local directory is named too
+
+
+def test_an_unreachable_hub_is_said_so(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("connection error, and the file is not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(FileNotFoundError) as error:
+        HookedVLM.from_pretrained("tiny-org/not-cached", cache_dir=tmp_path)
+    assert str(error.value) == (
+        f"tiny-org/not-cached is not in the Hugging Face cache at {tmp_path} and the hub could not be reached; "
+        "check the connection, or download it where the hub can be reached"
+    )

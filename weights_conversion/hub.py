@@ -46,14 +46,26 @@ def resolve_directory(name_or_path: str | Path, hub: HubOptions = HubOptions(), 
     directory = _snapshot(repo_id, hub, list(CONFIG_PATTERNS) + (["*.safetensors"] if weights else []))
     if weights and not list(directory.glob("*.safetensors")):  # older repositories ship only .bin shards
         directory = _snapshot(repo_id, hub, list(CONFIG_PATTERNS) + ["*.bin"])
+        if not list(directory.glob("*.bin")):
+            # offline, snapshot_download returns a cached snapshot as it is, whatever it lacks
+            revision = f" --revision {hub.revision}" if hub.revision else ""
+            raise FileNotFoundError(
+                f"{_what(repo_id, hub)}: its snapshot {directory} holds no weight files (*.safetensors or *.bin), only "
+                f"{sorted(p.name for p in directory.iterdir())}; an interrupted download or a config fetched alone leaves "
+                f"such a snapshot: download it whole (`hf download {repo_id}{revision}`)"
+            )
     return directory
+
+
+def _what(repo_id: str, hub: HubOptions) -> str:
+    return repo_id + (f" (revision {hub.revision!r})" if hub.revision else "")
 
 
 def _snapshot(repo_id: str, hub: HubOptions, patterns: list[str]) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    what = repo_id + (f" (revision {hub.revision!r})" if hub.revision else "")
+    what = _what(repo_id, hub)
     try:
         return Path(snapshot_download(
             repo_id, revision=hub.revision, cache_dir=hub.cache_dir, token=hub.token,
@@ -63,10 +75,10 @@ def _snapshot(repo_id: str, hub: HubOptions, patterns: list[str]) -> Path:
         cache = Path(hub.cache_dir or constants.HF_HUB_CACHE)
         if hub.local_files_only or constants.HF_HUB_OFFLINE:
             why = "local_files_only=True" if hub.local_files_only else "HF_HUB_OFFLINE=1"
-            fix = "download it once online (or copy the cache over), or drop " + why
+            why, fix = f"{why} forbids downloading it", "download it once online (or copy the cache over), or drop " + why
         else:
             why, fix = "the hub could not be reached", "check the connection, or download it where the hub can be reached"
-        error: Exception = FileNotFoundError(f"{what} is not in the Hugging Face cache at {cache} and {why} forbids downloading it; {fix}")
+        error: Exception = FileNotFoundError(f"{what} is not in the Hugging Face cache at {cache} and {why}; {fix}")
     except GatedRepoError:
         error = PermissionError(f"{what} is gated: accept its conditions on huggingface.co, then pass token=... or log in with `hf auth login`")
     except RepositoryNotFoundError:

@@ -41,6 +41,19 @@ def test_the_gpt_oss_variant_is_named_and_refused(tiny_checkpoint, tmp_path, sou
         HookedVLM.from_pretrained(copy)
 
 
+@pytest.mark.parametrize("source", ["internvl_6b", "internvl_original"])
+def test_the_mixture_of_experts_variants_are_named_and_refused(tiny_checkpoint, tmp_path, source):
+    """InternVL3_5-30B-A3B and -241B-A28B: text_config / llm_config model_type qwen3_moe."""
+
+    def to_moe(config):
+        text = config.get("text_config") or config["llm_config"]
+        text.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=128, num_experts_per_tok=8)
+
+    copy = _edited_copy(tiny_checkpoint(source), tmp_path, to_moe)
+    with pytest.raises(NotImplementedError, match=r"InternVL3\.5 mixture-of-experts checkpoint \(InternVL3_5-30B-A3B or -241B-A28B: a qwen3_moe language model with 128 experts"):
+        HookedVLM.from_pretrained(copy)
+
+
 @pytest.mark.parametrize(("source", "assumed"), [
     ("llava_base", r"LLaVA checkpoint has no preprocessor_config\.json .* assuming the defaults: resize the shortest edge to 42 px, centre-crop 42x42"),
     ("internvl_300m", r"InternVL checkpoint has no preprocessor_config\.json .* assuming the defaults: 56x56 tiles, 1 to 12 tiles plus a thumbnail"),

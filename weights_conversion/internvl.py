@@ -264,14 +264,21 @@ def original_template(raw: dict) -> family.Template:
 
 def refuse_unsupported_variants(raw_config: dict) -> None:
     """InternVL3_5-GPT-OSS-20B-A4B-Preview(-HF) pairs InternViT with gpt-oss-20b (attention sinks,
-    alternating sliding-window attention, YaRN RoPE, 32 experts with a clamped SwiGLU): say so by
-    name, before any file is read, rather than fail on one of its fields."""
+    alternating sliding-window attention, YaRN RoPE, 32 experts with a clamped SwiGLU), and
+    InternVL3_5-30B-A3B / -241B-A28B with Qwen3-MoE: say so by name, before any file is read,
+    rather than fail on one of their fields."""
     text = raw_config.get("text_config") or raw_config.get("llm_config") or {}
     if text.get("model_type") == "gpt_oss" or raw_config.get("template") == "internvl3_5_gpt_oss":
         raise NotImplementedError(
             "this is an InternVL3.5-GPT-OSS checkpoint (InternVL3_5-GPT-OSS-20B-A4B-Preview: a gpt_oss language model with "
             "attention sinks, sliding-window attention and mixture-of-experts MLPs), which hooked_vlm does not support "
             "(the README's table lists the supported checkpoints)"
+        )
+    if text.get("model_type") == "qwen3_moe":
+        raise NotImplementedError(
+            f"this is an InternVL3.5 mixture-of-experts checkpoint (InternVL3_5-30B-A3B or -241B-A28B: a qwen3_moe "
+            f"language model with {text.get('num_experts', '?')} experts per MLP), which hooked_vlm does not support yet; "
+            "the dense InternVL3.5 checkpoints (1B to 38B) are supported (the README's table lists them)"
         )
 
 

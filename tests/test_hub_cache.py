@@ -170,3 +170,12 @@ def test_an_unreachable_hub_is_said_so(tmp_path, monkeypatch):
         f"tiny-org/not-cached is not in the Hugging Face cache at {tmp_path} and the hub could not be reached; "
         "check the connection, or download it where the hub can be reached"
     )
+
+
+def test_offline_a_wrong_revision_or_a_misspelt_id_says_what_the_cache_holds(tmp_path, tiny_checkpoint):
+    cache = tmp_path / "hub"
+    commit = add_to_hub_cache(cache, "tiny-org/llava-base", tiny_checkpoint("llava_base"))
+    with pytest.raises(FileNotFoundError, match=rf"\(revision 'v9'\) is not in the Hugging Face cache at .* \(it holds the repository at main, {commit}\)"):
+        HookedVLM.from_pretrained("tiny-org/llava-base", revision="v9", cache_dir=cache, local_files_only=True)
+    with pytest.raises(FileNotFoundError, match=r"tiny-org/llava-bsae is not in .* \(did you mean 'tiny-org/llava-base', which it holds\?\)"):
+        HookedVLM.from_pretrained("tiny-org/llava-bsae", cache_dir=cache, local_files_only=True)

@@ -9,6 +9,7 @@ directory and why — not a chain of connection tracebacks.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -78,7 +79,7 @@ def _snapshot(repo_id: str, hub: HubOptions, patterns: list[str]) -> Path:
             why, fix = f"{why} forbids downloading it", "download it once online (or copy the cache over), or drop " + why
         else:
             why, fix = "the hub could not be reached", "check the connection, or download it where the hub can be reached"
-        error: Exception = FileNotFoundError(f"{what} is not in the Hugging Face cache at {cache} and {why}; {fix}")
+        error: Exception = FileNotFoundError(f"{what} is not in the Hugging Face cache at {cache}{_cached_hint(repo_id, cache)} and {why}; {fix}")
     except GatedRepoError:
         error = PermissionError(f"{what} is gated: accept its conditions on huggingface.co, then pass token=... or log in with `hf auth login`")
     except RepositoryNotFoundError:
@@ -86,6 +87,19 @@ def _snapshot(repo_id: str, hub: HubOptions, patterns: list[str]) -> Path:
     except RevisionNotFoundError:
         error = FileNotFoundError(f"{repo_id!r} has no revision {hub.revision!r} (a branch, tag or commit hash)")
     raise error from None
+
+
+def _cached_hint(repo_id: str, cache: Path) -> str:
+    """What the cache holds instead: the repository's cached revisions (a wrong `revision=`), or
+    cached repositories of a similar name (a misspelt id)."""
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    if folder.is_dir():
+        refs = sorted(p.relative_to(folder / "refs").as_posix() for p in (folder / "refs").rglob("*") if p.is_file())
+        commits = sorted(p.name for p in (folder / "snapshots").glob("*"))
+        return f" (it holds the repository at {', '.join(refs + commits) or 'no revision'})"
+    cached = [p.name.removeprefix("models--").replace("--", "/", 1) for p in cache.glob("models--*")]
+    close = difflib.get_close_matches(repo_id, cached, n=3, cutoff=0.8)
+    return f" (did you mean {' or '.join(map(repr, close))}, which it holds?)" if close else ""
 
 
 def _toy_hint(name: str) -> str:

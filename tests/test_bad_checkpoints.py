@@ -50,7 +50,7 @@ def test_the_mixture_of_experts_variants_are_named_and_refused(tiny_checkpoint, 
         text.update(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"], num_experts=128, num_experts_per_tok=8)
 
     copy = _edited_copy(tiny_checkpoint(source), tmp_path, to_moe)
-    with pytest.raises(NotImplementedError, match=r"InternVL3\.5 mixture-of-experts checkpoint \(InternVL3_5-30B-A3B or -241B-A28B: a qwen3_moe language model with 128 experts"):
+    with pytest.raises(NotImplementedError, match=r"'qwen3_moe' is not supported yet: this is an InternVL3\.5 mixture-of-experts checkpoint \(InternVL3_5-30B-A3B or -241B-A28B, 128 experts per MLP\)"):
         HookedVLM.from_pretrained(copy)
 
 

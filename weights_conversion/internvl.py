@@ -275,10 +275,11 @@ def refuse_unsupported_variants(raw_config: dict) -> None:
             "(the README's table lists the supported checkpoints)"
         )
     if text.get("model_type") == "qwen3_moe":
+        experts = f", {text['num_experts']} experts per MLP" if "num_experts" in text else ""
         raise NotImplementedError(
-            f"this is an InternVL3.5 mixture-of-experts checkpoint (InternVL3_5-30B-A3B or -241B-A28B: a qwen3_moe "
-            f"language model with {text.get('num_experts', '?')} experts per MLP), which hooked_vlm does not support yet; "
-            "the dense InternVL3.5 checkpoints (1B to 38B) are supported (the README's table lists them)"
+            "language model type 'qwen3_moe' is not supported yet: this is an InternVL3.5 mixture-of-experts checkpoint "
+            f"(InternVL3_5-30B-A3B or -241B-A28B{experts}); the dense InternVL3.5 checkpoints (1B to 38B) are supported "
+            "(the README's table lists them)"
         )
 
 

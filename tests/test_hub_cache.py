@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
 import pytest
@@ -179,3 +180,33 @@ def test_offline_a_wrong_revision_or_a_misspelt_id_says_what_the_cache_holds(tmp
         HookedVLM.from_pretrained("tiny-org/llava-base", revision="v9", cache_dir=cache, local_files_only=True)
     with pytest.raises(FileNotFoundError, match=r"tiny-org/llava-bsae is not in .* \(did you mean 'tiny-org/llava-base', which it holds\?\)"):
         HookedVLM.from_pretrained("tiny-org/llava-bsae", cache_dir=cache, local_files_only=True)
+
+
+def test_original_llava_with_its_tower_inside_needs_only_the_clip_config(tmp_path, tiny_checkpoint):
+    """A checkpoint that carries its (fine-tuned) CLIP tower reads only config and preprocessing
+    from `mm_vision_tower`: offline, a cache holding just those files is enough."""
+    from safetensors.torch import load_file
+
+    from weights_conversion.io import CheckpointReader
+
+    original = tmp_path / "original"
+    shutil.copytree(tiny_checkpoint("llava_original"), original)
+    config = json.loads((original / "config.json").read_text())
+    clip_dir = Path(config["mm_vision_tower"])
+    reader = CheckpointReader.from_directory(original)
+    tensors = {key: reader.get(key) for key in reader.keys()}
+    tensors |= {f"model.vision_tower.vision_tower.{k}": v for k, v in load_file(clip_dir / "model.safetensors").items()}
+    for path in list(original.glob("pytorch_model*")):
+        path.unlink()
+    torch.save(tensors, original / "pytorch_model.bin")
+    config["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"
+    (original / "config.json").write_text(json.dumps(config))
+    clip_config_only = tmp_path / "clip"
+    clip_config_only.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(clip_dir / name, clip_config_only)
+    cache = tmp_path / "hub"
+    add_to_hub_cache(cache, "liuhaotian/llava-tiny", original)
+    add_to_hub_cache(cache, "openai/clip-vit-large-patch14-336", clip_config_only)
+    model = HookedVLM.from_pretrained("liuhaotian/llava-tiny", cache_dir=cache, local_files_only=True)
+    assert _same_weights(model, HookedVLM.from_pretrained(tiny_checkpoint("llava_original")))

@@ -201,3 +201,9 @@ def test_a_device_map_that_splits_a_block_is_refused_by_name(tiny_checkpoint):
         HookedVLM.from_pretrained(directory, device_map={"": "cpu", "projector.linear_2": "meta"})
     with pytest.raises(ValueError, match=r"device_map splits 'vision.blocks.0'"):
         HookedVLM.from_pretrained(directory, device_map={"": "cpu", "vision.blocks.0.attn.q_proj": "meta"})
+
+
+def test_a_device_map_that_splits_tied_embeddings_is_refused(tiny_checkpoint):
+    directory = tiny_checkpoint("internvl_300m")  # tied embeddings
+    with pytest.raises(ValueError, match=r"ties its LM head to the embedding .* 'embed' on cpu and 'unembed' on meta; give both one device"):
+        HookedVLM.from_pretrained(directory, device_map={"": "cpu", "unembed": "meta"})

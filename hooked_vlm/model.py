@@ -237,8 +237,13 @@ class HookedVLM(TransformerLensSurface, HookedRootModule):
                 per_device[device] = (rotary, causal_mask(attention_mask.to(device), q_len, dtype))
             rotary, mask = per_device[device]
             resid = block(resid.to(device), rotary=rotary, mask=mask, kv_cache=kv_cache)
-        resid = resid.to(self.ln_final.weight.device)
-        return self.unembed(self.ln_final(resid))
+        return self.final_logits(resid)
+
+    def final_logits(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
+        """The final norm, then the unembedding. Each runs on its own device: a device map may
+        put them on different GPUs (accelerate does when only the small norm fits beside the last block)."""
+        normalized = self.ln_final(resid.to(self.ln_final.weight.device))
+        return self.unembed(normalized.to(self.unembed.weight.device))
 
     # ----------------------------------------------------------------------------- hooks
     @contextlib.contextmanager

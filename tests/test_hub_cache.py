@@ -8,7 +8,9 @@ named by `cache_dir=` or by `HF_HUB_CACHE` with `HF_HUB_OFFLINE=1`.
 from __future__ import annotations
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import huggingface_hub.constants as hub_constants
 import pytest
@@ -138,3 +140,73 @@ def test_a_bin_only_repository_loads_without_running_pickled_code(tmp_path, tiny
     torch.save(tensors | {"payload": _RunsCode()}, repo / "pytorch_model.bin")
     with pytest.raises(ConversionError, match=r"cannot read weight file .*pytorch_model\.bin"):
         HookedVLM.from_pretrained(repo)
+
+
+def test_a_cached_snapshot_without_weights_is_named_with_how_to_complete_it(tmp_path, tiny_checkpoint):
+    """Offline, huggingface_hub returns a cached snapshot as it is: one holding only the config
+    (fetched alone, or an interrupted download) must not surface as a bare 'no weight files'."""
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    shutil.copy(tiny_checkpoint("llava_base") / "config.json", partial)
+    cache = tmp_path / "hub"
+    add_to_hub_cache(cache, "tiny-org/partial", partial)
+    with pytest.raises(FileNotFoundError, match=r"tiny-org/partial: its snapshot .*models--tiny-org--partial.* holds no weight files .*only \['config.json'\].*`hf download tiny-org/partial`"):
+        HookedVLM.from_pretrained("tiny-org/partial", cache_dir=cache, local_files_only=True)
+    with pytest.raises(FileNotFoundError, match=rf"{re.escape(str(partial))} holds no weight files"):
+        HookedVLM.from_pretrained(partial)  # a local directory is named too
+
+
+def test_an_unreachable_hub_is_said_so(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def unreachable(*args, **kwargs):
+        raise LocalEntryNotFoundError("connection error, and the file is not cached")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", unreachable)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    with pytest.raises(FileNotFoundError) as error:
+        HookedVLM.from_pretrained("tiny-org/not-cached", cache_dir=tmp_path)
+    assert str(error.value) == (
+        f"tiny-org/not-cached is not in the Hugging Face cache at {tmp_path} and the hub could not be reached; "
+        "check the connection, or download it where the hub can be reached"
+    )
+
+
+def test_offline_a_wrong_revision_or_a_misspelt_id_says_what_the_cache_holds(tmp_path, tiny_checkpoint):
+    cache = tmp_path / "hub"
+    commit = add_to_hub_cache(cache, "tiny-org/llava-base", tiny_checkpoint("llava_base"))
+    with pytest.raises(FileNotFoundError, match=rf"\(revision 'v9'\) is not in the Hugging Face cache at .* \(it holds the repository at main, {commit}\)"):
+        HookedVLM.from_pretrained("tiny-org/llava-base", revision="v9", cache_dir=cache, local_files_only=True)
+    with pytest.raises(FileNotFoundError, match=r"tiny-org/llava-bsae is not in .* \(did you mean 'tiny-org/llava-base', which it holds\?\)"):
+        HookedVLM.from_pretrained("tiny-org/llava-bsae", cache_dir=cache, local_files_only=True)
+
+
+def test_original_llava_with_its_tower_inside_needs_only_the_clip_config(tmp_path, tiny_checkpoint):
+    """A checkpoint that carries its (fine-tuned) CLIP tower reads only config and preprocessing
+    from `mm_vision_tower`: offline, a cache holding just those files is enough."""
+    from safetensors.torch import load_file
+
+    from weights_conversion.io import CheckpointReader
+
+    original = tmp_path / "original"
+    shutil.copytree(tiny_checkpoint("llava_original"), original)
+    config = json.loads((original / "config.json").read_text())
+    clip_dir = Path(config["mm_vision_tower"])
+    reader = CheckpointReader.from_directory(original)
+    tensors = {key: reader.get(key) for key in reader.keys()}
+    tensors |= {f"model.vision_tower.vision_tower.{k}": v for k, v in load_file(clip_dir / "model.safetensors").items()}
+    for path in list(original.glob("pytorch_model*")):
+        path.unlink()
+    torch.save(tensors, original / "pytorch_model.bin")
+    config["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"
+    (original / "config.json").write_text(json.dumps(config))
+    clip_config_only = tmp_path / "clip"
+    clip_config_only.mkdir()
+    for name in ("config.json", "preprocessor_config.json"):
+        shutil.copy(clip_dir / name, clip_config_only)
+    cache = tmp_path / "hub"
+    add_to_hub_cache(cache, "liuhaotian/llava-tiny", original)
+    add_to_hub_cache(cache, "openai/clip-vit-large-patch14-336", clip_config_only)
+    model = HookedVLM.from_pretrained("liuhaotian/llava-tiny", cache_dir=cache, local_files_only=True)
+    assert _same_weights(model, HookedVLM.from_pretrained(tiny_checkpoint("llava_original")))

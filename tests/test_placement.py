@@ -171,3 +171,39 @@ def test_from_pretrained_places_by_accelerate_and_every_activation_follows(tiny_
     with torch.no_grad():
         assert torch.equal(one_device(inputs), expected)
     assert torch.equal(one_device.generate(inputs, 6, return_tokens=True), plain.generate(inputs, 6, return_tokens=True))
+
+
+def test_the_final_norm_and_the_lm_head_may_sit_on_different_devices(internvl_38b, tiny_checkpoint, photos, monkeypatch):
+    """accelerate fills a GPU that is not the first to the brim: the tiny final norm fits beside
+    the last block, the LM head goes to the next GPU. The forward must cross between them."""
+    device_map = infer_device_map(internvl_38b, "sequential", {0: "30GiB", 1: "41.8GiB", 2: "40GiB"})
+    assert (device_map["ln_final"], device_map["unembed"]) == (1, 2)
+    directory = tiny_checkpoint("llava_base")
+    plain = HookedVLM.from_pretrained(directory)
+    inputs = plain.prepare(photos["chelsea"], "Where is the cat?")
+    monkeypatch.setattr(placement, "torch_device", _fake_gpus)
+    placed = HookedVLM.from_pretrained(directory, device_map={"": 0, "unembed": 1})
+    handles = _check_devices(placed)
+    try:
+        with torch.no_grad():
+            logits = placed(inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert logits.device.type == "meta" and logits.shape == plain(inputs).shape
+
+
+def test_a_device_map_that_splits_a_block_is_refused_by_name(tiny_checkpoint):
+    directory = tiny_checkpoint("llava_base")
+    with pytest.raises(ValueError, match=r"device_map splits 'blocks.1' over \['cpu', 'meta'\]"):
+        HookedVLM.from_pretrained(directory, device_map={"": "cpu", "blocks.1.mlp": "meta"})
+    with pytest.raises(ValueError, match=r"device_map splits 'projector'"):
+        HookedVLM.from_pretrained(directory, device_map={"": "cpu", "projector.linear_2": "meta"})
+    with pytest.raises(ValueError, match=r"device_map splits 'vision.blocks.0'"):
+        HookedVLM.from_pretrained(directory, device_map={"": "cpu", "vision.blocks.0.attn.q_proj": "meta"})
+
+
+def test_a_device_map_that_splits_tied_embeddings_is_refused(tiny_checkpoint):
+    directory = tiny_checkpoint("internvl_300m")  # tied embeddings
+    with pytest.raises(ValueError, match=r"ties its LM head to the embedding .* 'embed' on cpu and 'unembed' on meta; give both one device"):
+        HookedVLM.from_pretrained(directory, device_map={"": "cpu", "unembed": "meta"})

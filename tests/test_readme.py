@@ -129,3 +129,26 @@ def test_parity_example(toy):
         {"model": HookedVLM.from_pretrained("toy-llava", dtype=torch.bfloat16)},
     )
     assert ns["report"].ok and ns["report"].generation_match is True and ns["report"].dtype == "bfloat16"
+
+
+def test_loading_from_the_hub_examples_run_as_written_offline(tmp_path, monkeypatch):
+    """Both examples, verbatim, on scaled-down copies of the published repositories in a Hugging
+    Face cache with HF_HUB_OFFLINE=1 (on this CPU-only machine "auto" places everything on the CPU)."""
+    import huggingface_hub.constants as hub_constants
+
+    from hooked_vlm.testing.hub_cache import add_to_hub_cache
+    from hooked_vlm.testing.published import build_published
+
+    cache = tmp_path / "hub"
+    for repo_id, directory in build_published(tmp_path / "repos", ["OpenGVLab/InternVL3_5-8B-HF", "OpenGVLab/InternVL3_5-38B-HF"]).items():
+        add_to_hub_cache(cache, repo_id, directory)
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    text = README.read_text()
+    section = text[text.index("\n## Loading from the hub, and on several GPUs\n") :].split("\n## ")[1]
+    blocks = re.findall(r"```python\n(.*?)```", section, re.S)
+    assert len(blocks) == 2
+    for block in blocks:
+        ns = {"HookedVLM": HookedVLM, "torch": torch}
+        exec(compile(block, "README.md (Loading from the hub)", "exec"), ns)
+        assert ns["model"].dtype == torch.bfloat16 and ns["model"].hf_device_map == {"": "cpu"}

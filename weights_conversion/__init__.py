@@ -132,7 +132,10 @@ def assemble(
     placement = placement if isinstance(placement, Placement) else Placement(placement)
     placement.resolve(model)
     if cfg.tie_word_embeddings and placement("embed.weight") != placement("unembed.weight"):
-        raise ValueError("tied embeddings need the embedding and the unembedding on the same device")
+        raise ValueError(
+            f"this checkpoint ties its LM head to the embedding (one tensor): device_map puts 'embed' on "
+            f"{placement('embed.weight')} and 'unembed' on {placement('unembed.weight')}; give both one device"
+        )
     load_plan(plan, model, readers, dtype, placement)
     if cfg.tie_word_embeddings:
         model.unembed.weight = model.embed.weight

@@ -9,6 +9,7 @@ directory and why — not a chain of connection tracebacks.
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -46,14 +47,26 @@ def resolve_directory(name_or_path: str | Path, hub: HubOptions = HubOptions(), 
     directory = _snapshot(repo_id, hub, list(CONFIG_PATTERNS) + (["*.safetensors"] if weights else []))
     if weights and not list(directory.glob("*.safetensors")):  # older repositories ship only .bin shards
         directory = _snapshot(repo_id, hub, list(CONFIG_PATTERNS) + ["*.bin"])
+        if not list(directory.glob("*.bin")):
+            # offline, snapshot_download returns a cached snapshot as it is, whatever it lacks
+            revision = f" --revision {hub.revision}" if hub.revision else ""
+            raise FileNotFoundError(
+                f"{_what(repo_id, hub)}: its snapshot {directory} holds no weight files (*.safetensors or *.bin), only "
+                f"{sorted(p.name for p in directory.iterdir())}; an interrupted download or a config fetched alone leaves "
+                f"such a snapshot: download it whole (`hf download {repo_id}{revision}`)"
+            )
     return directory
+
+
+def _what(repo_id: str, hub: HubOptions) -> str:
+    return repo_id + (f" (revision {hub.revision!r})" if hub.revision else "")
 
 
 def _snapshot(repo_id: str, hub: HubOptions, patterns: list[str]) -> Path:
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-    what = repo_id + (f" (revision {hub.revision!r})" if hub.revision else "")
+    what = _what(repo_id, hub)
     try:
         return Path(snapshot_download(
             repo_id, revision=hub.revision, cache_dir=hub.cache_dir, token=hub.token,
@@ -63,10 +76,10 @@ def _snapshot(repo_id: str, hub: HubOptions, patterns: list[str]) -> Path:
         cache = Path(hub.cache_dir or constants.HF_HUB_CACHE)
         if hub.local_files_only or constants.HF_HUB_OFFLINE:
             why = "local_files_only=True" if hub.local_files_only else "HF_HUB_OFFLINE=1"
-            fix = "download it once online (or copy the cache over), or drop " + why
+            why, fix = f"{why} forbids downloading it", "download it once online (or copy the cache over), or drop " + why
         else:
             why, fix = "the hub could not be reached", "check the connection, or download it where the hub can be reached"
-        error: Exception = FileNotFoundError(f"{what} is not in the Hugging Face cache at {cache} and {why} forbids downloading it; {fix}")
+        error: Exception = FileNotFoundError(f"{what} is not in the Hugging Face cache at {cache}{_cached_hint(repo_id, cache)} and {why}; {fix}")
     except GatedRepoError:
         error = PermissionError(f"{what} is gated: accept its conditions on huggingface.co, then pass token=... or log in with `hf auth login`")
     except RepositoryNotFoundError:
@@ -74,6 +87,19 @@ def _snapshot(repo_id: str, hub: HubOptions, patterns: list[str]) -> Path:
     except RevisionNotFoundError:
         error = FileNotFoundError(f"{repo_id!r} has no revision {hub.revision!r} (a branch, tag or commit hash)")
     raise error from None
+
+
+def _cached_hint(repo_id: str, cache: Path) -> str:
+    """What the cache holds instead: the repository's cached revisions (a wrong `revision=`), or
+    cached repositories of a similar name (a misspelt id)."""
+    folder = cache / ("models--" + repo_id.replace("/", "--"))
+    if folder.is_dir():
+        refs = sorted(p.relative_to(folder / "refs").as_posix() for p in (folder / "refs").rglob("*") if p.is_file())
+        commits = sorted(p.name for p in (folder / "snapshots").glob("*"))
+        return f" (it holds the repository at {', '.join(refs + commits) or 'no revision'})"
+    cached = [p.name.removeprefix("models--").replace("--", "/", 1) for p in cache.glob("models--*")]
+    close = difflib.get_close_matches(repo_id, cached, n=3, cutoff=0.8)
+    return f" (did you mean {' or '.join(map(repr, close))}, which it holds?)" if close else ""
 
 
 def _toy_hint(name: str) -> str:

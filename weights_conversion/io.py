@@ -52,6 +52,8 @@ class CheckpointReader:
         safetensors = list(directory.glob("*.safetensors"))
         bins = [p for p in directory.glob("*.bin") if p.name not in ("training_args.bin", "mm_projector.bin")]
         files = safetensors if (safetensors and (prefer == "safetensors" or not bins)) else bins
+        if not files:
+            raise FileNotFoundError(f"{directory} holds no weight files (*.safetensors, or *.bin shards)")
         return cls(files)
 
     def keys(self) -> list[str]:

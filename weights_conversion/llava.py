@@ -155,9 +155,9 @@ def load(directory: Path, raw_config: dict, dtype: torch.dtype, placement: Any, 
         # llava-hf repos centre-crop; a LlavaImageProcessor with do_pad=True pads like the original
         image_mode, template = ("pad" if (processor_config or {}).get("do_pad") else "crop"), "hf"
     else:
-        clip_dir = resolve_directory(raw_config["mm_vision_tower"], hub.for_another_repository())
+        tower_inside = any(k.startswith("model.vision_tower.") for k in reader.keys())  # a fine-tuned tower
+        clip_dir = resolve_directory(raw_config["mm_vision_tower"], hub.for_another_repository(), weights=not tower_inside)
         clip_config = AutoConfig.from_pretrained(clip_dir)
-        tower_inside = any(k.startswith("model.vision_tower.") for k in reader.keys())
         clip_reader = None if tower_inside else CheckpointReader.from_directory(clip_dir)
         cfg = config_from_llava_original(raw_config, clip_config, reader.keys(), dtype)
         readers = {"main": reader, "clip": clip_reader}

@@ -129,6 +129,20 @@ class Placement:
         self._map = {name: torch_device(device) for name, device in self.hf_device_map.items()}
         for name in names:
             self(name)  # every parameter placed, before anything is read
+        self._check_unsplit(model)
+
+    def _check_unsplit(self, model: nn.Module) -> None:
+        """The forward moves activations between blocks, not inside one: a map that puts parts of a
+        transformer block (or of the projector) on different devices is refused here, by name."""
+        for owner, module in model.named_modules():
+            if type(module).__name__ not in NO_SPLIT_MODULES:
+                continue
+            devices = {str(self(f"{owner}.{name}")) for name, _ in module.named_parameters()}
+            if len(devices) > 1:
+                raise ValueError(
+                    f"device_map splits {owner!r} over {sorted(devices)}: a transformer block and the projector "
+                    f"each sit on one device; give {owner!r} one device"
+                )
 
     def _check_keys(self, model: nn.Module) -> None:
         """A device_map key that names no module or parameter of the model is a typo, not a no-op."""

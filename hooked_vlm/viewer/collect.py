@@ -207,7 +207,7 @@ def _logit_lens(model, resid: Float[Tensor, "token d_model"], k: int) -> tuple[I
     the unembedding; softmax in fp32), a chunk of tokens at a time to bound memory."""
     ids, probs = [], []
     for chunk in resid.split(LENS_CHUNK):
-        logits = model.unembed(model.ln_final(chunk.to(model.ln_final.weight.device)))
+        logits = model.final_logits(chunk)
         top = logits.float().softmax(-1).topk(k, dim=-1)
         ids.append(top.indices.cpu())
         probs.append(top.values.cpu())

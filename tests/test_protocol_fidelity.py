@@ -247,3 +247,50 @@ def test_cumulative_controls_remove_negative_mf_heads_first_or_heads_at_random()
     orders = control_orders(scores, ["low_importance", "negative_mf", "random_heads"], seed=0)
     assert orders["low_importance"][0] == (1, 0) and orders["negative_mf"][0] == (0, 1)
     assert sorted(orders["random_heads"]) == [(0, 0), (0, 1), (1, 0)]  # the measured heads, none NaN
+
+
+# ---------------------------------------------------------------------------------- section B
+def test_calibrate_frame_scores_the_same_answers_in_each_frame_and_picks_the_best(cropping, monkeypatch):
+    from hooked_vlm.experiments import calibrate_frame
+
+    image = Image.new("RGB", (640, 427))
+    inside = Sample("inside", image, "cat", (107, 0, 533, 427), mask_fn=lambda: None, choices=("cat",), area=1e4)
+    whole_crop = cropping.tokenizer("[0.0, 0.0, 1.0, 1.0]", add_special_tokens=False).input_ids
+    monkeypatch.setattr(cropping, "generate", lambda inputs, **kwargs: torch.tensor([whole_crop] * len(inputs)))
+    frame, table = calibrate_frame(cropping, [inside], n=1, progress=False)
+    assert frame == "crop" and table.loc["crop", "loc_score"] > table.loc["original", "loc_score"]
+    assert table.attrs["sample_ids"] == ["inside"]
+
+
+def test_the_papers_substring_rule_is_an_option():
+    from hooked_vlm.scoring import classification_correct
+
+    assert not classification_correct("a carrot", "car") and classification_correct("a carrot", "car", match="substring")
+    assert classification_correct("two people", "person") and not classification_correct("two people", "person", match="substring")
+
+
+def test_mediation_reports_robust_aggregates_and_how_many_pairs_were_dropped():
+    from hooked_vlm.experiments import mediation_counts, mediation_map
+
+    rows = [{"pair_id": p, "layer": 0, "head": 0, "mf": mf, "p_base": 2.0, "p_src": p_src, "p_patched": 2.0 - mf * (2.0 - p_src),
+             "excluded": None} for p, mf, p_src in [("a", 1.0, 1.0), ("b", 0.0, 1.0), ("c", 10.0, 1.9), ("d", float("nan"), 2.0)]]  # fmt: skip
+    rows.append({"pair_id": "e", "layer": None, "head": None, "mf": float("nan"), "excluded": "outside"})
+    results = pd.DataFrame(rows)
+    assert float(mediation_map(results)[0, 0]) == pytest.approx(11 / 3)
+    assert float(mediation_map(results, "median")[0, 0]) == pytest.approx(1.0)
+    assert float(mediation_map(results, "ratio_of_sums")[0, 0]) == pytest.approx((1 + 0 + 1) / (1 + 1 + 0.1))
+    assert mediation_counts(results) == {"pairs": 5, "excluded": 1, "dropped": 1, "measured": 3}
+
+
+def test_the_knockout_control_can_be_drawn_outside_the_object(llava, monkeypatch):
+    from hooked_vlm.experiments import attention_knockout
+
+    drawn = []
+    real = iv.attention_knockout
+    monkeypatch.setattr(iv, "attention_knockout", lambda model, source, target, **kw: drawn.append(target) or real(model, source, target, **kw))
+    samples = list(as_samples(SyntheticLocalization(2, seed=0, image_sizes=((56, 56),))))
+    attention_knockout(llava, samples, group_size="all", paddings=[1], seeds=[0], exclude_object=True, max_new_tokens=1, progress=False)
+    inputs = llava.prepare([s.image for s in samples], ["Hi"] * 2)
+    objects = iv.object_tokens(inputs, [s.mask for s in samples], dilation=1, allow_empty=True).mask
+    control = drawn[-1].mask  # the random condition comes after its object condition
+    assert control.any() and not (control[:, : objects.shape[1]] & objects[:, : control.shape[1]]).any()

@@ -40,8 +40,9 @@ import torch
 
 from hooked_vlm.config import DTYPES
 from hooked_vlm.data.commands import register as register_data_commands
+from hooked_vlm.experiments import options
+from hooked_vlm.experiments.options import SMALL_MODEL_LAYERS, sampling_options
 
-SMALL_MODEL_LAYERS = 8  # below this, windows of 4 layers give at most one window besides "all"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,19 +95,19 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", help="the annotations' image folder")
     p.add_argument("--removed", help="folder of object-removed images ({ann_id}.png or {image_id}_{ann_id}.png, e.g. from remove-objects), for source/base pairs")
     p.add_argument("--pairs", help="a control-set manifest (hooked-vlm control-set): its kept annotations, in its order")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many samples")
+    sampling_options(p)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cpu", help="under a multi-process launch, 'cuda' is each process's own GPU")
     p.add_argument("--overwrite", action="store_true", help="clear the --out run and start again (default: resume it)")
 
 
-def _task(p, choices=("localization", "list")) -> None:
-    p.add_argument("--task", choices=choices, default=choices[0])
+def _sampling(args) -> dict:
+    return {"limit": args.limit, "sample": args.sample, "sample_seed": args.sample_seed}
 
 
-def _ints(p, name: str, default: list[int], help_text: str) -> None:
-    p.add_argument(name, type=int, nargs="+", default=default, help=help_text)
+def _answers(args) -> dict:
+    return {"frame": args.frame, "max_new_tokens": args.max_new_tokens}
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -175,15 +176,18 @@ def _dataset(args) -> Any:
 
 
 def _by_condition(results: pd.DataFrame) -> pd.DataFrame:
+    """Per condition; seeded conditions (random, shuffle, extension, knockout control) as mean
+    and sd over their seeds, as the paper reports them (§1.4.4, §1.5)."""
     from hooked_vlm.experiments import summarize
 
-    return summarize(results)
+    return summarize(results, over_seeds="seed" in results and results["seed"].notna().any())
 
 
 def _run_evaluate(model, data, args, run):
     from hooked_vlm.experiments import evaluate
 
-    return evaluate(model, data, args.task, batch_size=args.batch_size, limit=args.limit, run=run)
+    return evaluate(model, data, args.task, batch_size=args.batch_size, **_sampling(args), **_answers(args), match=args.match,
+                    run=run)  # fmt: skip
 
 
 def _run_token_ablation(model, data, args, run):
@@ -191,7 +195,9 @@ def _run_token_ablation(model, data, args, run):
 
     return token_ablation(model, data, task=args.task, strategies=args.strategies, paddings=args.paddings,
                           fractions=args.fractions, seeds=args.seeds, fill=args.fill, mean=_ablation_mean(model, args),
-                          views=args.views, batch_size=args.batch_size, limit=args.limit, run=run)  # fmt: skip
+                          views=args.views, ig_steps=args.ig_steps, ig_baseline=args.ig_baseline, ig_rank=args.ig_rank,
+                          ig_reduce=args.ig_reduce, ig_target=args.ig_target, register_sd=args.register_sd,
+                          batch_size=args.batch_size, **_sampling(args), **_answers(args), match=args.match, run=run)  # fmt: skip
 
 
 def _ablation_mean(model, args):
@@ -218,14 +224,16 @@ def _ablation_mean(model, args):
 def _run_token_shuffle(model, data, args, run):
     from hooked_vlm.experiments import token_shuffle
 
-    return token_shuffle(model, data, task=args.task, seeds=args.seeds, batch_size=args.batch_size, limit=args.limit, run=run)
+    return token_shuffle(model, data, task=args.task, modes=args.modes, seeds=args.seeds, scope=args.scope,
+                         batch_size=args.batch_size, **_sampling(args), **_answers(args), match=args.match, run=run)  # fmt: skip
 
 
 def _run_object_extension(model, data, args, run):
     from hooked_vlm.experiments import object_extension
 
     return object_extension(model, data, paddings=args.paddings, gt_scales=args.gt_scales, seeds=args.seeds,
-                            batch_size=args.batch_size, limit=args.limit, run=run)  # fmt: skip
+                            views=args.views, scale_view=args.scale_view, batch_size=args.batch_size, **_sampling(args),
+                            **_answers(args), run=run)  # fmt: skip
 
 
 def _run_knockout(model, data, args, run):
@@ -242,14 +250,20 @@ def _run_knockout(model, data, args, run):
         if len(layer_windows(n_layers, sizes)) == 1:
             print(f"note: the model has {n_layers} layers; --group-size {' '.join(args.group_size)} gives one window (all)")
     return attention_knockout(model, data, task=args.task, group_size=sizes, paddings=args.paddings, seeds=args.seeds,
-                              batch_size=args.batch_size, limit=args.limit, run=run)  # fmt: skip
+                              controls=args.controls, exclude_object=args.exclude_object, batch_size=args.batch_size,
+                              **_sampling(args), **_answers(args), match=args.match, run=run)  # fmt: skip
 
 
 def _run_mediation(model, data, args, run):
     from hooked_vlm.experiments import head_mediation
 
-    return head_mediation(model, data, task=args.task, method=args.method, target=args.target,
-                          batch_size=args.batch_size, limit=args.limit, run=run)  # fmt: skip
+    return head_mediation(model, data, task=args.task, **_mediation_kwargs(args), batch_size=args.batch_size,
+                          **_sampling(args), run=run)  # fmt: skip
+
+
+def _mediation_kwargs(args) -> dict:
+    return {"method": args.method, "target": args.target, "positions": args.positions, "min_effect": args.min_effect,
+            "frame": args.frame, "max_new_tokens": args.mediation_max_new_tokens}  # fmt: skip
 
 
 def _run_cumulative(model, data, args, run):
@@ -257,8 +271,9 @@ def _run_cumulative(model, data, args, run):
 
     name, scores = _head_ranking(model, data, args, run)
     return cumulative_head_ablation(model, data, {name: scores}, task=args.task, fractions=args.fractions,
-                                    low_importance_from=name, value=args.value, batch_size=args.batch_size,
-                                    limit=args.limit, run=run)  # fmt: skip
+                                    low_importance_from=name, controls=args.controls, control_seed=args.sample_seed,
+                                    value=args.value, batch_size=args.batch_size, **_sampling(args), **_answers(args),
+                                    run=run)  # fmt: skip
 
 
 def _head_ranking(model, data, args, run) -> tuple[str, torch.Tensor]:
@@ -279,8 +294,8 @@ def _head_ranking(model, data, args, run) -> tuple[str, torch.Tensor]:
             name, scores = "mediation", torch.tensor(table.set_index("layer").to_numpy(dtype=float), dtype=torch.float32)
     else:
         name = "localization" if args.task == "localization" else "binary"
-        table = head_mediation(model, data, task=name, method=args.method, target=args.target,
-                               batch_size=args.batch_size, limit=args.limit, run=run.child("mediation"))  # fmt: skip
+        table = head_mediation(model, data, task=name, **_mediation_kwargs(args), batch_size=args.batch_size,
+                               **_sampling(args), run=run.child("mediation"))  # fmt: skip
         if run.is_main:
             write_atomically(Path(args.out) / "mediation.csv", lambda path: table.to_csv(path, index=False))
         scores = mediation_map(table)
@@ -305,7 +320,8 @@ def _run_probe(model, data, args, run):
     else:
         train = list(itertools.islice(data, args.limit))
         test = toy_dataset(args.model, max(len(train) // 4, 4), seed=args.seed + 1, split="probe-test")
-    results = position_probe(model, train, test, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, run=run)
+    results = position_probe(model, train, test, epochs=args.epochs, tokens_per_image=args.tokens_per_image, lr=args.lr,
+                             batch_size=args.batch_size, seed=args.seed, run=run)  # fmt: skip
     if run.is_main:
         provenance = json.dumps(results.attrs["provenance"], indent=1)
         write_atomically(Path(args.out) / "provenance.json", lambda path: path.write_text(provenance))
@@ -347,77 +363,15 @@ def _probe_summary(results: pd.DataFrame) -> pd.DataFrame:
     return results.groupby(["section", "layer"], sort=False)["accuracy"].mean().to_frame()
 
 
-# ---------------------------------------------------------------------------------- options
-def _extras_token_ablation(p):
-    _task(p)
-    p.add_argument("--strategies", nargs="+", default=["object", "random", "register"], choices=["object", "random", "register", "ig"])
-    _ints(p, "--paddings", [-1, 0, 1], "object padding in token rings")
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.08], help="random/IG shares of image tokens")
-    _ints(p, "--seeds", [0, 1, 2], "random seeds")
-    p.add_argument("--fill", choices=["mean", "zero", "noise"], default="mean")
-    p.add_argument("--mean", help="mean visual embedding saved by interventions.save_mean (default: synthetic data "
-                                  "uses the toy distribution's 'mean' split; COCO the dataset's own images, with a warning)")  # fmt: skip
-    p.add_argument("--views", choices=["all", "global", "local"], default="all")
-
-
-def _extras_shuffle(p):
-    _task(p)
-    _ints(p, "--seeds", [0, 1, 2], "random seeds")
-
-
-def _extras_extension(p):
-    _ints(p, "--paddings", [0, 1, 2], "rings of copied object tokens (0: the unmodified model)")
-    _ints(p, "--gt-scales", [0, 1, 2], "GT box growth in token widths")
-    _ints(p, "--seeds", list(range(10)), "random seeds")
-
-
-def _extras_knockout(p):
-    _task(p)
-    p.add_argument("--group-size", nargs="+", default=None,
-                   help=f"layer group sizes, or 'all' (default: 4 and all; 1 and all below {SMALL_MODEL_LAYERS} layers)")  # fmt: skip
-    _ints(p, "--paddings", [0, 1], "object padding in token rings")
-    _ints(p, "--seeds", [0], "random seeds of the size-matched control")
-
-
-def _mediation_options(p):
-    p.add_argument("--method", choices=["exact", "attribution"], default="exact")
-    p.add_argument("--target", choices=["src_greedy", "gt"], default="src_greedy")
-
-
-def _extras_mediation(p):
-    _task(p, ("localization", "binary"))
-    _mediation_options(p)
-
-
-def _extras_cumulative(p):
-    _task(p, ("localization", "list", "binary"))
-    p.add_argument("--ranking", help="a head-mediation output folder, or its results.csv or summary.csv "
-                                     "(default: run head mediation on the same samples first)")  # fmt: skip
-    p.add_argument("--fractions", type=float, nargs="+", default=[0.0, 0.01, 0.02, 0.05, 0.1, 0.2], help="shares of heads removed")
-    p.add_argument("--value", choices=["zero", "mean"], default="zero", help="what an ablated head outputs")
-    _mediation_options(p)
-
-
-def _extras_probe(p):
-    from hooked_vlm.data.commands import collection_arguments
-
-    p.add_argument("--epochs", type=int, default=10)
-    collection_arguments(p)
-    collection_arguments(p, prefix="test-")
-    p.add_argument("--test-split", default=None, help="the datasets split of --test-collection")
-    p.add_argument("--n-train", type=int, default=50_000, help="--collection images to train on (the paper's 50,000)")
-    p.add_argument("--n-test", type=int, default=10_000, help="images to score on (the paper's 10,000)")
-
-
 EXPERIMENTS: dict[str, tuple[Callable, str, Callable]] = {
-    "evaluate": (_experiment(_run_evaluate, _by_condition, "evaluate_figure"), "localization / list / yes-no classification accuracy", lambda p: _task(p, ("localization", "list", "binary"))),
-    "token-ablation": (_experiment(_run_token_ablation, _by_condition, "token_ablation_figure"), "ablate object, random, register or IG tokens", _extras_token_ablation),
-    "token-shuffle": (_experiment(_run_token_shuffle, _by_condition, "token_shuffle_figure"), "shuffle image tokens (all, or the object's)", _extras_shuffle),
-    "object-extension": (_experiment(_run_object_extension, _by_condition, "object_extension_figure"), "extend objects with copies of their tokens", _extras_extension),
-    "attention-knockout": (_experiment(_run_knockout, _by_condition, "attention_knockout_figure"), "block attention to the object by layer group", _extras_knockout),
-    "head-mediation": (_experiment(_run_mediation, _mediation_summary, "head_mediation_figure"), "mediation fraction of every head", _extras_mediation),
-    "cumulative-head-ablation": (_experiment(_run_cumulative, _cumulative_summary, "cumulative_head_ablation_figure"), "accuracy as the top-ranked heads are removed", _extras_cumulative),
-    "position-probe": (_experiment(_run_probe, _probe_summary, "position_probe_figure"), "linear row/column probes per layer", _extras_probe),
+    "evaluate": (_experiment(_run_evaluate, _by_condition, "evaluate_figure"), "localization / list / yes-no classification accuracy", options.evaluate_options),
+    "token-ablation": (_experiment(_run_token_ablation, _by_condition, "token_ablation_figure"), "ablate object, random, register or IG tokens", options.token_ablation_options),
+    "token-shuffle": (_experiment(_run_token_shuffle, _by_condition, "token_shuffle_figure"), "shuffle image tokens (all, or the object's)", options.token_shuffle_options),
+    "object-extension": (_experiment(_run_object_extension, _by_condition, "object_extension_figure"), "extend objects with copies of their tokens", options.object_extension_options),
+    "attention-knockout": (_experiment(_run_knockout, _by_condition, "attention_knockout_figure"), "block attention to the object by layer group", options.knockout_options),
+    "head-mediation": (_experiment(_run_mediation, _mediation_summary, "head_mediation_figure"), "mediation fraction of every head", options.mediation_options),
+    "cumulative-head-ablation": (_experiment(_run_cumulative, _cumulative_summary, "cumulative_head_ablation_figure"), "accuracy as the top-ranked heads are removed", options.cumulative_options),
+    "position-probe": (_experiment(_run_probe, _probe_summary, "position_probe_figure"), "linear row/column probes per layer", options.probe_options),
 }  # fmt: skip
 DESCRIPTIONS = {
     "cumulative-head-ablation": "Heads are ranked by mean mediation fraction (localization MF for --task localization, "

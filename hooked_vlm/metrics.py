@@ -34,7 +34,16 @@ def digit_tokens(tokenizer: Any, input_ids: Int[Tensor, "batch pos"]) -> Bool[Te
     return (in_vocab & lookup[ids.clamp(min=0)]).to(input_ids.device)
 
 
-FILTERS: dict[str, TokenFilter] = {"digits": digit_tokens}
+def answer_text_tokens(tokenizer: Any, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+    """Tokens other than the special ones: a teacher-forced answer without the end-of-turn token
+    the chat template appends (`</s>`, `<|im_end|>`)."""
+    special = set(tokenizer.all_special_ids) | {i for i in input_ids.unique().tolist() if i >= 0 and
+                                                tokenizer.convert_ids_to_tokens(i) in END_OF_TURN}  # fmt: skip
+    return ~torch.isin(input_ids.cpu(), torch.tensor(sorted(special), dtype=input_ids.dtype)).to(input_ids.device)
+
+
+END_OF_TURN = ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>")
+FILTERS: dict[str, TokenFilter] = {"digits": digit_tokens, "answer_text": answer_text_tokens}
 
 
 def scored_tokens(

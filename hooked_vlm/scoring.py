@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -145,12 +146,17 @@ _IRREGULAR_PLURALS = {
 }
 
 
+Match = Literal["word", "substring"]
+MATCHES: tuple[str, ...] = ("word", "substring")
+
+
 def classification_correct(
     text: str,
     class_name: str,
     *,
     synonyms: Iterable[str] | None = None,
     exclude: Iterable[str] | None = None,
+    match: Match = "word",
 ) -> bool:
     """Whether the answer names the class: the paper's "class name appears in the response".
 
@@ -161,12 +167,19 @@ def classification_correct(
     `exclude` lists longer names whose mentions must not count, e.g. "teddy bear" when scoring
     "bear" (off by default, as in the paper). Negations ("there is no cat") still count: the
     paper's rule has no notion of them.
+
+    `match="substring"` is the paper's rule to the letter: the lower-cased name occurs anywhere
+    in the lower-cased answer ("car" in "carrot" counts; "people" is not "person").
     """
+    if match not in MATCHES:
+        raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
     if not isinstance(text, str):
         return False
     for name in exclude or ():
         text = _name_pattern(name).sub(" ", text)
     names = [class_name, *(synonyms or ())]
+    if match == "substring":
+        return any(name.lower() in text.lower() for name in names)
     return any(_name_pattern(name).search(text) for name in names)
 
 

@@ -183,7 +183,8 @@ def test_a_mean_without_provenance_still_loads(toy, tmp_path):
 
 
 def test_the_probes_read_collections_and_record_them(toy, imagenet_val, image_dataset):
-    results = position_probe(toy, ImageFolder(imagenet_val), DatasetImages(image_dataset, name="held out"), epochs=1, progress=False)
+    results = position_probe(toy, ImageFolder(imagenet_val), DatasetImages(image_dataset, name="held out"), epochs=1,
+                             tokens_per_image=None, progress=False)  # every token  # fmt: skip
     provenance = results.attrs["provenance"]
     assert provenance["train_images"]["count"] == 6 and provenance["test_images"]["dataset"] == "held out"
     assert provenance["model"]["name"] == "toy-llava" and provenance["epochs"] == 1
@@ -196,7 +197,8 @@ def test_the_probes_train_on_one_batch_of_tokens_at_a_time(toy, imagenet_val, mo
     train_on, run_with_cache = SiteProbe.train_on, toy.run_with_cache
     monkeypatch.setattr(SiteProbe, "train_on", lambda self, x, y, g: sizes.append(len(y)) or train_on(self, x, y, g))
     monkeypatch.setattr(toy, "run_with_cache", lambda inputs, **k: forwards.append(len(inputs.input_ids)) or run_with_cache(inputs, **k))
-    results = position_probe(toy, ImageFolder(imagenet_val), ImageFolder(imagenet_val), epochs=2, batch_size=2, progress=False)
+    results = position_probe(toy, ImageFolder(imagenet_val), ImageFolder(imagenet_val), epochs=2, batch_size=2,
+                             tokens_per_image=None, progress=False)  # fmt: skip
     assert max(sizes) == 2 * 64 and len(sizes) == 2 * 3 * len(set(results["hook"]))  # epochs x batches x sites
     assert sum(forwards) == 6 * (1 + 2 + 1)  # standardisation, two epochs, scoring: the images are read again
     with pytest.raises(TypeError, match="one-shot iterator"):

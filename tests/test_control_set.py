@@ -94,7 +94,7 @@ def test_the_manifest_records_the_models_and_arguments(control):
     llava = manifest["models"][0]
     assert llava["family"] == "llava" and llava["dtype"] == "float32" and llava["preprocessing"]["image_mode"] == "pad"
     assert len(llava["weights_sample"]) == 16 and llava["counts"]["kept"] + llava["counts"]["missed_in_original"] + llava["counts"]["recognised_without_object"] == 16
-    assert manifest["arguments"]["task"] == "list" and manifest["arguments"]["max_new_tokens"] == 48
+    assert manifest["arguments"]["task"] == "list" and manifest["arguments"]["max_new_tokens"] == 128
     assert not control.path.with_name("control.json.partial.json").exists()
 
 

@@ -35,6 +35,7 @@ COLUMNS = {
     "list": {"sample_id", "class_name", "task", "condition", "prompt", "response", "correct"},
     "binary": {"sample_id", "class_name", "task", "condition", "prompt", "response", "image", "present", "answer", "correct"},
 }  # fmt: skip
+COLUMNS = {task: columns | {"finished", "area", "size_class", "excluded"} for task, columns in COLUMNS.items()}
 
 
 @pytest.mark.parametrize("task", ["localization", "list", "binary"])
@@ -115,8 +116,9 @@ def test_llava_crop_frame_is_the_layouts_crop_window_at_the_checkpoints_image_si
     window = (view.offset_x, view.offset_y, view.offset_x + view.scale_x * side, view.offset_y + view.scale_y * side)
     assert window[0] > 0 and abs(frame_window(image.size, "crop").left - window[0]) > 5  # 336 px would crop elsewhere
 
-    monkeypatch.setattr(model, "generate", lambda inputs, **kwargs: ["[0.0, 0.0, 1.0, 1.0]"])  # the whole crop
-    sample = Sample("wide", image, "cat", (300, 100, 400, 200), mask_fn=lambda: None)
+    whole_crop = model.tokenizer("[0.0, 0.0, 1.0, 1.0]", add_special_tokens=False).input_ids
+    monkeypatch.setattr(model, "generate", lambda inputs, **kwargs: torch.tensor([whole_crop]))
+    sample = Sample("wide", image, "cat", (300, 100, 400, 200), mask_fn=lambda: None, area=100 * 100)
     results = evaluate(model, [sample], "localization", progress=False)
     np.testing.assert_allclose(results["pred_box"].iloc[0], window, atol=1e-9)
     assert box_format(model) == {"family": "llava", "frame": "crop", "crop_size": 32}

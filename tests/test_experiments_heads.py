@@ -18,7 +18,7 @@ from hooked_vlm.experiments.data import as_samples
 from hooked_vlm.experiments.head_mediation import head_mediation, mediation_map, rank_heads, unreachable_layers
 from hooked_vlm.metrics import masked_nll
 
-MEDIATION_COLUMNS = {"pair_id", "class_name", "layer", "head", "mf", "p_base", "p_src", "p_patched", "method", "task",
+MEDIATION_COLUMNS = {"excluded", "pair_id", "class_name", "layer", "head", "mf", "p_base", "p_src", "p_patched", "method", "task",
                      "positions", "target", "target_source"}  # fmt: skip
 
 

@@ -29,6 +29,8 @@ from hooked_vlm.experiments.token_ablation import register_tokens
 LOCALIZATION = ["sample_id", "class_name", "task", "prompt", "response", "image_width", "image_height", "gt_box",
                 "pred_box", "n_boxes", "iou", "hit@0.5", "hit@0.7", "hit@0.9", "loc_score", "condition"]  # fmt: skip
 LIST = ["sample_id", "class_name", "task", "prompt", "response", "correct", "condition"]
+ANSWERED = ["finished", "area", "size_class", "excluded"]  # every evaluate row (PROTOCOL-AUDIT A4, A7, A12)
+LOCALIZATION, LIST = (columns[:-1] + ANSWERED + ["condition"] for columns in (LOCALIZATION, LIST))
 N = 4  # samples
 
 
@@ -186,7 +188,7 @@ def test_computing_the_mean_on_the_dataset_warns_that_the_paper_uses_imagenet(mo
 @pytest.mark.parametrize("task", ["localization", "list"])
 def test_integrated_gradients_sum_to_the_metric_difference(model, samples, mean, task):
     inputs, token_filter = teacher_forced_inputs(model, samples, task)
-    result = integrated_gradients(model, inputs, mean.vector, steps=32, token_filter=token_filter)
+    result = integrated_gradients(model, inputs, mean.vector, steps=32, token_filter=token_filter, reduce="sum")
     totals = torch.stack([result.of_image(i).sum() for i in range(N)])
     torch.testing.assert_close(totals, result.f_input - result.f_baseline, atol=0.02, rtol=0.02)
     assert len(result.scores) == len(inputs.layout)
@@ -209,7 +211,7 @@ def shuffled(model, dataset):
 
 
 def test_token_shuffle_returns_the_documented_columns_once_per_query_and_condition(model, samples, shuffled):
-    assert list(shuffled.columns) == LIST + ["mode", "seed", "n_shuffled"]
+    assert list(shuffled.columns) == LIST + ["mode", "seed", "scope", "n_shuffled"]
     assert len(shuffled) == N * (1 + 2 * 2)
     full = shuffled[shuffled.condition == "full s0"].set_index("sample_id").loc[[s.id for s in samples]]
     obj = shuffled[shuffled.condition == "object s1"].set_index("sample_id").loc[[s.id for s in samples]]

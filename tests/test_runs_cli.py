@@ -21,7 +21,7 @@ from hooked_vlm.cli import main
 from hooked_vlm.runs.records import read_shard, shard_files
 
 COMMAND = ["token-ablation", "--model", "toy-llava", "--n", "3", "--strategies", "object", "random", "--paddings", "0",
-           "--seeds", "0"]  # fmt: skip
+           "--seeds", "0", "--fractions", "0.08"]  # fmt: skip
 N_ITEMS = 9  # 3 conditions (baseline, object+0, random 8% s0) x 3 samples
 ENV = os.environ | {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 

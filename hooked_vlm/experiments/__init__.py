@@ -7,7 +7,8 @@ from hooked_vlm.experiments.attention_knockout import attention_knockout
 from hooked_vlm.experiments.cumulative_head_ablation import cumulative_head_ablation, normalised_auc
 from hooked_vlm.experiments.data import Sample, as_samples
 from hooked_vlm.experiments.evaluate import TASKS, box_format, default_frame, evaluate, summarize
-from hooked_vlm.experiments.head_mediation import head_mediation, mediation_map, rank_heads
+from hooked_vlm.experiments.frames import calibrate_frame
+from hooked_vlm.experiments.head_mediation import head_mediation, mediation_counts, mediation_map, rank_heads
 from hooked_vlm.experiments.object_extension import extension_matrix, object_extension
 from hooked_vlm.experiments.position_probe import position_probe
 from hooked_vlm.experiments.token_ablation import register_tokens, token_ablation
@@ -21,8 +22,10 @@ __all__ = [
     "summarize",
     "box_format",
     "default_frame",
+    "calibrate_frame",
     "head_mediation",
     "mediation_map",
+    "mediation_counts",
     "rank_heads",
     "cumulative_head_ablation",
     "normalised_auc",

@@ -5,7 +5,7 @@ and a builder that turns one batch's `inputs.layout` into hooks plus per-query c
 counts). `conditions_work` is its work for `hooked_vlm.runs`: one item per (condition, sample),
 each batch of a condition's pending samples one `evaluate` call; its table is one tidy table.
 
-Random token choices are seeded per *sample* (`sample_seed`), not per batch, so a sample gets the
+Random token choices are seeded per *sample* (`per_sample_seed`), not per batch, so a sample gets the
 same random tokens whatever its batch and batch size.
 """
 
@@ -20,7 +20,7 @@ import pandas as pd
 import torch
 
 from hooked_vlm import interventions as iv
-from hooked_vlm.experiments.data import Sample, batched, sample_sources
+from hooked_vlm.experiments.data import Sample, SampleMode, batched, sample_sources
 from hooked_vlm.experiments.evaluate import MAX_NEW_TOKENS, box_format, evaluate
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.runs import Item, Work
@@ -52,14 +52,17 @@ def conditions_work(
     desc: str,
     batch_size: int = 8,
     limit: int | None = None,
+    sample: SampleMode = "random",
+    sample_seed: int = 0,
     finish: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
     **evaluate_kwargs: Any,
 ) -> Work:
     """The work of `evaluate` under every condition: one item per (condition, sample), grouped by
     sample (a process takes a sample under every condition). Pending samples of a condition are
     evaluated in batches. The table has the evaluate columns, then `columns` (labels and builder
-    columns; missing ones are NA); `int_columns` become nullable integers; `finish` rewrites it."""
-    sources = sample_sources(dataset, limit)
+    columns; missing ones are NA); `int_columns` become nullable integers; `finish` rewrites it.
+    `limit`, `sample`, `sample_seed` choose the samples (`sample_sources`)."""
+    sources = sample_sources(dataset, limit, sample=sample, sample_seed=sample_seed)
     items = [Item(f"{c.name}|{sample_id}", sample_id, (c, sample_id, load)) for c in conditions for sample_id, load in sources]
 
     def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
@@ -70,16 +73,17 @@ def conditions_work(
                 yield from ((item.key, rows[item.payload[1]]) for item in batch)
 
     def table(rows_per_item: list[list[dict]]) -> pd.DataFrame:
-        table = concatenated(rows_per_item)
-        evaluate_columns = [c for c in rows_per_item[0][0] if c not in columns]
+        table = concatenated(rows_per_item)  # an excluded sample's rows lack the answer columns: all columns, in order
+        evaluate_columns = [c for c in dict.fromkeys(k for rows in rows_per_item for row in rows for k in row) if c not in columns]
         table = table.reindex(columns=evaluate_columns + list(columns))
         for column in int_columns:
             table[column] = pd.to_numeric(table[column]).astype("Int64")
         return finish(table) if finish else table
 
     frame, max_new_tokens = evaluate_kwargs.get("frame"), evaluate_kwargs.get("max_new_tokens")
-    answers = {"box_format": box_format(model, frame), "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task]}
-    settings = {"task": task, **settings, "limit": limit, **answers}
+    answers = {"box_format": box_format(model, frame), "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task],
+               "match": evaluate_kwargs.get("match", "word")}  # fmt: skip
+    settings = {"task": task, **settings, "limit": limit, "sample": sample, "sample_seed": sample_seed, **answers}
     return Work(name, items, compute, table, settings=settings, model=model, desc=desc, unit="query")
 
 
@@ -94,11 +98,21 @@ def _evaluated(model, samples: list[Sample], task: str, condition: Condition, ba
         return hooks
 
     table = evaluate(model, samples, task, intervention=intervention, condition=condition.name, batch_size=batch_size,
-                     progress=False, **kwargs)  # fmt: skip
+                     sample="first", progress=False, **kwargs)  # fmt: skip
     rows: dict[str, list[dict]] = {}
-    for row, stats in zip(table.to_dict("records"), extra, strict=True):
-        rows.setdefault(row["sample_id"], []).append(row | condition.labels | stats)
+    stats = iter(extra)
+    for row in table.to_dict("records"):
+        excluded = isinstance(row.get("excluded"), str)
+        row = {k: v for k, v in row.items() if not (excluded and _is_missing(v))}  # columns it never had
+        asked = {} if excluded else next(stats)  # an excluded query was never built
+        rows.setdefault(row["sample_id"], []).append(row | condition.labels | asked)
+    if next(stats, None) is not None:
+        raise RuntimeError(f"{condition.name}: more token counts than answered queries")
     return rows
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and value != value)
 
 
 # ---------------------------------------------------------------------------------- checks
@@ -146,7 +160,7 @@ def check_choices(
 
 
 # ---------------------------------------------------------------------------------- token sets
-def sample_seed(seed: int, sample: Sample) -> int:
+def per_sample_seed(seed: int, sample: Sample) -> int:
     """A seed for one sample's random draw: depends on the seed and the sample id only."""
     return zlib.crc32(f"{seed}/{sample.id}".encode())
 
@@ -178,12 +192,12 @@ def random_set(
     within: iv.TokenSet | None = None,
     per_view: bool = True,
 ) -> iv.TokenSet:
-    """`random_tokens` drawn row by row with each sample's own seed (see `sample_seed`)."""
+    """`random_tokens` drawn row by row with each sample's own seed (see `per_sample_seed`)."""
     within = iv.image_tokens(inputs) if within is None else within
     mask = torch.zeros_like(within.mask)
     for sample, row in zip(samples, sample_rows(inputs)):
         size = only_row(k, row) if isinstance(k, iv.TokenSet) else k
-        row_seed, row_within = sample_seed(seed, sample), only_row(within, row)
+        row_seed, row_within = per_sample_seed(seed, sample), only_row(within, row)
         mask |= iv.random_tokens(inputs, size, seed=row_seed, within=row_within, per_view=per_view).mask
     return iv.TokenSet(mask)
 
@@ -191,7 +205,7 @@ def random_set(
 def per_sample_hooks(inputs: VLMInput, samples: list[Sample], seed: int, build: Callable[[int, int], list]) -> list:
     """Hooks of a seeded rearrangement built row by row: `build(row, seed)` for each sample."""
     rows = zip(samples, sample_rows(inputs))
-    return list(itertools.chain.from_iterable(build(row, sample_seed(seed, sample)) for sample, row in rows))
+    return list(itertools.chain.from_iterable(build(row, per_sample_seed(seed, sample)) for sample, row in rows))
 
 
 def token_counts(model, inputs: VLMInput, tokens: iv.TokenSet, name: str) -> list[dict]:

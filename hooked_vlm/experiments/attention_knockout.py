@@ -8,9 +8,13 @@ blocked in all heads of a window of layers. Windows: contiguous non-overlapping 
 `group_size` layers from layer 0 (§1.11.4; a last group shorter than the rest is kept), and
 "all" = every layer at once.
 
-Control ("random"): for each seed, as many random image tokens per sample as the object set
-holds (size-matched; for InternVL view by view), drawn from all image tokens — the object's
-included, as in the random ablation control — seeded per sample.
+Control ("random"): for each seed (three by default, reported as mean +- sd over seeds with
+`summarize(..., over_seeds=True)`), as many random image tokens per sample as the object set
+holds (size-matched; for InternVL view by view), seeded per sample, drawn from all image tokens
+— the object's included, as in the random ablation control — or, with `exclude_object=True`,
+from the tokens outside the object set only (a large object would otherwise share much of its
+control; where a view has fewer tokens outside the object than in it, the control takes them
+all, and `n_blocked` says how many).
 
 Output columns: the `evaluate` columns of the task (`condition` e.g. "object+1 L4–7"), then
 `group_size` (the nominal size; the number of layers for "all"), `layer_start`, `layer_end`
@@ -30,7 +34,7 @@ from hooked_vlm import interventions as iv
 from hooked_vlm.experiments._conditions import (
     Condition, check_choices, check_ints, check_task, conditions_work, object_set, random_set, sample_rows,
 )  # fmt: skip
-from hooked_vlm.experiments.data import Sample
+from hooked_vlm.experiments.data import Sample, SampleMode
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.runs import Run, execute
 
@@ -46,18 +50,24 @@ def attention_knockout(
     group_size: GroupSize | Sequence[GroupSize] = (4, "all"),
     paddings: Sequence[int] = (0, 1),
     controls: Sequence[str] = ("random",),
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] = (0, 1, 2),
+    exclude_object: bool = False,
     batch_size: int = 8,
     limit: int | None = None,
+    sample: SampleMode = "random",
+    sample_seed: int = 0,
     frame=None,
     max_new_tokens: int | None = None,
+    match: str = "word",
     progress: bool = True,
     run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """The baseline and, for every layer window, padding and target, the knocked-out model (see
     the module docstring). `group_size`: one size, "all", or several (appendix: 1, 4, 6).
-    `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
-    condition and sample)."""
+    `seeds`, `exclude_object`: the random control's (module docstring). `limit`, `sample`,
+    `sample_seed`: which samples (`experiments.data.sample_sources`); `frame`, `max_new_tokens`,
+    `match`: `evaluate`'s. `run`: a run directory to record the rows in and resume from
+    (`hooked_vlm.runs`; one item per condition and sample)."""
     check_task(task)
     windows = layer_windows(model.cfg.text.n_layers, group_size)
     paddings = check_ints(paddings, "paddings")
@@ -73,15 +83,18 @@ def attention_knockout(
             build = _knocking_out(start, end, padding)
             conditions.append(Condition(f"object{name}", {**labels, "target": "object"}, build))
             for seed in seeds:
-                build, random_labels = _knocking_out(start, end, padding, seed), {**labels, "target": "random", "seed": seed}
+                build = _knocking_out(start, end, padding, seed, exclude_object)
+                random_labels = {**labels, "target": "random", "seed": seed}
                 conditions.append(Condition(f"random{name} s{seed}", random_labels, build))
-    settings = {"windows": windows, "paddings": paddings, "controls": controls, "seeds": seeds}
+    settings = {"windows": windows, "paddings": paddings, "controls": controls, "seeds": seeds,
+                "exclude_object": bool(exclude_object)}  # fmt: skip
     work = conditions_work(
         "attention_knockout", model, dataset, task, conditions,
         columns=["group_size", "layer_start", "layer_end", "layers", "target", "padding", "seed", "n_blocked"],
         int_columns=("group_size", "layer_start", "layer_end", "padding", "seed", "n_blocked"),
         settings=settings, desc=f"attention knockout ({task})",
-        batch_size=batch_size, limit=limit, frame=frame, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, limit=limit, sample=sample, sample_seed=sample_seed, frame=frame,
+        max_new_tokens=max_new_tokens, match=match,
     )  # fmt: skip
     return execute(work, run, progress=progress)
 
@@ -113,13 +126,27 @@ def layer_label(start: int, end: int, n_layers: int) -> str:
     return str(start) if start == end else f"{start}–{end}"
 
 
-def _knocking_out(start: int, end: int, padding: int, seed: int | None = None):
+def _knocking_out(start: int, end: int, padding: int, seed: int | None = None, exclude_object: bool = False):
     def build(model, inputs: VLMInput, samples: list[Sample]):
         target = object_set(inputs, samples, padding)
-        if seed is not None:  # size-matched control, view by view (InternVL)
+        if seed is not None and exclude_object:
+            outside = iv.image_tokens(inputs) - target
+            target = random_set(inputs, samples, _at_most(inputs, target, outside), seed, within=outside, per_view=True)
+        elif seed is not None:  # size-matched control, view by view (InternVL)
             target = random_set(inputs, samples, target, seed, per_view=True)
         source = iv.after_image(inputs, include_generated=True)  # §1.8: prompt and generated tokens
         hooks = iv.attention_knockout(model, source, target, layers=range(start, end + 1))
         return hooks, [{"n_blocked": int(target.mask[row].sum())} for row in sample_rows(inputs)]
 
     return build
+
+
+def _at_most(inputs: VLMInput, tokens: iv.TokenSet, available: iv.TokenSet) -> iv.TokenSet:
+    """`tokens` thinned, view by view, to no more tokens than `available` holds there (only its
+    size per view matters: it is the size the random control matches)."""
+    groups, mask = iv.view_groups(inputs), tokens.mask.clone()
+    for row in range(mask.shape[0]):
+        for group in groups[row][mask[row]].unique().tolist():
+            members = (mask[row] & (groups[row] == group)).nonzero().flatten()
+            mask[row, members[int((available.mask[row] & (groups[row] == group)).sum()) :]] = False
+    return iv.TokenSet(mask)

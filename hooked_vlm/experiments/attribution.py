@@ -4,18 +4,24 @@ box-coordinate tokens").
 
 The paper gives neither the target, the baseline nor the number of steps (§1.11.6). Choices:
 
-- **Target metric** `f`: the mean teacher-forced log-probability of the ground-truth answer's
-  scored tokens (`-metrics.masked_nll`). Localization: the GT box in the model's own format
-  (`prompts.localization_answer`), digit tokens only (the coordinates, template masked out, as
-  in §1.9). List classification: the class name as the whole answer, every answer token.
+- **Target metric** `f` (`target="answer"`, the default): the mean teacher-forced
+  log-probability of the ground-truth answer's scored tokens (`-metrics.masked_nll`).
+  Localization: the GT box in the model's own format (`prompts.localization_answer`), digit
+  tokens only (the coordinates, template masked out, as in §1.9). List classification: the class
+  name as the whole answer, its own tokens only — not the end-of-turn token the chat template
+  appends (p(end | class) asks whether *other* objects follow; PROTOCOL-AUDIT A2).
+  `target="first_logit"` (list only) is the paper's words to the letter, "the correct class
+  logit": the raw logit of the class name's first token at the answer position.
 - **Input** `x`: the image tokens' `hook_inputs_embeds` (text tokens stay as they are).
 - **Baseline** `x'`: one vector at every image token (default: the mean visual embedding, as in
   Neo et al.'s code).
 - **Path integral**: `steps` midpoint-Riemann steps, `alpha = (k + 1/2) / steps`; one forward and
   backward of the language model per step (the vision tower runs once).
 
-A token's attribution is `sum_d (x - x')_d * mean_alpha grad_d f(x' + alpha (x - x'))`; by
-completeness the attributions of an image sum to about `f(x) - f(x')`.
+A token's attribution reduces `a_d = (x - x')_d * mean_alpha grad_d f(x' + alpha (x - x'))` over
+d_model: `reduce="l1"` (default) is `sum_d |a_d|`, as Neo et al.'s code ranks tokens
+(`integrated_grads.abs().sum(dim=-1)`, PROTOCOL-AUDIT A3); `reduce="sum"` is the signed
+`sum_d a_d`, whose sum over an image is about `f(x) - f(x')` (completeness).
 """
 
 from __future__ import annotations
@@ -35,6 +41,9 @@ from hooked_vlm.inputs import VLMInput
 from hooked_vlm.metrics import masked_nll
 
 Rank = Literal["signed", "abs"]
+Reduce = Literal["l1", "sum"]
+Target = Literal["answer", "first_logit"]
+REDUCTIONS, TARGETS = ("l1", "sum"), ("answer", "first_logit")
 
 
 @dataclass
@@ -60,7 +69,7 @@ def teacher_forced_inputs(
         answers = [_box_answer(s, box_format(model, frame)) for s in samples]
         token_filter = "digits"
     elif task == "list":
-        answers, token_filter = [s.class_name for s in samples], None
+        answers, token_filter = [s.class_name for s in samples], "answer_text"
     else:
         raise ValueError(f"no attribution target for task {task!r}; expected 'localization' or 'list'")
     prompts = [task_prompt(task, s) for s in samples]
@@ -81,11 +90,18 @@ def integrated_gradients(
     *,
     steps: int = 50,
     token_filter: str | None = None,
+    reduce: Reduce = "l1",
+    target: Target = "answer",
 ) -> Attributions:
-    """IG of the answer's mean log-probability with respect to every image token's
-    `hook_inputs_embeds` (see the module docstring). `inputs` must carry answers."""
+    """IG of the answer's mean log-probability (or, `target="first_logit"`, of its first token's
+    logit) with respect to every image token's `hook_inputs_embeds`, reduced over d_model by
+    `reduce` (see the module docstring). `inputs` must carry answers."""
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"unknown IG reduction {reduce!r}; expected one of {REDUCTIONS}")
+    if target not in TARGETS:
+        raise ValueError(f"unknown IG target {target!r}; expected one of {TARGETS}")
     if baseline.shape != (model.cfg.text.d_model,):
         raise ValueError(f"the IG baseline must be a [{model.cfg.text.d_model}] vector, got {tuple(baseline.shape)}")
     layout = inputs.layout
@@ -98,6 +114,8 @@ def integrated_gradients(
     def metric(image_embeds: Tensor) -> Float[Tensor, "batch"]:
         embeds = x.index_put((rows, cols), image_embeds)
         logits = model.run_language_model(embeds, inputs.attention_mask, inputs.position_ids)
+        if target == "first_logit":
+            return first_answer_logit(inputs, logits)
         return -masked_nll(model, inputs, token_filter=token_filter, logits=logits)
 
     total = torch.zeros_like(image, dtype=torch.float32)
@@ -106,10 +124,20 @@ def integrated_gradients(
         with torch.enable_grad():
             (grad,) = torch.autograd.grad(metric(point).sum(), point)
         total += grad.float()
-    scores = ((image - start).float() * total / steps).sum(-1)
+    per_dim = (image - start).float() * total / steps
+    scores = per_dim.abs().sum(-1) if reduce == "l1" else per_dim.sum(-1)
     with torch.no_grad():
         f_input, f_baseline = metric(image), metric(start)
     return Attributions(inputs, scores.cpu(), f_input.float().cpu(), f_baseline.float().cpu())
+
+
+def first_answer_logit(inputs: VLMInput, logits: Float[Tensor, "batch pos d_vocab"]) -> Float[Tensor, "batch"]:
+    """Each row's logit of its answer's first token, at the position that predicts it."""
+    if inputs.answer_mask is None:
+        raise ValueError("these inputs carry no answer: prepare them with answers=...")
+    first = inputs.answer_mask.int().argmax(-1).to(logits.device)  # the first answer position of each row
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    return logits[rows, first - 1, inputs.input_ids.to(logits.device)[rows, first]].float()
 
 
 def top_attributed(

@@ -5,14 +5,17 @@ fraction f of them are zero-ablated (`hook_z`, so their contribution through `o_
 every forward and generated token, and the task is re-evaluated. The low-importance control
 removes the heads whose |MF| is smallest. A normalised area under the curve summarises each
 ranking: the mean of score / baseline score over the fractions (trapezoid rule), 1 = no effect.
+Two more controls rank the same measured heads otherwise (`controls`): "negative_mf" removes the
+heads of most negative MF first (patching them moves the base away from the source; Liu et al.),
+"random_heads" removes them in a seeded random order (`control_seed`).
 
 Only measured heads are ranked: a NaN score (e.g. the last layer's MF at the prompt positions,
 which no patch there can reach, see `head_mediation`) is neither critical nor low-importance,
 so the control never picks such heads because they look like MF 0. A fraction that needs more
 heads than a ranking measured is an error (raised before anything runs).
 
-Output columns: the `evaluate` columns, plus `ranking` (the name given, or "low_importance"),
-`fraction`, `n_heads_removed`.
+Output columns: the `evaluate` columns, plus `ranking` (the name given, or a control's:
+"low_importance", "negative_mf", "random_heads"), `fraction`, `n_heads_removed`.
 """
 
 from __future__ import annotations
@@ -30,13 +33,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_vlm.boxes import Frame
-from hooked_vlm.experiments.data import as_samples, batched, empty_dataset_error, sample_sources
+from hooked_vlm.experiments.data import SampleMode, batched, chosen_samples, empty_dataset_error, sample_sources
 from hooked_vlm.experiments.evaluate import MAX_NEW_TOKENS, Task, box_format, evaluate, queries, task_prompt
 from hooked_vlm.experiments.head_mediation import rank_heads
 from hooked_vlm.interventions import head_ablation, mean_head_activations
 from hooked_vlm.runs import Item, Run, Work, execute
 
 DEFAULT_FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+CONTROLS = ("low_importance", "negative_mf", "random_heads")
 
 
 def cumulative_head_ablation(
@@ -47,9 +51,13 @@ def cumulative_head_ablation(
     task: Task = "localization",
     fractions: Sequence[float] = DEFAULT_FRACTIONS,
     low_importance_from: str | None = None,
+    controls: Sequence[str] = ("low_importance",),
+    control_seed: int = 0,
     value: Literal["zero", "mean"] = "zero",
     batch_size: int = 8,
     limit: int | None = None,
+    sample: SampleMode = "random",
+    sample_seed: int = 0,
     frame: Frame | None = None,
     max_new_tokens: int | None = None,
     progress: bool = True,
@@ -59,7 +67,9 @@ def cumulative_head_ablation(
 
     `rankings`: name -> a `[layer, head]` score (higher = more critical; NaN = not measured,
     never removed), e.g. `{"localization": mediation_map(mf_loc), "classification": mediation_map(mf_cls)}`.
-    `low_importance_from`: the name of a ranking whose least-|score| measured heads form the control.
+    `low_importance_from`: the name of the ranking the `controls` reorder: "low_importance" (its
+    least-|score| measured heads first), "negative_mf" (most negative first), "random_heads" (a
+    random order, seeded by `control_seed`). `limit`, `sample`, `sample_seed`: which samples.
     `value`: "zero" (the paper), or "mean": each head's mean `z` over the prompts of `dataset`
     for `task` (real tokens, before any answer), computed once. `frame` and `max_new_tokens` are
     `evaluate`'s (None: the model's default box frame, the task's answer length). `run`: a run
@@ -79,18 +89,21 @@ def cumulative_head_ablation(
     if value not in ("zero", "mean"):
         raise ValueError(f"unknown head ablation value {value!r} (expected 'zero' or 'mean')")
     orders = {name: rank_heads(scores, by="top") for name, scores in rankings.items()}
+    controls = list(dict.fromkeys([controls] if isinstance(controls, str) else controls))
+    if any(c not in CONTROLS for c in controls):
+        raise ValueError(f"unknown controls {[c for c in controls if c not in CONTROLS]}; expected some of {CONTROLS}")
     if low_importance_from is not None:
         if low_importance_from not in rankings:
             raise ValueError(f"low_importance_from={low_importance_from!r} is not one of the rankings {list(rankings)}")
-        orders["low_importance"] = rank_heads(rankings[low_importance_from], by="least_abs")
+        orders |= control_orders(rankings[low_importance_from], controls, control_seed)
     _check_measured_heads(orders, fractions, n_layers * n_heads)  # before any forward
     described_value = value if value == "zero" else "the mean z of each head over the dataset's prompts"
     if value == "mean":
-        value = _prompt_means(model, dataset, task, batch_size, limit)
+        value = _prompt_means(model, dataset, task, batch_size, {"limit": limit, "sample": sample, "sample_seed": sample_seed})
 
     steps = _steps(orders, fractions, n_layers * n_heads)
     items = [Item(f"{step.name}|{sample_id}", sample_id, (step, sample_id, load)) for step in steps
-             for sample_id, load in sample_sources(dataset, limit)]  # fmt: skip
+             for sample_id, load in sample_sources(dataset, limit, sample=sample, sample_seed=sample_seed)]  # fmt: skip
 
     def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
         for _, same_step in itertools.groupby(pending, key=lambda item: item.payload[0].name):
@@ -117,7 +130,8 @@ def cumulative_head_ablation(
 
     settings = {
         "task": task, "rankings": dict(rankings), "fractions": sorted(fractions), "low_importance_from": low_importance_from,
-        "value": described_value, "limit": limit, "box_format": box_format(model, frame),
+        "controls": controls if low_importance_from is not None else [], "control_seed": control_seed,
+        "value": described_value, "limit": limit, "sample": sample, "sample_seed": sample_seed, "box_format": box_format(model, frame),
         "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task],
     }  # fmt: skip
     work = Work("cumulative_head_ablation", items, compute, table, settings=settings, model=model,
@@ -167,8 +181,22 @@ def _check_measured_heads(orders: Mapping[str, list], fractions: Sequence[float]
             )
 
 
-def _prompt_means(model, dataset: Any, task: Task, batch_size: int, limit: int | None) -> dict[int, Tensor]:
-    samples = itertools.islice(as_samples(dataset), limit)
+def control_orders(scores: Float[Tensor, "layer head"], controls: Sequence[str], seed: int = 0) -> dict[str, list]:
+    """The control rankings of one ranking's measured heads (see the module docstring)."""
+    orders = {}
+    if "low_importance" in controls:
+        orders["low_importance"] = rank_heads(scores, by="least_abs")
+    if "negative_mf" in controls:
+        orders["negative_mf"] = rank_heads(-torch.as_tensor(scores, dtype=torch.float64), by="top")
+    if "random_heads" in controls:
+        measured = rank_heads(scores, by="top")
+        order = torch.randperm(len(measured), generator=torch.Generator().manual_seed(seed)).tolist()
+        orders["random_heads"] = [measured[i] for i in order]
+    return orders
+
+
+def _prompt_means(model, dataset: Any, task: Task, batch_size: int, chosen: dict) -> dict[int, Tensor]:
+    samples = chosen_samples(dataset, **chosen)
     batches = [
         model.prepare([image for _, image, _ in batch], [task_prompt(task, sample) for sample, _, _ in batch])
         for batch in batched(queries(samples, task), batch_size)

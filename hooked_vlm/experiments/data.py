@@ -6,13 +6,20 @@ the image with the object removed — the source/base pair of causal mediation. 
 adapts the synthetic dataset, a filtered COCO subset, a list of COCO object-removed pairs, or a
 list of samples; images are loaded one sample at a time. `sample_sources` gives each sample's id
 with a loader, so that a resumed run (`hooked_vlm.runs`) loads only the samples it still needs.
+
+Subsets (PROTOCOL-AUDIT A1): COCO's annotation file lists objects grouped by category, so its
+first N objects are one or two classes. `limit` therefore draws, by default, a seeded random
+subset (`sample="random"`, `sample_seed`), or a class-stratified one (`"stratified"`: the classes
+take turns, each class's objects in a seeded random order), or the first N in file order
+(`"first"`). The chosen samples keep the dataset's order; without `limit` every sample is used.
 """
 
 from __future__ import annotations
 
 import itertools
+import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
 from jaxtyping import Bool
@@ -30,6 +37,8 @@ class Sample:
     mask_fn: Callable[[], Bool[np.ndarray, "height width"]] = field(repr=False)
     choices: tuple[str, ...] = ()  # classes offered by the list-classification prompt
     removed_image: Image.Image | None = field(default=None, repr=False)
+    image_id: str | None = None  # the image it lies in (several objects may share one); None: its own
+    area: float | None = None  # object pixels (COCO's `area`); None: counted from the mask when asked
 
     def __post_init__(self) -> None:
         # a ground-truth box outside the image would be scored silently (IoU against a clipped box)
@@ -47,6 +56,28 @@ class Sample:
     def image_size(self) -> tuple[int, int]:
         return self.image.size
 
+    @property
+    def image_key(self) -> str:
+        """The image's identity: samples with the same key show the same image."""
+        return self.image_id if self.image_id is not None else self.id
+
+    @property
+    def object_area(self) -> float:
+        return float(self.area) if self.area is not None else float(self.mask.sum())
+
+
+SMALL_AREA, LARGE_AREA = 32**2, 96**2  # COCO's size classes (pixels of the object's mask)
+
+
+def size_class(area: float) -> str:
+    """COCO's size class of an object of `area` pixels: "small" (< 32^2), "medium" (< 96^2) or
+    "large" (the paper's Figure 10 breaks InternVL's view ablation down by it)."""
+    return "small" if area < SMALL_AREA else "medium" if area < LARGE_AREA else "large"
+
+
+SampleMode = Literal["first", "random", "stratified"]
+SAMPLE_MODES: tuple[str, ...] = ("first", "random", "stratified")
+
 
 def as_samples(dataset: Any, *, choices: Iterable[str] | None = None) -> Iterator[Sample]:
     """Samples from a `SyntheticLocalization`, a `CocoSubset`, a list of `ObjectRemovedPair`, or
@@ -55,32 +86,84 @@ def as_samples(dataset: Any, *, choices: Iterable[str] | None = None) -> Iterato
         yield load()
 
 
-def sample_sources(dataset: Any, limit: int | None = None) -> list[tuple[str, Callable[[], Sample]]]:
-    """(sample id, loader) of the first `limit` samples, without loading any image: a resumed run
-    loads only the samples it still needs. An empty dataset is an error."""
-    sources = list(itertools.islice(iter_sources(dataset), limit))
+def chosen_samples(dataset: Any, limit: int | None = None, *, sample: SampleMode = "random", sample_seed: int = 0) -> Iterator[Sample]:
+    """The samples `sample_sources` chooses, loaded one at a time."""
+    for _, load in sample_sources(dataset, limit, sample=sample, sample_seed=sample_seed):
+        yield load()
+
+
+def sample_sources(
+    dataset: Any, limit: int | None = None, *, sample: SampleMode = "random", sample_seed: int = 0
+) -> list[tuple[str, Callable[[], Sample]]]:
+    """(sample id, loader) of the samples `limit`, `sample` and `sample_seed` choose (see the
+    module docstring), in the dataset's order, without loading any image (but "stratified" on
+    a synthetic set, whose classes are known once drawn): a resumed run loads only the samples
+    it still needs. An empty dataset (or `limit=0`) is an error."""
+    check_sampling(limit, sample)
+    if sample == "first":
+        sources = [(sid, load) for sid, load, _ in itertools.islice(iter_sources(dataset, classes=True), limit)]
+    else:
+        every = list(iter_sources(dataset, classes=True))
+        chosen = _chosen(every, limit, sample, sample_seed)
+        sources = [(sid, load) for index, (sid, load, _) in enumerate(every) if index in chosen]
     if not sources:
         raise empty_dataset_error()
     return sources
 
 
-def iter_sources(dataset: Any, *, choices: Iterable[str] | None = None) -> Iterator[tuple[str, Callable[[], Sample]]]:
+def check_sampling(limit: int | None, sample: str) -> None:
+    if sample not in SAMPLE_MODES:
+        raise ValueError(f"unknown sample {sample!r}; expected one of {SAMPLE_MODES}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"limit must be None or a count >= 0, got {limit!r}")
+
+
+def _chosen(every: list, limit: int | None, sample: str, seed: int) -> set[int]:
+    """The indices of the chosen sources (all of them when `limit` does not cut)."""
+    if limit is None or limit >= len(every):
+        return set(range(len(every)))
+    generator = random.Random(seed)
+    if sample == "random":
+        return set(generator.sample(range(len(every)), limit))
+    by_class: dict[str, list[int]] = {}
+    for index, (_, _, class_of) in enumerate(every):
+        by_class.setdefault(class_of(), []).append(index)
+    queues = [generator.sample(indices, len(indices)) for _, indices in sorted(by_class.items())]
+    generator.shuffle(queues)  # which classes get one more object when limit does not divide evenly
+    taken: list[int] = []
+    while len(taken) < limit:
+        for queue in queues:
+            if queue and len(taken) < limit:
+                taken.append(queue.pop())
+    return set(taken)
+
+
+def iter_sources(dataset: Any, *, choices: Iterable[str] | None = None, classes: bool = False) -> Iterator[tuple]:
+    """(sample id, loader) of every sample; with `classes`, (id, loader, class name getter)."""
+    for sample_id, load, class_of in _sources(dataset, choices):
+        yield (sample_id, load, class_of) if classes else (sample_id, load)
+
+
+def _sources(dataset: Any, choices: Iterable[str] | None) -> Iterator[tuple[str, Callable[[], Sample], Callable[[], str]]]:
     from hooked_vlm.data.coco import CocoItem, ObjectRemovedPair
     from hooked_vlm.data.synthetic import SyntheticItem, SyntheticLocalization
 
     dataset_choices = tuple(choices) if choices is not None else _dataset_classes(dataset)
     if isinstance(dataset, SyntheticLocalization):  # ids without rendering: a scene is drawn when loaded
         for index in range(len(dataset)):
-            yield f"{dataset.split}-{index}", lambda index=index: _synthetic_sample(dataset[index], choices, dataset_choices)
+            load = lambda index=index: _synthetic_sample(dataset[index], choices, dataset_choices)
+            yield f"{dataset.split}-{index}", load, lambda index=index: dataset[index].class_name
         return
     for item in dataset:
         if isinstance(item, Sample):
-            yield item.id, lambda item=item: item
+            yield item.id, lambda item=item: item, lambda item=item: item.class_name
         elif isinstance(item, SyntheticItem):
-            yield f"{item.split}-{item.index}", lambda item=item: _synthetic_sample(item, choices, dataset_choices)
+            load = lambda item=item: _synthetic_sample(item, choices, dataset_choices)
+            yield f"{item.split}-{item.index}", load, lambda item=item: item.class_name
         elif isinstance(item, (CocoItem, ObjectRemovedPair)):
             coco = item if isinstance(item, CocoItem) else item.item
-            yield f"coco-{coco.annotation_id}", lambda item=item, c=dataset_choices: _coco_sample(item, c)
+            load = lambda item=item, c=dataset_choices: _coco_sample(item, c)
+            yield f"coco-{coco.annotation_id}", load, lambda coco=coco: coco.class_name
         else:
             raise TypeError(f"cannot make a sample of a {type(item).__name__}")
 
@@ -114,6 +197,8 @@ def _coco_sample(item, choices: tuple[str, ...]) -> Sample:
         mask_fn=coco.mask,
         choices=choices,
         removed_image=removed,
+        image_id=f"coco-image-{coco.image_id}",
+        area=coco.area,
     )
 
 

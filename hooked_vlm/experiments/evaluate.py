@@ -4,7 +4,11 @@ Every other experiment is `evaluate` with an intervention built per batch from t
 image-token map (object tokens, random tokens, knocked-out edges, ablated heads ...).
 
 Output columns (one row per query):
-- all tasks: `sample_id`, `class_name`, `task`, `condition`, `prompt`, `response`
+- all tasks: `sample_id`, `class_name`, `task`, `condition`, `prompt`, `response`, `finished`
+  (the answer ended before `max_new_tokens`: False means it was cut), `area` (object pixels),
+  `size_class` (COCO's "small" / "medium" / "large"), `excluded` (None, or why the sample was
+  not asked: an object wholly outside what the model sees, e.g. in the side strips LLaVA's
+  centre crop cuts off; its answer columns are empty and `summarize` leaves it out)
 - localization: `image_width`, `image_height`, `gt_box`, `pred_box` (None if unparsable),
   `n_boxes`, `iou` (NaN if unparsable), `hit@0.5`, `hit@0.7`, `hit@0.9`, `loc_score`
   (the paper's score: the mean of the three hits)
@@ -15,20 +19,24 @@ Output columns (one row per query):
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import pandas as pd
+import torch
 
-from hooked_vlm.boxes import Frame
+from hooked_vlm.boxes import Frame, format_box
 from hooked_vlm.data.prompts import binary_prompt, list_prompt, localization_prompt
-from hooked_vlm.experiments.data import Sample, batched, sample_sources
+from hooked_vlm.experiments.data import Sample, SampleMode, sample_sources, size_class
+from hooked_vlm.experiments.summary import summarize
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.runs import Item, Run, Work, execute
-from hooked_vlm.scoring import binary_answer, classification_correct, score_localization_answer
+from hooked_vlm.scoring import MATCHES, Match, binary_answer, classification_correct, score_localization_answer
 
 Task = Literal["localization", "list", "binary"]
 TASKS: tuple[Task, ...] = ("localization", "list", "binary")
-MAX_NEW_TOKENS = {"localization": 40, "list": 48, "binary": 4}
+# a list answer is ~3 tokens per class and a box sentence ~10 + 28 tokens: shorter caps cut
+# answers, and more often under ablation (PROTOCOL-AUDIT A7); `finished` records every cut
+MAX_NEW_TOKENS = {"localization": 64, "list": 128, "binary": 4}
 # intervention(model, inputs, samples) -> forward hooks for this batch (active on every generated token)
 Intervention = Callable[[Any, VLMInput, list[Sample]], list]
 
@@ -74,46 +82,87 @@ def evaluate(
     batch_size: int = 8,
     max_new_tokens: int | None = None,
     frame: Frame | None = None,
+    match: Match = "word",
     limit: int | None = None,
+    sample: SampleMode = "random",
+    sample_seed: int = 0,
     progress: bool = True,
     run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """Greedy answers of `model` on every sample of `dataset` for `task`, scored (see the module
     docstring for the columns). `intervention` adds hooks built from each batch's inputs. An empty
-    dataset raises ValueError. `run`: a run directory to record the rows in and resume from
-    (`hooked_vlm.runs`; one item per sample, its one or two queries)."""
+    dataset raises ValueError. `limit`, `sample`, `sample_seed`: which samples (`sample_sources`:
+    a seeded random subset of `limit` by default). `match`: the list task's rule, "word" (whole
+    words, plurals) or "substring" (the paper's literal test, `classification_correct`). `run`: a
+    run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per sample,
+    its one or two queries)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+    if match not in MATCHES:
+        raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
     boxes = box_format(model, frame)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
-    items = [Item(sample_id, sample_id, load) for sample_id, load in sample_sources(dataset, limit)]
+    chosen = sample_sources(dataset, limit, sample=sample, sample_seed=sample_seed)
+    items = [Item(sample_id, sample_id, load) for sample_id, load in chosen]
+
+    def ask(batch: list[tuple]) -> Iterator[tuple[str, list[dict]]]:
+        images = [image for _, _, image, _, _ in batch]
+        prompts = [task_prompt(task, sample) for _, sample, _, _, _ in batch]
+        inputs = model.prepare(images, prompts)
+        hooks = intervention(model, inputs, [s for _, s, _, _, _ in batch]) if intervention else []
+        tokens = model.generate(inputs, max_new_tokens=max_new_tokens, fwd_hooks=hooks, return_tokens=True)
+        finished = torch.isin(tokens, torch.tensor(model.cfg.eos_token_ids, device=tokens.device)).any(-1).tolist()
+        responses = model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+        for (key, sample, _, kind, last), prompt, response, done in zip(batch, prompts, responses, finished):
+            answered_columns = {"finished": done, **_object_columns(sample), "excluded": None, "condition": condition}
+            row = _score(task, sample, kind, prompt, response, boxes, match) | answered_columns
+            answered.setdefault(key, []).append(row)
+            if last:
+                yield key, answered.pop(key)
+
+    answered: dict[str, list[dict]] = {}
 
     def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
-        answered: dict[str, list[dict]] = {}
-        for batch in batched(_queries(pending, task), batch_size):  # binary: a sample's two queries
-            images = [image for _, _, image, _, _ in batch]
-            prompts = [task_prompt(task, sample) for _, sample, _, _, _ in batch]
-            inputs = model.prepare(images, prompts)
-            hooks = intervention(model, inputs, [s for _, s, _, _, _ in batch]) if intervention else []
-            responses = model.generate(inputs, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
-            for (key, sample, _, kind, last), prompt, response in zip(batch, prompts, responses):
-                row = _score(task, sample, kind, prompt, response, boxes) | {"condition": condition}
-                answered.setdefault(key, []).append(row)
-                if last:
-                    yield key, answered.pop(key)
+        batch: list[tuple] = []
+        for item in pending:  # binary: a sample's two queries
+            sample = item.payload()
+            reason = exclusion(sample, boxes)
+            asked = list(queries([sample], task))
+            if reason:  # recorded, never a crash in the middle of a long run
+                yield item.key, [excluded_row(task, sample, kind, reason) | {"condition": condition} for _, _, kind in asked]
+                continue
+            for index, (_, image, kind) in enumerate(asked):
+                batch.append((item.key, sample, image, kind, index == len(asked) - 1))
+                if len(batch) == batch_size:
+                    yield from ask(batch)
+                    batch = []
+        if batch:
+            yield from ask(batch)
 
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     settings = {"task": task, "condition": condition, "intervention": intervention, "max_new_tokens": max_new_tokens,
-                "box_format": boxes, "limit": limit}  # fmt: skip
+                "box_format": boxes, "match": match, "limit": limit, "sample": sample, "sample_seed": sample_seed}  # fmt: skip
     work = Work("evaluate", items, compute, settings=settings, model=model, desc=f"{task} [{condition}]", unit="sample")
     return execute(work, run, progress=progress)
 
 
-def _queries(items: list[Item], task: Task):
-    """(key, sample, image, kind, last query of the sample) of each item's samples' queries."""
-    for item in items:
-        asked = list(queries([item.payload()], task))
-        for index, (sample, image, kind) in enumerate(asked):
-            yield item.key, sample, image, kind, index == len(asked) - 1
+def exclusion(sample: Sample, boxes: dict[str, Any]) -> str | None:
+    """Why `sample` cannot be asked about, or None: its object lies wholly outside what the model
+    sees (LLaVA's centre crop cuts off side strips; the ground-truth box has no answer in the
+    model's frame, and the object no token)."""
+    try:
+        format_box(sample.box, sample.image_size, **boxes)
+    except ValueError:
+        return f"object outside the model's view (box {tuple(sample.box)} is outside the {boxes['frame']!r} frame)"
+    return None
+
+
+def excluded_row(task: Task, sample: Sample, kind: str, reason: str) -> dict:
+    """The row of a query not asked (see `exclusion`): its labels, no answer."""
+    row = {"sample_id": sample.id, "class_name": sample.class_name, "task": task, "prompt": None, "response": None,
+           "finished": None, **_object_columns(sample), "excluded": reason}  # fmt: skip
+    return row | ({"image": kind, "present": kind == "original"} if task == "binary" else {})
 
 
 def queries(samples: Iterable[Sample], task: Task):
@@ -124,31 +173,19 @@ def queries(samples: Iterable[Sample], task: Task):
             yield sample, sample.removed_image, "removed"
 
 
-def _score(task: Task, sample: Sample, kind: str, prompt: str, response: str, boxes: dict[str, Any]) -> dict:
+def _object_columns(sample: Sample) -> dict:
+    area = sample.object_area
+    return {"area": area, "size_class": size_class(area)}
+
+
+def _score(task: Task, sample: Sample, kind: str, prompt: str, response: str, boxes: dict[str, Any], match: Match) -> dict:
     row = {"sample_id": sample.id, "class_name": sample.class_name, "task": task, "prompt": prompt, "response": response}
     if task == "localization":
         width, height = sample.image_size
         scored = score_localization_answer(response, sample.box, sample.image_size, **boxes)
         return row | {"image_width": width, "image_height": height, "gt_box": tuple(sample.box)} | scored
     if task == "list":
-        return row | {"correct": classification_correct(response, sample.class_name)}
+        return row | {"correct": classification_correct(response, sample.class_name, match=match)}
     answer = binary_answer(response)
     present = kind == "original"
     return row | {"image": kind, "present": present, "answer": answer, "correct": answer is not None and answer == present}
-
-
-def summarize(results: pd.DataFrame, by: str | Sequence[str] = "condition") -> pd.DataFrame:
-    """The paper's numbers per condition: localization score and hits, or accuracy."""
-    from hooked_vlm.scoring import summarize_binary, summarize_classification, summarize_localization
-
-    if results.empty:
-        raise ValueError("no results to summarize (the table is empty)")
-    tasks = results["task"].unique()
-    if len(tasks) > 1:
-        raise ValueError(f"the table mixes tasks {list(tasks)}: summarize each, e.g. results[results.task == {tasks[0]!r}]")
-    task = tasks[0]
-    if task == "localization":
-        return summarize_localization(results, by=by)
-    if task == "list":
-        return summarize_classification(results, by=by)
-    return summarize_binary(results, by=by)

@@ -24,10 +24,15 @@ measured; with "answer" or "prompt+answer" every layer reaches the answer's logi
 shared prefix, `hooked_vlm.patching.head_patching_sweep`); `method="attribution"` estimates every
 head's patched NLL to first order from one forward/backward (`head_attribution`).
 
+Pairs: the protocol's 50 (§1.9) by default, a seeded random subset (`limit`, `sample`,
+`sample_seed`; COCO's file is ordered by class, so its first 50 would be one or two classes).
+
 Output columns: `pair_id`, `class_name`, `layer`, `head`, `mf` (NaN: not measured, see above),
 `p_base`, `p_src`, `p_patched` (the perplexities P above), `method`, `task`, `positions`,
 `target` (the answer text scored), `target_source` ("src_greedy" or "gt": the source's greedy
-answer is used when it is correct, else the ground truth).
+answer is used when it is correct, else the ground truth), `excluded` (None, or why the pair was
+not measured — its object lies outside what the model sees, e.g. LLaVA's centre crop: one row,
+no head).
 """
 
 from __future__ import annotations
@@ -41,9 +46,9 @@ from jaxtyping import Bool, Float
 from torch import Tensor
 
 from hooked_vlm.data.prompts import YES, binary_prompt, localization_answer, localization_prompt
-from hooked_vlm.experiments.data import Sample, sample_sources
+from hooked_vlm.experiments.data import Sample, SampleMode, sample_sources
 from hooked_vlm.boxes import Frame
-from hooked_vlm.experiments.evaluate import box_format
+from hooked_vlm.experiments.evaluate import box_format, exclusion
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.metrics import mediation_fraction, scored_tokens
 from hooked_vlm.patching import answer_nll_metric, head_attribution, head_patching_sweep
@@ -66,7 +71,9 @@ def head_mediation(
     max_new_tokens: int = 40,
     frame: Frame | None = None,
     min_effect: float = 0.01,
-    limit: int | None = None,
+    limit: int | None = 50,
+    sample: SampleMode = "random",
+    sample_seed: int = 0,
     progress: bool = True,
     run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
@@ -83,6 +90,9 @@ def head_mediation(
     with "answer": its one scored token is predicted before the answer) is an error.
     `frame`: the box frame of the localization target and of scoring the source's greedy answer
     (None: `default_frame(model)`, as in `evaluate`); `max_new_tokens` bounds that greedy answer.
+    `limit`, `sample`, `sample_seed`: which pairs (default: 50 drawn at random with seed 0, the
+    protocol's count; `limit=None` takes every pair). A pair whose object the model cannot see
+    gets one row with `excluded` set, rather than stopping the run.
     `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
     pair, its rows for every head).
     """
@@ -92,7 +102,10 @@ def head_mediation(
         raise ValueError(f"unknown method {method!r} (expected 'exact' or 'attribution')")
     if positions not in ("prompt", "answer", "prompt+answer"):
         raise ValueError(f"unknown positions {positions!r} (expected 'prompt', 'answer' or 'prompt+answer')")
-    items = [Item(pair_id, pair_id, load) for pair_id, load in sample_sources(pairs, limit)]
+    if target not in ("src_greedy", "gt"):
+        raise ValueError(f"unknown target {target!r} (expected 'src_greedy' or 'gt')")
+    chosen = sample_sources(pairs, limit, sample=sample, sample_seed=sample_seed)
+    items = [Item(pair_id, pair_id, load) for pair_id, load in chosen]
 
     def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
         for item in pending:
@@ -100,8 +113,9 @@ def head_mediation(
                                        frame, min_effect)  # fmt: skip
 
     settings = {"task": task, "positions": positions, "target": target, "method": method, "max_new_tokens": max_new_tokens,
-                "box_format": box_format(model, frame), "min_effect": min_effect, "limit": limit}  # fmt: skip
-    work = Work("head_mediation", items, compute, settings=settings, model=model, desc=f"head mediation ({method})", unit="pair")
+                "box_format": box_format(model, frame), "min_effect": min_effect, "limit": limit, "sample": sample,
+                "sample_seed": sample_seed}  # fmt: skip
+    work = Work("head_mediation", items, compute, _table, settings=settings, model=model, desc=f"head mediation ({method})", unit="pair")
     return execute(work, run, progress=progress)
 
 
@@ -114,6 +128,10 @@ def _pair_rows(
         raise ValueError(f"sample {sample.id} has no object-removed image: mediation needs source/base pairs")
     if sample.removed_image.size != sample.image.size:
         raise ValueError(f"sample {sample.id}: the removed image is {sample.removed_image.size}, the source {sample.image.size}")
+    reason = exclusion(sample, box_format(model, frame))
+    if reason:  # no answer to score in the model's frame: recorded, the run goes on
+        return [{"pair_id": sample.id, "class_name": sample.class_name, "layer": None, "head": None, "mf": float("nan"),
+                 "method": method, "task": task, "positions": positions, "excluded": reason}]  # fmt: skip
     prompt = localization_prompt(sample.class_name) if task == "localization" else binary_prompt(sample.class_name)
     answer, answer_source = _target_answer(model, sample, task, prompt, target, max_new_tokens, frame)
     source = model.prepare(sample.image, prompt, answers=answer)
@@ -139,17 +157,51 @@ def _pair_rows(
         {"pair_id": sample.id, "class_name": sample.class_name, "layer": layer, "head": head,
          "mf": float(mf[layer, head]), "p_base": float(p_base), "p_src": float(p_src),
          "p_patched": float(p_patched[layer, head]), "method": method, "task": task,
-         "positions": positions, "target": answer, "target_source": answer_source}
+         "positions": positions, "target": answer, "target_source": answer_source, "excluded": None}
         for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)
     ]  # fmt: skip
 
 
-def mediation_map(results: pd.DataFrame) -> Float[Tensor, "layer head"]:
-    """Mean MF per head over the pairs where it was measured (NaN rows skipped): the paper's
-    layer x head heat-map. A head NaN in every pair (e.g. the last layer's with
-    positions="prompt") stays NaN: not measured, which is not MF 0."""
-    table = results.groupby(["layer", "head"])["mf"].mean().unstack("head")  # pandas' mean skips NaN
-    return torch.tensor(table.to_numpy(), dtype=torch.float32)
+def _table(rows_per_item: list[list[dict]]) -> pd.DataFrame:
+    table = pd.DataFrame([row for rows in rows_per_item for row in rows])
+    return table.astype({"layer": "Int64", "head": "Int64"})  # an excluded pair's row has no head
+
+
+AGGREGATES = ("mean", "median", "ratio_of_sums")
+
+
+def mediation_map(results: pd.DataFrame, aggregate: str = "mean") -> Float[Tensor, "layer head"]:
+    """MF per head over the pairs where it was measured (NaN rows skipped): the paper's layer x
+    head heat-map. A head NaN in every pair (e.g. the last layer's with positions="prompt")
+    stays NaN: not measured, which is not MF 0.
+
+    `aggregate`: "mean" (the paper's), or robustness checks against the few pairs just above the
+    `min_effect` guard whose |MF| is huge (PROTOCOL-AUDIT B6): "median", and "ratio_of_sums",
+    sum(P_base - P_patched) / sum(P_base - P_src) over the measured pairs (each pair weighs by
+    its effect)."""
+    if aggregate not in AGGREGATES:
+        raise ValueError(f"unknown aggregate {aggregate!r}; expected one of {AGGREGATES}")
+    measured = results[results["mf"].notna()]
+    heads = results[results["layer"].notna()].groupby(["layer", "head"])["mf"]  # every head, measured or not
+    if aggregate == "ratio_of_sums":
+        effect = (measured["p_base"] - measured["p_patched"]).groupby([measured["layer"], measured["head"]]).sum()
+        total = (measured["p_base"] - measured["p_src"]).groupby([measured["layer"], measured["head"]]).sum()
+        values = (effect / total).reindex(heads.size().index)
+    else:
+        values = getattr(heads, aggregate)()  # pandas skips NaN
+    return torch.tensor(values.unstack("head").to_numpy(dtype=float), dtype=torch.float32)
+
+
+def mediation_counts(results: pd.DataFrame) -> dict[str, int]:
+    """How many pairs the map rests on: `pairs` in the table, `excluded` (not measured, see the
+    `excluded` column), `dropped` (measured, but every head NaN: source and base barely differ,
+    `min_effect`) and `measured`."""
+    excluded = results.groupby("pair_id")["excluded"].agg(lambda v: v.notna().any()) if "excluded" in results else None
+    measured = results.groupby("pair_id")["mf"].agg(lambda v: v.notna().any())
+    n_excluded = int(excluded.sum()) if excluded is not None else 0
+    n_measured = int(measured.sum())
+    return {"pairs": len(measured), "excluded": n_excluded, "dropped": len(measured) - n_excluded - n_measured,
+            "measured": n_measured}  # fmt: skip
 
 
 def rank_heads(values: Float[Tensor, "layer head"], k: int | None = None, *, by: Literal["top", "least_abs"] = "top") -> list[tuple[int, int]]:
@@ -188,13 +240,12 @@ def _target_answer(
     """The answer sequence to score: the source's greedy answer when it is correct (the
     protocol's recommendation), else (or with target="gt") the ground truth in the model's format."""
     boxes = box_format(model, frame)
-    truth = (
-        localization_answer(sample.box, sample.image_size, sample.class_name, **boxes)
-        if task == "localization"
-        else YES
-    )
+
+    def truth() -> str:  # only when it is scored: the greedy answer needs no ground-truth answer
+        return localization_answer(sample.box, sample.image_size, sample.class_name, **boxes) if task == "localization" else YES
+
     if target == "gt":
-        return truth, "gt"
+        return truth(), "gt"
     if target != "src_greedy":
         raise ValueError(f"unknown target {target!r} (expected 'src_greedy' or 'gt')")
     inputs = model.prepare(sample.image, prompt)
@@ -206,7 +257,7 @@ def _target_answer(
         correct = score_localization_answer(text, sample.box, sample.image_size, **boxes)["hit@0.5"]
     else:
         correct = binary_answer(text) is True
-    return (text, "src_greedy") if correct and text else (truth, "gt")
+    return (text, "src_greedy") if correct and text else (truth(), "gt")
 
 
 def _scored_mask(model, inputs: VLMInput, task: Task) -> Tensor:

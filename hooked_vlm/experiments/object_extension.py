@@ -34,7 +34,7 @@ from hooked_vlm.boxes import Box, ImageSize, clip_box, iou
 from hooked_vlm.experiments._conditions import (
     Condition, check_ints, check_views, conditions_work, per_sample_hooks, sample_rows,
 )  # fmt: skip
-from hooked_vlm.experiments.data import Sample
+from hooked_vlm.experiments.data import Sample, SampleMode
 from hooked_vlm.inputs import ViewGeometry, VLMInput
 from hooked_vlm.runs import Run, execute
 from hooked_vlm.scoring import DEFAULT_THRESHOLDS, hit_column, is_hit, localization_score
@@ -46,20 +46,24 @@ def object_extension(
     model,
     dataset: Any,
     *,
-    paddings: Sequence[int] = (1, 2),
+    paddings: Sequence[int] = (0, 1, 2),
     gt_scales: Sequence[int] = (0, 1, 2),
     seeds: Sequence[int] = range(10),
     views: Literal["all", "global", "local"] = "all",
     scale_view: Literal["global", "local"] = "global",
     batch_size: int = 8,
     limit: int | None = None,
+    sample: SampleMode = "random",
+    sample_seed: int = 0,
     frame=None,
     max_new_tokens: int | None = None,
     progress: bool = True,
     run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """Localization under object extension by each padding and seed, scored against each GT
-    scale (see the module docstring). `views` extends only InternVL's thumbnail or tiles.
+    scale (see the module docstring). Padding 0 is the unmodified model, run once (the paper's
+    reference row beside p = 1, 2). `views` extends only InternVL's thumbnail or tiles. `limit`,
+    `sample`, `sample_seed`: which samples (`experiments.data.sample_sources`).
     `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
     condition and sample, its answer scored against every GT scale when the table is made)."""
     check_views(model, views)
@@ -80,7 +84,8 @@ def object_extension(
         "object_extension", model, dataset, "localization", conditions,
         columns=[c for c in CONDITION_COLUMNS if c != "gt_scale"], int_columns=("padding", "seed", "n_extended"),
         settings={"paddings": paddings, "gt_scales": gt_scales, "seeds": seeds, "views": views, "scale_view": scale_view},
-        desc="object extension", batch_size=batch_size, limit=limit, frame=frame, max_new_tokens=max_new_tokens,
+        desc="object extension", batch_size=batch_size, limit=limit, sample=sample, sample_seed=sample_seed, frame=frame,
+        max_new_tokens=max_new_tokens,
         finish=lambda results: _scored(results, gt_scales),
     )  # fmt: skip
     return execute(work, run, progress=progress)
@@ -147,6 +152,10 @@ def score_against_enlarged(results: pd.DataFrame, scale: int) -> pd.DataFrame:
     table = results.copy()
     rows = []
     for record in table.itertuples(index=False):
+        if isinstance(getattr(record, "excluded", None), str):  # never asked: nothing to score
+            rows.append({"gt_box": None, "iou": float("nan"), **{hit_column(t): None for t in DEFAULT_THRESHOLDS},
+                         "loc_score": float("nan")})  # fmt: skip
+            continue
         size = (record.image_width, record.image_height)
         gt = enlarged_box(record.gt_box, size, (record.token_width, record.token_height), scale)
         pred = record.pred_box if isinstance(record.pred_box, tuple) else None  # None (or NaN): unparsed

@@ -38,6 +38,10 @@ from hooked_vlm.provenance import code_version, model_identity, preprocessing_se
 from hooked_vlm.runs import Item, Run, Work, execute
 
 PROBE_PROMPT = "Describe the image."
+# tokens drawn per image and view in each pass: 50,000 images x 16 tokens is 800k tokens per
+# epoch and site, plenty for a linear probe of 24-64 classes; every token of 50,000 images
+# (576 or 1792 each) costs 36-110x the compute for the same probe (PROTOCOL-AUDIT A6)
+TOKENS_PER_IMAGE = 16
 STANDARDISE_IMAGES = 512  # the training images whose features set each site's standardisation
 # a training set read whole by the standardisation pass is kept in memory up to this size, and
 # its epochs reuse it instead of running the model again (small sets; large ones stream)
@@ -58,7 +62,7 @@ def position_probe(
     test_dataset: Any,
     *,
     epochs: int = 10,
-    tokens_per_image: int | None = None,
+    tokens_per_image: int | None = TOKENS_PER_IMAGE,
     batch_size: int = 8,
     lr: float = 1e-2,
     seed: int = 0,
@@ -71,7 +75,7 @@ def position_probe(
     training images; then one softmax-regression probe per (site, axis) is trained with Adam for
     `epochs` passes (minibatches of 256 tokens within each batch of images) and scored on the
     test images. `tokens_per_image` draws that many tokens per image and view, afresh in every
-    pass. Vision-tower positions are the patch grid (CLS excluded); projector and language-model
+    pass (None: every token). Vision-tower positions are the patch grid (CLS excluded); projector and language-model
     positions are the layout's (row, col) within each view. The token draws, the probes' initial
     weights and their minibatch order come from one generator per site, seeded with `seed` and the
     site: a site's result depends on the seed only (not on which other sites are computed with it,

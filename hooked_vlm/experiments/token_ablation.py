@@ -27,9 +27,9 @@ Inapplicable labels are NA. One row per query and condition.
 from __future__ import annotations
 
 import warnings
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Iterator, Literal, Sequence
 
 import pandas as pd
 import torch
@@ -39,16 +39,20 @@ from torch import Tensor
 from hooked_vlm import interventions as iv
 from hooked_vlm.experiments._conditions import (
     Condition, check_choices, check_ints, check_task, check_views, conditions_work, count_columns, object_set,
-    random_set, sample_rows, sample_seed, token_counts,
+    per_sample_seed, random_set, sample_rows, token_counts,
 )  # fmt: skip
-from hooked_vlm.experiments.attribution import Rank, integrated_gradients, teacher_forced_inputs, top_attributed
-from hooked_vlm.experiments.data import Sample, as_samples, empty_dataset_error
+from hooked_vlm.experiments.attribution import (
+    REDUCTIONS, TARGETS, Rank, Reduce, Target, integrated_gradients, teacher_forced_inputs, top_attributed,
+)  # fmt: skip
+from hooked_vlm.experiments.data import Sample, SampleMode, chosen_samples, empty_dataset_error
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.runs import Run, execute
 
 STRATEGIES = ("object", "random", "register", "ig")
 FILLS = ("mean", "zero", "noise")
 Fill = Literal["mean", "zero", "noise"] | iv.MeanEmbedding
+FRACTIONS = (0.01, 0.04, 0.08, 0.16, 0.24, 0.32, 0.48)  # §1.4: 1, 4, 8, 16, (24), 32, 48 %
+PADDINGS = (-2, -1, 0, 1, 2)
 
 
 def token_ablation(
@@ -57,8 +61,8 @@ def token_ablation(
     *,
     task: Literal["localization", "list"] = "localization",
     strategies: Sequence[str] = STRATEGIES,
-    paddings: Sequence[int] = (-2, -1, 0, 1, 2),
-    fractions: Sequence[float] = (0.01, 0.04, 0.08, 0.16, 0.32, 0.48),
+    paddings: Sequence[int] = PADDINGS,
+    fractions: Sequence[float] = FRACTIONS,
     fill: Fill = "mean",
     mean: iv.MeanEmbedding | Float[Tensor, "d_model"] | str | Path | None = None,
     views: Literal["all", "global", "local"] = "all",
@@ -66,11 +70,16 @@ def token_ablation(
     ig_steps: int = 50,
     ig_baseline: Literal["mean", "zero"] = "mean",
     ig_rank: Rank = "signed",
+    ig_reduce: Reduce = "l1",
+    ig_target: Target = "answer",
     register_sd: float = 2.0,
     batch_size: int = 8,
     limit: int | None = None,
+    sample: SampleMode = "random",
+    sample_seed: int = 0,
     frame=None,
     max_new_tokens: int | None = None,
+    match: str = "word",
     progress: bool = True,
     run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
@@ -82,9 +91,15 @@ def token_ablation(
     "zero", "noise" (seeded by the condition's seed, 0 if none, and each sample's id, per
     position counted from the sample's first token: a sample gets the same noise whatever its
     batch), or a `MeanEmbedding`.
-    `ig_baseline` is IG's reference input: the same mean vector, or zero. `views` restricts
+    `ig_baseline` is IG's reference input: the same mean vector, or zero; `ig_reduce` how a
+    token's attribution sums over d_model ("l1": sum of |.|, the reference code's; "sum":
+    signed); `ig_target` what is attributed ("answer": the answer's mean log-probability, the
+    class name's tokens without the end-of-turn; "first_logit": the class's first-token logit,
+    list only; see `experiments.attribution`). `views` restricts
     every token set to InternVL's thumbnail ("global") or tiles ("local"); `n_image_tokens`
-    still counts every view. `run`: a run directory to record the rows in and resume from
+    still counts every view. `limit`, `sample`, `sample_seed`: which samples (a seeded random
+    subset by default, `experiments.data.sample_sources`); the mean fallback averages the distinct
+    images of the same samples. `frame`, `max_new_tokens`, `match`: `evaluate`'s. `run`: a run directory to record the rows in and resume from
     (`hooked_vlm.runs`; one item per condition and sample).
     """
     check_task(task)
@@ -93,7 +108,7 @@ def token_ablation(
     paddings = check_ints(paddings, "paddings") if "object" in strategies else []
     seeds = check_ints(seeds, "seeds") if "random" in strategies else []
     fractions = _check_fractions(fractions) if {"random", "ig"} & set(strategies) else []
-    _check_ig(ig_steps, ig_baseline, ig_rank)
+    _check_ig(ig_steps, ig_baseline, ig_rank, ig_reduce, ig_target, task if "ig" in strategies else None)
     if not register_sd >= 0:
         raise ValueError(f"register_sd must be >= 0, got {register_sd!r}")
     if not isinstance(fill, iv.MeanEmbedding) and not (isinstance(fill, str) and fill in FILLS):
@@ -101,7 +116,8 @@ def token_ablation(
     fill_label = "mean" if isinstance(fill, iv.MeanEmbedding) else fill
     needs_mean = fill_label == "mean" or ("ig" in strategies and ig_baseline == "mean")
     mean_given = mean is not None or isinstance(fill, iv.MeanEmbedding)
-    mean = _resolve_mean(model, dataset, fill, mean, needs_mean, limit, batch_size, progress)
+    chosen = {"limit": limit, "sample": sample, "sample_seed": sample_seed}
+    mean = _resolve_mean(model, dataset, fill, mean, needs_mean, chosen, batch_size, progress)
     value = mean if fill_label == "mean" else fill
 
     shared = {"views": views, "fill": fill_label}
@@ -121,7 +137,7 @@ def token_ablation(
     if "ig" in strategies:
         vector = mean.vector if isinstance(mean, iv.MeanEmbedding) else mean
         reference = vector if ig_baseline == "mean" else torch.zeros(model.cfg.text.d_model)
-        attributions = _AttributionCache(task, reference, ig_steps, frame)
+        attributions = _AttributionCache(task, reference, ig_steps, frame, ig_reduce, ig_target)
         for fraction in fractions:
             labels = {"strategy": "ig", "fraction": fraction, **shared}
             select = _top_attributed(attributions, fraction, views, ig_rank)
@@ -130,14 +146,15 @@ def token_ablation(
     settings = {
         "strategies": strategies, "paddings": paddings, "fractions": fractions, "seeds": seeds, "views": views,
         "fill": fill_label, "mean": mean if mean_given else ("the dataset's images" if needs_mean else None),
-        "ig_steps": ig_steps, "ig_baseline": ig_baseline, "ig_rank": ig_rank, "register_sd": register_sd,
+        "ig_steps": ig_steps, "ig_baseline": ig_baseline, "ig_rank": ig_rank, "ig_reduce": ig_reduce,
+        "ig_target": ig_target, "register_sd": register_sd,
     }  # fmt: skip
     work = conditions_work(
         "token_ablation", model, dataset, task, conditions,
         columns=["strategy", "padding", "fraction", "seed", "views", "fill", *counts],
         int_columns=["padding", "seed", *(c for c in counts if c.startswith("n_"))],
         settings=settings, desc=f"token ablation ({task})",
-        batch_size=batch_size, limit=limit, frame=frame, max_new_tokens=max_new_tokens,
+        batch_size=batch_size, **chosen, frame=frame, max_new_tokens=max_new_tokens, match=match,
     )  # fmt: skip
     return execute(work, run, progress=progress)
 
@@ -151,7 +168,7 @@ def _ablating(value, select, seed: int = 0):
         if tokens.mask.any():  # noise seeded per sample and counted from its first token: batch-independent
             seeds = [0] * inputs.input_ids.shape[0]
             for sample, row in zip(samples, sample_rows(inputs)):
-                seeds[row] = sample_seed(seed, sample)
+                seeds[row] = per_sample_seed(seed, sample)
             hooks = iv.token_ablation(model, tokens, value, seed=seeds, inputs=inputs)
         return hooks, token_counts(model, inputs, tokens, "ablated")
 
@@ -206,26 +223,34 @@ def register_tokens(model, inputs: VLMInput, *, views: str = "all", n_sd: float 
 class _AttributionCache:
     """IG attributions per sample id, computed on first request and reused by every fraction."""
 
-    def __init__(self, task: str, baseline: Float[Tensor, "d_model"], steps: int, frame) -> None:
+    def __init__(self, task: str, baseline: Float[Tensor, "d_model"], steps: int, frame, reduce: str, target: str) -> None:
         self.task, self.baseline, self.steps, self.frame = task, baseline, steps, frame
+        self.reduce, self.target = reduce, target
         self.scores: dict[str, Tensor] = {}
 
     def __call__(self, model, samples: list[Sample]) -> list[Tensor]:
         missing = list({s.id: s for s in samples if s.id not in self.scores}.values())
         if missing:
             inputs, token_filter = teacher_forced_inputs(model, missing, self.task, self.frame)
-            result = integrated_gradients(model, inputs, self.baseline, steps=self.steps, token_filter=token_filter)
+            result = integrated_gradients(model, inputs, self.baseline, steps=self.steps, token_filter=token_filter,
+                                          reduce=self.reduce, target=self.target)  # fmt: skip
             self.scores.update({s.id: result.of_image(i) for i, s in enumerate(missing)})
         return [self.scores[s.id] for s in samples]
 
 
-def _check_ig(steps: int, baseline: str, rank: str) -> None:
+def _check_ig(steps: int, baseline: str, rank: str, reduce: str, target: str, task: str | None) -> None:
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ValueError(f"ig_steps must be a positive int, got {steps!r}")
     if baseline not in ("mean", "zero"):
         raise ValueError(f"unknown IG baseline {baseline!r}; expected 'mean' or 'zero'")
     if rank not in ("signed", "abs"):
         raise ValueError(f"unknown IG ranking {rank!r}; expected 'signed' or 'abs'")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"unknown IG reduction {reduce!r}; expected one of {REDUCTIONS}")
+    if target not in TARGETS:
+        raise ValueError(f"unknown IG target {target!r}; expected one of {TARGETS}")
+    if target == "first_logit" and task == "localization":
+        raise ValueError("ig_target='first_logit' is the class logit of the list task; localization attributes the box's digits")
 
 
 def _check_fractions(fractions: Sequence[float]) -> list[float]:
@@ -241,7 +266,7 @@ def _check_fractions(fractions: Sequence[float]) -> list[float]:
 
 
 def _resolve_mean(
-    model, dataset, fill, mean, needed: bool, limit: int | None, batch_size: int, progress: bool
+    model, dataset, fill, mean, needed: bool, chosen: dict, batch_size: int, progress: bool
 ) -> iv.MeanEmbedding | Tensor | None:
     if isinstance(fill, iv.MeanEmbedding):
         if mean is not None and mean is not fill:
@@ -257,7 +282,8 @@ def _resolve_mean(
         raise TypeError(f"mean must be a MeanEmbedding, a [d_model] tensor, a save_mean file or None, got a {type(mean).__name__}")
     if mean is not None or not needed:
         return mean
-    images = (s.image for s in islice(as_samples(dataset), limit))
+    seen: set[str] = set()
+    images = _distinct_images(chosen_samples(dataset, **chosen), seen)
     first = next(images, None)
     if first is None:
         raise empty_dataset_error()
@@ -266,4 +292,16 @@ def _resolve_mean(
         "ImageNet-val (compute it once with compute_mean_embedding, save_mean, and pass mean=)",
         stacklevel=3,
     )
-    return iv.compute_mean_embedding(model, chain([first], images), batch_size=batch_size, progress=progress)
+    mean = iv.compute_mean_embedding(model, chain([first], images), batch_size=batch_size, progress=progress)
+    if progress:
+        print(f"mean visual embedding: {mean.count} image tokens of {len(seen)} distinct images of the dataset")
+    return mean
+
+
+def _distinct_images(samples, seen: set[str]) -> Iterator:
+    """Each image once, though several of its objects are samples (an image with k queried
+    objects would otherwise weigh k times in the mean; PROTOCOL-AUDIT A8); `seen` collects them."""
+    for sample in samples:
+        if sample.image_key not in seen:
+            seen.add(sample.image_key)
+            yield sample.image

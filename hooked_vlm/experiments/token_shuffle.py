@@ -2,16 +2,23 @@
 what they contain? (PAPER_PROTOCOL §1.5, Table 2.)
 
 Image tokens are permuted among their own positions at the language model's input
-(`hook_inputs_embeds`), within each view, with a uniformly random permutation per sample and
+(`hook_inputs_embeds`), within each `scope`, with a uniformly random permutation per sample and
 seed (a token may stay put):
 
-- `full`: every image token of each view;
+- `full`: every image token;
 - `object`: only the object's tokens (its mask on the token grid, every token it overlaps by
-  >= 1 pixel), within each view — for InternVL in the tiles and the thumbnail alike.
+  >= 1 pixel) — for InternVL in the tiles and the thumbnail alike.
+
+Scope (InternVL; LLaVA has one view, so every scope is the same; the paper does not say,
+PROTOCOL-AUDIT A5): "sheet" (default) permutes InternVL's local tiles of an image as one grid
+and the thumbnail on its own — the grouping dilation and object extension use, so a token can
+cross a tile seam; "view" permutes each tile separately (tile-level position survives, and an
+object's tokens never cross a seam); "image" permutes every image token of an image together,
+thumbnail and tiles mixed.
 
 Output columns: the `evaluate` columns of the task (`condition` e.g. "object s1"), then `mode`
-("baseline", "full", "object"), `seed` (NA for the baseline) and `n_shuffled` (tokens in the
-shuffled set). One row per query and condition.
+("baseline", "full", "object"), `seed` (NA for the baseline), `scope` and `n_shuffled` (tokens
+in the shuffled set). One row per query and condition.
 """
 
 from __future__ import annotations
@@ -26,11 +33,12 @@ from hooked_vlm.experiments._conditions import (
     Condition, check_choices, check_ints, check_task, conditions_work, object_set, only_row, per_sample_hooks,
     sample_rows,
 )  # fmt: skip
-from hooked_vlm.experiments.data import Sample
+from hooked_vlm.experiments.data import Sample, SampleMode
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.runs import Run, execute
 
 MODES = ("full", "object")
+SCOPES = ("view", "sheet", "image")
 
 
 def token_shuffle(
@@ -40,39 +48,49 @@ def token_shuffle(
     task: Literal["localization", "list"] = "localization",
     modes: Sequence[str] = MODES,
     seeds: Sequence[int] = (0, 1, 2),
+    scope: Literal["view", "sheet", "image"] = "sheet",
     batch_size: int = 8,
     limit: int | None = None,
+    sample: SampleMode = "random",
+    sample_seed: int = 0,
     frame=None,
     max_new_tokens: int | None = None,
+    match: str = "word",
     progress: bool = True,
     run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
-    """The baseline and each (mode, seed) shuffle on `dataset` (see the module docstring).
-    `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
-    condition and sample)."""
+    """The baseline and each (mode, seed) shuffle on `dataset` (see the module docstring; `scope`
+    there). `limit`, `sample`, `sample_seed`: which samples (`experiments.data.sample_sources`);
+    `frame`, `max_new_tokens`, `match`: `evaluate`'s. `run`: a run directory to record the rows in
+    and resume from (`hooked_vlm.runs`; one item per condition and sample)."""
     check_task(task)
     modes = check_choices(modes, MODES, "shuffle modes")
     seeds = check_ints(seeds, "seeds")
-    conditions = [Condition("baseline", {"mode": "baseline"}, _shuffling("baseline", 0))]
+    if scope not in SCOPES:
+        raise ValueError(f"unknown shuffle scope {scope!r}; expected one of {SCOPES}")
+    conditions = [Condition("baseline", {"mode": "baseline", "scope": scope}, _shuffling("baseline", 0, scope))]
     for mode in modes:
         for seed in seeds:
-            conditions.append(Condition(f"{mode} s{seed}", {"mode": mode, "seed": seed}, _shuffling(mode, seed)))
+            labels = {"mode": mode, "seed": seed, "scope": scope}
+            conditions.append(Condition(f"{mode} s{seed}", labels, _shuffling(mode, seed, scope)))
     work = conditions_work(
-        "token_shuffle", model, dataset, task, conditions, columns=["mode", "seed", "n_shuffled"],
-        int_columns=("seed", "n_shuffled"), settings={"modes": modes, "seeds": seeds}, desc=f"token shuffle ({task})",
-        batch_size=batch_size, limit=limit, frame=frame, max_new_tokens=max_new_tokens,
+        "token_shuffle", model, dataset, task, conditions, columns=["mode", "seed", "scope", "n_shuffled"],
+        int_columns=("seed", "n_shuffled"), settings={"modes": modes, "seeds": seeds, "scope": scope},
+        desc=f"token shuffle ({task})", batch_size=batch_size, limit=limit, sample=sample, sample_seed=sample_seed,
+        frame=frame, max_new_tokens=max_new_tokens, match=match,
     )  # fmt: skip
     return execute(work, run, progress=progress)
 
 
-def _shuffling(mode: str, seed: int):
+def _shuffling(mode: str, seed: int, scope: str):
     def build(model, inputs: VLMInput, samples: list[Sample]):
         if mode == "baseline":
             return [], [{"n_shuffled": 0}] * len(samples)
         tokens = iv.image_tokens(inputs) if mode == "full" else object_set(inputs, samples)
 
-        def one(row: int, row_seed: int) -> list:  # §1.5: within each view
-            return iv.token_shuffle(model, inputs, only_row(tokens, row), per_view=True, seed=row_seed)
+        def one(row: int, row_seed: int) -> list:  # §1.5; the scope is ours (see the module docstring)
+            grouping = {"per_view": scope != "image", "by_sheet": scope == "sheet"}
+            return iv.token_shuffle(model, inputs, only_row(tokens, row), **grouping, seed=row_seed)
 
         hooks = per_sample_hooks(inputs, samples, seed, one)
         return hooks, [{"n_shuffled": int(tokens.mask[row].sum())} for row in sample_rows(inputs)]

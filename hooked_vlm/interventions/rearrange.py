@@ -29,15 +29,18 @@ def token_shuffle(
     tokens: TokenSet | None = None,
     *,
     per_view: bool = True,
+    by_sheet: bool = False,
     seed: int = 0,
     hook: str = "hook_inputs_embeds",
 ) -> Hooks:
     """Permute the activations at `tokens` (default: every image token) among themselves, each
-    view separately (`per_view`; text tokens in the set form one group per row). Positions
-    outside the set are untouched. A uniformly random permutation, so a token may stay put."""
+    view separately (`per_view`; text tokens in the set form one group per row), or with
+    `by_sheet` each sheet (InternVL's local tiles of an image joined into one group, the
+    thumbnail its own, as `copy_tokens` and dilation join them). Positions outside the set are
+    untouched. A uniformly random permutation, so a token may stay put."""
     tokens = image_tokens(inputs) if tokens is None else tokens
     _check_prompt_only(tokens, "shuffle")
-    groups = _groups(inputs, per_view)
+    groups = _groups(inputs, per_view, by_sheet)
     generator = torch.Generator().manual_seed(seed)
     source = _identity(inputs)
     for row, group in _group_keys(tokens.mask, groups):

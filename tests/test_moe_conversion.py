@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,6 +19,7 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.components import MLP, MoEMLP
+from hooked_vlm.families.common import text_config_from_hf
 from hooked_vlm.testing import fuse_expert_tensors, load_runtime_state_dict, real_config
 from weights_conversion import ConversionError
 from weights_conversion.internvl import config_from_internvl_hf, plan_internvl_hf
@@ -157,14 +159,9 @@ def test_an_expert_width_unlike_the_config_is_named(moe_dir, tmp_path):
         HookedVLM.from_pretrained(copy)
 
 
-@pytest.mark.parametrize("checkpoint", ["internvl_6b", "internvl_original"])
-def test_gpt_oss_is_refused_by_name(tiny_checkpoint, tmp_path, checkpoint):
-    """InternVL3_5-GPT-OSS-20B-A4B-Preview: attention sinks, sliding windows, clamped biased experts."""
-
-    def edit(config):
-        config["text_config" if "text_config" in config else "llm_config"]["model_type"] = "gpt_oss"
-
-    copy = _tampered(tiny_checkpoint(checkpoint), tmp_path, edit_config=edit)
-    named = r"language model type 'gpt_oss' \(InternVL3_5-GPT-OSS-20B-A4B-Preview\) is not supported"
+def test_gpt_oss_is_refused_by_name_by_the_config_mapping_too():
+    """The loader refuses the GPT-OSS variant before reading files (tests/test_bad_checkpoints.py);
+    the text-config mapping, the last guard, says the same."""
+    named = r"InternVL3\.5-GPT-OSS checkpoint \(InternVL3_5-GPT-OSS-20B-A4B-Preview\): its language model type 'gpt_oss'"
     with pytest.raises(NotImplementedError, match=named):
-        HookedVLM.from_pretrained(copy)
+        text_config_from_hf(SimpleNamespace(model_type="gpt_oss"))

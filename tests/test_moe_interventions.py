@@ -80,6 +80,15 @@ def test_reroute_gives_the_token_its_next_best_expert(model, pair):
     assert ((rerouted != 0).sum(-1) == 2).all() and (rerouted[..., 3] == 0).all()
 
 
+def test_reroute_refuses_to_prune_more_experts_than_a_token_can_spare(model, pair):
+    """8 experts, top-2: pruning 7 leaves no second expert to take (pruning all 8 used to route
+    every token to two arbitrary experts with weight 1/2 each, a silent wrong answer)."""
+    for pruned in (7, 8):
+        with pytest.raises(ValueError, match=rf"prunes {pruned} of layer 0's 8 experts, leaving {8 - pruned}, fewer than the 2"):
+            iv.expert_ablation(model, [(0, e) for e in range(pruned)], mode="reroute")
+    assert len(iv.expert_ablation(model, [(0, e) for e in range(6)], mode="reroute")) == 1  # 2 left: fine
+
+
 def test_ablation_at_positions_only_touches_those_positions(model, pair):
     base, _ = pair
     name = "blocks.1.hook_mlp_out"

@@ -124,6 +124,22 @@ def test_bad_expert_arguments_raise(model, tiny_checkpoint):
         iv.expert_ablation(dense, [(0, 0)])
 
 
+def test_a_mean_at_the_dense_mlp_of_a_moe_model_fits_it(tiny_checkpoint, photos):
+    """internvl_moe_top1's layer 1 is dense and 96 wide, its experts 32: a mean of its hook_post
+    is 96 wide (it used to be refused as not the experts' 32), one of the routing weights 4."""
+    top1 = HookedVLM.from_pretrained(tiny_checkpoint("internvl_moe_top1"))
+    inputs = top1.prepare(photos["rocket"], "Where is the rocket?")
+    image = iv.image_tokens(inputs)
+    for hook, shape in (("blocks.1.mlp.hook_post", (96,)), ("blocks.0.mlp.hook_router_weights", (4,))):
+        mean = iv.compute_mean_embedding(top1, [photos["rocket"]], hook=hook, progress=False)
+        assert tuple(mean.vector.shape) == shape
+        with top1.hooks(fwd_hooks=iv.token_ablation(top1, image, mean, hook=hook)):
+            _, cache = top1.run_with_cache(inputs, names_filter=hook)
+        assert torch.equal(cache[hook][image.mask], mean.vector.expand(int(image.mask.sum()), -1))
+    with pytest.raises(ValueError, match=r"has shape \(4,\).*carries \(96,\)"):
+        iv.token_ablation(top1, image, mean, hook="blocks.1.mlp.hook_post")
+
+
 # ------------------------------------------------------------------------------ router patching
 def test_router_patch_runs_the_source_experts_on_the_base_hidden_states(model, pair):
     base, source = pair

@@ -61,18 +61,6 @@ class VLMActivationCache(ActivationCache):
             stack = self.apply_ln_to_stack(stack, layer, pos_slice=pos_slice, mlp_input=mlp_input)
         return (stack, labels) if return_labels else stack
 
-    def stack_neuron_results(self, layer: int, *args, **kwargs):
-        """TransformerLens's per-neuron outputs; refused for mixture-of-experts MLPs, whose neurons are per expert."""
-        self._refuse_neurons_of_experts(layer, "stack_neuron_results splits each MLP into its neurons")
-        return super().stack_neuron_results(layer, *args, **kwargs)
-
-    def _refuse_neurons_of_experts(self, layer: int | None, what: str) -> None:
-        if any(isinstance(block.mlp, MoEMLP) for block in self.model.blocks[:layer]):
-            raise ValueError(
-                f"{what}, but a mixture-of-experts MLP has a set of neurons per expert (see mlp.hook_expert_out and "
-                "mlp.expert): use decompose_resid or expand_neurons=False"
-            )
-
     def get_full_resid_decomposition(
         self,
         layer: int | None = None,
@@ -87,7 +75,8 @@ class VLMActivationCache(ActivationCache):
         term is `hook_inputs_embeds` (labelled "inputs_embeds"), as in `decompose_resid`: its
         `hook_embed` lacks the image features, so the parts would not sum to the residual stream."""
         if expand_neurons:
-            self._refuse_neurons_of_experts(layer, "expand_neurons=True splits each MLP into its neurons")
+            below = range(self.model.cfg.n_layers if layer is None or layer == -1 else layer)
+            self._refuse_expert_neurons(below, "expand_neurons=True", "pass expand_neurons=False")
         # TransformerLens reads self["hook_embed"]: lend it the right tensor for this call only
         kept, had_embed = self.cache_dict.get("hook_embed"), self.has_embed
         self.cache_dict["hook_embed"], self.has_embed = self["hook_inputs_embeds"], True
@@ -103,6 +92,27 @@ class VLMActivationCache(ActivationCache):
                 self.cache_dict["hook_embed"] = kept
         labels = ["inputs_embeds" if label == "embed" else label for label in labels]
         return (stack, labels) if return_labels else stack
+
+    def stack_neuron_results(self, layer: int, *args, **kwargs):
+        """TransformerLens's, refused with a clear error over mixture-of-experts layers."""
+        below = range(self.model.cfg.n_layers if layer is None or layer == -1 else layer)
+        self._refuse_expert_neurons(below, "stack_neuron_results")
+        return super().stack_neuron_results(layer, *args, **kwargs)
+
+    def get_neuron_results(self, layer: int, *args, **kwargs):
+        """TransformerLens's, refused with a clear error on a mixture-of-experts layer."""
+        self._refuse_expert_neurons([layer], "get_neuron_results")
+        return super().get_neuron_results(layer, *args, **kwargs)
+
+    def _refuse_expert_neurons(self, layers, what: str, way_out: str = "use blocks.{l}.mlp.hook_expert_out") -> None:
+        """A mixture-of-experts MLP has no one `[batch, pos, d_mlp]` set of neurons (no `hook_post`,
+        no single `W_out`): TransformerLens's neuron helpers would fail with a bare KeyError."""
+        experts = [l for l in layers if isinstance(self.model.blocks[l].mlp, MoEMLP)]
+        if experts:
+            raise ValueError(
+                f"{what} splits each MLP into its neurons, but layers {experts} are mixtures of experts with a set "
+                f"of neurons per expert (see mlp.hook_expert_out and mlp.expert): {way_out}"
+            )
 
     def apply_ln_to_stack(
         self,

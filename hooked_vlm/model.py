@@ -28,6 +28,7 @@ from transformer_lens.utilities import Slice
 from hooked_vlm.allocator import keep_freed_memory_by_default
 from hooked_vlm.cache import VLMActivationCache
 from hooked_vlm.components import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
+from hooked_vlm.components.attention import causal_mask  # noqa: F401 (tests' reference builds its mask with it)
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.tl_surface import TransformerLensSurface
@@ -228,15 +229,19 @@ class HookedVLM(TransformerLensSurface, HookedRootModule):
         # every caller before `embed_inputs`, so hook_embed/hook_inputs_embeds see it too)
         self.past_length = len(kv_cache) if kv_cache is not None else 0
         dtype, q_len = inputs_embeds.dtype, inputs_embeds.shape[1]
+        # transformers' rule for SDPA (masking_utils._ignore_causal_mask_sdpa): nothing padded and
+        # as many queries as keys, or one query -> no mask, SDPA's is_causal for more than one
+        plain = q_len in (1, attention_mask.shape[1]) and bool(attention_mask.all())
+        causal = plain and q_len > 1
         per_device: dict[torch.device, tuple] = {}  # rotary tables and mask, once per device
         resid = inputs_embeds
         for block in self.blocks[start_at_layer:]:
             device = block.ln1.weight.device
             if device not in per_device:
                 rotary = self.rotary(position_ids.to(device), dtype)
-                per_device[device] = (rotary, causal_mask(attention_mask.to(device), q_len, dtype))
+                per_device[device] = (rotary, None if plain else causal_mask(attention_mask.to(device), q_len, dtype))
             rotary, mask = per_device[device]
-            resid = block(resid.to(device), rotary=rotary, mask=mask, kv_cache=kv_cache)
+            resid = block(resid.to(device), rotary=rotary, mask=mask, causal=causal, kv_cache=kv_cache)
         return self.final_logits(resid)
 
     def final_logits(self, resid: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_vocab"]:
@@ -386,16 +391,3 @@ def _output_checked(fn: Callable) -> Callable:
         return out
 
     return checked
-
-
-def causal_mask(
-    attention_mask: Int[Tensor, "batch key_pos"], q_len: int, dtype: torch.dtype
-) -> Float[Tensor, "batch 1 pos key_pos"]:
-    """Additive mask, 0 where a query may attend and the dtype's minimum elsewhere: causal over
-    the last `q_len` positions and blind to padding — Hugging Face's eager mask, value for value."""
-    kv_len = attention_mask.shape[1]
-    q_pos = torch.arange(kv_len - q_len, kv_len, device=attention_mask.device)
-    k_pos = torch.arange(kv_len, device=attention_mask.device)
-    allowed = (k_pos[None, :] <= q_pos[:, None])[None] & attention_mask[:, None, :].bool()
-    zero = torch.zeros((), dtype=dtype, device=attention_mask.device)
-    return torch.where(allowed, zero, torch.finfo(dtype).min)[:, None]

@@ -29,6 +29,18 @@ def test_an_unsupported_architecture_lists_the_supported_ones():
         assert supported in str(error.value)
 
 
+@pytest.mark.parametrize("source", ["internvl_6b", "internvl_original"])
+def test_the_gpt_oss_variant_is_named_and_refused(tiny_checkpoint, tmp_path, source):
+    """InternVL3_5-GPT-OSS-20B-A4B-Preview: text_config / llm_config model_type gpt_oss."""
+
+    def to_gpt_oss(config):
+        (config.get("text_config") or config["llm_config"])["model_type"] = "gpt_oss"
+
+    copy = _edited_copy(tiny_checkpoint(source), tmp_path, to_gpt_oss)
+    with pytest.raises(NotImplementedError, match=r"InternVL3\.5-GPT-OSS checkpoint \(InternVL3_5-GPT-OSS-20B-A4B-Preview"):
+        HookedVLM.from_pretrained(copy)
+
+
 @pytest.mark.parametrize(("source", "assumed"), [
     ("llava_base", r"LLaVA checkpoint has no preprocessor_config\.json .* assuming the defaults: resize the shortest edge to 42 px, centre-crop 42x42"),
     ("internvl_300m", r"InternVL checkpoint has no preprocessor_config\.json .* assuming the defaults: 56x56 tiles, 1 to 12 tiles plus a thumbnail"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,9 +19,16 @@ from transformers.core_model_loading import revert_weight_conversion
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.components import MLP, MoEMLP
-from hooked_vlm.testing import fuse_expert_tensors, load_runtime_state_dict, real_config
+from hooked_vlm.families.common import text_config_from_hf
+from hooked_vlm.testing import build_internvl_tokenizer, fuse_expert_tensors, load_runtime_state_dict, real_config
+from hooked_vlm.testing.internvl import _original_internvl_config, _original_internvl_tensors
 from weights_conversion import ConversionError
-from weights_conversion.internvl import config_from_internvl_hf, plan_internvl_hf
+from weights_conversion.internvl import (
+    config_from_internvl_hf,
+    config_from_internvl_original,
+    plan_internvl_hf,
+    plan_internvl_original,
+)
 from weights_conversion.io import check_plan
 
 
@@ -119,6 +127,51 @@ def test_real_configs_build_on_meta_and_every_key_and_shape_matches(name, d_mode
     assert cfg.vision.qk_norm == ("full" if vision_variant == "6b" else None)
 
 
+@pytest.mark.parametrize(("name", "n_layers"), [("internvl3.5-30b-a3b", 48), ("internvl3.5-241b-a28b", 94)])
+def test_real_configs_in_the_original_format_build_on_meta_with_every_key_and_shape(name, n_layers, tmp_path):
+    """The remote-code InternVLChatModel layout of the real sizes (`llm_config` qwen3_moe,
+    `language_model.model.layers.{l}.mlp.experts.{e}.gate_proj.weight`, InternViT's fused qkv)."""
+    hf_config = real_config(name)
+    with torch.device("meta"):
+        reference = InternVLForConditionalGeneration(hf_config)
+    state = _per_expert(reference.state_dict())
+    tensors = _original_internvl_tensors(state)
+    assert f"language_model.model.layers.{n_layers - 1}.mlp.experts.127.down_proj.weight" in tensors
+    shapes = {k: tuple(v.shape) for k, v in tensors.items()}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"min_patches": 1, "max_patches": 12}))
+    raw = _original_internvl_config(hf_config, tmp_path)
+    cfg = config_from_internvl_original(raw, list(shapes), build_internvl_tokenizer(600), torch.bfloat16)
+    with torch.device("meta"):
+        model = HookedVLM(cfg)
+
+    class Shapes:  # the plan reads the fused qkv's row count
+        def keys(self):
+            return list(shapes)
+
+        def shape(self, key):
+            return shapes[key]
+
+    plan = plan_internvl_original(Shapes(), cfg.vision.n_layers)
+    check_plan(plan, model, {"main": shapes})  # raises on any unknown/missing key, shape mismatch or gap
+    assert not plan.ignored and {a.target for a in plan.assignments} == {n for n, _ in model.named_parameters()}
+    assert (cfg.text.num_experts, cfg.text.experts_per_token, cfg.text.norm_topk_prob) == (128, 8, True)
+
+
+def _per_expert(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' fused runtime experts split per expert, as a 4.x checkpoint stores them."""
+    out = {}
+    for key, tensor in state.items():
+        prefix, _, leaf = key.rpartition(".experts.")
+        if leaf == "gate_up_proj":
+            for e, (gate, up) in enumerate(t.chunk(2, dim=0) for t in tensor):
+                out[f"{prefix}.experts.{e}.gate_proj.weight"], out[f"{prefix}.experts.{e}.up_proj.weight"] = gate, up
+        elif leaf == "down_proj":
+            out |= {f"{prefix}.experts.{e}.down_proj.weight": t for e, t in enumerate(tensor)}
+        else:
+            out[key] = tensor
+    return out
+
+
 def _tampered(source: Path, tmp_path: Path, edit_tensors=None, edit_config=None) -> Path:
     copy = tmp_path / "tampered"
     shutil.copytree(source, copy)
@@ -157,14 +210,9 @@ def test_an_expert_width_unlike_the_config_is_named(moe_dir, tmp_path):
         HookedVLM.from_pretrained(copy)
 
 
-@pytest.mark.parametrize("checkpoint", ["internvl_6b", "internvl_original"])
-def test_gpt_oss_is_refused_by_name(tiny_checkpoint, tmp_path, checkpoint):
-    """InternVL3_5-GPT-OSS-20B-A4B-Preview: attention sinks, sliding windows, clamped biased experts."""
-
-    def edit(config):
-        config["text_config" if "text_config" in config else "llm_config"]["model_type"] = "gpt_oss"
-
-    copy = _tampered(tiny_checkpoint(checkpoint), tmp_path, edit_config=edit)
-    named = r"language model type 'gpt_oss' \(InternVL3_5-GPT-OSS-20B-A4B-Preview\) is not supported"
+def test_gpt_oss_is_refused_by_name_by_the_config_mapping_too():
+    """The loader refuses the GPT-OSS variant before reading files (tests/test_bad_checkpoints.py);
+    the text-config mapping, the last guard, says the same."""
+    named = r"InternVL3\.5-GPT-OSS checkpoint \(InternVL3_5-GPT-OSS-20B-A4B-Preview\): its language model type 'gpt_oss'"
     with pytest.raises(NotImplementedError, match=named):
-        HookedVLM.from_pretrained(copy)
+        text_config_from_hf(SimpleNamespace(model_type="gpt_oss"))

@@ -165,3 +165,17 @@ def test_gradients_take_the_eager_experts(model, inputs, monkeypatch):
     with torch.enable_grad():
         logits = model.run_with_hooks(inputs, fwd_hooks=[leaf])
         logits[:, -1].logsumexp(-1).sum().backward()
+
+
+@torch.no_grad()
+def test_neuron_stacks_of_experts_are_refused_by_name(model, inputs):
+    """TransformerLens's neuron helpers read mlp.hook_post and mlp.W_out, which a mixture of experts
+    has per expert only: a ValueError naming the layers, not a bare KeyError/AttributeError."""
+    _, cache = model.run_with_cache(inputs, names_filter=lambda name: not name.startswith("vision."))
+    n, directions = model.cfg.n_layers, model.W_U[:, :3]
+    with pytest.raises(ValueError, match=r"layers \[0.*mixtures of experts"):
+        cache.stack_neuron_results(layer=n, apply_ln=True, project_output_onto=directions, pos_slice=-1)
+    with pytest.raises(ValueError, match="stack_neuron_results.*hook_expert_out"):
+        cache.stack_neuron_results(layer=n, pos_slice=-1)
+    with pytest.raises(ValueError, match="get_neuron_results"):
+        cache.get_neuron_results(0)

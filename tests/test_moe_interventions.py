@@ -80,6 +80,15 @@ def test_reroute_gives_the_token_its_next_best_expert(model, pair):
     assert ((rerouted != 0).sum(-1) == 2).all() and (rerouted[..., 3] == 0).all()
 
 
+def test_reroute_refuses_to_prune_more_experts_than_a_token_can_spare(model, pair):
+    """8 experts, top-2: pruning 7 leaves no second expert to take (pruning all 8 used to route
+    every token to two arbitrary experts with weight 1/2 each, a silent wrong answer)."""
+    for pruned in (7, 8):
+        with pytest.raises(ValueError, match=rf"prunes {pruned} of layer 0's 8 experts, leaving {8 - pruned}, fewer than the 2"):
+            iv.expert_ablation(model, [(0, e) for e in range(pruned)], mode="reroute")
+    assert len(iv.expert_ablation(model, [(0, e) for e in range(6)], mode="reroute")) == 1  # 2 left: fine
+
+
 def test_ablation_at_positions_only_touches_those_positions(model, pair):
     base, _ = pair
     name = "blocks.1.hook_mlp_out"
@@ -113,6 +122,22 @@ def test_bad_expert_arguments_raise(model, tiny_checkpoint):
     dense = HookedVLM.from_pretrained(tiny_checkpoint("internvl_300m"))
     with pytest.raises(ValueError, match="no mixture-of-experts layers"):
         iv.expert_ablation(dense, [(0, 0)])
+
+
+def test_a_mean_at_the_dense_mlp_of_a_moe_model_fits_it(tiny_checkpoint, photos):
+    """internvl_moe_top1's layer 1 is dense and 96 wide, its experts 32: a mean of its hook_post
+    is 96 wide (it used to be refused as not the experts' 32), one of the routing weights 4."""
+    top1 = HookedVLM.from_pretrained(tiny_checkpoint("internvl_moe_top1"))
+    inputs = top1.prepare(photos["rocket"], "Where is the rocket?")
+    image = iv.image_tokens(inputs)
+    for hook, shape in (("blocks.1.mlp.hook_post", (96,)), ("blocks.0.mlp.hook_router_weights", (4,))):
+        mean = iv.compute_mean_embedding(top1, [photos["rocket"]], hook=hook, progress=False)
+        assert tuple(mean.vector.shape) == shape
+        with top1.hooks(fwd_hooks=iv.token_ablation(top1, image, mean, hook=hook)):
+            _, cache = top1.run_with_cache(inputs, names_filter=hook)
+        assert torch.equal(cache[hook][image.mask], mean.vector.expand(int(image.mask.sum()), -1))
+    with pytest.raises(ValueError, match=r"has shape \(4,\).*carries \(96,\)"):
+        iv.token_ablation(top1, image, mean, hook="blocks.1.mlp.hook_post")
 
 
 # ------------------------------------------------------------------------------ router patching

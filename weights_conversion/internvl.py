@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from hooked_vlm.families import internvl as family
-from hooked_vlm.families.common import GPT_OSS_REFUSAL
+from hooked_vlm.families.common import refuse_gpt_oss
 from weights_conversion.io import Assignment, CheckpointReader, ConversionError, Plan, image_processor_config, load_tokenizer
 from weights_conversion.rules import (
     IGNORE,
@@ -264,12 +264,11 @@ def original_template(raw: dict) -> family.Template:
 
 
 def refuse_unsupported_variants(raw_config: dict) -> None:
-    """InternVL3_5-GPT-OSS-20B-A4B-Preview(-HF) pairs InternViT with gpt-oss-20b (attention sinks,
-    alternating sliding-window attention, YaRN RoPE, 32 experts with a clamped SwiGLU): say so by
-    name, before any file is read, rather than fail on one of its fields."""
+    """The GPT-OSS variant (`families.common.refuse_gpt_oss`), said by name before any file is
+    read rather than failing on one of its fields."""
     text = raw_config.get("text_config") or raw_config.get("llm_config") or {}
     if text.get("model_type") == "gpt_oss" or raw_config.get("template") == "internvl3_5_gpt_oss":
-        raise NotImplementedError(GPT_OSS_REFUSAL)
+        refuse_gpt_oss()
 
 
 def load(directory: Path, raw_config: dict, dtype: torch.dtype, placement: Any, hub: Any = None):

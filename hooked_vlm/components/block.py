@@ -46,10 +46,11 @@ class TransformerBlock(nn.Module):
         *,
         rotary: tuple[Tensor, Tensor] | None = None,
         mask: Tensor | None = None,
+        causal: bool = False,
         kv_cache: KVCache | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.attn(self.ln1(resid_pre), rotary=rotary, mask=mask, kv_cache=kv_cache, layer=self.layer)
+        attn_out = self.attn(self.ln1(resid_pre), rotary=rotary, mask=mask, causal=causal, kv_cache=kv_cache, layer=self.layer)
         if self.layer_scale:
             attn_out = self.lambda_1 * attn_out
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))

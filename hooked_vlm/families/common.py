@@ -14,18 +14,21 @@ from hooked_vlm.config import TransformerConfig
 from hooked_vlm.inputs import ImageLayout, ViewGeometry, VLMInput, position_ids_from_mask
 
 
-GPT_OSS_REFUSAL = (
-    "language model type 'gpt_oss' (InternVL3_5-GPT-OSS-20B-A4B-Preview) is not supported: its attention sinks, "
-    "alternating sliding-window attention, YaRN RoPE and biased, clamped-SwiGLU experts are not implemented "
-    "(the README's table lists the supported checkpoints)"
-)
+def refuse_gpt_oss() -> None:
+    """InternVL3_5-GPT-OSS-20B-A4B-Preview(-HF) pairs InternViT with gpt-oss-20b: said by name
+    (the loader calls this before reading any file, the config mapping as a last guard)."""
+    raise NotImplementedError(
+        "this is an InternVL3.5-GPT-OSS checkpoint (InternVL3_5-GPT-OSS-20B-A4B-Preview): its language model type "
+        "'gpt_oss' is not supported — attention sinks, alternating sliding-window attention, YaRN RoPE and 32 experts "
+        "with a biased, clamped SwiGLU are not implemented (the README's table lists the supported checkpoints)"
+    )
 
 
 def text_config_from_hf(hf: Any, dtype: torch.dtype = torch.float32) -> TransformerConfig:
     """A Llama, Qwen3 or Qwen3-MoE text config (transformers 5.x object) in TransformerLens terms."""
     model_type = getattr(hf, "model_type", "")
     if model_type == "gpt_oss":
-        raise NotImplementedError(GPT_OSS_REFUSAL)
+        refuse_gpt_oss()
     if model_type not in ("llama", "qwen3", "qwen3_moe"):
         raise NotImplementedError(f"language model type {model_type!r} is not supported (llama, qwen3, qwen3_moe)")
     rope = getattr(hf, "rope_parameters", None) or {}

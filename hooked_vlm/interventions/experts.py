@@ -79,10 +79,22 @@ def expert_ablation(
     if mode not in ("drop", "renormalise", "reroute"):
         raise ValueError(f"unknown expert ablation mode {mode!r} (expected 'drop', 'renormalise' or 'reroute')")
     hook = "hook_router_logits" if mode == "reroute" else "hook_router_weights"
-    return [
-        (f"blocks.{layer}.mlp.{hook}", _ablate(model, layer_experts, mode, positions))
-        for layer, layer_experts in group_experts(model, experts).items()
-    ]
+    by_layer = group_experts(model, experts)
+    if mode == "reroute":
+        _check_reroute_leaves_enough(model, by_layer)
+    return [(f"blocks.{layer}.mlp.{hook}", _ablate(model, layer_experts, mode, positions)) for layer, layer_experts in by_layer.items()]
+
+
+def _check_reroute_leaves_enough(model, by_layer: dict[int, list[int]]) -> None:
+    """Rerouting must leave each token `experts_per_token` experts to take: with fewer, the top-k
+    would select pruned experts (all of them: with equal weights, whatever their logits were)."""
+    n, k = model.cfg.text.num_experts, model.cfg.text.experts_per_token
+    for layer, layer_experts in by_layer.items():
+        if n - len(layer_experts) < k:
+            raise ValueError(
+                f"mode='reroute' prunes {len(layer_experts)} of layer {layer}'s {n} experts, leaving {n - len(layer_experts)}, "
+                f"fewer than the {k} each token is routed to; use mode='drop' to remove them all"
+            )
 
 
 def _ablate(model, experts: list[int], mode: AblationMode, positions: TokenSet | None):

@@ -66,7 +66,12 @@ def hook_shape(model, hook: str) -> tuple[int, ...] | None:
     if hook.endswith("attn.hook_result"):
         return (text.n_heads, text.d_model)
     if hook.endswith(("mlp.hook_pre", "mlp.hook_pre_linear", "mlp.hook_post")):
-        return (text.d_mlp,)
+        dense_in_moe = text.num_experts is not None and not text.is_moe_layer(int(hook.split(".")[1]))
+        return (text.d_mlp_dense if dense_in_moe else text.d_mlp,)  # d_mlp is the experts' width
+    if hook.endswith(("mlp.hook_router_logits", "mlp.hook_router_weights")):
+        return (text.num_experts,)
+    if hook.endswith("mlp.hook_expert_out"):
+        return (text.num_experts, text.d_model)
     return None
 
 

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
+from hooked_vlm import prompt_settings
 from hooked_vlm.config import DTYPES
 from hooked_vlm.data.commands import register as register_data_commands
 
@@ -99,6 +100,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cpu", help="under a multi-process launch, 'cuda' is each process's own GPU")
     p.add_argument("--overwrite", action="store_true", help="clear the --out run and start again (default: resume it)")
+    prompt_settings.add_arguments(p)  # --paper-settings, --image-mode, --max-tiles, --template
 
 
 def _task(p, choices=("localization", "list")) -> None:
@@ -138,6 +140,7 @@ def _experiment(fn: Callable[[Any, Any, argparse.Namespace, Any], pd.DataFrame],
         try:
             run.check_arguments()  # before loading a model
             model = HookedVLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=runs.process_device(args.device))
+            model.use_settings(prompt_settings.from_arguments(model, args))
             results = fn(model, _dataset(args), args, run)
         except (runs.RunMismatch, runs.RunBusy) as error:
             raise SystemExit(f"hooked-vlm {args.command}: {error}") from None

@@ -17,6 +17,8 @@ examples:
         --images val2017/ --removed removed/ --out control.json
     hooked-vlm head-mediation --model llava-hf/llava-1.5-7b-hf --pairs control.json --out results/cma
     hooked-vlm mean-embedding --model llava-hf/llava-1.5-7b-hf --collection imagenet/val --out mean.pt
+    hooked-vlm reproduce --model llava-hf/llava-1.5-7b-hf --model OpenGVLab/InternVL3_5-8B-HF --pairs control.json \\
+        --coco ann.json --images val2017/ --removed removed/ --imagenet imagenet/val --out results/
 
 Data: the synthetic set (default; for a toy model, the distribution it was trained on, held out)
 or COCO-style annotations (`--coco`, `--images`, optionally `--removed` for object-removed pairs),
@@ -77,6 +79,9 @@ def parser() -> argparse.ArgumentParser:
     from hooked_vlm.viewer.command import add_view_command  # `hooked-vlm view`: attention over the image
 
     add_view_command(sub)
+    from hooked_vlm.reproduce.command import register as register_reproduce  # `hooked-vlm reproduce`
+
+    register_reproduce(sub)
 
     for name, (run, help_text, extra) in EXPERIMENTS.items():
         command = sub.add_parser(name, help=help_text, description=f"{help_text}. {DESCRIPTIONS.get(name, '')}".strip())

@@ -39,7 +39,7 @@ def wide(table: pd.DataFrame, models: list[dict[str, Any]]) -> pd.DataFrame:
     cells = table.groupby(["row", "task", "column"], sort=False).apply(cell, include_groups=False)
     grid = cells.unstack("column")
     order = [f"paper: {m}" for m in paper.MODELS] + [f"ours: {m['name']}" for m in models]
-    return grid.reindex(columns=[c for c in order if c in grid.columns]).fillna("")
+    return grid.reindex(columns=[c for c in order if c in grid.columns]).fillna("").reset_index()
 
 
 def write_report(out: Path, ours: pd.DataFrame, models: list[dict[str, Any]], parts: list[str], data: dict[str, Any]) -> Path:
@@ -61,7 +61,7 @@ def write_report(out: Path, ours: pd.DataFrame, models: list[dict[str, Any]], pa
         if table.empty:
             lines += ["(no numbers: the part applies to none of the models, e.g. table3 to InternVL only)", ""]
         else:
-            lines += [wide(table, models).to_markdown(), ""]
+            lines += [wide(table, models).to_markdown(index=False, disable_numparse=True), ""]
         for m in models:
             for figure in sorted((out / m["folder"] / part).glob("*.png")):
                 lines.append(f"![{m['name']} {part} {figure.stem}]({figure.relative_to(out).as_posix()})")

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 
 import pytest
@@ -11,7 +10,6 @@ import torch
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.cli import main
-from hooked_vlm.families import family_module
 from hooked_vlm.prompt_settings import PromptSettings, paper_settings
 from hooked_vlm.provenance import model_identity, with_preprocessing
 from hooked_vlm.runs import RunMismatch
@@ -41,19 +39,6 @@ def model(toy):
     model.use_settings(PromptSettings())  # the module's model starts every test with its own settings
 
 
-def _spy(monkeypatch, model) -> list[dict]:
-    """The keyword arguments of every call of the family's prepare (what `model.prepare` passes)."""
-    module = family_module(model.cfg.family)
-    seen, prepare = [], module.prepare
-
-    @functools.wraps(prepare)  # model.prepare reads the accepted arguments off the signature
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return prepare(*args, **kwargs)
-
-    monkeypatch.setattr(module, "prepare", spy)
-    return seen
-
 
 # ---------------------------------------------------------------------------------- the setting
 def test_a_fresh_model_uses_the_checkpoints_own_settings(toy, photos):
@@ -71,18 +56,18 @@ def test_paper_settings_are_pad_or_six_tiles_and_the_models_own_template(toy):
     assert paper_settings(model).given() == PAPER[name]
 
 
-def test_prepare_takes_the_settings_the_caller_does_not_pass(model, monkeypatch, photos):
+def test_prepare_takes_the_settings_the_caller_does_not_pass(model, prepare_spy, photos):
     model.use_settings(paper_settings(model))
-    seen = _spy(monkeypatch, model)
+    seen = prepare_spy(model)
     inputs = model.prepare(photos["chelsea"], "Where is the cat?")
     assert seen[-1] == PAPER[model.name_or_path]
     system = "A chat between" if model.cfg.family == "llava" else "<|im_start|>system"
     assert inputs.text[0].startswith(system)
 
 
-def test_an_explicit_argument_wins_over_the_setting(model, monkeypatch, photos):
+def test_an_explicit_argument_wins_over_the_setting(model, prepare_spy, photos):
     model.use_settings(template=PAPER[model.name_or_path]["template"])
-    seen = _spy(monkeypatch, model)
+    seen = prepare_spy(model)
     inputs = model.prepare(photos["chelsea"], "Where is the cat?", template="hf")
     assert seen[-1]["template"] == "hf" and inputs.text[0].startswith(("USER:", "<|im_start|>user"))
 
@@ -134,9 +119,9 @@ def test_results_record_the_settings_in_force(model):
     assert identity["preprocessing"]["template"] == PAPER[model.name_or_path]["template"]
 
 
-def test_with_preprocessing_overrides_the_settings_for_a_block_and_restores_them(model, monkeypatch, photos):
+def test_with_preprocessing_overrides_the_settings_for_a_block_and_restores_them(model, prepare_spy, photos):
     model.use_settings(paper_settings(model))
-    seen = _spy(monkeypatch, model)
+    seen = prepare_spy(model)
     with with_preprocessing(model, {"template": "hf"}) as settings:
         model.prepare(photos["chelsea"], "x")
     assert seen[-1]["template"] == "hf" and settings["template"] == "hf"

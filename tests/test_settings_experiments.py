@@ -3,7 +3,6 @@ parameter of their own: a spy on the family's `prepare` sees the paper's setting
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import pytest
@@ -17,7 +16,6 @@ from hooked_vlm.experiments import (
     attention_knockout, cumulative_head_ablation, evaluate, head_mediation, object_extension, position_probe,
     token_ablation, token_shuffle,
 )  # fmt: skip
-from hooked_vlm.families import family_module
 from hooked_vlm.prompt_settings import paper_settings
 from hooked_vlm.toy_models import toy_dataset
 
@@ -55,23 +53,11 @@ def toy(request):
     return request.param, model, toy_dataset(request.param, 2, seed=0)
 
 
-def _spy(monkeypatch, model) -> list[dict]:
-    module = family_module(model.cfg.family)
-    seen, prepare = [], module.prepare
-
-    @functools.wraps(prepare)  # model.prepare reads the accepted arguments off the signature
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return prepare(*args, **kwargs)
-
-    monkeypatch.setattr(module, "prepare", spy)
-    return seen
-
 
 @pytest.mark.parametrize("experiment", list(EXPERIMENTS))
-def test_the_paper_settings_reach_prepare_in_every_experiment(toy, experiment, monkeypatch):
+def test_the_paper_settings_reach_prepare_in_every_experiment(toy, experiment, prepare_spy):
     name, model, data = toy
-    seen = _spy(monkeypatch, model)
+    seen = prepare_spy(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # token ablation's mean over the dataset's own images warns so
         EXPERIMENTS[experiment](model, data)
@@ -79,11 +65,11 @@ def test_the_paper_settings_reach_prepare_in_every_experiment(toy, experiment, m
     assert all({k: kwargs.get(k) for k in PAPER[name]} == PAPER[name] for kwargs in seen)
 
 
-def test_the_paper_settings_reach_prepare_in_the_control_set(toy, monkeypatch, tmp_path):
+def test_the_paper_settings_reach_prepare_in_the_control_set(toy, prepare_spy, tmp_path):
     name, model, data = toy
     path = data.export_coco(tmp_path)
     subset = load_coco(path, tmp_path / "images", **NO_FILTERS)
-    seen = _spy(monkeypatch, model)
+    seen = prepare_spy(model)
     control = build_control_set([model], subset, tmp_path / "removed", progress=False)
     assert seen and all({k: kwargs.get(k) for k in PAPER[name]} == PAPER[name] for kwargs in seen)
     assert control.manifest["models"][0]["prompt_settings"] == PAPER[name]

@@ -17,6 +17,8 @@ examples:
         --images val2017/ --removed removed/ --out control.json
     hooked-vlm head-mediation --model llava-hf/llava-1.5-7b-hf --pairs control.json --out results/cma
     hooked-vlm mean-embedding --model llava-hf/llava-1.5-7b-hf --collection imagenet/val --out mean.pt
+    hooked-vlm reproduce --model llava-hf/llava-1.5-7b-hf --model OpenGVLab/InternVL3_5-8B-HF --pairs control.json \\
+        --coco ann.json --images val2017/ --removed removed/ --imagenet imagenet/val --out results/
 
 Data: the synthetic set (default; for a toy model, the distribution it was trained on, held out)
 or COCO-style annotations (`--coco`, `--images`, optionally `--removed` for object-removed pairs),
@@ -38,6 +40,7 @@ from typing import Any, Callable
 import pandas as pd
 import torch
 
+from hooked_vlm import prompt_settings
 from hooked_vlm.config import DTYPES
 from hooked_vlm.data.commands import register as register_data_commands
 from hooked_vlm.experiments import options
@@ -77,6 +80,9 @@ def parser() -> argparse.ArgumentParser:
     from hooked_vlm.viewer.command import add_view_command  # `hooked-vlm view`: attention over the image
 
     add_view_command(sub)
+    from hooked_vlm.reproduce.command import register as register_reproduce  # `hooked-vlm reproduce`
+
+    register_reproduce(sub)
 
     for name, (run, help_text, extra) in EXPERIMENTS.items():
         command = sub.add_parser(name, help=help_text, description=f"{help_text}. {DESCRIPTIONS.get(name, '')}".strip())
@@ -100,6 +106,7 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=DTYPES, default="float32")
     p.add_argument("--device", default="cpu", help="under a multi-process launch, 'cuda' is each process's own GPU")
     p.add_argument("--overwrite", action="store_true", help="clear the --out run and start again (default: resume it)")
+    prompt_settings.add_arguments(p)  # --paper-settings, --image-mode, --max-tiles, --template
 
 
 def _sampling(args) -> dict:
@@ -139,6 +146,7 @@ def _experiment(fn: Callable[[Any, Any, argparse.Namespace, Any], pd.DataFrame],
         try:
             run.check_arguments()  # before loading a model
             model = HookedVLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=runs.process_device(args.device))
+            model.use_settings(prompt_settings.from_arguments(model, args))
             results = fn(model, _dataset(args), args, run)
         except (runs.RunMismatch, runs.RunBusy) as error:
             raise SystemExit(f"hooked-vlm {args.command}: {error}") from None

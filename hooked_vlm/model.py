@@ -31,6 +31,7 @@ from hooked_vlm.components import KVCache, RMSNorm, RotaryEmbedding, Transformer
 from hooked_vlm.components.attention import causal_mask  # noqa: F401 (tests' reference builds its mask with it)
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.prompt_settings import PromptSettings, prepare_kwargs, updated
 from hooked_vlm.tl_surface import TransformerLensSurface
 from hooked_vlm.towers import Projector, VisionTower
 
@@ -87,6 +88,7 @@ class HookedVLM(TransformerLensSurface, HookedRootModule):
         self.tokenizer = tokenizer
         self.preprocessing = preprocessing  # the family's image/prompt settings (see hooked_vlm.families)
         self.name_or_path: str | None = None  # what `from_pretrained` was given (results record it)
+        self.prompt_settings = PromptSettings()  # what `prepare` uses unless told (hooked_vlm.prompt_settings)
         text, vision = cfg.text, cfg.vision
         self.vision = VisionTower(vision, cfg.feature_layers, cfg.feature_select_strategy)
         self.projector = Projector(
@@ -154,15 +156,25 @@ class HookedVLM(TransformerLensSurface, HookedRootModule):
         placeholder); `answers` appends each answer and the end token after the prompt (teacher
         forcing; `inputs.answer_mask` marks them); `template` overrides the chat template.
         LLaVA: `image_mode` ("pad", original LLaVA-1.5, or "crop", llava-hf). InternVL:
-        `min_tiles`, `max_tiles` override the checkpoint's tiling limits."""
+        `min_tiles`, `max_tiles` override the checkpoint's tiling limits. A setting not passed is
+        taken from `model.prompt_settings` (see `use_settings`)."""
         from hooked_vlm.families import family_module
 
         family = family_module(self.cfg.family)
+        kwargs = prepare_kwargs(self, kwargs)
         accepted = list(inspect.signature(family.prepare).parameters)[3:]
         unknown = sorted(set(kwargs) - set(accepted))
         if unknown:
             raise TypeError(f"prepare() for {self.cfg.family} checkpoints takes no {', '.join(unknown)}; it takes {', '.join(accepted)}")
         return family.prepare(self, images, prompts, **kwargs).to(self.device)
+
+    def use_settings(self, settings: PromptSettings | None = None, **fields: Any) -> HookedVLM:
+        """Set the image mode, tile limit and template every `prepare` uses unless told otherwise:
+        `use_settings(paper_settings(model))`, `use_settings(image_mode="pad")` (one field, the
+        others kept), `use_settings(PromptSettings())` (the checkpoint's own). A setting the
+        family does not take, or an unknown value, is a ValueError. Returns the model."""
+        self.prompt_settings = updated(self, settings, fields)
+        return self
 
     @property
     def device(self) -> torch.device:

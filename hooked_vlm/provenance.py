@@ -1,14 +1,17 @@
 """What a saved result records about how it was made, and the checks made when it is read back.
 
-A mean embedding, a probe table or a control-set manifest is only meaningful for the model, the
-images and the preprocessing it was computed with. Each records:
+A run manifest, a mean embedding, a probe table or a control-set manifest is only meaningful for
+the model, the images and the preprocessing it was computed with. Each records:
 
-- `model_identity(model)`: the checkpoint's name, family and format, an architecture hash, the
-  dtype, and a few weights of the projector's output layer (`weights_sample`). Two loads are the
-  same model when their architecture hash matches and their weights samples agree to rounding (so
-  a bf16 load of a checkpoint is the same model as its fp32 load, and a fine-tune of it is not);
+- `model_identity(model)`: the checkpoint's name, family and format, an architecture hash and the
+  whole config, the dtype, a few weights of the projector's output layer (`weights_sample`), the
+  preprocessing in force and the prompt settings (`hooked_vlm.prompt_settings`: image mode, tile
+  limit, template). Two loads are the same model when their architecture hash matches and their
+  weights samples agree to rounding (so a bf16 load of a checkpoint is the same model as its fp32
+  load, and a fine-tune of it is not); a run directory compares every field (`hooked_vlm.runs`);
 - `preprocessing_settings(model)`: every field of `model.preprocessing` (image mode, tiling,
-  template, normalisation ...), which `with_preprocessing` can override for the duration of a run;
+  template, normalisation ...) as `model.prepare` uses it, the prompt settings applied;
+  `with_preprocessing` overrides them for the duration of a block;
 - the images, through `hooked_vlm.data.collections` (count and a digest of the file list).
 """
 
@@ -55,17 +58,24 @@ def weights_sample(model, n: int = WEIGHTS_SAMPLE_SIZE) -> list[float]:
     return [float(v) for v in flat[index].float().cpu()]
 
 
-def model_identity(model) -> dict[str, Any]:
-    """The model, as a result records it (see the module docstring)."""
+def model_identity(model, name_or_path: str | None = None) -> dict[str, Any]:
+    """The model, as a result records it (see the module docstring). `name_or_path`: the name to
+    record (e.g. a command line's absolute path), else what `from_pretrained` was given."""
+    from hooked_vlm.prompt_settings import effective_settings
+    from hooked_vlm.runs.manifest import describe
+
     fingerprint, description = model_fingerprint(model)
     return {
-        "name": getattr(model, "name_or_path", None) or description,
+        "name": name_or_path or getattr(model, "name_or_path", None) or description,
         "family": model.cfg.family,
         "checkpoint_format": model.cfg.checkpoint_format,
         "architecture": fingerprint,
         "description": description,
         "dtype": str(model.dtype).removeprefix("torch."),
+        "config": describe(model.cfg),
         "weights_sample": weights_sample(model),
+        "preprocessing": preprocessing_settings(model),
+        "prompt_settings": effective_settings(model),
     }
 
 
@@ -96,11 +106,13 @@ def _describe(identity: Mapping[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------- preprocessing
 def preprocessing_settings(model) -> dict[str, Any]:
-    """Every field of `model.preprocessing`, JSON-ready (tuples as lists)."""
+    """Every field of `model.preprocessing` as `model.prepare` uses it (the prompt settings
+    applied), JSON-ready (tuples as lists)."""
     pre = model.preprocessing
     if pre is None:
         return {}
-    return {f.name: _plain(getattr(pre, f.name)) for f in dataclasses.fields(pre)}
+    settings = model.prompt_settings.given()
+    return {f.name: _plain(settings.get(f.name, getattr(pre, f.name))) for f in dataclasses.fields(pre)}
 
 
 def _plain(value: Any) -> Any:
@@ -108,9 +120,13 @@ def _plain(value: Any) -> Any:
 
 
 def resolve_preprocessing(model, preprocessing: Preprocessing) -> dict[str, Any]:
-    """The overrides `preprocessing` asks of this model (a function is called with it); a field
-    the model's preprocessing does not have is a ValueError naming the ones it has."""
-    overrides = dict(preprocessing(model) if callable(preprocessing) else preprocessing or {})
+    """The overrides `preprocessing` asks of this model (a function is called with it; a
+    `PromptSettings` gives its set fields); a field the model's preprocessing does not have is a
+    ValueError naming the ones it has."""
+    from hooked_vlm.prompt_settings import PromptSettings
+
+    overrides = preprocessing(model) if callable(preprocessing) else preprocessing
+    overrides = overrides.given() if isinstance(overrides, PromptSettings) else dict(overrides or {})
     known = [f.name for f in dataclasses.fields(model.preprocessing)] if model.preprocessing is not None else []
     unknown = sorted(set(overrides) - set(known))
     if unknown:
@@ -124,15 +140,22 @@ def resolve_preprocessing(model, preprocessing: Preprocessing) -> dict[str, Any]
 @contextlib.contextmanager
 def with_preprocessing(model, preprocessing: Preprocessing) -> Iterator[dict[str, Any]]:
     """Run the block with `model.preprocessing` overridden (every `model.prepare` sees it), and
-    restore it on exit, also when the block raises. Yields the settings in force."""
+    restore it on exit, also when the block raises. Yields the settings in force. The prompt
+    settings among the overrides (image mode, tile limit, template) are also set on
+    `model.prompt_settings` (checked, see `hooked_vlm.prompt_settings`), which `prepare` reads first."""
+    from hooked_vlm.prompt_settings import PromptSettings
+
     overrides = resolve_preprocessing(model, preprocessing)
-    original = model.preprocessing
-    if overrides:
-        model.preprocessing = dataclasses.replace(original, **overrides)
+    prompt = {k: overrides[k] for k in [f.name for f in dataclasses.fields(PromptSettings)] if k in overrides}
+    original, original_settings = model.preprocessing, model.prompt_settings
     try:
+        if prompt:
+            model.use_settings(**prompt)
+        if overrides:
+            model.preprocessing = dataclasses.replace(original, **overrides)
         yield preprocessing_settings(model)
     finally:
-        model.preprocessing = original
+        model.preprocessing, model.prompt_settings = original, original_settings
 
 
 def code_version() -> str:

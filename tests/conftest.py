@@ -133,3 +133,26 @@ def llava_original_dir(tiny_checkpoint: Callable[[str], Path]) -> Path:
 @pytest.fixture(scope="session")
 def internvl_original_dir(tiny_checkpoint: Callable[[str], Path]) -> Path:
     return tiny_checkpoint("internvl_original")
+
+
+@pytest.fixture
+def prepare_spy(monkeypatch) -> Callable:
+    """`spy(model) -> calls`: from then on, the keyword arguments of every call of the model's
+    family `prepare` (what `model.prepare` passes on) are appended to `calls`."""
+    import functools
+
+    from hooked_vlm.families import family_module
+
+    def spy(model) -> list[dict]:
+        module = family_module(model.cfg.family)
+        seen, prepare = [], module.prepare
+
+        @functools.wraps(prepare)  # model.prepare reads the accepted arguments off the signature
+        def spied(*args, **kwargs):
+            seen.append(kwargs)
+            return prepare(*args, **kwargs)
+
+        monkeypatch.setattr(module, "prepare", spied)
+        return seen
+
+    return spy

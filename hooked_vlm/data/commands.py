@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hooked_vlm import prompt_settings
 from hooked_vlm.config import DTYPES
 
 FILTERS = ("paper", "none")
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     control.add_argument("--batch-size", type=int, default=8)
     control.add_argument("--dtype", choices=DTYPES, default="float32")
     control.add_argument("--device", default="cpu")
+    prompt_settings.add_arguments(control)
     control.set_defaults(run=_control_set)
 
     mean = sub.add_parser("mean-embedding", help="the mean visual embedding over an image collection (the paper's: ImageNet val)",
@@ -57,6 +59,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     mean.add_argument("--dtype", choices=DTYPES, default="float32")
     mean.add_argument("--device", default="cpu")
     mean.add_argument("--out", required=True, help="the mean's file (.pt), which token-ablation reads with --mean")
+    prompt_settings.add_arguments(mean)
     mean.set_defaults(run=_mean_embedding)
 
 
@@ -120,7 +123,8 @@ def _control_set(args) -> None:
               "filters": args.filters, "limit": args.limit}  # fmt: skip
     control = build_control_set(args.model, subset, Path(args.removed).resolve(), task=args.task, out=args.out,
                                 dtype=DTYPES[args.dtype], device=args.device, batch_size=args.batch_size,
-                                max_new_tokens=args.max_new_tokens, source=source)  # fmt: skip
+                                max_new_tokens=args.max_new_tokens, source=source,
+                                preprocessing=prompt_settings.requested(args))  # fmt: skip
     counts = control.manifest["counts"]
     for model in control.manifest["models"]:
         print(f"{model['name']}: keeps {model['counts']['kept']}, misses {model['counts']['missed_in_original']} in the original, "
@@ -136,6 +140,7 @@ def _mean_embedding(args) -> None:
 
     images = open_collection(args.collection, split=args.split, image_column=args.image_column, limit=args.limit)
     model = HookedVLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
+    model.use_settings(prompt_settings.from_arguments(model, args))
     mean = iv.compute_mean_embedding(model, images, hook=args.hook, views=args.views, batch_size=args.batch_size)
     iv.save_mean(mean, args.out)
     used = mean.provenance["images"]

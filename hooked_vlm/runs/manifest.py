@@ -2,8 +2,8 @@
 
 Compared on every launch (a difference is an error naming it): `experiment`, `arguments` (what
 the caller was asked: the command line), `settings` (the experiment's resolved settings, defaults
-included), `model` (name or path, checkpoint format, dtype, architecture, image preprocessing)
-and `items` (how many, and a hash of their keys: the dataset's samples under every condition).
+included), `model` (`hooked_vlm.provenance.model_identity`: name or path, checkpoint format,
+dtype, architecture, weights sample, image preprocessing and prompt settings) and `items` (how many, and a hash of their keys: the dataset's samples under every condition).
 Recorded, not compared: `launches`, one entry per launch (time, processes = shard count, items
 left, code version: package version and git commit), so that a run resumed on another machine,
 with another batch size or after a bug fix says so.
@@ -60,17 +60,6 @@ def describe(value: Any) -> Any:
 def describe_ids(ids: Sequence[str]) -> dict[str, Any]:
     """A list of keys or sample ids, by count and hash (order included)."""
     return {"count": len(ids), "sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest()[:16]}
-
-
-def model_identity(model, name_or_path: str | None = None) -> dict[str, Any]:
-    identity = {"name_or_path": name_or_path} if name_or_path is not None else {}
-    return identity | {
-        "family": model.cfg.family,
-        "checkpoint_format": model.cfg.checkpoint_format,
-        "dtype": describe(model.dtype),
-        "config": describe(model.cfg),
-        "preprocessing": describe(getattr(model, "preprocessing", None)),
-    }
 
 
 def code_version() -> dict[str, Any]:

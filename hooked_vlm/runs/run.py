@@ -25,8 +25,9 @@ from tqdm.auto import tqdm
 
 from hooked_vlm.runs.files import atomic_path
 from hooked_vlm.runs.manifest import (
-    FORMAT, MANIFEST, describe, describe_ids, differences, launch_record, model_identity, normalised,
+    FORMAT, MANIFEST, describe, describe_ids, differences, launch_record, normalised,
 )  # fmt: skip
+from hooked_vlm.provenance import model_identity
 from hooked_vlm.runs.launch import is_main_process, launched_processes, processes
 from hooked_vlm.runs.records import ROWS, Shard, read_records, shard_files
 from hooked_vlm.runs.work import Work, computed, computing, is_computing, run_in_memory

@@ -10,7 +10,6 @@ A part's settings are the paper's (PAPER_PROTOCOL §1.4-§1.10) and fixed here; 
 from __future__ import annotations
 
 import dataclasses
-import random
 import re
 from pathlib import Path
 from typing import Any, Callable
@@ -178,15 +177,16 @@ def figures4_5(ctx: Context) -> list[dict]:
     seeded pairs; then localization as the top heads of each ranking are removed."""
     from hooked_vlm.experiments import cumulative_head_ablation, head_mediation, mediation_map, normalised_auc, rank_heads
 
-    pairs = cma_sample(ctx.data, ctx.cma_pairs, ctx.seed, ctx.limit)
-    options = dict(batch_size=ctx.batch_size, progress=ctx.progress)
+    # the paper's 50 pairs, drawn at random with the seed (COCO's file order is by category)
+    n_pairs = ctx.cma_pairs if ctx.limit is None else min(ctx.cma_pairs, ctx.limit)
+    options = dict(limit=n_pairs, sample="random", sample_seed=ctx.seed, batch_size=ctx.batch_size, progress=ctx.progress)
     maps = {}
     for task in ("localization", "binary"):
-        table = head_mediation(ctx.model, pairs, task=task, run=ctx.run("figures4-5", f"mediation-{task}"), **options)
+        table = head_mediation(ctx.model, ctx.data, task=task, run=ctx.run("figures4-5", f"mediation-{task}"), **options)
         ctx.figure("figures4-5", f"mediation-{task}", plotting.head_mediation_figure(table))
         maps[task] = mediation_map(table)
+        n = int(table["pair_id"].nunique())
     rows = []
-    n = len(pairs)
     for k in (10, 50):
         top = [set(rank_heads(maps[task], k)) for task in maps]
         rows.append({"row": f"top-{k} overlap", "task": "localization vs binary", "value": float(len(top[0] & top[1])), "sd": float("nan"), "n": n})
@@ -198,17 +198,6 @@ def figures4_5(ctx: Context) -> list[dict]:
         rows.append({"row": f"nAUC {ranking}", "task": "localization", "value": 100 * auc, "sd": float("nan"),
                      "n": int(table["sample_id"].nunique())})  # fmt: skip
     return rows
-
-
-def cma_sample(data: Any, n: int, seed: int, limit: int | None):
-    """`n` pairs drawn at random with `seed` (the paper's 50; COCO's file order is by category,
-    so the first n would be one or two classes), of the first `limit`."""
-    from hooked_vlm.data.coco import ObjectRemovedPairs
-
-    items = list(data)[:limit]
-    chosen = sorted(random.Random(seed).sample(range(len(items)), min(n, len(items))))
-    picked = [items[i] for i in chosen]
-    return ObjectRemovedPairs(picked, data.class_names) if isinstance(data, ObjectRemovedPairs) else picked
 
 
 PARTS: dict[str, Callable[[Context], list[dict]]] = {

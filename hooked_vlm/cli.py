@@ -286,7 +286,7 @@ def _run_probe(model, data, args, run):
     else:
         train = list(itertools.islice(data, args.limit))
         test = toy_dataset(args.model, max(len(train) // 4, 4), seed=args.seed + 1, split="probe-test")
-    return position_probe(model, train, test, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed)
+    return position_probe(model, train, test, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, run=run)
 
 
 def _probe_split(items: list, seed: int) -> tuple[list, list]:

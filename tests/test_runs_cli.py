@@ -135,3 +135,31 @@ def test_a_rerun_with_other_arguments_is_refused_and_overwrite_starts_again(tiny
     assert main(command + ["--batch-size", "1"]) == 0  # the batch size may change on resume
     assert main(command + ["--n", "3", "--overwrite"]) == 0
     assert len(pd.read_csv(tmp_path / "results.csv")) == 3
+
+
+# the experiment function each command runs (cumulative-head-ablation first runs head mediation, in a run of its own)
+COMMAND_FUNCTIONS = {
+    "evaluate": ("evaluate", "."), "token-ablation": ("token_ablation", "."), "token-shuffle": ("token_shuffle", "."),
+    "object-extension": ("object_extension", "."), "attention-knockout": ("attention_knockout", "."),
+    "head-mediation": ("head_mediation", "."), "position-probe": ("position_probe", "."),
+    "cumulative-head-ablation": ("head_mediation", "mediation"),
+}  # fmt: skip
+
+
+def test_every_experiment_command_runs_its_experiment_in_the_out_run(monkeypatch, tmp_path):
+    from hooked_vlm import experiments
+    from hooked_vlm.cli import EXPERIMENTS
+    from hooked_vlm.runs import Run
+
+    class Called(Exception):
+        pass
+
+    assert sorted(COMMAND_FUNCTIONS) == sorted(EXPERIMENTS)
+    monkeypatch.setattr("hooked_vlm.cli._ablation_mean", lambda model, args: None)  # not what is tested
+    for command, (function, folder) in COMMAND_FUNCTIONS.items():
+        monkeypatch.setattr(experiments, function, lambda *args, **kwargs: (_ for _ in ()).throw(Called(kwargs.get("run"))))
+        out = tmp_path / command
+        with pytest.raises(Called) as called:
+            main([command, "--model", "toy-llava", "--out", str(out), "--n", "4"])
+        run = called.value.args[0]
+        assert isinstance(run, Run) and run.directory == out / folder, command

@@ -10,8 +10,10 @@ with a loader, so that a resumed run (`hooked_vlm.runs`) loads only the samples 
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -55,34 +57,75 @@ def as_samples(dataset: Any, *, choices: Iterable[str] | None = None) -> Iterato
         yield load()
 
 
-def sample_sources(dataset: Any, limit: int | None = None) -> list[tuple[str, Callable[[], Sample]]]:
+class Sources(list):
+    """`sample_sources`' (sample id, loader) pairs, and `data`: what the samples are, for a run's
+    manifest (`hooked_vlm.runs` compares it on resume). Ids alone do not say it: a synthetic set's
+    are `test-0`, `test-1`, ... whatever its seed."""
+
+    def __init__(self, sources: Iterable[tuple[str, Callable[[], Sample]]], data: dict[str, Any]) -> None:
+        super().__init__(sources)
+        self.data = data
+
+
+def sample_sources(dataset: Any, limit: int | None = None) -> Sources:
     """(sample id, loader) of the first `limit` samples, without loading any image: a resumed run
     loads only the samples it still needs. An empty dataset is an error."""
-    sources = list(itertools.islice(iter_sources(dataset), limit))
-    if not sources:
+    found = list(itertools.islice(_sources(dataset), limit))
+    if not found:
         raise empty_dataset_error()
-    return sources
+    return Sources([(sample_id, load) for sample_id, load, _ in found], _data_identity(dataset, [f for _, _, f in found]))
+
+
+def _data_identity(dataset: Any, fingerprints: list[bytes]) -> dict[str, Any]:
+    """A synthetic set by its seed, split and distribution (nothing rendered); any other dataset by
+    a hash of its samples' fingerprints (`_fingerprint`), with the classes its list prompt offers."""
+    from hooked_vlm.data.synthetic import SyntheticLocalization
+    from hooked_vlm.runs import describe
+
+    if isinstance(dataset, SyntheticLocalization):
+        return {"synthetic": describe({"seed": dataset.seed, "split": dataset.split, "config": dataset.config})}
+    digest = hashlib.sha256()
+    for fingerprint in fingerprints:
+        digest.update(hashlib.sha256(fingerprint).digest())
+    return {"classes": list(_dataset_classes(dataset)), "samples_sha256": digest.hexdigest()[:16]}
 
 
 def iter_sources(dataset: Any, *, choices: Iterable[str] | None = None) -> Iterator[tuple[str, Callable[[], Sample]]]:
+    for sample_id, load, _ in _sources(dataset, choices=choices):
+        yield sample_id, load
+
+
+def _sources(dataset: Any, *, choices: Iterable[str] | None = None) -> Iterator[tuple[str, Callable[[], Sample], bytes]]:
+    """(sample id, loader, fingerprint) of each sample (see `_fingerprint`)."""
     from hooked_vlm.data.coco import CocoItem, ObjectRemovedPair
     from hooked_vlm.data.synthetic import SyntheticItem, SyntheticLocalization
 
     dataset_choices = tuple(choices) if choices is not None else _dataset_classes(dataset)
     if isinstance(dataset, SyntheticLocalization):  # ids without rendering: a scene is drawn when loaded
         for index in range(len(dataset)):
-            yield f"{dataset.split}-{index}", lambda index=index: _synthetic_sample(dataset[index], choices, dataset_choices)
+            yield f"{dataset.split}-{index}", lambda index=index: _synthetic_sample(dataset[index], choices, dataset_choices), b""
         return
     for item in dataset:
         if isinstance(item, Sample):
-            yield item.id, lambda item=item: item
+            yield item.id, lambda item=item: item, _fingerprint(item)
         elif isinstance(item, SyntheticItem):
-            yield f"{item.split}-{item.index}", lambda item=item: _synthetic_sample(item, choices, dataset_choices)
+            load = lambda item=item: _synthetic_sample(item, choices, dataset_choices)  # noqa: E731
+            yield f"{item.split}-{item.index}", load, _fingerprint(load())
         elif isinstance(item, (CocoItem, ObjectRemovedPair)):
             coco = item if isinstance(item, CocoItem) else item.item
-            yield f"coco-{coco.annotation_id}", lambda item=item, c=dataset_choices: _coco_sample(item, c)
+            removed = "" if isinstance(item, CocoItem) else Path(item.removed_image_path).name
+            fingerprint = repr((coco.image_path.name, coco.image_size, coco.class_name, coco.annotation_id, coco.box, removed))
+            yield f"coco-{coco.annotation_id}", lambda item=item, c=dataset_choices: _coco_sample(item, c), fingerprint.encode()
         else:
             raise TypeError(f"cannot make a sample of a {type(item).__name__}")
+
+
+def _fingerprint(sample: Sample) -> bytes:
+    """What a sample in memory is: its annotations and its images' pixels. (A COCO item's is its
+    annotation and file names: no image is read for it.)"""
+    images = [image for image in (sample.image, sample.removed_image) if image is not None]
+    text = repr((sample.id, sample.class_name, sample.box, sample.choices, [(im.mode, im.size) for im in images]))
+    return text.encode() + b"".join(hashlib.sha256(image.tobytes()).digest() for image in images)
 
 
 def _synthetic_sample(item, choices: Iterable[str] | None, dataset_choices: tuple[str, ...]) -> Sample:

@@ -86,7 +86,8 @@ def evaluate(
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     boxes = box_format(model, frame)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
-    items = [Item(sample_id, sample_id, load) for sample_id, load in sample_sources(dataset, limit)]
+    sources = sample_sources(dataset, limit)
+    items = [Item(sample_id, sample_id, load) for sample_id, load in sources]
 
     def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
         answered: dict[str, list[dict]] = {}
@@ -103,7 +104,7 @@ def evaluate(
                     yield key, answered.pop(key)
 
     settings = {"task": task, "condition": condition, "intervention": intervention, "max_new_tokens": max_new_tokens,
-                "box_format": boxes, "limit": limit}  # fmt: skip
+                "box_format": boxes, "limit": limit, "data": sources.data}  # fmt: skip
     work = Work("evaluate", items, compute, settings=settings, model=model, desc=f"{task} [{condition}]", unit="sample")
     return execute(work, run, progress=progress)
 

@@ -92,7 +92,8 @@ def head_mediation(
         raise ValueError(f"unknown method {method!r} (expected 'exact' or 'attribution')")
     if positions not in ("prompt", "answer", "prompt+answer"):
         raise ValueError(f"unknown positions {positions!r} (expected 'prompt', 'answer' or 'prompt+answer')")
-    items = [Item(pair_id, pair_id, load) for pair_id, load in sample_sources(pairs, limit)]
+    sources = sample_sources(pairs, limit)
+    items = [Item(pair_id, pair_id, load) for pair_id, load in sources]
 
     def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
         for item in pending:
@@ -100,7 +101,8 @@ def head_mediation(
                                        frame, min_effect)  # fmt: skip
 
     settings = {"task": task, "positions": positions, "target": target, "method": method, "max_new_tokens": max_new_tokens,
-                "box_format": box_format(model, frame), "min_effect": min_effect, "limit": limit}  # fmt: skip
+                "box_format": box_format(model, frame), "min_effect": min_effect, "limit": limit,
+                "data": sources.data}  # fmt: skip
     work = Work("head_mediation", items, compute, settings=settings, model=model, desc=f"head mediation ({method})", unit="pair")
     return execute(work, run, progress=progress)
 

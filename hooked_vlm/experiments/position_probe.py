@@ -61,7 +61,7 @@ def position_probe(
     axes; the features of the pending sites are gathered in one pass first, so a process of a
     launch runs every image through the model for its own sites).
     """
-    train_ids, test_ids = ([sample_id for sample_id, _ in sample_sources(data)] for data in (train_dataset, test_dataset))
+    train_sources, test_sources = sample_sources(train_dataset), sample_sources(test_dataset)
     items = [Item(hook, hook, (section, layer, hook)) for section, layer, hook in probe_sites(model)]
 
     def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
@@ -85,7 +85,8 @@ def position_probe(
             yield hook, rows
 
     settings = {"epochs": epochs, "tokens_per_image": tokens_per_image, "lr": lr, "seed": seed,
-                "train": describe_ids(train_ids), "test": describe_ids(test_ids)}  # fmt: skip
+                "train": describe_ids([sample_id for sample_id, _ in train_sources]) | train_sources.data,
+                "test": describe_ids([sample_id for sample_id, _ in test_sources]) | test_sources.data}  # fmt: skip
     work = Work("position_probe", items, compute, settings=settings, model=model, desc="probes", unit="site")
     return execute(work, run, progress=progress)
 

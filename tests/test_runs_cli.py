@@ -38,7 +38,7 @@ def die():
 point = sys.argv.pop(1)
 if point == "record":
     def torn(self, key, rows):
-        line = records.encode(key, rows)
+        line = records.encode(key, rows, self.run)
         self.file.write(line[: len(line) // 2])
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -62,7 +62,7 @@ def reference(tmp_path_factory) -> pd.DataFrame:
 
 def records(out: Path) -> list[str]:
     """The recorded item keys over every shard, in file order (duplicates kept)."""
-    return [key for path in shard_files(out / "rows") for key, _ in read_shard(path)[0]]
+    return [key for path in shard_files(out / "rows") for key, _, _ in read_shard(path)[0]]
 
 
 def complete_lines(out: Path) -> int:
@@ -117,7 +117,7 @@ def test_two_processes_under_accelerate_launch_share_the_items_and_give_the_one_
     done = subprocess.run([*launch, "-m", "hooked_vlm", *COMMAND, "--out", str(out), "--batch-size", "2", "--device", "cpu"],
                           env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    shards = {path.name: [key for key, _ in read_shard(path)[0]] for path in shard_files(out / "rows")}
+    shards = {path.name: [key for key, _, _ in read_shard(path)[0]] for path in shard_files(out / "rows")}
     assert sorted(shards) == ["shard-00000.jsonl", "shard-00001.jsonl"] and all(shards.values())
     keys = [key for share in shards.values() for key in share]
     assert len(keys) == len(set(keys)) == N_ITEMS  # each item computed once, by one process

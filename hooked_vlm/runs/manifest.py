@@ -4,7 +4,8 @@ Compared on every launch (a difference is an error naming it): `experiment`, `ar
 the caller was asked: the command line), `settings` (the experiment's resolved settings, defaults
 included), `model` (name or path, checkpoint format, dtype, architecture, image preprocessing)
 and `items` (how many, and a hash of their keys: the dataset's samples under every condition).
-Recorded, not compared: `launches`, one entry per launch (time, processes = shard count, items
+Their hash is the run's `tag` (`run_tag`), which every record of its shard files carries: a shard
+copied in from a run made otherwise is refused, never merged. Recorded, not compared: `launches`, one entry per launch (time, processes = shard count, items
 left, code version: package version and git commit), so that a run resumed on another machine,
 with another batch size or after a bug fix says so.
 """
@@ -24,8 +25,12 @@ import numpy as np
 import torch
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: every record carries its run's tag; settings hold the experiment's data
 COMPARED = ("format", "experiment", "arguments", "settings", "model", "items")
+
+
+class RunMismatch(ValueError):
+    """The run directory was made by another command (or holds results nothing says how were made)."""
 
 
 def describe(value: Any) -> Any:
@@ -101,6 +106,12 @@ def _git(directory: Path, *args: str) -> str | None:
 def launch_record(processes: int, items_left: int, launch: dict[str, Any]) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {"started": now, "processes": processes, "items_left": items_left, "code": code_version(), **describe(launch)}
+
+
+def run_tag(identity: dict[str, Any]) -> str:
+    """The hash of a run's compared sections: the same for every launch of the same command."""
+    text = json.dumps({section: normalised(identity.get(section)) for section in COMPARED}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------- comparing

@@ -264,3 +264,10 @@ def test_in_memory_work_under_a_launcher_warns_that_every_process_computes_every
         warnings.simplefilter("error")
         with runs.work.computing():
             execute(squares(), progress=False)
+
+
+def test_a_function_that_captures_itself_is_described_without_recursing_forever():
+    def countdown(n):
+        return n if n <= 0 else countdown(n - 1)
+
+    assert runs.describe(countdown)["captured"] == [f"{__name__}.{countdown.__qualname__}"]

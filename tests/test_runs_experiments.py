@@ -108,3 +108,19 @@ def test_a_resume_on_samples_with_the_same_ids_and_other_pixels_is_refused(model
     samples[1] = dataclasses.replace(samples[1], image=ImageOps.mirror(samples[1].image))
     with pytest.raises(RunMismatch, match=r"settings\.data\.samples_sha256: "):
         evaluate(model, samples, run=tmp_path, progress=False)
+
+
+def _scaled_embeddings(factor: float):
+    """An intervention made by a factory: every one it makes has the same qualified name."""
+
+    def intervention(model, inputs, samples):
+        return [("hook_image_embeds", lambda act, hook: act * factor)]
+
+    return intervention
+
+
+def test_a_resume_with_an_intervention_from_the_same_factory_capturing_another_value_is_refused(model, data, tmp_path, nothing_computed):
+    with pytest.raises(RuntimeError, match="items have no record"):
+        evaluate(model, data, intervention=_scaled_embeddings(0.5), run=tmp_path, progress=False)
+    with pytest.raises(RunMismatch, match=r"settings\.intervention\.captured: \[0\.5\] recorded, \[2\.0\] now"):
+        evaluate(model, data, intervention=_scaled_embeddings(2.0), run=tmp_path, progress=False)

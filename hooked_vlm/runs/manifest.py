@@ -13,7 +13,9 @@ with another batch size or after a bug fix says so.
 from __future__ import annotations
 
 import dataclasses
+import contextvars
 import datetime
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -35,7 +37,8 @@ class RunMismatch(ValueError):
 
 def describe(value: Any) -> Any:
     """A JSON description of a setting: plain values as they are; tensors and arrays by shape,
-    dtype and a hash of their bytes; dataclasses field by field; functions by qualified name."""
+    dtype and a hash of their bytes; dataclasses field by field; functions by qualified name, and
+    with the values they captured (see `_describe_function`)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
@@ -58,8 +61,46 @@ def describe(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if callable(value):
-        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+        return _describe_function(value)
     raise TypeError(f"cannot describe a {type(value).__name__} ({value!r}) in a run manifest")
+
+
+def _describe_function(fn: Any) -> Any:
+    """A function by its qualified name; one made by a factory (`make(0.5)` and `make(1.0)` share
+    a name) also by the values it captured and its defaults, so that a resume with another is
+    refused; a captured value that cannot be described (a model) by its type. (Its code is not
+    compared: an edited function body goes unnoticed.) A `functools.partial` by its function and
+    arguments."""
+    if isinstance(fn, functools.partial):
+        return {"partial": _describe_function(fn.func), "args": _described(fn.args), "keywords": _described(fn.keywords)}
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    captured = [cell.cell_contents for cell in getattr(fn, "__closure__", None) or () if _filled(cell)]
+    defaults = [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).items()]
+    if (not captured and not defaults) or id(fn) in _describing.get():  # a recursive function names itself
+        return name
+    token = _describing.set(_describing.get() | {id(fn)})
+    try:
+        return {"function": name, "captured": _described(captured), "defaults": _described(defaults)}
+    finally:
+        _describing.reset(token)
+
+
+_describing: contextvars.ContextVar[frozenset] = contextvars.ContextVar("hooked_vlm_describing", default=frozenset())
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a variable not yet bound
+        return False
+    return True
+
+
+def _described(value: Any) -> Any:
+    try:
+        return describe(value)
+    except TypeError:
+        return [_described(v) for v in value] if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
 
 
 def describe_ids(ids: Sequence[str]) -> dict[str, Any]:

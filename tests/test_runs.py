@@ -271,3 +271,15 @@ def test_a_function_that_captures_itself_is_described_without_recursing_forever(
         return n if n <= 0 else countdown(n - 1)
 
     assert runs.describe(countdown)["captured"] == [f"{__name__}.{countdown.__qualname__}"]
+
+
+def test_numpy_scalars_give_the_in_memory_table_the_recorded_tables_dtypes(tmp_path):
+    items = [Item(f"x{i}", f"x{i}", i) for i in range(3)]
+
+    def compute(pending):
+        for item in pending:
+            yield item.key, [{"v": np.float32(item.payload / 3), "n": np.int32(item.payload), "b": np.bool_(item.payload % 2)}]
+
+    in_memory = execute(Work("numpy", items, compute), progress=False)
+    pd.testing.assert_frame_equal(in_memory, execute(Work("numpy", items, compute), tmp_path, progress=False))
+    assert dict(in_memory.dtypes.astype(str)) == {"v": "float64", "n": "int64", "b": "bool"}

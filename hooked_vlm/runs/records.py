@@ -72,6 +72,13 @@ def decode(line: bytes) -> tuple[str, list[dict], str | None] | None:
         return None
 
 
+def as_recorded(rows: list[dict]) -> list[dict]:
+    """`rows` as their record reads back (numpy scalars as the Python scalars they hold, ...): what
+    an in-memory run returns too, so that its table equals a recorded run's, dtypes included."""
+    payload = json.dumps([_row(row) for row in rows], allow_nan=False)
+    return json.loads(payload, object_hook=_untag)
+
+
 def _row(row: dict) -> dict:
     for column in row:
         if not isinstance(column, str):

@@ -18,7 +18,10 @@ import torch
 from hooked_vlm import runs
 from hooked_vlm.runs import Item, Run, RunBusy, RunMismatch, Work, execute
 from hooked_vlm.runs.launch import Processes
+from hooked_vlm.runs.manifest import run_tag
 from hooked_vlm.runs.records import Shard, decode, encode, read_records, read_shard
+
+TAG = "0123456789abcdef"  # a run tag
 
 
 class Crash(Exception):
@@ -42,7 +45,7 @@ def squares(n: int = 6, *, power: int = 2, calls: list | None = None, crash_afte
 
 
 def records_in(directory: Path) -> dict[str, list[dict]]:
-    return read_records(directory / "rows")
+    return read_records(directory / "rows", run_tag(json.loads((directory / "manifest.json").read_text())))
 
 
 # ---------------------------------------------------------------------------------- records
@@ -53,10 +56,10 @@ def _not_json(constant: str):
 def test_a_record_keeps_the_types_of_its_values():
     row = {"box": (1.0, 2.5), "boxes": [(1, 2), (3, 4)], "none": None, "nan": float("nan"), "inf": float("inf"), "minus_inf": np.float64("-inf"),
            "flag": True, "n": 3, "float32": np.float32(0.5), "bool_": np.bool_(False), "text": "a\nb é \t"}  # fmt: skip
-    line = encode("k|1", [row])
+    line = encode("k|1", [row], TAG)
     json.loads(line[9:], parse_constant=_not_json)  # strict JSON, NaN and infinities included
-    key, (back,) = decode(line[:-1])
-    assert key == "k|1"
+    key, (back,), tag = decode(line[:-1])
+    assert key == "k|1" and tag == TAG
     assert back["box"] == (1.0, 2.5) and isinstance(back["box"], tuple)
     assert back["boxes"] == [(1, 2), (3, 4)] and isinstance(back["boxes"][0], tuple)
     assert back["none"] is None and math.isnan(back["nan"]) and back["inf"] == math.inf and back["minus_inf"] == -math.inf
@@ -67,25 +70,25 @@ def test_a_record_keeps_the_types_of_its_values():
 
 def test_a_value_that_is_not_plain_is_refused_naming_its_column():
     with pytest.raises(TypeError, match="cannot record column 'logits': a Tensor"):
-        encode("k", [{"logits": torch.zeros(2)}])
+        encode("k", [{"logits": torch.zeros(2)}], TAG)
 
 
 def test_a_torn_last_line_is_no_record_and_is_cut_off_before_the_next_append(tmp_path):
     shard = Shard(tmp_path, 0)
-    shard.path.write_bytes(encode("a", [{"v": 1}]) + encode("b", [{"v": 2}]) + encode("c", [{"v": 3}])[:20])
-    assert [key for key, _ in read_shard(shard.path)[0]] == ["a", "b"]
-    with shard.locked(), shard.appending() as writer:
+    shard.path.write_bytes(encode("a", [{"v": 1}], TAG) + encode("b", [{"v": 2}], TAG) + encode("c", [{"v": 3}], TAG)[:20])
+    assert [key for key, _, _ in read_shard(shard.path)[0]] == ["a", "b"]
+    with shard.locked(), shard.appending(TAG) as writer:
         writer.append("c", [{"v": 3}])
-    assert [key for key, _ in read_shard(shard.path)[0]] == ["a", "b", "c"]
+    assert [key for key, _, _ in read_shard(shard.path)[0]] == ["a", "b", "c"]
     assert shard.path.read_bytes().count(b"\n") == 3  # the torn bytes are gone
 
 
 def test_a_damaged_line_between_records_is_skipped_with_a_warning(tmp_path):
     shard = Shard(tmp_path, 0)
-    damaged = encode("b", [{"v": 2}]).replace(b'"v":2', b'"v":7')  # its checksum no longer matches
-    shard.path.write_bytes(encode("a", [{"v": 1}]) + damaged + encode("c", [{"v": 3}]))
+    damaged = encode("b", [{"v": 2}], TAG).replace(b'"v":2', b'"v":7')  # its checksum no longer matches
+    shard.path.write_bytes(encode("a", [{"v": 1}], TAG) + damaged + encode("c", [{"v": 3}], TAG))
     with pytest.warns(UserWarning, match="1 damaged lines between intact records were skipped"):
-        assert list(read_records(tmp_path)) == ["a", "c"]
+        assert list(read_records(tmp_path, TAG)) == ["a", "c"]
 
 
 # ---------------------------------------------------------------------------------- one process
@@ -141,6 +144,25 @@ def test_results_without_a_manifest_are_an_error_not_silently_replaced(tmp_path)
     with pytest.raises(RunMismatch, match="holds results.csv but no run manifest"):
         execute(squares(), Run(tmp_path, outputs=["results.csv"]), progress=False)
     assert (tmp_path / "results.csv").read_text() == "made by hand"
+
+
+def test_a_shard_copied_in_from_a_run_made_otherwise_is_refused_naming_it(tmp_path):
+    execute(squares(), tmp_path / "squares", progress=False)
+    execute(squares(power=3), tmp_path / "cubes", progress=False)
+    (tmp_path / "cubes" / "rows" / "shard-00000.jsonl").rename(tmp_path / "squares" / "rows" / "shard-00001.jsonl")
+    with pytest.raises(RunMismatch, match=r"holds records of another run in shard-00001\.jsonl"):
+        execute(squares(), tmp_path / "squares", progress=False)
+
+
+def test_a_shard_copied_in_from_a_run_of_the_same_command_is_merged(tmp_path):
+    with pytest.raises(Crash):
+        execute(squares(crash_after=2), tmp_path / "here", progress=False)
+    execute(squares(), tmp_path / "elsewhere", progress=False)
+    (tmp_path / "elsewhere" / "rows" / "shard-00000.jsonl").rename(tmp_path / "here" / "rows" / "shard-00001.jsonl")
+    calls: list[str] = []
+    with pytest.warns(UserWarning, match="2 items are recorded more than once"):
+        table = execute(squares(calls=calls), tmp_path / "here", progress=False)
+    assert calls == [] and table.equals(execute(squares(), progress=False))
 
 
 def test_a_second_launch_into_a_running_run_stops_at_once(tmp_path):
@@ -242,3 +264,22 @@ def test_in_memory_work_under_a_launcher_warns_that_every_process_computes_every
         warnings.simplefilter("error")
         with runs.work.computing():
             execute(squares(), progress=False)
+
+
+def test_a_function_that_captures_itself_is_described_without_recursing_forever():
+    def countdown(n):
+        return n if n <= 0 else countdown(n - 1)
+
+    assert runs.describe(countdown)["captured"] == [f"{__name__}.{countdown.__qualname__}"]
+
+
+def test_numpy_scalars_give_the_in_memory_table_the_recorded_tables_dtypes(tmp_path):
+    items = [Item(f"x{i}", f"x{i}", i) for i in range(3)]
+
+    def compute(pending):
+        for item in pending:
+            yield item.key, [{"v": np.float32(item.payload / 3), "n": np.int32(item.payload), "b": np.bool_(item.payload % 2)}]
+
+    in_memory = execute(Work("numpy", items, compute), progress=False)
+    pd.testing.assert_frame_equal(in_memory, execute(Work("numpy", items, compute), tmp_path, progress=False))
+    assert dict(in_memory.dtypes.astype(str)) == {"v": "float64", "n": "int64", "b": "bool"}

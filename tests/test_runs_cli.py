@@ -38,7 +38,7 @@ def die():
 point = sys.argv.pop(1)
 if point == "record":
     def torn(self, key, rows):
-        line = records.encode(key, rows)
+        line = records.encode(key, rows, self.run)
         self.file.write(line[: len(line) // 2])
         self.file.flush()
         os.fsync(self.file.fileno())
@@ -62,7 +62,7 @@ def reference(tmp_path_factory) -> pd.DataFrame:
 
 def records(out: Path) -> list[str]:
     """The recorded item keys over every shard, in file order (duplicates kept)."""
-    return [key for path in shard_files(out / "rows") for key, _ in read_shard(path)[0]]
+    return [key for path in shard_files(out / "rows") for key, _, _ in read_shard(path)[0]]
 
 
 def complete_lines(out: Path) -> int:
@@ -117,7 +117,7 @@ def test_two_processes_under_accelerate_launch_share_the_items_and_give_the_one_
     done = subprocess.run([*launch, "-m", "hooked_vlm", *COMMAND, "--out", str(out), "--batch-size", "2", "--device", "cpu"],
                           env=ENV, capture_output=True, text=True, timeout=600)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    shards = {path.name: [key for key, _ in read_shard(path)[0]] for path in shard_files(out / "rows")}
+    shards = {path.name: [key for key, _, _ in read_shard(path)[0]] for path in shard_files(out / "rows")}
     assert sorted(shards) == ["shard-00000.jsonl", "shard-00001.jsonl"] and all(shards.values())
     keys = [key for share in shards.values() for key in share]
     assert len(keys) == len(set(keys)) == N_ITEMS  # each item computed once, by one process
@@ -135,3 +135,31 @@ def test_a_rerun_with_other_arguments_is_refused_and_overwrite_starts_again(tiny
     assert main(command + ["--batch-size", "1"]) == 0  # the batch size may change on resume
     assert main(command + ["--n", "3", "--overwrite"]) == 0
     assert len(pd.read_csv(tmp_path / "results.csv")) == 3
+
+
+# the experiment function each command runs (cumulative-head-ablation first runs head mediation, in a run of its own)
+COMMAND_FUNCTIONS = {
+    "evaluate": ("evaluate", "."), "token-ablation": ("token_ablation", "."), "token-shuffle": ("token_shuffle", "."),
+    "object-extension": ("object_extension", "."), "attention-knockout": ("attention_knockout", "."),
+    "head-mediation": ("head_mediation", "."), "position-probe": ("position_probe", "."),
+    "cumulative-head-ablation": ("head_mediation", "mediation"),
+}  # fmt: skip
+
+
+def test_every_experiment_command_runs_its_experiment_in_the_out_run(monkeypatch, tmp_path):
+    from hooked_vlm import experiments
+    from hooked_vlm.cli import EXPERIMENTS
+    from hooked_vlm.runs import Run
+
+    class Called(Exception):
+        pass
+
+    assert sorted(COMMAND_FUNCTIONS) == sorted(EXPERIMENTS)
+    monkeypatch.setattr("hooked_vlm.cli._ablation_mean", lambda model, args: None)  # not what is tested
+    for command, (function, folder) in COMMAND_FUNCTIONS.items():
+        monkeypatch.setattr(experiments, function, lambda *args, **kwargs: (_ for _ in ()).throw(Called(kwargs.get("run"))))
+        out = tmp_path / command
+        with pytest.raises(Called) as called:
+            main([command, "--model", "toy-llava", "--out", str(out), "--n", "4"])
+        run = called.value.args[0]
+        assert isinstance(run, Run) and run.directory == out / folder, command

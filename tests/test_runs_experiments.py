@@ -3,11 +3,13 @@ in-memory table, a rerun computes nothing, and a run stopped part way resumes to
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pandas as pd
 import pytest
 import torch
+from PIL import ImageOps
 
 from hooked_vlm import HookedVLM
 from hooked_vlm.data.synthetic import SyntheticLocalization
@@ -15,6 +17,8 @@ from hooked_vlm.experiments import (
     attention_knockout, cumulative_head_ablation, evaluate, head_mediation, object_extension, position_probe,
     token_ablation, token_shuffle,
 )  # fmt: skip
+from hooked_vlm.experiments.data import as_samples
+from hooked_vlm.runs import RunMismatch
 from hooked_vlm.runs.records import read_shard
 
 
@@ -79,3 +83,44 @@ def test_a_rerun_asks_the_model_only_for_the_samples_left_batching_them_per_cond
     monkeypatch.setattr(model, "generate", lambda inputs, **kw: batches.append(len(inputs.input_ids)) or generate(inputs, **kw))
     token_shuffle(model, data, seeds=(0,), batch_size=2, run=tmp_path, progress=False)
     assert batches == [2, 2, 1]  # recorded: baseline x3, "full s0" x1; left: "full s0" x2, "object s0" x3
+
+
+@pytest.fixture
+def nothing_computed(monkeypatch):
+    """Runs write their manifest, compute no item, and stop at the merge (the items have no record)."""
+    monkeypatch.setattr("hooked_vlm.runs.run.computed", lambda *args, **kwargs: iter(()))
+
+
+@pytest.mark.parametrize("experiment", list(EXPERIMENTS))
+def test_a_resume_on_the_same_sample_ids_drawn_with_another_seed_is_refused(model, data, experiment, tmp_path, nothing_computed):
+    """Synthetic sample ids are `test-0`, `test-1`, ... under every seed: the data's seed is compared."""
+    run = EXPERIMENTS[experiment]
+    with pytest.raises(RuntimeError, match="items have no record"):
+        run(model, data, run=tmp_path, progress=False)
+    with pytest.raises(RunMismatch, match=r"settings\.(data|train)\.synthetic\.seed: 0 recorded, 1 now"):
+        run(model, SyntheticLocalization(3, seed=1, image_sizes=((112, 56),)), run=tmp_path, progress=False)
+
+
+def test_a_resume_on_samples_with_the_same_ids_and_other_pixels_is_refused(model, data, tmp_path, nothing_computed):
+    samples = list(as_samples(data))
+    with pytest.raises(RuntimeError, match="items have no record"):
+        evaluate(model, samples, run=tmp_path, progress=False)
+    samples[1] = dataclasses.replace(samples[1], image=ImageOps.mirror(samples[1].image))
+    with pytest.raises(RunMismatch, match=r"settings\.data\.samples_sha256: "):
+        evaluate(model, samples, run=tmp_path, progress=False)
+
+
+def _scaled_embeddings(factor: float):
+    """An intervention made by a factory: every one it makes has the same qualified name."""
+
+    def intervention(model, inputs, samples):
+        return [("hook_image_embeds", lambda act, hook: act * factor)]
+
+    return intervention
+
+
+def test_a_resume_with_an_intervention_from_the_same_factory_capturing_another_value_is_refused(model, data, tmp_path, nothing_computed):
+    with pytest.raises(RuntimeError, match="items have no record"):
+        evaluate(model, data, intervention=_scaled_embeddings(0.5), run=tmp_path, progress=False)
+    with pytest.raises(RunMismatch, match=r"settings\.intervention\.captured: \[0\.5\] recorded, \[2\.0\] now"):
+        evaluate(model, data, intervention=_scaled_embeddings(2.0), run=tmp_path, progress=False)

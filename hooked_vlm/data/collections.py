@@ -259,7 +259,8 @@ def describe_collection(images: Any) -> dict[str, Any]:
         return {"source": "PIL images"} | describe_ids([_pixels_key(item) for item in images])
     from hooked_vlm.experiments.data import sample_sources
 
-    return {"source": "samples"} | describe_ids([sample_id for sample_id, _ in sample_sources(images)])
+    sources = sample_sources(images, sample="first")  # `.data`: a hash of the samples' annotations and pixels
+    return {"source": "samples"} | describe_ids([sample_id for sample_id, _ in sources]) | sources.data
 
 
 def known_length(images: Any) -> int | None:

@@ -102,8 +102,8 @@ def cumulative_head_ablation(
         value = _prompt_means(model, dataset, task, batch_size, {"limit": limit, "sample": sample, "sample_seed": sample_seed})
 
     steps = _steps(orders, fractions, n_layers * n_heads)
-    items = [Item(f"{step.name}|{sample_id}", sample_id, (step, sample_id, load)) for step in steps
-             for sample_id, load in sample_sources(dataset, limit, sample=sample, sample_seed=sample_seed)]  # fmt: skip
+    sources = sample_sources(dataset, limit, sample=sample, sample_seed=sample_seed)
+    items = [Item(f"{step.name}|{sample_id}", sample_id, (step, sample_id, load)) for step in steps for sample_id, load in sources]
 
     def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
         for _, same_step in itertools.groupby(pending, key=lambda item: item.payload[0].name):
@@ -131,7 +131,7 @@ def cumulative_head_ablation(
     settings = {
         "task": task, "rankings": dict(rankings), "fractions": sorted(fractions), "low_importance_from": low_importance_from,
         "controls": controls if low_importance_from is not None else [], "control_seed": control_seed,
-        "value": described_value, "limit": limit, "sample": sample, "sample_seed": sample_seed, "box_format": box_format(model, frame),
+        "value": described_value, "limit": limit, "sample": sample, "sample_seed": sample_seed, "data": sources.data, "box_format": box_format(model, frame),
         "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task],
     }  # fmt: skip
     work = Work("cumulative_head_ablation", items, compute, table, settings=settings, model=model,

@@ -16,9 +16,11 @@ take turns, each class's objects in a seeded random order), or the first N in fi
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Literal
 
 import numpy as np
@@ -92,23 +94,46 @@ def chosen_samples(dataset: Any, limit: int | None = None, *, sample: SampleMode
         yield load()
 
 
-def sample_sources(
-    dataset: Any, limit: int | None = None, *, sample: SampleMode = "random", sample_seed: int = 0
-) -> list[tuple[str, Callable[[], Sample]]]:
+class Sources(list):
+    """`sample_sources`' (sample id, loader) pairs, and `data`: what the samples are, for a run's
+    manifest (`hooked_vlm.runs` compares it on resume). Ids alone do not say it: a synthetic set's
+    are `test-0`, `test-1`, ... whatever its seed."""
+
+    def __init__(self, sources: Iterable[tuple[str, Callable[[], Sample]]], data: dict[str, Any]) -> None:
+        super().__init__(sources)
+        self.data = data
+
+
+def sample_sources(dataset: Any, limit: int | None = None, *, sample: SampleMode = "random", sample_seed: int = 0) -> Sources:
     """(sample id, loader) of the samples `limit`, `sample` and `sample_seed` choose (see the
     module docstring), in the dataset's order, without loading any image (but "stratified" on
     a synthetic set, whose classes are known once drawn): a resumed run loads only the samples
-    it still needs. An empty dataset (or `limit=0`) is an error."""
+    it still needs. `.data` describes them for a run's manifest. An empty dataset (or `limit=0`)
+    is an error."""
     check_sampling(limit, sample)
     if sample == "first":
-        sources = [(sid, load) for sid, load, _ in itertools.islice(iter_sources(dataset, classes=True), limit)]
+        found = list(itertools.islice(_sources(dataset), limit))
     else:
-        every = list(iter_sources(dataset, classes=True))
+        every = list(_sources(dataset))
         chosen = _chosen(every, limit, sample, sample_seed)
-        sources = [(sid, load) for index, (sid, load, _) in enumerate(every) if index in chosen]
-    if not sources:
+        found = [source for index, source in enumerate(every) if index in chosen]
+    if not found:
         raise empty_dataset_error()
-    return sources
+    return Sources([(sample_id, load) for sample_id, load, _, _ in found], _data_identity(dataset, [f for *_, f in found]))
+
+
+def _data_identity(dataset: Any, fingerprints: list[bytes]) -> dict[str, Any]:
+    """A synthetic set by its seed, split and distribution (nothing rendered); any other dataset by
+    a hash of its samples' fingerprints (`_fingerprint`), with the classes its list prompt offers."""
+    from hooked_vlm.data.synthetic import SyntheticLocalization
+    from hooked_vlm.runs import describe
+
+    if isinstance(dataset, SyntheticLocalization):
+        return {"synthetic": describe({"seed": dataset.seed, "split": dataset.split, "config": dataset.config})}
+    digest = hashlib.sha256()
+    for fingerprint in fingerprints:
+        digest.update(hashlib.sha256(fingerprint).digest())
+    return {"classes": list(_dataset_classes(dataset)), "samples_sha256": digest.hexdigest()[:16]}
 
 
 def check_sampling(limit: int | None, sample: str) -> None:
@@ -126,7 +151,7 @@ def _chosen(every: list, limit: int | None, sample: str, seed: int) -> set[int]:
     if sample == "random":
         return set(generator.sample(range(len(every)), limit))
     by_class: dict[str, list[int]] = {}
-    for index, (_, _, class_of) in enumerate(every):
+    for index, (_, _, class_of, _) in enumerate(every):
         by_class.setdefault(class_of(), []).append(index)
     queues = [generator.sample(indices, len(indices)) for _, indices in sorted(by_class.items())]
     generator.shuffle(queues)  # which classes get one more object when limit does not divide evenly
@@ -140,32 +165,43 @@ def _chosen(every: list, limit: int | None, sample: str, seed: int) -> set[int]:
 
 def iter_sources(dataset: Any, *, choices: Iterable[str] | None = None, classes: bool = False) -> Iterator[tuple]:
     """(sample id, loader) of every sample; with `classes`, (id, loader, class name getter)."""
-    for sample_id, load, class_of in _sources(dataset, choices):
+    for sample_id, load, class_of, _ in _sources(dataset, choices=choices):
         yield (sample_id, load, class_of) if classes else (sample_id, load)
 
 
-def _sources(dataset: Any, choices: Iterable[str] | None) -> Iterator[tuple[str, Callable[[], Sample], Callable[[], str]]]:
+def _sources(dataset: Any, *, choices: Iterable[str] | None = None) -> Iterator[tuple[str, Callable[[], Sample], Callable[[], str], bytes]]:
+    """(sample id, loader, class name getter, fingerprint) of each sample (see `_fingerprint`)."""
     from hooked_vlm.data.coco import CocoItem, ObjectRemovedPair
     from hooked_vlm.data.synthetic import SyntheticItem, SyntheticLocalization
 
     dataset_choices = tuple(choices) if choices is not None else _dataset_classes(dataset)
     if isinstance(dataset, SyntheticLocalization):  # ids without rendering: a scene is drawn when loaded
         for index in range(len(dataset)):
-            load = lambda index=index: _synthetic_sample(dataset[index], choices, dataset_choices)
-            yield f"{dataset.split}-{index}", load, lambda index=index: dataset[index].class_name
+            load = lambda index=index: _synthetic_sample(dataset[index], choices, dataset_choices)  # noqa: E731
+            yield f"{dataset.split}-{index}", load, lambda index=index: dataset[index].class_name, b""
         return
     for item in dataset:
         if isinstance(item, Sample):
-            yield item.id, lambda item=item: item, lambda item=item: item.class_name
+            yield item.id, lambda item=item: item, lambda item=item: item.class_name, _fingerprint(item)
         elif isinstance(item, SyntheticItem):
-            load = lambda item=item: _synthetic_sample(item, choices, dataset_choices)
-            yield f"{item.split}-{item.index}", load, lambda item=item: item.class_name
+            load = lambda item=item: _synthetic_sample(item, choices, dataset_choices)  # noqa: E731
+            yield f"{item.split}-{item.index}", load, lambda item=item: item.class_name, _fingerprint(load())
         elif isinstance(item, (CocoItem, ObjectRemovedPair)):
             coco = item if isinstance(item, CocoItem) else item.item
-            load = lambda item=item, c=dataset_choices: _coco_sample(item, c)
-            yield f"coco-{coco.annotation_id}", load, lambda coco=coco: coco.class_name
+            removed = "" if isinstance(item, CocoItem) else Path(item.removed_image_path).name
+            fingerprint = repr((coco.image_path.name, coco.image_size, coco.class_name, coco.annotation_id, coco.box, removed))
+            load = lambda item=item, c=dataset_choices: _coco_sample(item, c)  # noqa: E731
+            yield f"coco-{coco.annotation_id}", load, lambda coco=coco: coco.class_name, fingerprint.encode()
         else:
             raise TypeError(f"cannot make a sample of a {type(item).__name__}")
+
+
+def _fingerprint(sample: Sample) -> bytes:
+    """What a sample in memory is: its annotations and its images' pixels. (A COCO item's is its
+    annotation and file names: no image is read for it.)"""
+    images = [image for image in (sample.image, sample.removed_image) if image is not None]
+    text = repr((sample.id, sample.class_name, sample.box, sample.choices, [(im.mode, im.size) for im in images]))
+    return text.encode() + b"".join(hashlib.sha256(image.tobytes()).digest() for image in images)
 
 
 def _synthetic_sample(item, choices: Iterable[str] | None, dataset_choices: tuple[str, ...]) -> Sample:

@@ -142,7 +142,8 @@ def evaluate(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     settings = {"task": task, "condition": condition, "intervention": intervention, "max_new_tokens": max_new_tokens,
-                "box_format": boxes, "match": match, "limit": limit, "sample": sample, "sample_seed": sample_seed}  # fmt: skip
+                "box_format": boxes, "match": match, "limit": limit, "sample": sample, "sample_seed": sample_seed,
+                "data": chosen.data}  # fmt: skip
     work = Work("evaluate", items, compute, settings=settings, model=model, desc=f"{task} [{condition}]", unit="sample")
     return execute(work, run, progress=progress)
 

@@ -114,7 +114,7 @@ def head_mediation(
 
     settings = {"task": task, "positions": positions, "target": target, "method": method, "max_new_tokens": max_new_tokens,
                 "box_format": box_format(model, frame), "min_effect": min_effect, "limit": limit, "sample": sample,
-                "sample_seed": sample_seed}  # fmt: skip
+                "sample_seed": sample_seed, "data": chosen.data}  # fmt: skip
     work = Work("head_mediation", items, compute, _table, settings=settings, model=model, desc=f"head mediation ({method})", unit="pair")
     return execute(work, run, progress=progress)
 

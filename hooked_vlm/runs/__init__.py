@@ -34,7 +34,8 @@ An experiment stays a function of (model, data) that yields rows; it describes i
                 rows = answer(model, [item.payload for item in batch], strength)
                 yield from ((item.key, [row]) for item, row in zip(batch, rows))   # recorded at once
 
-        work = Work("my_experiment", items, compute, settings={"strength": strength, "limit": limit}, model=model)
+        settings = {"strength": strength, "limit": limit, "data": sources.data}   # data: what the samples are
+        work = Work("my_experiment", items, compute, settings=settings, model=model)
         return execute(work, run, progress=progress)
 
 - `Item.key` must be stable across reruns of the same command and unique (a condition name and a
@@ -42,7 +43,9 @@ An experiment stays a function of (model, data) that yields rows; it describes i
 - `compute` may batch as it likes but yields each item's rows (a list of dicts of plain values:
   None, bool, int, float, str, tuples, lists) as soon as that item is complete.
 - `settings` holds every value that changes a row (resolved defaults included; batch size and
-  progress excluded): the manifest records it, and a resume with other settings is refused.
+  progress excluded): the manifest records it, and a resume with other settings is refused. Item
+  keys do not say what the samples are (a synthetic set's ids are the same under every seed):
+  `sample_sources(...).data` does, and goes in the settings.
 - `Work.table` turns the rows of every item (in item order) into the public DataFrame; the
   default concatenates them.
 - A step that needs another run first (a ranking from head mediation) runs it in

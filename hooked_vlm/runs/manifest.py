@@ -3,8 +3,10 @@
 Compared on every launch (a difference is an error naming it): `experiment`, `arguments` (what
 the caller was asked: the command line), `settings` (the experiment's resolved settings, defaults
 included), `model` (`hooked_vlm.provenance.model_identity`: name or path, checkpoint format,
-dtype, architecture, weights sample, image preprocessing and prompt settings) and `items` (how many, and a hash of their keys: the dataset's samples under every condition).
-Recorded, not compared: `launches`, one entry per launch (time, processes = shard count, items
+dtype, architecture, weights sample, image preprocessing and prompt settings) and `items` (how
+many, and a hash of their keys: the dataset's samples under every condition). Their hash is the
+run's `tag` (`run_tag`), which every record of its shard files carries: a shard copied in from a
+run made otherwise is refused, never merged. Recorded, not compared: `launches`, one entry per launch (time, processes = shard count, items
 left, code version: package version and git commit), so that a run resumed on another machine,
 with another batch size or after a bug fix says so.
 """
@@ -12,7 +14,9 @@ with another batch size or after a bug fix says so.
 from __future__ import annotations
 
 import dataclasses
+import contextvars
 import datetime
+import functools
 import hashlib
 import importlib.metadata
 import json
@@ -24,13 +28,18 @@ import numpy as np
 import torch
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = 2  # 2: every record carries its run's tag; settings hold the experiment's data
 COMPARED = ("format", "experiment", "arguments", "settings", "model", "items")
+
+
+class RunMismatch(ValueError):
+    """The run directory was made by another command (or holds results nothing says how were made)."""
 
 
 def describe(value: Any) -> Any:
     """A JSON description of a setting: plain values as they are; tensors and arrays by shape,
-    dtype and a hash of their bytes; dataclasses field by field; functions by qualified name."""
+    dtype and a hash of their bytes; dataclasses field by field; functions by qualified name, and
+    with the values they captured (see `_describe_function`)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
@@ -53,8 +62,46 @@ def describe(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return {f.name: describe(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if callable(value):
-        return f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+        return _describe_function(value)
     raise TypeError(f"cannot describe a {type(value).__name__} ({value!r}) in a run manifest")
+
+
+def _describe_function(fn: Any) -> Any:
+    """A function by its qualified name; one made by a factory (`make(0.5)` and `make(1.0)` share
+    a name) also by the values it captured and its defaults, so that a resume with another is
+    refused; a captured value that cannot be described (a model) by its type. (Its code is not
+    compared: an edited function body goes unnoticed.) A `functools.partial` by its function and
+    arguments."""
+    if isinstance(fn, functools.partial):
+        return {"partial": _describe_function(fn.func), "args": _described(fn.args), "keywords": _described(fn.keywords)}
+    name = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', type(fn).__name__)}"
+    captured = [cell.cell_contents for cell in getattr(fn, "__closure__", None) or () if _filled(cell)]
+    defaults = [*(getattr(fn, "__defaults__", None) or ()), *(getattr(fn, "__kwdefaults__", None) or {}).items()]
+    if (not captured and not defaults) or id(fn) in _describing.get():  # a recursive function names itself
+        return name
+    token = _describing.set(_describing.get() | {id(fn)})
+    try:
+        return {"function": name, "captured": _described(captured), "defaults": _described(defaults)}
+    finally:
+        _describing.reset(token)
+
+
+_describing: contextvars.ContextVar[frozenset] = contextvars.ContextVar("hooked_vlm_describing", default=frozenset())
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a variable not yet bound
+        return False
+    return True
+
+
+def _described(value: Any) -> Any:
+    try:
+        return describe(value)
+    except TypeError:
+        return [_described(v) for v in value] if isinstance(value, (list, tuple)) else f"a {type(value).__name__}"
 
 
 def describe_ids(ids: Sequence[str]) -> dict[str, Any]:
@@ -90,6 +137,12 @@ def _git(directory: Path, *args: str) -> str | None:
 def launch_record(processes: int, items_left: int, launch: dict[str, Any]) -> dict[str, Any]:
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     return {"started": now, "processes": processes, "items_left": items_left, "code": code_version(), **describe(launch)}
+
+
+def run_tag(identity: dict[str, Any]) -> str:
+    """The hash of a run's compared sections: the same for every launch of the same command."""
+    text = json.dumps({section: normalised(identity.get(section)) for section in COMPARED}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------- comparing

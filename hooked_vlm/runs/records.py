@@ -1,7 +1,9 @@
 """Shard files: one line per completed item, appended and fsynced the moment the item completes.
 
 A line is `<crc32 of the payload, 8 hex digits> <payload>\\n`; the payload is compact JSON,
-`{"key": <item key>, "rows": [<row>, ...]}` (`cut -c10- shard-00000.jsonl | jq` reads it). A line
+`{"run": <run tag>, "key": <item key>, "rows": [<row>, ...]}` (`cut -c10- shard-00000.jsonl | jq`
+reads it). The run tag (`manifest.run_tag`) says which command made the record: a record of
+another run (a shard copied in from elsewhere) is an error, never a row of this run. A line
 cut short by a SIGKILL or a power loss mid-write, or whose checksum fails, is no record: readers
 skip it, so the item is computed again, and the process that owns the file cuts it off before
 appending, so that the next record starts on a line of its own.
@@ -26,6 +28,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 
 from hooked_vlm.runs.files import fsync_directory
+from hooked_vlm.runs.manifest import RunMismatch
 
 ROWS = "rows"  # the folder of shard files inside a run directory
 TUPLE, FLOAT = "__tuple__", "__float__"
@@ -44,15 +47,15 @@ def shard_files(directory: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------- lines
-def encode(key: str, rows: list[dict]) -> bytes:
-    record = {"key": key, "rows": [_row(row) for row in rows]}
+def encode(key: str, rows: list[dict], run: str) -> bytes:
+    record = {"run": run, "key": key, "rows": [_row(row) for row in rows]}
     payload = json.dumps(record, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
     data = payload.encode()
     return b"%08x " % zlib.crc32(data) + data + b"\n"
 
 
-def decode(line: bytes) -> tuple[str, list[dict]] | None:
-    """(key, rows) of one line without its newline; None if it is not a whole, intact record."""
+def decode(line: bytes) -> tuple[str, list[dict], str | None] | None:
+    """(key, rows, run tag) of one line without its newline; None if it is not a whole, intact record."""
     if len(line) < 10 or line[8:9] != b" ":
         return None
     try:
@@ -64,9 +67,16 @@ def decode(line: bytes) -> tuple[str, list[dict]] | None:
         return None
     try:
         record = json.loads(payload, object_hook=_untag)
-        return record["key"], record["rows"]
+        return record["key"], record["rows"], record.get("run")
     except (ValueError, KeyError, TypeError):  # an intact line that is no record (written by hand?)
         return None
+
+
+def as_recorded(rows: list[dict]) -> list[dict]:
+    """`rows` as their record reads back (numpy scalars as the Python scalars they hold, ...): what
+    an in-memory run returns too, so that its table equals a recorded run's, dtypes included."""
+    payload = json.dumps([_row(row) for row in rows], allow_nan=False)
+    return json.loads(payload, object_hook=_untag)
 
 
 def _row(row: dict) -> dict:
@@ -99,7 +109,7 @@ def _untag(obj: dict) -> Any:
 
 
 # ---------------------------------------------------------------------------------- files
-def read_shard(path: Path) -> tuple[list[tuple[str, list[dict]]], int, int]:
+def read_shard(path: Path) -> tuple[list[tuple[str, list[dict], str | None]], int, int]:
     """(records in file order, the byte offset just after the last intact record, how many
     damaged lines lie before it). Lines after that offset are a torn tail, not damage."""
     data = Path(path).read_bytes() if Path(path).exists() else b""
@@ -115,19 +125,29 @@ def read_shard(path: Path) -> tuple[list[tuple[str, list[dict]]], int, int]:
     return records, end, damaged_before_end
 
 
-def read_records(directory: Path) -> dict[str, list[dict]]:
-    """Rows by item key over every shard of `directory`. A key recorded twice (never written so,
-    but shards copied by hand could be) keeps its first record, with a warning."""
+def read_records(directory: Path, run: str) -> dict[str, list[dict]]:
+    """Rows by item key over every shard of `directory`, whose records must all carry the tag
+    `run` (RunMismatch names the shards that hold others). A key recorded twice (never written
+    so, but shards copied by hand could be) keeps its first record, with a warning."""
     found: dict[str, list[dict]] = {}
     duplicates = damaged = 0
+    foreign: list[str] = []
     for path in shard_files(directory):
         records, _, bad = read_shard(path)
         damaged += bad
-        for key, rows in records:
+        if any(tag != run for _, _, tag in records):
+            foreign.append(path.name)
+        for key, rows, _ in records:
             if key in found:
                 duplicates += 1
             else:
                 found[key] = rows
+    if foreign:
+        raise RunMismatch(
+            f"{directory} holds records of another run in {', '.join(foreign)} (made by another command, model or "
+            "data, or by an older hooked_vlm: copied in from another run directory?); move those shards away, "
+            "or overwrite the run (--overwrite; overwrite=True) to start again"
+        )
     if duplicates:
         warnings.warn(f"{directory}: {duplicates} items are recorded more than once; the first record of each is used")
     if damaged:
@@ -156,22 +176,23 @@ class Shard:
             self._lock.release()
 
     @contextlib.contextmanager
-    def appending(self) -> Iterator[ShardWriter]:
+    def appending(self, run: str) -> Iterator[ShardWriter]:
+        """A writer of records tagged `run`."""
         new = not self.path.exists()
         _, end, _ = read_shard(self.path)
         with open(self.path, "ab") as file:
             file.truncate(end)  # a torn last line would swallow the next record
             if new:
                 fsync_directory(self.path.parent)
-            yield ShardWriter(file)
+            yield ShardWriter(file, run)
 
 
 class ShardWriter:
-    def __init__(self, file: BinaryIO) -> None:
-        self.file = file
+    def __init__(self, file: BinaryIO, run: str) -> None:
+        self.file, self.run = file, run
 
     def append(self, key: str, rows: list[dict]) -> None:
-        self.file.write(encode(key, rows))
+        self.file.write(encode(key, rows, self.run))
         self.file.flush()
         os.fsync(self.file.fileno())
 

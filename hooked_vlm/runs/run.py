@@ -25,16 +25,12 @@ from tqdm.auto import tqdm
 
 from hooked_vlm.runs.files import atomic_path
 from hooked_vlm.runs.manifest import (
-    FORMAT, MANIFEST, describe, describe_ids, differences, launch_record, normalised,
+    FORMAT, MANIFEST, RunMismatch, describe, describe_ids, differences, launch_record, normalised, run_tag,
 )  # fmt: skip
 from hooked_vlm.provenance import model_identity
 from hooked_vlm.runs.launch import is_main_process, launched_processes, processes
 from hooked_vlm.runs.records import ROWS, Shard, read_records, shard_files
 from hooked_vlm.runs.work import Work, computed, computing, is_computing, run_in_memory
-
-
-class RunMismatch(ValueError):
-    """The run directory was made by another command (or holds results nothing says how were made)."""
 
 
 class Run:
@@ -109,7 +105,8 @@ class Run:
         with shard.locked():
             recorded = None if self.overwrite else self._recorded()
             current = self._identity(work)
-            done = self._done(recorded, current)
+            tag = run_tag(current)
+            done = self._done(recorded, current, tag)
             pending = [item for item in work.items if item.key not in done]
             group.wait()  # every process has read the directory before the main one changes it
             if group.is_main:
@@ -121,11 +118,11 @@ class Run:
             group.wait()
             mine = group.share(pending)
             desc = _describe(work, len(work.items) - len(pending), group, progress)
-            with shard.appending() as writer, computing():
+            with shard.appending(tag) as writer, computing():
                 for key, rows in computed(work, mine, progress=progress and group.is_main, desc=desc):
                     writer.append(key, rows)
             group.wait()  # the main process merges once every share is recorded
-        return merged(work, read_records(self.directory / ROWS))
+        return merged(work, read_records(self.directory / ROWS, tag))
 
     def _identity(self, work: Work) -> dict[str, Any]:
         model = model_identity(work.model, self.model_name) if work.model is not None else None
@@ -138,14 +135,14 @@ class Run:
             "items": describe_ids([item.key for item in work.items]),
         }
 
-    def _done(self, recorded: dict | None, current: dict[str, Any]) -> set[str]:
+    def _done(self, recorded: dict | None, current: dict[str, Any], tag: str) -> set[str]:
         if self.overwrite:
             return set()
         if recorded is None:
             self._check_no_stale_files()
             return set()
         self._raise_on(differences(recorded, current))
-        return set(read_records(self.directory / ROWS))
+        return set(read_records(self.directory / ROWS, tag))
 
     def _recorded(self) -> dict[str, Any] | None:
         path = self.directory / MANIFEST

@@ -10,6 +10,8 @@ from typing import Any, Callable, Iterable, Iterator
 import pandas as pd
 from tqdm.auto import tqdm
 
+from hooked_vlm.runs.records import as_recorded
+
 
 @dataclass(frozen=True)
 class Item:
@@ -105,7 +107,8 @@ def computed(work: Work, items: list[Item], *, progress: bool, desc: str | None 
 
 
 def run_in_memory(work: Work, *, progress: bool) -> pd.DataFrame:
-    """Every item computed in this process, nothing written: the experiments' plain call."""
+    """Every item computed in this process, nothing written: the experiments' plain call. Rows
+    take the values their records would hold (`as_recorded`): the table of a recorded run."""
     with computing():
-        rows = dict(computed(work, work.items, progress=progress))
+        rows = {key: as_recorded(item_rows) for key, item_rows in computed(work, work.items, progress=progress)}
     return work.table([rows[item.key] for item in work.items])

@@ -49,7 +49,7 @@ def edge_attribution(
     method: Method = "EAP-IG",
     steps: int | None = None,
     rule: Rule | None = None,
-    ig_input: IGInput = "inputs_embeds",
+    ig_input: IGInput | None = None,
     towers: Sequence[str] = ("language",),
     kv: KV = "ungrouped",
     graph: Graph | None = None,
@@ -76,6 +76,11 @@ def edge_attribution(
         return exact_edge_effects(model, pairs, graph=graph, direction=direction, batch_size=batch_size,
                                   progress=progress, fwd_hooks=fwd_hooks)  # fmt: skip
     alphas = ig_alphas(method, steps, rule)
+    if method == "EAP" and any(getattr(pair.metric, "divergence", False) for pair in pairs):
+        raise ValueError("the metric is a divergence from the clean run, minimal (zero gradient) at the clean input: "
+                         "EAP would score every edge 0; use method='EAP-IG'")  # fmt: skip
+    if ig_input is None:
+        ig_input = "inputs_embeds" if "vision" not in graph.structure.towers else "vision_embed"
     if ig_input not in ("inputs_embeds", "vision_embed", "pixels"):
         raise ValueError(f"unknown ig_input {ig_input!r} (expected 'inputs_embeds', 'vision_embed' or 'pixels')")
     if ig_input == "inputs_embeds" and "vision" in graph.structure.towers:

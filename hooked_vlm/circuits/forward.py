@@ -22,6 +22,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from jaxtyping import Float
 from torch import Tensor
 
@@ -186,8 +187,8 @@ class _Patcher:
 
     def _block(self, src: slice, dst: slice) -> Tensor | None:
         w = self.weights[..., src, dst, :] if self.has_spans else self.weights[..., src, dst]
-        if not w.requires_grad and not w.any():
-            return None
+        if not w.requires_grad and forward_ad.unpack_dual(w).tangent is None and not w.any():
+            return None  # nothing patched, nothing differentiated (reverse or forward mode): skip
         return w.to(accumulation_dtype(w.dtype))
 
     def _mix(self, delta: Tensor, w: Tensor, tower: str) -> Tensor:

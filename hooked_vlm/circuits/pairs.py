@@ -83,6 +83,24 @@ def metric_values(metric: Metric, logits: Tensor) -> Tensor:
     return values
 
 
+def kl_metric(clean_logits: Tensor, positions: Tensor) -> Metric:
+    """KL(p_clean ‖ p) of the next-token distributions at `positions` (`[batch, pos]` bool, e.g.
+    the positions that predict the answer), summed over them: 0 at the clean run, its minimum.
+    Marked as a divergence: EAP, a gradient at the clean run, cannot score it (use EAP-IG)."""
+    reference = torch.log_softmax(clean_logits.detach().to(torch.promote_types(clean_logits.dtype, torch.float32)), dim=-1)
+    positions = positions.bool()
+
+    def metric(logits: Tensor, offset: int) -> Tensor:
+        logp = torch.log_softmax(logits.to(reference.dtype), dim=-1)
+        ref, where = reference[:, offset:].to(logp.device), positions[:, offset:].to(logp.device)
+        kl = (ref.exp() * (ref - logp)).sum(-1)
+        return torch.where(where, kl, 0.0).sum(-1)
+
+    metric.divergence = True
+    metric.__name__ = "kl_metric"
+    return metric
+
+
 def object_removed_pairs(
     model,
     dataset: Any,

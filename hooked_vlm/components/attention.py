@@ -271,7 +271,7 @@ class Attention(nn.Module):
             scores.add_(mask)
         scores = self.hook_attn_scores(scores)
         if self.cfg.softmax_in_fp32:
-            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            pattern = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         else:
             pattern = F.softmax(scores, dim=-1)
         pattern = self.hook_pattern(pattern)

@@ -140,6 +140,9 @@ def ig_alphas(method: str, steps: int | None, rule: str | None) -> list[float]:
 
 def _graph(model, pairs: list[CircuitPair], graph: Graph | None, towers, kv) -> Graph:
     spans = span_names(pairs)
+    vision = "vision" in (towers if graph is None else graph.structure.towers)
+    if spans is not None and vision and any(pair.spans.vision is None for pair in pairs):
+        raise ValueError("a graph over the vision tower needs spans of its positions too (Spans.from_layout makes them)")
     if graph is None:
         return Graph.from_model(model, towers=towers, kv=kv, spans=spans)
     graph.check_model(model)

@@ -44,6 +44,8 @@ def exact_edge_effects(
         graph.check_model(model)
         graph = graph.copy()
     index = _edge_indices(graph, edges)
+    layers = _destination_layers(graph, index)
+    order = sorted(range(len(index)), key=lambda i: layers[i])  # edges into one layer share a resumed run
     dtype = accumulation_dtype(model.dtype)
     totals = torch.zeros(len(index), dtype=torch.float64)
     n_rows = 0
@@ -51,22 +53,24 @@ def exact_edge_effects(
     for pair in pairs:
         clean, corrupted = (pair.clean, pair.corrupted) if direction == "noising" else (pair.corrupted, pair.clean)
         with torch.no_grad():
-            clean_logits, _ = source_outputs(model, clean, graph.structure, fwd_hooks)
+            resid, keep = _residual_recorder(model)
+            clean_logits, clean_src = source_outputs(model, clean, graph.structure, list(fwd_hooks) + keep)
             _, corr_src = source_outputs(model, corrupted, graph.structure, fwd_hooks)
             baseline = metric_values(pair.metric, clean_logits.to(dtype)).double()
             span_index = None if pair.spans is None else pair.spans.index()
             copies = batch_size if len(clean) == 1 else 1
-            for start in range(0, len(index), copies):
-                chunk = index[start : start + copies]
+            for chunk in _chunks(order, layers, copies):
                 weights = torch.zeros((len(chunk),) + tuple(graph.scores.shape), dtype=dtype, device=model.device)
-                for row, edge in enumerate(chunk):
-                    weights[(row,) + edge] = 1.0
+                for row, i in enumerate(chunk):
+                    weights[(row,) + index[i]] = 1.0
                 if len(clean) > 1:
                     weights = weights[0]
-                logits = edge_forward(model, clean, graph.structure, weights, corr_src, span_index, fwd_hooks)
+                layer = layers[chunk[0]]
+                resume = (layer, resid[layer], clean_src) if graph.structure.towers == ("language",) else None
+                logits = edge_forward(model, clean, graph.structure, weights, corr_src, span_index, fwd_hooks, resume)
                 values = metric_values(pair.metric, logits.to(dtype)).double()
                 effects = (values - baseline) if len(clean) == 1 else (values - baseline).sum(0, keepdim=True)
-                totals[start : start + len(chunk)] += effects.cpu()
+                totals[chunk] += effects.cpu()
                 bar.update(len(chunk))
         n_rows += len(clean)
     bar.close()
@@ -76,6 +80,37 @@ def exact_edge_effects(
     graph.meta = {"method": "exact", "direction": direction, "n_pairs": len(pairs), "n_rows": n_rows,
                   "model_dtype": str(model.dtype), "score_dtype": "torch.float64"}  # fmt: skip
     return graph
+
+
+def _destination_layers(graph: Graph, index: list[tuple[int, ...]]) -> list[int]:
+    layer_of = torch.zeros(graph.n_dst, dtype=torch.long)
+    for span in graph.structure.destinations:
+        layer_of[span.slice] = span.layer
+    return [int(layer_of[i[1]]) for i in index]
+
+
+def _chunks(order: list[int], layers: list[int], size: int):
+    chunk: list[int] = []
+    for i in order:
+        if chunk and (len(chunk) == size or layers[i] != layers[chunk[0]]):
+            yield chunk
+            chunk = []
+        chunk.append(i)
+    if chunk:
+        yield chunk
+
+
+def _residual_recorder(model) -> tuple[dict[int, Tensor], list]:
+    """{layer: the residual stream entering block `layer`; n_layers: the last block's output}."""
+    resid: dict[int, Tensor] = {}
+    n = model.cfg.n_layers
+
+    def keep(x: Tensor, hook) -> None:
+        layer = int(hook.name.split(".")[1])
+        resid[layer if hook.name.endswith("resid_pre") else n] = x
+
+    names = [f"blocks.{l}.hook_resid_pre" for l in range(n)] + [f"blocks.{n - 1}.hook_resid_post"]
+    return resid, [(name, keep) for name in names]
 
 
 def _edge_indices(graph: Graph, edges: Sequence[str] | None) -> list[tuple[int, ...]]:

@@ -57,11 +57,15 @@ def edge_forward(
     corrupted: Sources,
     span_index: dict[str, Tensor] | None = None,
     fwd_hooks=(),
+    resume: tuple[int, Tensor, Sources] | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits of `inputs` with each destination's input patched as the module docstring says.
     `corrupted` holds `source_outputs` of the corrupted input (batch 1 when `weights` has copies);
     `span_index[tower]` gives each position's span (`[rows or 1, positions]`, vision positions
-    flattened over views), needed when `weights` has a span axis."""
+    flattened over views), needed when `weights` has a span axis. `resume=(layer, resid_pre,
+    clean_sources)` (language-model graphs whose weights patch nothing before `layer`) starts
+    at that block from the clean run's residual stream and source outputs, which the blocks
+    before it would reproduce."""
     patcher = _Patcher(structure, weights, corrupted, span_index)
     pixel_values = inputs.pixel_values
     if patcher.copies:
@@ -75,6 +79,8 @@ def edge_forward(
                for t in structure.towers for l in range(structure.shapes[t].n_layers)]  # fmt: skip
     with model.hooks(fwd_hooks=list(fwd_hooks) + results):
         model.past_length = 0
+        if resume is not None:
+            return _language(model, inputs, patcher, kept, *_resumed(structure, patcher, resume))
         if "vision" in structure.towers:
             features = _vision(model, inputs.pixel_values, patcher, kept)
         else:  # the plain run's image features, computed once for every copy
@@ -83,17 +89,30 @@ def edge_forward(
         if "language" not in structure.towers:
             return model.run_language_model(embeds, inputs.attention_mask, inputs.position_ids)
         _add_inputs(model, patcher, structure, embeds, inputs)
-        resid = embeds
-        per_device: dict[torch.device, tuple] = {}
-        for block in model.blocks:
-            device = block.ln1.weight.device
-            if device not in per_device:
-                rotary = model.rotary(inputs.position_ids.to(device), embeds.dtype)
-                per_device[device] = (rotary, causal_mask(inputs.attention_mask.to(device), embeds.shape[1], embeds.dtype))
-            rotary, mask = per_device[device]
-            resid = _block(block, resid.to(device), patcher, "language", kept, rotary=rotary, mask=mask)
-        resid = patcher.patched(resid.to(model.ln_final.weight.device), "language", "logits", model.cfg.n_layers)[:, :, 0]
-        return model.unembed(model.ln_final(resid))
+        return _language(model, inputs, patcher, kept, embeds, 0)
+
+
+def _language(model, inputs: VLMInput, patcher: _Patcher, kept: dict, resid: Tensor, start: int) -> Tensor:
+    per_device: dict[torch.device, tuple] = {}
+    for block in model.blocks[start:]:
+        device = block.ln1.weight.device
+        if device not in per_device:
+            rotary = model.rotary(inputs.position_ids.to(device), resid.dtype)
+            per_device[device] = (rotary, causal_mask(inputs.attention_mask.to(device), resid.shape[1], resid.dtype))
+        rotary, mask = per_device[device]
+        resid = _block(block, resid.to(device), patcher, "language", kept, rotary=rotary, mask=mask)
+    resid = patcher.patched(resid.to(model.ln_final.weight.device), "language", "logits", model.cfg.n_layers)[:, :, 0]
+    return model.unembed(model.ln_final(resid))
+
+
+def _resumed(structure: Structure, patcher: _Patcher, resume: tuple[int, Tensor, Sources]) -> tuple[Tensor, int]:
+    layer, resid, clean = resume
+    if structure.towers != ("language",):
+        raise ValueError("resume is for language-model graphs")
+    for group, span in enumerate(structure.sources):
+        if span.layer < layer:  # the input and every earlier block: as in the clean run
+            patcher.add(span.tower, span.key, span.layer, clean[group].expand(max(patcher.copies, len(clean[group])), -1, -1, -1))
+    return resid.expand(max(patcher.copies, len(resid)), -1, -1), layer
 
 
 def _vision(model, pixel_values: Tensor, patcher: _Patcher, kept: dict) -> Tensor:

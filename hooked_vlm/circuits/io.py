@@ -10,12 +10,11 @@ file; `Graph.save` / `Graph.load` (a `.pt` of our own) keeps any graph.
 from __future__ import annotations
 
 import json
-import os
-import uuid
 from pathlib import Path
 
 import torch
 
+from hooked_vlm.atomic import atomic_write
 from hooked_vlm.circuits.graph import Graph
 from hooked_vlm.circuits.structure import Structure, TowerShape, build_structure
 
@@ -30,7 +29,7 @@ def to_eap_json(graph: Graph, path: str | Path, *, d_model: int | None = None) -
         name = f"{graph.src_names[src]}->{graph.dst_names[dst]}"
         edges[name] = {"score": float(graph.scores[src, dst]), "in_graph": bool(graph.in_circuit[src, dst])}
     data = {"cfg": _cfg(graph, d_model), "nodes": nodes, "edges": edges}
-    return _atomic_write(Path(path), lambda f: f.write(json.dumps(data).encode()))
+    return atomic_write(Path(path), lambda f: f.write(json.dumps(data).encode()))
 
 
 def from_eap_json(path: str | Path) -> Graph:
@@ -62,7 +61,7 @@ def to_eap_pt(graph: Graph, path: str | Path, *, d_model: int | None = None) -> 
     data = {"cfg": _cfg(graph, d_model), "src_nodes": list(graph.src_names), "dst_nodes": list(graph.dst_names),
             "edges_scores": graph.scores.float().clone(), "edges_in_graph": graph.in_circuit.clone(),
             "nodes_in_graph": graph.node_in_circuit.clone()}  # fmt: skip
-    return _atomic_write(Path(path), lambda f: torch.save(data, f))
+    return atomic_write(Path(path), lambda f: torch.save(data, f))
 
 
 def from_eap_pt(path: str | Path) -> Graph:
@@ -84,7 +83,7 @@ def save_graph(graph: Graph, path: str | Path) -> Path:
     data = {"format": "hooked_vlm.circuits.graph/1", "structure": graph.structure.describe(), "spans": graph.spans,
             "scores": graph.scores, "in_circuit": graph.in_circuit, "node_in_circuit": graph.node_in_circuit,
             "meta": json.dumps(graph.meta, default=str)}  # fmt: skip
-    return _atomic_write(Path(path), lambda f: torch.save(data, f))
+    return atomic_write(Path(path), lambda f: torch.save(data, f))
 
 
 def load_graph(path: str | Path) -> Graph:
@@ -140,18 +139,3 @@ def _eap_edge_order(graph: Graph) -> list[tuple[int, int]]:
                 order += [(src, q.start + h), (src, k.start + h), (src, v.start + h)]
         order += [(src, mlp.start) for src in range(heads[layer].stop)]
     return order + [(src, s.sink().start) for src in range(s.n_src)]
-
-
-def _atomic_write(path: Path, write) -> Path:
-    """Write next to `path`, then rename over it: a failure never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path

@@ -127,9 +127,8 @@ def object_removed_pairs(
     `Spans.from_layout` of the object's mask (`dilation` token rings)."""
     import itertools
 
-    from hooked_vlm.data.prompts import binary_prompt, localization_prompt
     from hooked_vlm.experiments.data import as_samples, empty_dataset_error
-    from hooked_vlm.experiments.head_mediation import _scored_mask, _target_answer
+    from hooked_vlm.experiments.head_mediation import _scored_mask, _target_answer, pair_prompt
     from hooked_vlm.circuits.spans import Spans
     from hooked_vlm.patching import answer_nll_metric
 
@@ -140,11 +139,7 @@ def object_removed_pairs(
         raise empty_dataset_error()
     pairs = []
     for sample in samples:
-        if sample.removed_image is None:
-            raise ValueError(f"sample {sample.id} has no object-removed image")
-        if sample.removed_image.size != sample.image.size:
-            raise ValueError(f"sample {sample.id}: the removed image is {sample.removed_image.size}, the original {sample.image.size}")
-        prompt = localization_prompt(sample.class_name) if task == "localization" else binary_prompt(sample.class_name)
+        prompt = pair_prompt(sample, task)
         answer, _ = _target_answer(model, sample, task, prompt, target, max_new_tokens, frame)
         removed = composite_removed(sample.image, sample.removed_image, sample.mask, composite_px) if composite else sample.removed_image
         clean = model.prepare(sample.image, prompt, answers=answer)

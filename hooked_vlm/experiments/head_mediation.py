@@ -94,11 +94,7 @@ def head_mediation(
     if not samples:
         raise empty_dataset_error()
     for sample in tqdm(samples, desc=f"head mediation ({method})", disable=not progress):
-        if sample.removed_image is None:
-            raise ValueError(f"sample {sample.id} has no object-removed image: mediation needs source/base pairs")
-        if sample.removed_image.size != sample.image.size:
-            raise ValueError(f"sample {sample.id}: the removed image is {sample.removed_image.size}, the source {sample.image.size}")
-        prompt = localization_prompt(sample.class_name) if task == "localization" else binary_prompt(sample.class_name)
+        prompt = pair_prompt(sample, task)
         answer, answer_source = _target_answer(model, sample, task, prompt, target, max_new_tokens, frame)
         source = model.prepare(sample.image, prompt, answers=answer)
         base = model.prepare(sample.removed_image, prompt, answers=answer)
@@ -166,6 +162,15 @@ def unreachable_layers(n_layers: int, positions: Tensor, scored: Bool[Tensor, "1
     unreached = torch.full((n_layers,), bool((predicted_at < int(positions.min())).all()))
     unreached[-1] = not bool(torch.isin(predicted_at, positions).any())
     return unreached
+
+
+def pair_prompt(sample: Sample, task: Task) -> str:
+    """The prompt of an object-removed pair, once its twin is checked (present, same size)."""
+    if sample.removed_image is None:
+        raise ValueError(f"sample {sample.id} has no object-removed image: mediation needs source/base pairs")
+    if sample.removed_image.size != sample.image.size:
+        raise ValueError(f"sample {sample.id}: the removed image is {sample.removed_image.size}, the source {sample.image.size}")
+    return localization_prompt(sample.class_name) if task == "localization" else binary_prompt(sample.class_name)
 
 
 def _target_answer(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
@@ -20,6 +18,8 @@ from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 from torch import Tensor
 
+from hooked_vlm.atomic import atomic_write
+
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence[float]]
 BLANK = (0.0, 0.0, 0.0, 0.0)  # colour of NaN cells: fully transparent, the axes background shows
@@ -35,19 +35,8 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 150) -> Path:
     temporary file next to it, then rename over it. A crash or an error mid-save leaves either
     the previous file or nothing, never a truncated image that a later script would trust."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        # os.open applies the umask, so the final file gets ordinary permissions (mkstemp: 0600)
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
 
 
 # ----------------------------------------------------------------------------- layer x head maps

@@ -84,3 +84,17 @@ def test_figures_refuse_what_they_cannot_draw(run):
     plain.spans = None
     with pytest.raises(ValueError, match="needs a graph with position spans"):
         plotting.span_flow(plain)
+
+
+def test_readme_example_runs_as_written(run):
+    from test_readme import run_example
+
+    model, _, _ = run
+    ns = run_example(
+        "Circuits",
+        {"faithfulness_curve(model, graph, pairs)": "faithfulness_curve(model, graph, pairs, fractions=(0.1, 1.0))",
+         "object_removed_pairs(model, coco_pairs, spans=True)": "object_removed_pairs(model, coco_pairs, spans=True, target='gt')"},
+        {"model": model, "coco_pairs": toy_dataset("toy-llava", 2, split="test")},
+    )  # fmt: skip
+    assert ns["graph"].spans == VLM_SPANS and 0 < ns["circuit"].n_edges_in_circuit <= 0.01 * ns["graph"].n_edges
+    assert ns["curve"].table["faithfulness"].iloc[-1] == pytest.approx(1.0)

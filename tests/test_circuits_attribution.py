@@ -103,6 +103,18 @@ def test_ig_at_the_input_is_complete_and_converges_quadratically(setup, photos, 
     assert 3.5 < errors[16] / errors[32] < 4.5
 
 
+def test_ig_at_the_pixels_is_ig_at_the_vision_embeddings_when_they_are_linear_in_the_pixels(setup):
+    """InternViT's first residual stream is an affine map of the pixels (patch convolution plus
+    positions): interpolating either is the same path. CLIP's `ln_pre` is not affine: the paths differ."""
+    model, pair = setup
+    run = lambda where: edge_attribution(model, pair, towers=BOTH, ig_input=where, steps=3, progress=False).scores  # noqa: E731
+    pixels, embeddings = run("pixels"), run("vision_embed")
+    if model.cfg.vision.ln_pre:
+        assert rel_err(pixels, embeddings) > 1e-3
+    else:
+        assert rel_err(pixels, embeddings) < 1e-9
+
+
 def test_eap_is_exact_to_first_order_in_the_size_of_the_corruption(setup):
     """corrupted_t = clean + t·(corrupted − clean) in pixels: |exact_t − EAP_t| = O(t²) per edge."""
     model, pair = setup

@@ -98,7 +98,9 @@ def edge_attribution(
         if backend == "mask":
             scores += _mask_scores(model, graph, pair, clean, corr_src, fwd_hooks).to(scores.device)
         else:
-            deltas = {group: corr_src[group].to(dtype) - clean_src[group].to(dtype) for group in corr_src}
+            # group by group, each run's outputs freed as their difference is made: the peak is about
+            # the fp32 differences, not three copies of every source's output
+            deltas = {group: corr_src.pop(group).to(dtype) - clean_src.pop(group).to(dtype) for group in list(corr_src)}
             masks = None if pair.spans is None else pair.spans.masks()
             for alpha in alphas:
                 grads = destination_gradients(model, graph.structure, pair.metric, clean, endpoints, alpha, fwd_hooks)
@@ -180,7 +182,9 @@ def destination_gradients(model, structure: Structure, metric, inputs, endpoints
 
     def point(name: str) -> Tensor:
         corrupted, clean = endpoints[name]
-        return (corrupted.to(dtype) + alpha * (clean.to(dtype) - corrupted.to(dtype))).to(corrupted.dtype).requires_grad_(True)
+        # pixels are fp32 whatever the model: interpolate them at the model's precision when it is higher
+        out = torch.promote_types(corrupted.dtype, model.dtype) if name == "pixels" else corrupted.dtype
+        return (corrupted.to(dtype) + alpha * (clean.to(dtype) - corrupted.to(dtype))).to(out).requires_grad_(True)
 
     kept: dict[str, Tensor] = {}
 

@@ -176,6 +176,14 @@ def test_pairs_one_at_a_time_average_to_a_left_padded_batch(setup, photos):
     assert torch.equal(again.scores, batched.scores)  # deterministic
 
 
+def test_mean_abs_aggregation_averages_each_pair_s_absolute_scores(setup, photos):
+    model, pair = setup
+    other = make_pair(model, photos["coffee"].resize(photos["chelsea"].size))
+    single = [edge_attribution(model, p, method="EAP", progress=False).scores for p in (pair, other)]
+    both = edge_attribution(model, [pair, other], method="EAP", aggregation="mean_abs", progress=False)
+    assert rel_err(both.scores, (single[0].abs() + single[1].abs()) / 2) < 1e-12
+
+
 def test_scores_are_fp32_whatever_the_model_dtype(tiny_checkpoint, photos):
     model = load(tiny_checkpoint, "llava_base", dtype=torch.bfloat16)
     graph = edge_attribution(model, make_pair(model, photos["chelsea"]), steps=2, progress=False)

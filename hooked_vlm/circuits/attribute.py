@@ -55,6 +55,7 @@ def edge_attribution(
     graph: Graph | None = None,
     direction: Literal["noising", "denoising"] = "noising",
     backend: Literal["vjp", "mask"] = "vjp",
+    aggregation: Literal["mean", "mean_abs"] = "mean",
     batch_size: int = 16,
     progress: bool = True,
     fwd_hooks: Sequence = (),
@@ -66,7 +67,9 @@ def edge_attribution(
     "midpoint"), "EAP", "clean-corrupted", or "exact" (every edge patched alone: toys, or a
     graph's top edges; `batch_size` patched copies per forward). `direction="denoising"` runs the
     corrupted input and restores clean edges (scores ≈ M(edge restored) − M(corrupted)); the
-    default noising scores ≈ M(edge corrupted) − M(clean). `fwd_hooks` stay attached to every run.
+    default noising scores ≈ M(edge corrupted) − M(clean). `aggregation="mean_abs"` averages each
+    pair's |score| (Nikankin et al.'s per-prompt absolute value: edges whose sign flips between
+    pairs do not cancel); the default signed mean is MIB's. `fwd_hooks` stay attached to every run.
     """
     pairs = as_pairs(pairs)
     graph = _graph(model, pairs, graph, towers, kv)
@@ -87,6 +90,8 @@ def edge_attribution(
         raise ValueError("with the vision tower in the graph, interpolate upstream of it: ig_input='vision_embed' or 'pixels'")
     if backend not in ("vjp", "mask"):
         raise ValueError(f"unknown backend {backend!r} (expected 'vjp' or 'mask')")
+    if aggregation not in ("mean", "mean_abs"):
+        raise ValueError(f"unknown aggregation {aggregation!r} (expected 'mean' or 'mean_abs')")
     if backend == "mask" and method != "EAP":
         raise ValueError("backend='mask' differentiates the edge-masked forward at the clean run: method='EAP' only")
     dtype = accumulation_dtype(model.dtype)
@@ -95,8 +100,9 @@ def edge_attribution(
     for pair in tqdm(pairs, desc=f"edge attribution ({method})", disable=not progress):
         clean, corrupted = (pair.clean, pair.corrupted) if direction == "noising" else (pair.corrupted, pair.clean)
         clean_src, corr_src, endpoints = _reference_runs(model, graph.structure, clean, corrupted, ig_input, fwd_hooks)
+        pair_scores = torch.zeros_like(scores)
         if backend == "mask":
-            scores += _mask_scores(model, graph, pair, clean, corr_src, fwd_hooks).to(scores.device)
+            pair_scores += _mask_scores(model, graph, pair, clean, corr_src, fwd_hooks).to(scores.device)
         else:
             # group by group, each run's outputs freed as their difference is made: the peak is about
             # the fp32 differences, not three copies of every source's output
@@ -107,11 +113,12 @@ def edge_attribution(
                 if method == "EAP" and all(not g.any() for g in grads.values()):
                     raise ValueError("the metric's gradient is zero at the clean input (a divergence from the clean run, "
                                      "such as KL, is minimal there): EAP would score every edge 0; use method='EAP-IG'")  # fmt: skip
-                _accumulate(scores, graph.structure, deltas, grads, masks)
+                _accumulate(pair_scores, graph.structure, deltas, grads, masks)
+        scores += pair_scores if aggregation == "mean" else pair_scores.abs()
         n_rows += len(clean)
     graph.scores = (scores / (n_rows * len(alphas))).cpu()
     graph.meta = {"method": method, "steps": len(alphas), "rule": rule if method == "EAP-IG" else None,
-                  "ig_input": ig_input, "direction": direction, "backend": backend, "n_pairs": len(pairs),
+                  "ig_input": ig_input, "direction": direction, "backend": backend, "aggregation": aggregation, "n_pairs": len(pairs),
                   "n_rows": n_rows, "model_dtype": str(model.dtype), "score_dtype": str(dtype)}  # fmt: skip
     return graph
 

@@ -110,7 +110,7 @@ def edge_attribution(
             masks = None if pair.spans is None else pair.spans.masks()
             for alpha in alphas:
                 grads = destination_gradients(model, graph.structure, pair.metric, clean, endpoints, alpha, fwd_hooks)
-                if method == "EAP" and all(not g.any() for g in grads.values()):
+                if method == "EAP" and grads.all_zero():
                     raise ValueError("the metric's gradient is zero at the clean input (a divergence from the clean run, "
                                      "such as KL, is minimal there): EAP would score every edge 0; use method='EAP-IG'")  # fmt: skip
                 _accumulate(pair_scores, graph.structure, deltas, grads, masks)
@@ -182,9 +182,10 @@ def _reference_runs(model, structure: Structure, clean, corrupted, ig_input: str
 
 
 def destination_gradients(model, structure: Structure, metric, inputs, endpoints: dict, alpha: float,
-                          fwd_hooks=()) -> dict[int, Tensor]:  # fmt: skip
-    """∂(Σ_rows M)/∂x_v of every destination group, `[rows, pos, n, d_model]`, at the input
-    interpolated to `alpha` between the endpoints' corrupted (0) and clean (1) values."""
+                          fwd_hooks=()) -> _Gradients:  # fmt: skip
+    """∂(Σ_rows M)/∂x_v of every destination group, `[rows, pos, n, d_model]` (made group by
+    group by `.items()`), at the input interpolated to `alpha` between the endpoints'
+    corrupted (0) and clean (1) values."""
     dtype = accumulation_dtype(model.dtype)
 
     def point(name: str) -> Tensor:
@@ -214,7 +215,23 @@ def destination_gradients(model, structure: Structure, metric, inputs, endpoints
         value = metric_values(metric, logits.to(dtype) if logits.dtype != torch.float64 else logits).sum()
         wanted = [name for name in kept if not name.endswith("hook_attn_in")]
         grads = dict(zip(wanted, torch.autograd.grad(value, [kept[name] for name in wanted], allow_unused=True)))
-    return {group: _input_gradient(model, structure, group, kept, grads, dtype) for group in range(len(structure.destinations))}
+    return _Gradients(model, structure, kept, grads, dtype)
+
+
+class _Gradients:
+    """Destination-input gradients made one group at a time when read: a whole model's at once
+    would be `[pos, 3 * n_heads, d_model]` per layer (tens of GB for a 7B model); one group's is
+    one layer's q, k or v."""
+
+    def __init__(self, model, structure: Structure, kept: dict, grads: dict, dtype):
+        self.model, self.structure, self.kept, self.grads, self.dtype = model, structure, kept, grads, dtype
+
+    def all_zero(self) -> bool:
+        return all(g is None or not g.any() for g in self.grads.values())
+
+    def items(self):
+        for group in range(len(self.structure.destinations)):
+            yield group, _input_gradient(self.model, self.structure, group, self.kept, self.grads, self.dtype)
 
 
 def _destination_hooks(structure: Structure) -> list[str]:
@@ -287,7 +304,7 @@ def ungrouped_kv(model, on: bool = True):
             m.ungroup_kv = value
 
 
-def _accumulate(scores: Tensor, structure: Structure, deltas: Sources, grads: dict[int, Tensor], masks) -> None:
+def _accumulate(scores: Tensor, structure: Structure, deltas: Sources, grads: _Gradients, masks) -> None:
     for group, grad in grads.items():
         dst = structure.destinations[group]
         space = "vision" if dst.tower == "vision" or dst.key == "projector" else "language"

@@ -132,6 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="small models: a smoke run")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--families", nargs="+", choices=["llava", "internvl"], default=["llava", "internvl"])
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -143,7 +144,7 @@ def main() -> None:
     out = args.out or Path(__file__).parent / ("results_circuits_quick.json" if args.quick else "results_circuits.json")
     results = {}
     with tempfile.TemporaryDirectory() as root:
-        for family in ("llava", "internvl"):
+        for family in args.families:
             path = build(family, size, Path(root))
             results[family] = bench(family, path, args.reps)
             print(family, json.dumps(results[family], indent=1), flush=True)

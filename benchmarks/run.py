@@ -79,6 +79,20 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, fl
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def with_eager_attention(hooked: HookedVLM, fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` run with `set_attention_implementation("eager")` (patterns materialised; MoE experts
+    one at a time in expert order), then back to "auto"."""
+
+    def run():
+        hooked.set_attention_implementation("eager")
+        try:
+            return fn()
+        finally:
+            hooked.set_attention_implementation("auto")
+
+    return run
+
+
 def build(family: str, size: str, root: Path) -> Path:
     path = root / f"{family}-{size}"
     builder = build_tiny_llava if family == "llava" else build_tiny_internvl
@@ -104,16 +118,7 @@ def bench_forward(family: str, path: Path, reps: int) -> dict:
     image = Image.open(ASSETS / "chelsea.jpg")
     inputs = hooked.prepare(image, PROMPT)
     resid_only = lambda name: name.endswith("hook_resid_post") and not name.startswith("vision.")  # noqa: E731
-
-    def eager(fn):
-        def run():
-            hooked.set_attention_implementation("eager")
-            try:
-                return fn()
-            finally:
-                hooked.set_attention_implementation("auto")
-
-        return run
+    eager = lambda fn: with_eager_attention(hooked, fn)  # noqa: E731
 
     t = interleaved(
         {

@@ -65,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
     parity.add_argument("--tolerance", type=float, default=None, help="max difference relative to each activation's scale (default: per dtype)")
     parity.set_defaults(run=_parity)
 
+    from hooked_vlm.viewer.command import add_view_command  # `hooked-vlm view`: attention over the image
+
+    add_view_command(sub)
+
     for name, (run, help_text, extra) in EXPERIMENTS.items():
         command = sub.add_parser(name, help=help_text, description=f"{help_text}. {DESCRIPTIONS.get(name, '')}".strip())
         _data_arguments(command)
@@ -84,7 +88,8 @@ def _data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=None, help="use at most this many samples")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=DTYPES, default="float32")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="under a multi-process launch, 'cuda' is each process's own GPU")
+    p.add_argument("--overwrite", action="store_true", help="clear the --out run and start again (default: resume it)")
 
 
 def _task(p, choices=("localization", "list")) -> None:
@@ -111,25 +116,36 @@ def _parity(args) -> int:
     return 0 if report.ok else 1
 
 
-def _experiment(fn: Callable[[Any, Any, argparse.Namespace], pd.DataFrame], summarise: Callable, figure: str):
-    """A command: run `fn`, write results.csv, `summarise` it to summary.csv, draw `plotting.<figure>`."""
+def _experiment(fn: Callable[[Any, Any, argparse.Namespace, Any], pd.DataFrame], summarise: Callable, figure: str):
+    """A command: run `fn` in the `--out` run directory (`hooked_vlm.runs`: resumed, shared by
+    the processes of a launch), then, on the main process, write results.csv, `summarise` it to
+    summary.csv and draw `plotting.<figure>`, each file atomically."""
 
     def run(args) -> None:
-        from hooked_vlm import plotting
+        from hooked_vlm import plotting, runs
         from hooked_vlm.model import HookedVLM
 
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        model = HookedVLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-        results = fn(model, _dataset(args), args)
-        results.to_csv(out / "results.csv", index=False)
+        out, run = Path(args.out), runs.Run.from_command_line(args, outputs=OUTPUTS, paths=PATH_OPTIONS)
+        try:
+            run.check_arguments()  # before loading a model
+            model = HookedVLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=runs.process_device(args.device))
+            results = fn(model, _dataset(args), args, run)
+        except (runs.RunMismatch, runs.RunBusy) as error:
+            raise SystemExit(f"hooked-vlm {args.command}: {error}") from None
+        if not run.is_main:
+            return
+        runs.write_atomically(out / "results.csv", lambda path: results.to_csv(path, index=False))
         summary = summarise(results)
-        summary.to_csv(out / "summary.csv")
+        runs.write_atomically(out / "summary.csv", summary.to_csv)
         print(summary.to_string())
         plotting.save_figure(getattr(plotting, figure)(results), out / "figure.png")
         print(f"written to {out.resolve()}")
 
     return run
+
+
+OUTPUTS = ("results.csv", "summary.csv", "figure.png")  # what an experiment command writes in --out
+PATH_OPTIONS = ("model", "coco", "images", "removed", "mean", "ranking")  # recorded as absolute paths
 
 
 def _dataset(args) -> Any:
@@ -151,49 +167,55 @@ def _by_condition(results: pd.DataFrame) -> pd.DataFrame:
     return summarize(results)
 
 
-def _run_evaluate(model, data, args):
+def _run_evaluate(model, data, args, run):
     from hooked_vlm.experiments import evaluate
 
-    return evaluate(model, data, args.task, batch_size=args.batch_size, limit=args.limit)
+    return evaluate(model, data, args.task, batch_size=args.batch_size, limit=args.limit, run=run)
 
 
-def _run_token_ablation(model, data, args):
+def _run_token_ablation(model, data, args, run):
     from hooked_vlm.experiments import token_ablation
 
     return token_ablation(model, data, task=args.task, strategies=args.strategies, paddings=args.paddings,
                           fractions=args.fractions, seeds=args.seeds, fill=args.fill, mean=_ablation_mean(model, args),
-                          views=args.views, batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+                          views=args.views, batch_size=args.batch_size, limit=args.limit, run=run)  # fmt: skip
 
 
 def _ablation_mean(model, args):
     """The mean visual embedding: `--mean`; else, for synthetic data, the mean over images of the
-    toy distribution's held-out "mean" split, as the demo does (saved to mean_embedding.pt for
-    reuse); else None, and `token_ablation` averages the dataset's own images, with a warning."""
+    toy distribution's held-out "mean" split, as the demo does (saved to mean_embedding.pt, and
+    read back when the run is resumed); else None, and `token_ablation` averages the dataset's
+    own images, with a warning."""
     from hooked_vlm import interventions as iv
+    from hooked_vlm.runs import MANIFEST, is_main_process, write_atomically
     from hooked_vlm.toy_models import MEAN_IMAGES, toy_mean_embedding
 
     if args.mean or args.coco or not (args.fill == "mean" or "ig" in args.strategies):
         return args.mean
+    out = Path(args.out)
+    if (out / "mean_embedding.pt").exists() and (out / MANIFEST).exists() and not args.overwrite:
+        return iv.load_mean(out / "mean_embedding.pt", model)  # a resumed run ablates with the same vector
     mean = toy_mean_embedding(model, args.model, seed=args.seed)
-    iv.save_mean(mean, Path(args.out) / "mean_embedding.pt")
-    print(f"mean visual embedding: {mean.count} image tokens of {MEAN_IMAGES} images of the 'mean' split")
+    if is_main_process():
+        write_atomically(out / "mean_embedding.pt", lambda path: iv.save_mean(mean, path))
+        print(f"mean visual embedding: {mean.count} image tokens of {MEAN_IMAGES} images of the 'mean' split")
     return mean
 
 
-def _run_token_shuffle(model, data, args):
+def _run_token_shuffle(model, data, args, run):
     from hooked_vlm.experiments import token_shuffle
 
-    return token_shuffle(model, data, task=args.task, seeds=args.seeds, batch_size=args.batch_size, limit=args.limit)
+    return token_shuffle(model, data, task=args.task, seeds=args.seeds, batch_size=args.batch_size, limit=args.limit, run=run)
 
 
-def _run_object_extension(model, data, args):
+def _run_object_extension(model, data, args, run):
     from hooked_vlm.experiments import object_extension
 
     return object_extension(model, data, paddings=args.paddings, gt_scales=args.gt_scales, seeds=args.seeds,
-                            batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+                            batch_size=args.batch_size, limit=args.limit, run=run)  # fmt: skip
 
 
-def _run_knockout(model, data, args):
+def _run_knockout(model, data, args, run):
     from hooked_vlm.experiments import attention_knockout
     from hooked_vlm.experiments.attention_knockout import layer_windows
 
@@ -207,32 +229,33 @@ def _run_knockout(model, data, args):
         if len(layer_windows(n_layers, sizes)) == 1:
             print(f"note: the model has {n_layers} layers; --group-size {' '.join(args.group_size)} gives one window (all)")
     return attention_knockout(model, data, task=args.task, group_size=sizes, paddings=args.paddings, seeds=args.seeds,
-                              batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+                              batch_size=args.batch_size, limit=args.limit, run=run)  # fmt: skip
 
 
-def _run_mediation(model, data, args):
+def _run_mediation(model, data, args, run):
     from hooked_vlm.experiments import head_mediation
 
     return head_mediation(model, data, task=args.task, method=args.method, target=args.target,
-                          batch_size=args.batch_size, limit=args.limit)  # fmt: skip
+                          batch_size=args.batch_size, limit=args.limit, run=run)  # fmt: skip
 
 
-def _run_cumulative(model, data, args):
+def _run_cumulative(model, data, args, run):
     from hooked_vlm.experiments import cumulative_head_ablation
 
-    name, scores = _head_ranking(model, data, args)
+    name, scores = _head_ranking(model, data, args, run)
     return cumulative_head_ablation(model, data, {name: scores}, task=args.task, fractions=args.fractions,
                                     low_importance_from=name, value=args.value, batch_size=args.batch_size,
-                                    limit=args.limit)  # fmt: skip
+                                    limit=args.limit, run=run)  # fmt: skip
 
 
-def _head_ranking(model, data, args) -> tuple[str, torch.Tensor]:
+def _head_ranking(model, data, args, run) -> tuple[str, torch.Tensor]:
     """(name, mean MF per head): read from `--ranking` (a `head-mediation` output folder, its
-    results.csv or its summary.csv), or computed by head mediation on the same samples (written
-    to mediation.csv). Heads without an MF (NaN, an empty cell of summary.csv: not measured, e.g.
-    the last layer's at the prompt positions) stay NaN, and the ranking leaves them out; a note
-    says how many."""
+    results.csv or its summary.csv), or computed by head mediation on the same samples (a run of
+    its own in mediation/, resumed like the rest; its table written to mediation.csv). Heads
+    without an MF (NaN, an empty cell of summary.csv: not measured, e.g. the last layer's at the
+    prompt positions) stay NaN, and the ranking leaves them out; a note says how many."""
     from hooked_vlm.experiments import head_mediation, mediation_map
+    from hooked_vlm.runs import write_atomically
 
     if args.ranking:
         path = Path(args.ranking)
@@ -244,8 +267,9 @@ def _head_ranking(model, data, args) -> tuple[str, torch.Tensor]:
     else:
         name = "localization" if args.task == "localization" else "binary"
         table = head_mediation(model, data, task=name, method=args.method, target=args.target,
-                               batch_size=args.batch_size, limit=args.limit)  # fmt: skip
-        table.to_csv(Path(args.out) / "mediation.csv", index=False)
+                               batch_size=args.batch_size, limit=args.limit, run=run.child("mediation"))  # fmt: skip
+        if run.is_main:
+            write_atomically(Path(args.out) / "mediation.csv", lambda path: table.to_csv(path, index=False))
         scores = mediation_map(table)
     unmeasured = int(scores.isnan().sum())
     if unmeasured:
@@ -254,7 +278,7 @@ def _head_ranking(model, data, args) -> tuple[str, torch.Tensor]:
     return name, scores
 
 
-def _run_probe(model, data, args):
+def _run_probe(model, data, args, run):
     from hooked_vlm.experiments import position_probe
     from hooked_vlm.toy_models import toy_dataset
 

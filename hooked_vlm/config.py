@@ -58,6 +58,15 @@ class TransformerConfig:
     softmax_in_fp32: bool = True  # InternViT's eager softmax runs in the activation dtype
     layer_scale: bool = False  # InternViT: per-channel scale of each branch output
     d_vocab: int | None = None  # language model only
+    # Mixture of experts (Qwen3-MoE, TransformerLens's names): every MLP not in `dense_mlp_layers`
+    # routes each token to `experts_per_token` of `num_experts` gated MLPs of width `d_mlp`;
+    # the dense layers' MLPs are `d_mlp_dense` wide. `norm_topk_prob`: renormalise the selected
+    # experts' router probabilities to sum to 1.
+    num_experts: int | None = None
+    experts_per_token: int | None = None
+    norm_topk_prob: bool = False
+    dense_mlp_layers: tuple[int, ...] = ()
+    d_mlp_dense: int | None = None
     # vision tower only
     image_size: int | None = None
     patch_size: int | None = None
@@ -74,6 +83,21 @@ class TransformerConfig:
             raise ValueError(
                 f"n_heads ({self.n_heads}) must be a multiple of n_key_value_heads ({self.n_key_value_heads})"
             )
+        if self.num_experts is not None:
+            self._check_experts()
+
+    def _check_experts(self) -> None:
+        if not self.gated_mlp:
+            raise ValueError("mixture-of-experts MLPs are gated (gated_mlp=True)")
+        if not 1 <= (self.experts_per_token or 0) <= self.num_experts:
+            raise ValueError(f"experts_per_token must be in 1..num_experts ({self.num_experts}), got {self.experts_per_token}")
+        self.dense_mlp_layers = tuple(sorted(set(self.dense_mlp_layers)))
+        if self.dense_mlp_layers and self.d_mlp_dense is None:
+            raise ValueError(f"dense_mlp_layers {list(self.dense_mlp_layers)} need their width d_mlp_dense")
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether block `layer`'s MLP is a mixture of experts."""
+        return self.num_experts is not None and layer not in self.dense_mlp_layers
 
     @property
     def n_grid(self) -> int:
@@ -105,6 +129,10 @@ class HookedVLMConfig:
     tie_word_embeddings: bool = False
     checkpoint_format: str = ""  # e.g. "llava-hf", "llava-original", "internvl-hf", "internvl-original"
     extra: dict = field(default_factory=dict)  # family-specific preprocessing settings
+    # Not a field: transformer_lens helpers allocate their results on `cfg.device`
+    # (`transformer_lens.patching`); a VLM may span devices (device_map), so None: torch's default
+    # device. The model's own device is `model.device`.
+    device = None
 
     def __getattr__(self, name: str):
         # Only reached when normal lookup fails: forward to the language model's config so that

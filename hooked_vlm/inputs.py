@@ -370,6 +370,11 @@ class VLMInput:
         return self.input_ids.shape[0]
 
     @property
+    def shape(self) -> torch.Size:
+        """`[batch, pos]`, the token grid's shape (what transformer_lens's patching reads of tokens)."""
+        return self.input_ids.shape
+
+    @property
     def device(self) -> torch.device:
         return self.input_ids.device
 

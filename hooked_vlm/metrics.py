@@ -26,11 +26,12 @@ def digit_tokens(tokenizer: Any, input_ids: Int[Tensor, "batch pos"]) -> Bool[Te
     exactly the digit tokens; a tokenizer that merges a digit with punctuation ("2,") keeps the
     merged token, so that no coordinate digit goes unscored.
     """
-    ids = input_ids.unique().tolist()
-    has_digit = {i: any(ch in "0123456789" for ch in tokenizer.decode([i])) for i in ids}
-    lookup = torch.zeros(max(ids) + 1, dtype=torch.bool)
-    lookup[[i for i in ids if has_digit[i]]] = True
-    return lookup[input_ids.cpu()].to(input_ids.device)
+    ids = input_ids.cpu()
+    in_vocab = ids >= 0  # original LLaVA's image placeholder (-200) is no token: never a digit
+    digits = [i for i in ids[in_vocab].unique().tolist() if any(ch in "0123456789" for ch in tokenizer.decode([i]))]
+    lookup = torch.zeros(int(ids.max().clamp(min=0)) + 1, dtype=torch.bool)
+    lookup[digits] = True
+    return (in_vocab & lookup[ids.clamp(min=0)]).to(input_ids.device)
 
 
 FILTERS: dict[str, TokenFilter] = {"digits": digit_tokens}
@@ -54,10 +55,14 @@ def scored_tokens(
 
 
 def token_nll(logits: Float[Tensor, "batch pos d_vocab"], input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos"]:
-    """-log p(token t | tokens < t) at every position t >= 1 (position 0 has no prediction: NaN)."""
+    """-log p(token t | tokens < t) at every position t >= 1 (position 0 has no prediction: NaN).
+    An id outside the vocabulary (original LLaVA's image placeholder, -200) has no probability: NaN."""
     # at least fp32 (half-precision logits lose digits in the log-sum-exp); fp64 logits stay fp64
     logprobs = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    nll = -logprobs.gather(-1, input_ids[:, 1:, None].to(logits.device))[..., 0]
+    targets = input_ids[:, 1:].to(logits.device)
+    in_vocab = (targets >= 0) & (targets < logits.shape[-1])
+    nll = -logprobs.gather(-1, torch.where(in_vocab, targets, 0)[..., None])[..., 0]
+    nll = torch.where(in_vocab, nll, float("nan"))
     return torch.cat([torch.full_like(nll[:, :1], float("nan")), nll], dim=1)
 
 

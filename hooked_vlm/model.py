@@ -28,13 +28,14 @@ from transformer_lens.utilities import Slice
 from hooked_vlm.allocator import keep_freed_memory_by_default
 from hooked_vlm.cache import VLMActivationCache
 from hooked_vlm.components import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
-from hooked_vlm.config import HookedVLMConfig, as_dtype
+from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.tl_surface import TransformerLensSurface
 from hooked_vlm.towers import Projector, VisionTower
 
 # per-head hooks, [batch, pos, head, d]: their position axis is the third from last (so is a
-# per-head q/k norm's `hook_normalized` when it is 4-D)
-PER_HEAD_HOOKS = frozenset({"hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result", "hook_normalized"})
+# per-head q/k norm's `hook_normalized` when it is 4-D, and a MoE MLP's [batch, pos, expert, d_model])
+PER_HEAD_HOOKS = frozenset({"hook_q", "hook_k", "hook_v", "hook_rot_q", "hook_rot_k", "hook_z", "hook_result", "hook_normalized", "hook_expert_out"})
 
 
 class Embed(nn.Module):
@@ -72,7 +73,7 @@ class Unembed(nn.Module):
         return nn.functional.linear(x, self.weight)
 
 
-class HookedVLM(HookedRootModule):
+class HookedVLM(TransformerLensSurface, HookedRootModule):
     """A LLaVA-1.5 or InternVL-3.5 model whose every activation can be cached, patched or knocked out.
 
     Build one with `HookedVLM.from_pretrained(name_or_path, dtype=..., device=...)`; feed it the
@@ -116,15 +117,27 @@ class HookedVLM(HookedRootModule):
         dtype: torch.dtype | str = torch.float32,
         device: torch.device | str = "cpu",
         device_map: dict[str, Any] | str | None = None,
+        max_memory: dict | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
+        local_files_only: bool = False,
     ) -> HookedVLM:
         """Load a checkpoint in any supported format (see `weights_conversion`): a local
-        directory, a Hugging Face hub id, or the name of a shipped toy model. `dtype` is a torch
-        dtype or its name ("bfloat16", "bf16", "float16", ...). `device_map`
-        spreads the model over several devices (the accelerate convention: module-name prefixes
-        such as "vision", "blocks.0", "unembed" -> device, or "auto"); activations follow."""
-        from weights_conversion import load_pretrained
+        directory, a Hugging Face hub id, or the name of a shipped toy model.
 
-        return load_pretrained(name_or_path, dtype=as_dtype(dtype), device=device, device_map=device_map)
+        `dtype`: a torch dtype, its name ("bfloat16", "bf16", ...) or "auto" (the checkpoint's own).
+        `device_map` spreads the model over several devices as in transformers: "auto" /
+        "balanced" / "balanced_low_0" / "sequential" (computed by accelerate within `max_memory`,
+        e.g. `{0: "70GiB", 1: "70GiB"}`), or a dict from module-name prefixes ("vision",
+        "blocks.0", "unembed", ...) to devices; activations follow, and the map used is
+        `model.hf_device_map`. `revision`, `cache_dir`, `token`, `local_files_only`: as for
+        `huggingface_hub.snapshot_download` (a hub id is read from the Hugging Face cache, and
+        `HF_HUB_OFFLINE=1` is honoured)."""
+        from weights_conversion import HubOptions, load_pretrained
+
+        hub = HubOptions(revision=revision, cache_dir=cache_dir, token=token, local_files_only=local_files_only)
+        return load_pretrained(name_or_path, dtype=dtype, device=device, device_map=device_map, max_memory=max_memory, hub=hub)
 
     # ----------------------------------------------------------------------------- inputs
     def prepare(self, images: Any, prompts: str | Sequence[str], **kwargs: Any) -> VLMInput:
@@ -158,6 +171,7 @@ class HookedVLM(HookedRootModule):
     # ----------------------------------------------------------------------------- forward
     def forward(self, inputs: VLMInput, *, kv_cache: KVCache | None = None) -> Float[Tensor, "batch pos d_vocab"]:
         """Logits for every position of every batch row."""
+        _check_vlm_input(inputs)
         self.past_length = len(kv_cache) if kv_cache is not None else 0
         image_features = self.encode_images(inputs.pixel_values)
         inputs_embeds = self.embed_inputs(inputs.input_ids, image_features, inputs.image_token_mask())
@@ -305,7 +319,8 @@ class HookedVLM(HookedRootModule):
 
     def set_attention_implementation(self, implementation: str) -> None:
         """"auto" (default): materialise attention patterns only when a hook reads or edits them,
-        else use `F.scaled_dot_product_attention`; "eager": always materialise them."""
+        else use `F.scaled_dot_product_attention`; "eager": always materialise them (and run a
+        mixture of experts one expert at a time, in expert order, as transformers' eager experts)."""
         if implementation not in ("auto", "eager"):
             raise ValueError(f"attention implementation must be 'auto' or 'eager', got {implementation!r}")
         for module in self.modules():
@@ -329,68 +344,21 @@ class HookedVLM(HookedRootModule):
         token ids (`return_tokens=True`)."""
         from hooked_vlm.generation import greedy_generate
 
+        _check_vlm_input(inputs)
         with self.hooks(fwd_hooks=list(fwd_hooks)):
             tokens = greedy_generate(self, inputs, max_new_tokens)
         if return_tokens:
             return tokens
         return self.tokenizer.batch_decode(tokens, skip_special_tokens=skip_special_tokens)
 
-    # ----------------------------------------------------------------------------- TL-style views
-    @property
-    def W_E(self) -> Float[Tensor, "d_vocab d_model"]:
-        return self.embed.W_E
 
-    def tokens_to_residual_directions(self, tokens: int | str | Int[Tensor, "..."]) -> Float[Tensor, "... d_model"]:
-        """Each token's logit direction for the residual stream divided by the final norm's scale
-        (what `decompose_resid(apply_ln=True)` gives and `cache.logit_attrs` projects):
-        `ln_final.weight * W_U[:, token]`, since the norm's weight is not folded into `W_U` as
-        TransformerLens folds it. A string must be one token."""
-        if isinstance(tokens, str):
-            ids = self.tokenizer.encode(tokens, add_special_tokens=False)
-            if len(ids) != 1:
-                raise ValueError(f"{tokens!r} is {len(ids)} tokens, not one")
-            tokens = ids[0]
-        directions = self.W_U[:, torch.as_tensor(tokens, device=self.W_U.device)].movedim(0, -1)
-        return directions * self.ln_final.weight.to(directions.device)
-
-    def accumulated_bias(self, layer: int, mlp_input: bool = False, include_mlp_biases: bool = True) -> Float[Tensor, "d_model"]:
-        """The sum of the attention-output (and MLP-output) biases of the language model's blocks
-        before `layer` (and layer's attention, with `mlp_input`), as TransformerLens's; zero for
-        Llama and Qwen3, which have none."""
-        total = torch.zeros(self.cfg.text.d_model, dtype=self.dtype, device=self.device)
-        for block in self.blocks[: layer + int(mlp_input)]:
-            total = total + block.attn.b_O.to(total.device)
-        for block in self.blocks[:layer] if include_mlp_biases else []:
-            if block.mlp.down_proj.bias is not None:
-                total = total + block.mlp.down_proj.bias.to(total.device)
-        return total
-
-    @property
-    def W_U(self) -> Float[Tensor, "d_model d_vocab"]:
-        return self.unembed.W_U
-
-    @property
-    def b_U(self) -> Float[Tensor, "d_vocab"]:
-        return self.unembed.b_U
-
-    def _stack(self, blocks: nn.ModuleList, name: str) -> Tensor:
-        return torch.stack([getattr(block.attn, name) for block in blocks])
-
-    @property
-    def W_Q(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(self.blocks, "W_Q")
-
-    @property
-    def W_K(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(self.blocks, "W_K")
-
-    @property
-    def W_V(self) -> Float[Tensor, "layer head d_model d_head"]:
-        return self._stack(self.blocks, "W_V")
-
-    @property
-    def W_O(self) -> Float[Tensor, "layer head d_head d_model"]:
-        return self._stack(self.blocks, "W_O")
+def _check_vlm_input(inputs: Any) -> None:
+    # TransformerLens's first habit, model(tokens), would otherwise end in "no attribute 'pixel_values'"
+    if not isinstance(inputs, VLMInput):
+        raise TypeError(
+            f"HookedVLM runs a VLMInput, not a {type(inputs).__name__}: build it with model.prepare(images, prompts), "
+            "which lays out the image tokens and their pixels (token ids alone carry no image)"
+        )
 
 
 def _output_checked(fn: Callable) -> Callable:

@@ -169,8 +169,13 @@ def check_parity(
 
 
 def load_reference(directory: Path, config: dict, dtype: torch.dtype, device) -> Any:
-    """The Hugging Face model with eager attention (the numerics the hooked model reproduces)."""
-    return _reference_class(directory, config).from_pretrained(directory, dtype=dtype, attn_implementation="eager").to(device).eval()
+    """The Hugging Face model with eager attention and eager experts (one expert at a time, in
+    expert order; transformers' default `grouped_mm` sums in another order, pitfall 19): the
+    numerics the hooked model reproduces."""
+    reference = _reference_class(directory, config).from_pretrained(
+        directory, dtype=dtype, attn_implementation="eager", experts_implementation="eager"
+    )
+    return reference.to(device).eval()
 
 
 def _reference_class(directory: Path, config: dict) -> type:
@@ -207,6 +212,11 @@ def compare_forward(hooked: HookedVLM, reference: Any, inputs, report: ParityRep
         projector.register_forward_pre_hook(lambda m, args: projector_io.__setitem__("in", args[0])),
         projector.register_forward_hook(lambda m, args, out: projector_io.__setitem__("out", out)),
     ]
+    mlp_io: dict[tuple[str, int], Any] = {}  # ("out" | "router", layer) -> the layer's MLP output / router outputs
+    for i, layer in enumerate(reference.model.language_model.layers):
+        handles.append(layer.mlp.register_forward_hook(lambda m, args, out, i=i: mlp_io.__setitem__(("out", i), out)))
+        if hasattr(layer.mlp, "experts"):  # a mixture of experts: its router's outputs too
+            handles.append(layer.mlp.gate.register_forward_hook(lambda m, args, out, i=i: mlp_io.__setitem__(("router", i), out)))
     try:
         ref = reference(**_hf_forward_kwargs(inputs), output_hidden_states=True, output_attentions=True)
     finally:
@@ -232,6 +242,9 @@ def compare_forward(hooked: HookedVLM, reference: Any, inputs, report: ParityRep
     for i in range(hooked.cfg.text.n_layers):
         _add_cached(report, cache, "LM hidden states", f"blocks.{i}.hook_resid_pre", ref.hidden_states[i])
         _add_cached(report, cache, "LM attention", f"blocks.{i}.attn.hook_pattern", ref.attentions[i])
+        if ("router", i) in mlp_io:
+            _add_router(report, cache, i, *mlp_io[("router", i)])
+        _add_cached(report, cache, "LM MLP output", f"blocks.{i}.hook_mlp_out", mlp_io[("out", i)])
     _add_cached(report, cache, "LM final norm", "ln_final.hook_normalized", ref.hidden_states[-1])
     report.add("logits (hooks attached)", "logits (hooks attached)", logits, ref.logits)
     report.add("logits", "logits", hooked(inputs), ref.logits)
@@ -242,8 +255,23 @@ def _add_cached(report: ParityReport, cache, family: str, name: str, ref: torch.
     report.add(family, name, cache[name], ref)
 
 
+def _add_router(report: ParityReport, cache, layer: int, logits: torch.Tensor, top_weights: torch.Tensor, top_index: torch.Tensor):
+    """A MoE layer's router: Hugging Face's `[token, expert]` logits and its top-k weights and
+    indices, made dense (zero for unselected experts) as `hook_router_weights` holds them."""
+    name = f"blocks.{layer}.mlp.hook_router_logits"
+    shape = cache[name].shape
+    report.add("LM router logits", name, cache[name], logits.view(shape))
+    dense = torch.zeros_like(logits).scatter(-1, top_index, top_weights.to(logits.dtype))
+    name = f"blocks.{layer}.mlp.hook_router_weights"
+    report.add("LM router weights", name, cache[name], dense.view(shape))
+
+
+_COMPARED = ("hook_resid_pre", "hook_resid_post", "hook_pattern", "hook_features", "hook_pixel_shuffle")
+_COMPARED_LM = ("hook_mlp_out", "mlp.hook_router_logits", "mlp.hook_router_weights")
+
+
 def _compared_hook(name: str) -> bool:
-    return name.endswith(("hook_resid_pre", "hook_resid_post", "hook_pattern", "hook_features", "hook_pixel_shuffle")) or name in (
+    return name.endswith(_COMPARED) or (name.startswith("blocks.") and name.endswith(_COMPARED_LM)) or name in (
         "projector.hook_out",
         "hook_inputs_embeds",
         "ln_final.hook_normalized",

@@ -12,6 +12,8 @@ Two methods, both over every language-model head at once:
   `(z_source - z_base) . dM/dz` at the base run, from one forward and one backward of the base
   and one forward of the source — for both towers' heads. With `node="pattern"` it attributes
   the heads' attention patterns instead, optionally with AtP*'s QK fix (`qk_fix=True`).
+- `expert_attribution`: the same estimate for every expert of a mixture-of-experts language
+  model (its weighted output), against a source run or against dropping the expert.
 
 A metric maps the logits of positions `offset..` (`[batch, pos - offset, d_vocab]`) to one number
 per batch row (e.g. the masked NLL of the answer tokens, `answer_nll_metric`).
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Literal, Sequence
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -263,7 +266,8 @@ def head_attribution(
             if tower == "language" and lm_positions is not None:
                 contribution = contribution[:, :, lm_positions]
             scores[tower].append(contribution.sum(dim=(0, 2, 3)))
-    return {tower: torch.stack(values) for tower, values in scores.items() if values}
+    # under a device map each layer's scores sit on its block's device: gather them on the first's
+    return {tower: torch.stack([v.to(values[0].device) for v in values]) for tower, values in scores.items() if values}
 
 
 def _attention_names(model, towers: Sequence[str], suffix: str) -> list[str]:
@@ -276,3 +280,76 @@ def _attention_names(model, towers: Sequence[str], suffix: str) -> list[str]:
     if "language" in towers:
         names += [f"blocks.{l}.attn.{suffix}" for l in range(model.cfg.n_layers)]
     return names
+
+
+def expert_attribution(
+    model,
+    base: VLMInput,
+    source: VLMInput | None,
+    metric: Metric,
+    positions: Sequence[int] | Tensor | None = None,
+    *,
+    fwd_hooks: Sequence = (),
+) -> Float[Tensor, "layer expert"]:
+    """Attribution patching of every expert of every mixture-of-experts layer: the first-order
+    change of the metric if the expert's weighted output (`mlp.hook_expert_out`) at `positions`
+    (default: all) took the source's value, `sum (out_src - out_base) . dM/d(mlp_out)` (every
+    expert's output enters the MLP output with the same gradient). With `source=None`, if the
+    expert were dropped (`iv.expert_ablation(mode="drop")`: its output zero, the token's other
+    experts unchanged), `-sum out_base . dM/d(mlp_out)`.
+
+    One forward and backward of the base, then one forward of the base and one of the source;
+    each layer's `[batch, pos, expert, d_model]` outputs are reduced as they are computed, never
+    kept. Returns `[n_layers, n_experts]` (NaN rows for dense layers).
+    """
+    from hooked_vlm.interventions.experts import moe_layers
+
+    if source is not None:
+        _check_pair(base, source)
+    layers = moe_layers(model)
+    offset = 0 if positions is None else int(torch.as_tensor(positions).min())
+    lm_positions = None if positions is None else torch.as_tensor(positions, dtype=torch.long).flatten()
+    grads = _mlp_out_grads(model, base, metric, offset, layers, fwd_hooks)
+
+    def projected(inputs: VLMInput) -> dict[int, Tensor]:
+        totals: dict[int, Tensor] = {}
+
+        def reduce(expert_out: Tensor, hook) -> None:  # [batch, pos, expert, d_model]
+            layer = int(hook.name.split(".")[1])
+            out, grad = expert_out.float(), grads[layer].to(expert_out.device).float()
+            if lm_positions is not None:
+                out, grad = out[:, lm_positions], grad[:, lm_positions]
+            totals[layer] = einops.einsum(out, grad, "b p e d, b p d -> e")
+
+        names = [(f"blocks.{layer}.mlp.hook_expert_out", reduce) for layer in layers]
+        with torch.no_grad(), model.hooks(fwd_hooks=list(fwd_hooks) + names):
+            model(inputs)
+        return totals
+
+    base_totals = projected(base)
+    source_totals = projected(source) if source is not None else {l: torch.zeros_like(t) for l, t in base_totals.items()}
+    scores = torch.full((model.cfg.n_layers, model.cfg.text.num_experts), float("nan"))
+    for layer in layers:
+        scores[layer] = (source_totals[layer] - base_totals[layer]).cpu()
+    return scores
+
+
+def _mlp_out_grads(
+    model, base: VLMInput, metric: Metric, offset: int, layers: list[int], fwd_hooks: Sequence
+) -> dict[int, Float[Tensor, "batch pos d_model"]]:
+    """dM/d(hook_mlp_out) `[batch, pos, d_model]` of each layer at the base run."""
+    names = {f"blocks.{layer}.hook_mlp_out": layer for layer in layers}
+    acts: dict[str, Tensor] = {}
+
+    def keep(x: Tensor, hook) -> None:
+        acts[hook.name] = x
+
+    def leaf(x: Tensor, hook) -> Tensor:
+        return x.detach().requires_grad_(True)  # every later activation then carries a gradient
+
+    hooks = list(fwd_hooks) + [("hook_inputs_embeds", leaf)] + [(name, keep) for name in names]
+    with torch.enable_grad(), model.hooks(fwd_hooks=hooks):
+        logits = model(base)
+        value = metric(logits[:, offset:], offset).sum()
+        grads = torch.autograd.grad(value, [acts[name] for name in names])
+    return {layer: grad for layer, grad in zip(names.values(), grads)}

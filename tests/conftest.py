@@ -6,6 +6,7 @@ Checkpoint fixtures (all session-scoped; each directory is built on first use):
 - `llava_dir`, `internvl_dir`: parametrised over every LLaVA / InternVL variant.
 - `llava_original_dir`, `internvl_original_dir`: original-format exports of `llava_base` and
   `internvl_6b` (the LLaVA one's CLIP tower sits next to it, named in its `mm_vision_tower`).
+- Mixture-of-experts checkpoints (`MOE_VARIANTS`, and `internvl_moe_original`) by name only.
 """
 
 from __future__ import annotations
@@ -58,6 +59,24 @@ INTERNVL_VARIANTS: dict[str, dict] = {
 }
 
 
+# Qwen3-MoE language models (InternVL3.5-30B-A3B / 241B-A28B structure) with per-expert keys on
+# disk, as 4.x -HF repos and transformers' own save_pretrained write them.
+MOE_VARIANTS: dict[str, dict] = {
+    # 8 experts, top-2, renormalised (as the real ones); GQA ratio 2; InternViT-300M style.
+    "internvl_moe": dict(
+        seed=6, vision_variant="300m", n_layers=2, n_heads=4, n_key_value_heads=2, num_experts=8,
+        experts_per_token=2, d_mlp_expert=24, norm_topk_prob=True, key_layout="legacy",
+    ),  # fmt: skip
+    # 4 experts, top-1, not renormalised (the weight is the softmax probability); layer 1 of 3
+    # dense (mlp_only_layers); InternViT-6B style; 5.x runtime names.
+    "internvl_moe_top1": dict(
+        seed=8, vision_variant="6b", n_layers=3, n_heads=4, n_key_value_heads=4, d_head=24, num_experts=4,
+        experts_per_token=1, d_mlp_expert=32, norm_topk_prob=False, mlp_only_layers=(1,), vision_heads=4,
+        max_patches=4, key_layout="runtime",
+    ),  # fmt: skip
+}
+
+
 def _export_llava(get: Callable[[str], Path], out: Path) -> Path:
     return export_llava_original(get("llava_base"), out, out.with_name("llava_original_clip"))
 
@@ -69,8 +88,10 @@ def _export_internvl(get: Callable[[str], Path], out: Path) -> Path:
 TINY_CHECKPOINTS: dict[str, Callable[[Callable[[str], Path], Path], Path]] = {
     **{name: (lambda get, out, kw=kw: build_tiny_llava(out, **kw)) for name, kw in LLAVA_VARIANTS.items()},
     **{name: (lambda get, out, kw=kw: build_tiny_internvl(out, **kw)) for name, kw in INTERNVL_VARIANTS.items()},
+    **{name: (lambda get, out, kw=kw: build_tiny_internvl(out, **kw)) for name, kw in MOE_VARIANTS.items()},
     "llava_original": _export_llava,
     "internvl_original": _export_internvl,
+    "internvl_moe_original": lambda get, out: export_internvl_original(get("internvl_moe"), out),
 }
 
 

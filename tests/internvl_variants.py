@@ -1,6 +1,7 @@
 """The InternVL configurations the InternVL tests run on: the two of `conftest.INTERNVL_VARIANTS`
-plus a third, built here, whose geometry differs from both so that nothing may hard-code 56-px
-tiles, 2x2 tokens per view, 28-px tokens or the last vision layer."""
+and the two of `conftest.MOE_VARIANTS` (Qwen3-MoE language models), plus one built here whose
+geometry differs from all of them so that nothing may hard-code 56-px tiles, 2x2 tokens per view,
+28-px tokens or the last vision layer."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ GQA_VARIANT = dict(
     seed=5, vision_variant="300m", n_heads=4, n_key_value_heads=2, tie_word_embeddings=False, vision_layers=3,
     image_size=72, patch_size=12, max_patches=6, key_layout="legacy",
 )  # fmt: skip
-VARIANTS = ("internvl_300m", "internvl_6b", "internvl_gqa")
+# and the two mixture-of-experts checkpoints of `conftest.MOE_VARIANTS` (top-2 renormalised; top-1 raw)
+VARIANTS = ("internvl_300m", "internvl_6b", "internvl_gqa", "internvl_moe", "internvl_moe_top1")
 
 
 def build_internvl_gqa(path: Path) -> Path:

@@ -22,7 +22,7 @@ MEDIATION_COLUMNS = {"pair_id", "class_name", "layer", "head", "mf", "p_base", "
                      "positions", "target", "target_source"}  # fmt: skip
 
 
-@pytest.fixture(scope="module", params=["llava_multilayer", "internvl_6b"])
+@pytest.fixture(scope="module", params=["llava_multilayer", "internvl_6b", "internvl_moe"])
 def model(request, tiny_checkpoint):
     return HookedVLM.from_pretrained(tiny_checkpoint(request.param))
 

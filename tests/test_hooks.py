@@ -15,7 +15,7 @@ from hooked_vlm.components.attention import Attention
 # only build the blocks whose output is read, and every hook covers whole tensors.
 NOT_CAUSAL: dict[str, str] = {}
 
-CHECKPOINTS = ["llava_base", "llava_multilayer", "llava_full", "internvl_300m", "internvl_6b"]
+CHECKPOINTS = ["llava_base", "llava_multilayer", "llava_full", "internvl_300m", "internvl_6b", "internvl_moe", "internvl_moe_top1"]
 
 
 @pytest.fixture(scope="module", params=CHECKPOINTS)
@@ -151,6 +151,55 @@ def test_accumulated_resid_is_the_residual_stream_at_each_layer(model_and_inputs
     normed = cache.accumulated_resid(apply_ln=True)
     _assert_close(normed[-1], cache["ln_final.hook_normalized"])  # logit lens at the last layer = the model
 
+
+
+
+def test_full_resid_decomposition_sums_to_the_residual_stream_at_image_tokens_too(model_and_inputs):
+    """TransformerLens's heads + MLP outputs (or neurons) + embeddings + biases, whose embedding term
+    is `hook_inputs_embeds`: `hook_embed` holds no image features."""
+    model, inputs = model_and_inputs
+    _, cache = model.run_with_cache(inputs)
+    final = cache[f"blocks.{model.cfg.n_layers - 1}.hook_resid_post"]
+    parts, labels = cache.get_full_resid_decomposition(expand_neurons=False, return_labels=True)
+    assert "inputs_embeds" in labels
+    _assert_close(parts.sum(0), final, atol=1e-4)  # a sum of ~20 terms of ~100
+    image = int(inputs.layout.position[0])  # an image token of row 0; neurons make a large stack
+    if model.cfg.num_experts:  # a mixture of experts has no single set of neurons to expand
+        with pytest.raises(ValueError, match="expand_neurons=False"):
+            cache.get_full_resid_decomposition(pos_slice=image)
+    else:
+        _assert_close(cache.get_full_resid_decomposition(pos_slice=image).sum(0), final[:, image], atol=1e-4)
+    assert torch.equal(cache["hook_embed"], cache.cache_dict["hook_embed"])  # the cache is left as it was
+
+def test_stacks_with_the_norm_applied_sum_to_the_norms_output(model_and_inputs):
+    """`apply_ln=True` applies the norm as the model does, its weight included (nothing is folded),
+    so the stacks compose with the raw W_Q, W_in, W_U as ln1, ln2 and ln_final's outputs do."""
+    model, inputs = model_and_inputs
+    _, cache = model.run_with_cache(inputs)
+    n = model.cfg.n_layers
+    for layer in range(n + 1):
+        for mlp_input in (False, True) if layer < n else (False,):
+            parts = cache.decompose_resid(layer=layer, mlp_input=mlp_input, apply_ln=True)
+            target = "ln_final.hook_normalized" if layer == n else f"blocks.{layer}.ln{2 if mlp_input else 1}.hook_normalized"
+            _assert_close(parts.sum(0), cache[target])
+    heads = cache.stack_head_results(layer=1, incl_remainder=True, apply_ln=True)
+    _assert_close(heads.sum(0), cache["blocks.1.ln1.hook_normalized"])
+    directions = model.W_U[:, :3]  # TransformerLens projects neurons through its own shortcut
+    projected = cache.stack_neuron_results(layer=n, apply_ln=True, project_output_onto=directions, pos_slice=-1)
+    _assert_close(projected, cache.stack_neuron_results(layer=n, apply_ln=True, pos_slice=-1) @ directions, atol=1e-4)
+
+
+def test_logit_lens_over_the_accumulated_residual_stream_reads_the_token_directions(model_and_inputs):
+    """TransformerLens's logit lens: `accumulated_resid(apply_ln=True) @ tokens_to_residual_directions`
+    is the logit each layer's residual stream would give through the final norm and unembedding."""
+    model, inputs = model_and_inputs
+    logits, cache = model.run_with_cache(inputs)
+    token = int(logits[0, -1].argmax())
+    lens = cache.accumulated_resid(apply_ln=True, pos_slice=-1) @ model.tokens_to_residual_directions(token)  # [layer, batch]
+    assert torch.allclose(lens[-1, 0], logits[0, -1, token] - model.b_U[token], atol=1e-4)
+    with torch.no_grad():
+        by_hand = model.ln_final(cache["blocks.1.hook_resid_pre"][:, -1]) @ model.W_U[:, token]
+    assert torch.allclose(lens[1], by_hand, atol=1e-4)
 
 def test_hook_result_is_not_computed_unless_used(model_and_inputs, monkeypatch):
     model, inputs = model_and_inputs
@@ -298,7 +347,7 @@ def test_logit_attributions_of_the_decomposed_residual_stream_sum_to_the_logit(m
     parts = cache.decompose_resid(layer=-1, pos_slice=-1)  # [component, batch, d_model]
     attrs = cache.logit_attrs(parts, tokens=torch.tensor([token] * len(inputs)), pos_slice=-1)  # [component, batch]
     assert torch.allclose(attrs.sum(0)[0], logits[0, -1, token] - model.b_U[token], atol=1e-4)
-    assert torch.equal(model.tokens_to_residual_directions(token), model.W_U[:, token] * model.ln_final.weight)
+    assert torch.equal(model.tokens_to_residual_directions(token), model.W_U[:, token])  # TransformerLens's
     assert torch.equal(model.accumulated_bias(model.cfg.n_layers), torch.zeros(model.cfg.text.d_model))
 
 

@@ -15,7 +15,7 @@ from hooked_vlm import HookedVLM
 ASSETS = Path(__file__).parent / "assets"
 
 
-@pytest.fixture(scope="module", params=["llava_base", "internvl_300m"])
+@pytest.fixture(scope="module", params=["llava_base", "internvl_300m", "internvl_moe"])
 def model(request, tiny_checkpoint):
     return HookedVLM.from_pretrained(tiny_checkpoint(request.param))
 

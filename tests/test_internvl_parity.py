@@ -1,8 +1,9 @@
 """InternVL-3.5: the hooked model is numerically the Hugging Face model.
 
 Comparisons go through `hooked_vlm.parity.check_parity` (the tool users run on real checkpoints)
-on three tiny random configurations — InternViT-300M and -6B style towers, GQA ratio 1 and 2,
-tied and untied heads, 56- and 72-px tiles, the last and the second-to-last vision layer — with
+on five tiny random configurations — InternViT-300M and -6B style towers, GQA ratio 1 and 2,
+tied and untied heads, 56- and 72-px tiles, the last and the second-to-last vision layer, Qwen3 and
+Qwen3-MoE language models (top-2 renormalised, top-1 raw with a dense layer) — with
 real photos giving one tile, several, and the maximum number, in batches of 2 with left padding.
 """
 

@@ -49,7 +49,7 @@ def test_fp32_single_image_generation_matches(tiny_checkpoint, photos):
 @pytest.mark.parametrize(
     ("parameter", "first"),
     [
-        ("blocks.0.mlp.down_proj.weight", "blocks.1.hook_resid_pre"),  # the next thing compared after layer 0's MLP
+        ("blocks.0.mlp.down_proj.weight", "blocks.0.hook_mlp_out"),  # the MLP's own output is compared
         ("vision.blocks.0.attn.k_proj.weight", "vision.blocks.0.attn.hook_pattern"),
         ("projector.linear_2.weight", "projector.hook_out"),
     ],

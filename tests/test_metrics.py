@@ -60,6 +60,23 @@ def test_masked_nll_equals_a_hand_computation(setup, token_filter):
     assert torch.allclose(masked_perplexity(model, inputs, token_filter=token_filter), ours.exp())
 
 
+
+@pytest.mark.parametrize("token_filter", [None, "digits"])
+def test_masked_nll_reads_an_original_llava_checkpoint_whose_image_placeholder_is_no_token(tiny_checkpoint, photos, token_filter):
+    """Original LLaVA-1.5 keeps its image placeholder, -200, in `input_ids`: it lies outside the
+    vocabulary, so it is never a digit and never a target."""
+    model = HookedVLM.from_pretrained(tiny_checkpoint("llava_original"))
+    image = photos["chelsea"]
+    inputs = model.prepare(image, "Where is the cat?", answers=format_box((40, 30, 200, 180), image.size, family="llava"))
+    assert int(inputs.input_ids.min()) == -200
+    with torch.no_grad():
+        logits = model(inputs)
+    keep = scored_tokens(inputs, model.tokenizer, token_filter)
+    scored = keep[0].nonzero().flatten().tolist()
+    assert scored and not (keep & inputs.image_token_mask()).any()
+    expected = sum(-logits[0, t - 1].double().log_softmax(-1)[inputs.input_ids[0, t]].item() for t in scored) / len(scored)
+    assert masked_nll(model, inputs, token_filter=token_filter).item() == pytest.approx(expected, abs=1e-5)
+
 def test_a_nan_logit_at_a_scored_token_propagates_and_one_elsewhere_does_not(setup):
     """An overflow (NaN logits) where a scored token is predicted must not read as NLL 0."""
     from hooked_vlm.patching import answer_nll_metric

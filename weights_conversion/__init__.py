@@ -12,18 +12,22 @@ from typing import Any
 
 import torch
 
+from weights_conversion.hub import HubOptions, resolve_directory
 from weights_conversion.io import (
     CheckpointReader,
     ConversionError,
-    Placement,
     Plan,
     check_plan,
     load_plan,
     read_json,
-    resolve_directory,
 )
+from weights_conversion.placement import Placement
 
-__all__ = ["load_pretrained", "checkpoint_directory", "detect_format", "ConversionError", "CheckpointReader"]
+__all__ = ["load_pretrained", "checkpoint_directory", "detect_format", "ConversionError", "CheckpointReader", "HubOptions"]
+SUPPORTED = (
+    "LlavaForConditionalGeneration (llava-hf/llava-1.5-*-hf), LlavaLlamaForCausalLM (liuhaotian/llava-v1.5-*), "
+    "InternVLForConditionalGeneration (OpenGVLab/InternVL3_5-*-HF), InternVLChatModel (OpenGVLab/InternVL3_5-*)"
+)
 
 
 def detect_format(config: dict) -> str:
@@ -40,26 +44,30 @@ def detect_format(config: dict) -> str:
         return "internvl-original"
     raise ValueError(
         f"unknown architecture: model_type={config.get('model_type')!r}, architectures={config.get('architectures')}; "
-        "supported: LlavaForConditionalGeneration, LlavaLlamaForCausalLM, InternVLForConditionalGeneration, InternVLChatModel"
+        f"supported: {SUPPORTED}"
     )
 
 
-def checkpoint_directory(name_or_path: str | Path) -> Path:
+def checkpoint_directory(name_or_path: str | Path, hub: HubOptions = HubOptions()) -> Path:
     """The local directory of a shipped toy model's name, a local path or a hub id."""
     from hooked_vlm.toy_models import toy_model_path
 
-    return toy_model_path(str(name_or_path)) or resolve_directory(name_or_path)
+    return toy_model_path(str(name_or_path)) or resolve_directory(name_or_path, hub)
 
 
 def load_pretrained(
     name_or_path: str | Path,
     *,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | str = torch.float32,
     device: Any = "cpu",
     device_map: dict[str, Any] | str | None = None,
+    max_memory: dict | None = None,
+    hub: HubOptions = HubOptions(),
 ):
     """Load any supported checkpoint as a `HookedVLM` (see `HookedVLM.from_pretrained`)."""
-    directory = checkpoint_directory(name_or_path)
+    from hooked_vlm.config import as_dtype
+
+    directory = checkpoint_directory(name_or_path, hub)
     raw_config = read_json(directory / "config.json")
     if raw_config is None:
         raise FileNotFoundError(f"{directory} has no config.json")
@@ -68,10 +76,29 @@ def load_pretrained(
         from weights_conversion import llava as module
     else:
         from weights_conversion import internvl as module
-    model = module.load(directory, raw_config, dtype, Placement(device, device_map))
+    dtype = checkpoint_dtype(raw_config, directory) if dtype == "auto" else as_dtype(dtype)
+    model = module.load(directory, raw_config, dtype, Placement(device, device_map, max_memory), hub)
     if fmt.endswith("-hf"):
         _apply_generation_config(model, directory)
     return model
+
+
+def checkpoint_dtype(raw_config: dict, directory: Path) -> torch.dtype:
+    """`dtype="auto"`: the dtype the checkpoint was saved in, as transformers reads it: the config's
+    `dtype` (`torch_dtype` before transformers 5, also inside `text_config`/`llm_config`), else the
+    dtype of the first floating-point tensor of the weights."""
+    from hooked_vlm.config import as_dtype
+
+    for config in (raw_config, raw_config.get("text_config") or {}, raw_config.get("llm_config") or {}):
+        name = config.get("dtype") or config.get("torch_dtype")
+        if name:
+            return as_dtype(name)
+    reader = CheckpointReader.from_directory(directory)
+    for key in reader.keys():
+        tensor = reader.get(key)
+        if tensor.is_floating_point():
+            return tensor.dtype
+    raise ConversionError(f"{directory}: dtype='auto' found no dtype in config.json and no floating-point weight")
 
 
 def _apply_generation_config(model, directory: Path) -> None:
@@ -88,10 +115,12 @@ def _apply_generation_config(model, directory: Path) -> None:
 
 
 def assemble(
-    cfg, plan: Plan, readers: dict[str, CheckpointReader | None], tokenizer_dir: Path, preprocessing, dtype, device, tokenizer=None
+    cfg, plan: Plan, readers: dict[str, CheckpointReader | None], tokenizer_dir: Path, preprocessing, dtype, placement: Placement,
+    tokenizer=None,
 ):
-    """Build the model on the meta device, check the plan against it, then fill it tensor by tensor.
-    `tokenizer`: an already loaded tokenizer (else loaded from `tokenizer_dir`)."""
+    """Build the model on the meta device, check the plan against it, place it (`placement`: a
+    device, a device map, or a map accelerate computes from the meta model's sizes), then fill it
+    tensor by tensor. `tokenizer`: an already loaded tokenizer (else loaded from `tokenizer_dir`)."""
     from transformers import AutoTokenizer
 
     from hooked_vlm.model import HookedVLM
@@ -100,14 +129,14 @@ def assemble(
         model = HookedVLM(cfg.with_dtype(dtype))
     shapes = {name: {k: r.shape(k) for k in r.keys()} for name, r in readers.items() if r is not None}
     check_plan(plan, model, shapes)
-    placement = device if isinstance(device, Placement) else Placement(device)
-    placement.resolve(cfg.text.n_layers)
-    placement.check_keys([name for name, _ in model.named_parameters()])
+    placement = placement if isinstance(placement, Placement) else Placement(placement)
+    placement.resolve(model)
     if cfg.tie_word_embeddings and placement("embed.weight") != placement("unembed.weight"):
         raise ValueError("tied embeddings need the embedding and the unembedding on the same device")
     load_plan(plan, model, readers, dtype, placement)
     if cfg.tie_word_embeddings:
         model.unembed.weight = model.embed.weight
+    model.hf_device_map = placement.hf_device_map  # as transformers exposes the map it used
     model.tokenizer = tokenizer if tokenizer is not None else AutoTokenizer.from_pretrained(tokenizer_dir)
     model.preprocessing = preprocessing
     return model.eval()

@@ -16,13 +16,14 @@ original (`InternVLChatModel`, model_type "internvl_chat", ARCHITECTURES §2.7):
 from __future__ import annotations
 
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from hooked_vlm.families import internvl as family
-from weights_conversion.io import Assignment, CheckpointReader, ConversionError, Plan, read_json
+from weights_conversion.io import Assignment, CheckpointReader, ConversionError, Plan, image_processor_config, load_tokenizer
 from weights_conversion.rules import (
     IGNORE,
     INTERNVIT_RULES,
@@ -231,15 +232,6 @@ def plan_internvl_original(reader: CheckpointReader, vision_blocks_used: int) ->
 
 
 # ---------------------------------------------------------------------------------- loading
-def _hf_processor_config(directory: Path) -> dict | None:
-    """`preprocessor_config.json`, or the image processor nested in `processor_config.json`
-    (where transformers 5.x saves it)."""
-    config = read_json(directory / "preprocessor_config.json")
-    if config is None:
-        config = (read_json(directory / "processor_config.json") or {}).get("image_processor")
-    return config
-
-
 def original_preprocessing(raw: dict, tile_size: int, patch_size: int) -> family.InternVLPreprocessing:
     """Tiling settings of an original config: `min/max_dynamic_patch`, `use_thumbnail`,
     `dynamic_image_size` (off: one tile), ImageNet mean/std as in InternVL's `build_transform`."""
@@ -251,30 +243,53 @@ def original_preprocessing(raw: dict, tile_size: int, patch_size: int) -> family
         min_tiles=int(raw.get("min_dynamic_patch", 1)) if dynamic else 1,
         max_tiles=int(raw.get("max_dynamic_patch", 6)) if dynamic else 1,
         use_thumbnail=bool(raw.get("use_thumbnail", False)),
+        template=original_template(raw),
     )
 
 
-def load_tokenizer(directory: Path) -> Any:
-    """The checkpoint's tokenizer. Passing a blank config keeps `AutoTokenizer` from reading
-    config.json, whose `auto_map` (original format) would ask to run the remote code."""
-    from transformers import AutoTokenizer, PreTrainedConfig
+def original_template(raw: dict) -> family.Template:
+    """The conversation template `model.chat()` uses (`template` in config.json): "internvl2_5",
+    with its system message, for every InternVL-3.5 (and 2.5/3) checkpoint. Another one is not
+    implemented: prompts then follow the -HF chat template, and a warning says so."""
+    name = raw.get("template")
+    if name == "internvl2_5":
+        return "internvl2_5"
+    warnings.warn(
+        f"conversation template {name!r} of this original InternVL checkpoint is not implemented; prepare() uses the "
+        "InternVL-HF chat template (no system message) unless given template=...",
+        stacklevel=5,
+    )
+    return "hf"
 
-    return AutoTokenizer.from_pretrained(directory, config=PreTrainedConfig())
+
+def refuse_unsupported_variants(raw_config: dict) -> None:
+    """InternVL3_5-GPT-OSS-20B-A4B-Preview(-HF) pairs InternViT with gpt-oss-20b (attention sinks,
+    alternating sliding-window attention, YaRN RoPE, 32 experts with a clamped SwiGLU): say so by
+    name, before any file is read, rather than fail on one of its fields."""
+    text = raw_config.get("text_config") or raw_config.get("llm_config") or {}
+    if text.get("model_type") == "gpt_oss" or raw_config.get("template") == "internvl3_5_gpt_oss":
+        raise NotImplementedError(
+            "this is an InternVL3.5-GPT-OSS checkpoint (InternVL3_5-GPT-OSS-20B-A4B-Preview: a gpt_oss language model with "
+            "attention sinks, sliding-window attention and mixture-of-experts MLPs), which hooked_vlm does not support "
+            "(the README's table lists the supported checkpoints)"
+        )
 
 
-def load(directory: Path, raw_config: dict, dtype: torch.dtype, device: Any):
-    """Build a hooked InternVL from an -HF or original checkpoint directory."""
+def load(directory: Path, raw_config: dict, dtype: torch.dtype, placement: Any, hub: Any = None):
+    """Build a hooked InternVL from an -HF or original checkpoint directory (`hub` is unused: an
+    InternVL repository holds everything it needs)."""
     from transformers import AutoConfig
 
     from weights_conversion import assemble
 
+    refuse_unsupported_variants(raw_config)
     reader = CheckpointReader.from_directory(directory)
     tokenizer = load_tokenizer(directory)
     if is_internvl_hf(raw_config):
         cfg = config_from_internvl_hf(AutoConfig.from_pretrained(directory), reader.keys(), dtype)
         plan = plan_internvl_hf(reader.keys(), cfg.vision.n_layers)
         preprocessing = family.InternVLPreprocessing.from_processor_config(
-            _hf_processor_config(directory), cfg.vision.image_size, cfg.vision.patch_size, cfg.downsample_ratio
+            image_processor_config(directory), cfg.vision.image_size, cfg.vision.patch_size, cfg.downsample_ratio
         )
     elif is_internvl_original(raw_config):
         cfg = config_from_internvl_original(raw_config, reader.keys(), tokenizer, dtype)
@@ -282,4 +297,4 @@ def load(directory: Path, raw_config: dict, dtype: torch.dtype, device: Any):
         preprocessing = original_preprocessing(raw_config, cfg.vision.image_size, cfg.vision.patch_size)
     else:
         raise ValueError(f"{directory} is not an InternVL checkpoint (model_type {raw_config.get('model_type')!r})")
-    return assemble(cfg, plan, {"main": reader}, directory, preprocessing, dtype, device, tokenizer=tokenizer)
+    return assemble(cfg, plan, {"main": reader}, directory, preprocessing, dtype, placement, tokenizer=tokenizer)

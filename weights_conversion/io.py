@@ -11,18 +11,13 @@ and shape mismatches all raise one error that lists them.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Callable, Iterable
 
 import torch
 from safetensors import safe_open
 from torch import nn
-
-WEIGHT_PATTERNS = ("*.safetensors", "*.bin")
-CONFIG_PATTERNS = ("*.json", "*.jinja", "*.model", "*.txt", "*.tiktoken")
-
 
 class ConversionError(ValueError):
     """A checkpoint does not fit the model: lists every offending key."""
@@ -100,12 +95,17 @@ def _open(path: Path):
 
 @dataclass(frozen=True)
 class Assignment:
-    """Fill hooked parameter `target` with checkpoint tensor `source` (optionally a row range)."""
+    """Fill hooked parameter `target` with checkpoint tensor `source` (optionally a row range).
+
+    `part=(i, k, n)` fills only a part of `target`: chunk k of n, split along the rows, of
+    `target[i]`. Per-expert checkpoint tensors are so stacked into one `[expert, ...]` parameter
+    (expert e's gate into `(e, 0, 2)`, its up into `(e, 1, 2)`), without a second copy of it."""
 
     target: str
     source: str
     rows: tuple[int, int] | None = None
     reader: str = "main"  # which reader holds `source` (original LLaVA keeps CLIP apart)
+    part: tuple[int, int, int] | None = None
 
 
 @dataclass
@@ -129,9 +129,10 @@ def check_plan(plan: Plan, model: nn.Module, shapes: dict[str, dict[str, tuple[i
     extra = sorted({t for t in targets if t not in params})
     if extra:
         problems.append(f"{len(extra)} converted names the model does not have: {_listing(extra)}")
-    doubled = sorted({t for t in targets if targets.count(t) > 1})
+    whole = [a.target for a in plan.assignments if a.part is None]
+    doubled = sorted({t for t in whole if whole.count(t) > 1} | _badly_stacked(plan, params))
     if doubled:
-        problems.append(f"parameters filled twice: {_listing(doubled)}")
+        problems.append(f"parameters filled twice or only in part: {_listing(doubled)}")
     mismatched = []
     for a in plan.assignments:
         if a.target not in params:
@@ -139,7 +140,7 @@ def check_plan(plan: Plan, model: nn.Module, shapes: dict[str, dict[str, tuple[i
         source_shape = shapes[a.reader][a.source]
         if a.rows is not None:
             source_shape = (a.rows[1] - a.rows[0], *source_shape[1:])
-        expected = tuple(params[a.target].shape)
+        expected = tuple(params[a.target].shape) if a.part is None else _part_shape(params[a.target].shape, a.part)
         if _squeeze(source_shape) != _squeeze(expected):
             mismatched.append(f"{a.source}{'' if a.rows is None else list(a.rows)} {tuple(source_shape)} -> {a.target} {expected}")
     if mismatched:
@@ -148,52 +149,33 @@ def check_plan(plan: Plan, model: nn.Module, shapes: dict[str, dict[str, tuple[i
         raise ConversionError("checkpoint does not match the model:\n- " + "\n- ".join(problems))
 
 
-class Placement:
-    """Where each parameter goes: one `device`, or an accelerate-style `device_map` from module
-    names (prefixes such as "vision", "blocks.12", "unembed") to devices, or "auto": the vision
-    tower, projector and embedding on the first device, the language-model blocks split evenly
-    over all visible CUDA devices in order, the final norm and unembedding on the last."""
-
-    def __init__(self, device: Any = "cpu", device_map: dict[str, Any] | str | None = None):
-        self.default = torch.device(device)
-        self.device_map = device_map
-        self._map: dict[str, torch.device] | None = None
-
-    def resolve(self, n_layers: int) -> None:
-        if self.device_map is None:
-            return
-        if self.device_map == "auto":
-            n_gpus = torch.cuda.device_count()
-            devices = [torch.device(f"cuda:{i}") for i in range(n_gpus)] or [self.default]
-            per = -(-n_layers // len(devices))
-            self._map = {"vision": devices[0], "projector": devices[0], "embed": devices[0]}
-            self._map |= {f"blocks.{l}": devices[l // per] for l in range(n_layers)}
-            self._map |= {"ln_final": devices[-1], "unembed": devices[-1]}
-        elif isinstance(self.device_map, dict):
-            self._map = {k: torch.device(v) for k, v in self.device_map.items()}  # "" places everything
-        else:
-            raise ValueError(f"device_map must be a dict or 'auto', not {self.device_map!r}")
-
-    def check_keys(self, names: list[str]) -> None:
-        """A device_map key that places no parameter is a typo, not a no-op."""
-        if not isinstance(self.device_map, dict):
-            return
-        unused = [k for k in self.device_map if k and not any(n == k or n.startswith(k + ".") for n in names)]
-        if unused:
-            tops = sorted({n.split(".")[0] for n in names})
-            raise ValueError(f"device_map keys {unused} name no module of the model (top-level modules: {tops}; blocks are 'blocks.N')")
-
-    def __call__(self, name: str) -> torch.device:
-        if self._map is None:
-            return self.default
-        matches = [k for k in self._map if k == "" or name == k or name.startswith(k + ".")]
-        if not matches:
-            raise ValueError(f"device_map does not place {name!r}; give a device for one of its parent modules")
-        return self._map[max(matches, key=len)]
+def _part_shape(shape: torch.Size, part: tuple[int, int, int]) -> tuple[int, ...]:
+    """The shape of chunk k of n (rows) of `target[i]`; `()` when the target cannot be so split."""
+    i, k, n = part
+    if len(shape) < 2 or not 0 <= i < shape[0] or not 0 <= k < n or shape[1] % n:
+        return ()
+    return (shape[1] // n, *shape[2:])
 
 
-def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader], dtype, placement: Placement) -> None:
-    """Read each tensor once, cast it and put it into the (meta-device) model, on its device."""
+def _badly_stacked(plan: Plan, params: dict[str, nn.Parameter]) -> set[str]:
+    """Targets filled by parts that do not cover them exactly once (or also as a whole)."""
+    parts: dict[str, list[tuple[int, int, int]]] = {}
+    for a in plan.assignments:
+        if a.part is not None and a.target in params:
+            parts.setdefault(a.target, []).append(a.part)
+    whole = {a.target for a in plan.assignments if a.part is None}
+    bad = set()
+    for target, filled in parts.items():
+        n = filled[0][2]
+        expected = {(i, k, n) for i in range(params[target].shape[0]) for k in range(n)}
+        if target in whole or len(filled) != len(set(filled)) or set(filled) != expected:
+            bad.add(target)
+    return bad
+
+
+def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader], dtype, placement: Callable[[str], torch.device]) -> None:
+    """Read each tensor once, cast it and put it into the (meta-device) model, on the device
+    `placement(name)` gives (see `weights_conversion.placement`)."""
     last: tuple[str, str, torch.Tensor] | None = None
     for a in plan.assignments:
         if last is not None and last[:2] == (a.reader, a.source):
@@ -203,6 +185,9 @@ def load_plan(plan: Plan, model: nn.Module, readers: dict[str, CheckpointReader]
             last = (a.reader, a.source, tensor)
         if a.rows is not None:
             tensor = tensor[a.rows[0] : a.rows[1]]
+        if a.part is not None:
+            _fill_part(model, a.target, a.part, tensor, dtype, placement(a.target))
+            continue
         # an independent copy: never a view into a memory-mapped shard; one tensor at a time
         _set_parameter(model, a.target, tensor.to(device=placement(a.target), dtype=dtype, copy=True))
 
@@ -222,30 +207,42 @@ def _set_parameter(model: nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(module, attr, nn.Parameter(value.reshape(old.shape).contiguous(), requires_grad=False))
 
 
+def _fill_part(model: nn.Module, name: str, part: tuple[int, int, int], tensor: torch.Tensor, dtype, device) -> None:
+    """Copy `tensor` into its part of parameter `name`, allocating the parameter (still on the
+    meta device) at its first part: the stacked parameter exists once, filled in place."""
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name) if module_name else model
+    param = getattr(module, attr)
+    if param.is_meta:
+        param = nn.Parameter(torch.empty(param.shape, dtype=dtype, device=device), requires_grad=False)
+        setattr(module, attr, param)
+    i, k, n = part
+    rows = param.shape[1] // n
+    with torch.no_grad():
+        param[i, k * rows : (k + 1) * rows].copy_(tensor.reshape(rows, *param.shape[2:]))
+
+
 def _listing(items: list[str], limit: int = 20) -> str:
     shown = ", ".join(items[:limit])
     return shown + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
 
 
-# ---------------------------------------------------------------------------------- resolving
-def resolve_directory(name_or_path: str | Path, weights: bool = True) -> Path:
-    """A local directory as is; otherwise a Hugging Face hub id, fetched (or found in the local
-    cache) with `huggingface_hub.snapshot_download`, which honours `HF_HUB_OFFLINE=1`."""
-    path = Path(os.path.expanduser(str(name_or_path)))
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise NotADirectoryError(f"{path} is a file; give the checkpoint's directory")
-    from huggingface_hub import snapshot_download
+def image_processor_config(directory: Path) -> dict | None:
+    """`preprocessor_config.json`, or the image processor nested in `processor_config.json`
+    (where transformers 5.x saves it); None when the directory has neither."""
+    config = read_json(directory / "preprocessor_config.json")
+    if config is None:
+        config = (read_json(directory / "processor_config.json") or {}).get("image_processor")
+    return config
 
-    repo_id = str(name_or_path)
-    if repo_id.count("/") != 1 or repo_id.startswith((".", "/")):
-        raise FileNotFoundError(f"{repo_id!r} is neither a local directory nor a hub id of the form 'owner/name'")
-    patterns = list(CONFIG_PATTERNS) + (["*.safetensors"] if weights else [])
-    directory = Path(snapshot_download(repo_id, allow_patterns=patterns))
-    if weights and not list(directory.glob("*.safetensors")):  # older repos ship only .bin shards
-        directory = Path(snapshot_download(repo_id, allow_patterns=list(CONFIG_PATTERNS) + ["*.bin"]))
-    return directory
+
+def load_tokenizer(directory: Path):
+    """The checkpoint's tokenizer, from its tokenizer files alone. Passing a blank config keeps
+    `AutoTokenizer` from reading config.json: an original InternVL's `auto_map` would ask to run
+    the remote code, an original LLaVA's 4.31 Llama fields would be read as a `LlavaConfig`."""
+    from transformers import AutoTokenizer, PreTrainedConfig
+
+    return AutoTokenizer.from_pretrained(directory, config=PreTrainedConfig())
 
 
 def read_json(path: Path) -> dict | None:

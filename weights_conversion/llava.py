@@ -21,7 +21,8 @@ from typing import Any
 import torch
 
 from hooked_vlm.families import llava as family
-from weights_conversion.io import CheckpointReader, Plan, read_json, resolve_directory
+from weights_conversion.hub import HubOptions, resolve_directory
+from weights_conversion.io import CheckpointReader, Plan, image_processor_config, load_tokenizer
 from weights_conversion.rules import CLIP_RULES, IGNORE, LANGUAGE_MODEL_RULES, PROJECTOR_RULES, build_plan, merge_plans
 
 RULES = LANGUAGE_MODEL_RULES + PROJECTOR_RULES + CLIP_RULES
@@ -94,6 +95,8 @@ def original_text_config(raw: dict):
     from transformers import LlamaConfig
 
     skip = {"model_type", "architectures", "auto_map", "transformers_version"}
+    if raw.get("rope_scaling", 0) is None:  # 4.31-era configs spell "no scaling" so; 5.x warns about the key
+        skip.add("rope_scaling")
     return LlamaConfig.from_dict({k: v for k, v in raw.items() if k not in skip and not k.startswith("mm_")})
 
 
@@ -137,31 +140,33 @@ def plan_llava_original(keys: list[str], clip_keys: list[str] | None, vision_blo
 
 
 # ---------------------------------------------------------------------------------- loading
-def load(directory: Path, raw_config: dict, dtype: torch.dtype, device: Any):
-    """Build a hooked LLaVA from a llava-hf or original checkpoint directory."""
+def load(directory: Path, raw_config: dict, dtype: torch.dtype, placement: Any, hub: HubOptions = HubOptions()):
+    """Build a hooked LLaVA from a llava-hf or original checkpoint directory. `hub`: how to find
+    an original checkpoint's CLIP tower (`mm_vision_tower`, a path or a hub id)."""
     from transformers import AutoConfig
 
     from weights_conversion import assemble
 
     reader = CheckpointReader.from_directory(directory)
-    processor_config = read_json(directory / "preprocessor_config.json")
+    processor_config = image_processor_config(directory)
     if is_llava_hf(raw_config):
         cfg = config_from_llava_hf(AutoConfig.from_pretrained(directory), reader.keys(), dtype)
         readers, plan = {"main": reader}, plan_llava_hf(reader.keys(), cfg.vision.n_layers)
         # llava-hf repos centre-crop; a LlavaImageProcessor with do_pad=True pads like the original
         image_mode, template = ("pad" if (processor_config or {}).get("do_pad") else "crop"), "hf"
     else:
-        clip_dir = resolve_directory(raw_config["mm_vision_tower"])
+        clip_dir = resolve_directory(raw_config["mm_vision_tower"], hub.for_another_repository())
         clip_config = AutoConfig.from_pretrained(clip_dir)
         tower_inside = any(k.startswith("model.vision_tower.") for k in reader.keys())
         clip_reader = None if tower_inside else CheckpointReader.from_directory(clip_dir)
         cfg = config_from_llava_original(raw_config, clip_config, reader.keys(), dtype)
         readers = {"main": reader, "clip": clip_reader}
         plan = plan_llava_original(reader.keys(), None if tower_inside else clip_reader.keys(), cfg.vision.n_layers)
-        processor_config = processor_config or read_json(clip_dir / "preprocessor_config.json")
+        processor_config = processor_config or image_processor_config(clip_dir)
         image_mode = "pad" if raw_config.get("image_aspect_ratio", "pad") == "pad" else "crop"
         template = "vicuna_v1"
     preprocessing = family.LlavaPreprocessing.from_processor_config(
         processor_config, cfg.vision.image_size, cfg.vision.patch_size, image_mode=image_mode, template=template
     )
-    return assemble(cfg, plan, readers, directory, preprocessing, dtype, device)
+    tokenizer = load_tokenizer(directory) if template == "vicuna_v1" else None  # llava-hf: AutoTokenizer as transformers does
+    return assemble(cfg, plan, readers, directory, preprocessing, dtype, placement, tokenizer=tokenizer)

@@ -24,6 +24,9 @@ LANGUAGE_MODEL_RULES: list[Rule] = [
     (r"language_model\.layers\.(\d+)\.self_attn\.([qkvo])_proj\.(weight|bias)", r"blocks.\1.attn.\2_proj.\3"),
     (r"language_model\.layers\.(\d+)\.self_attn\.([qk])_norm\.weight", r"blocks.\1.attn.\2_norm.weight"),
     (r"language_model\.layers\.(\d+)\.mlp\.(gate|up|down)_proj\.(weight|bias)", r"blocks.\1.mlp.\2_proj.\3"),
+    # Qwen3-MoE: the router, and the experts as transformers 5.x holds them (per-expert keys: EXPERT_KEY)
+    (r"language_model\.layers\.(\d+)\.mlp\.gate\.weight", r"blocks.\1.mlp.router.weight"),
+    (r"language_model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)", r"blocks.\1.mlp.\2"),
     (r"language_model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", IGNORE),  # recomputed
     (r"language_model\.rotary_emb\.inv_freq", IGNORE),
     (r"language_model\.norm\.weight", "ln_final.weight"),
@@ -67,6 +70,20 @@ INTERNVIT_RULES: list[Rule] = [
 ]
 
 _VISION_BLOCK = re.compile(r"^vision\.blocks\.(\d+)\.")
+# Per-expert tensors (4.x -HF and original checkpoints): stacked into the fused parameters as
+# transformers 5.x's `MergeModulelist` + `Concatenate` do (gate rows, then up rows, per expert)
+EXPERT_KEY = re.compile(r"language_model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight")
+
+
+def expert_part(key: str) -> tuple[str, tuple[int, int, int]] | None:
+    """(hooked parameter, part) of a canonical per-expert key (see `Assignment.part`), or None."""
+    m = EXPERT_KEY.fullmatch(key)
+    if m is None:
+        return None
+    layer, expert, kind = int(m.group(1)), int(m.group(2)), m.group(3)
+    if kind == "down":
+        return f"blocks.{layer}.mlp.down_proj", (expert, 0, 1)
+    return f"blocks.{layer}.mlp.gate_up_proj", (expert, 0 if kind == "gate" else 1, 2)
 
 
 def apply_rules(key: str, rules: list[Rule]) -> str | None:
@@ -88,6 +105,9 @@ def build_plan(
     InternVL read are known and ignored (the hooked tower does not build them)."""
     plan = Plan()
     for key in keys:
+        if part := expert_part(canonical(key)):
+            plan.assignments.append(Assignment(part[0], key, reader=reader, part=part[1]))
+            continue
         target = apply_rules(canonical(key), rules)
         if target is None:
             plan.unknown.append(key)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from hooked_vlm.atomic import atomic_write
+from hooked_vlm.runs import write_atomically
 from hooked_vlm.circuits.graph import Graph
 from hooked_vlm.circuits.structure import Structure, TowerShape, build_structure
 
@@ -29,7 +29,7 @@ def to_eap_json(graph: Graph, path: str | Path, *, d_model: int | None = None) -
         name = f"{graph.src_names[src]}->{graph.dst_names[dst]}"
         edges[name] = {"score": float(graph.scores[src, dst]), "in_graph": bool(graph.in_circuit[src, dst])}
     data = {"cfg": _cfg(graph, d_model), "nodes": nodes, "edges": edges}
-    return atomic_write(Path(path), lambda f: f.write(json.dumps(data).encode()))
+    return write_atomically(path, lambda tmp: tmp.write_text(json.dumps(data)))
 
 
 def from_eap_json(path: str | Path) -> Graph:
@@ -61,7 +61,7 @@ def to_eap_pt(graph: Graph, path: str | Path, *, d_model: int | None = None) -> 
     data = {"cfg": _cfg(graph, d_model), "src_nodes": list(graph.src_names), "dst_nodes": list(graph.dst_names),
             "edges_scores": graph.scores.float().clone(), "edges_in_graph": graph.in_circuit.clone(),
             "nodes_in_graph": graph.node_in_circuit.clone()}  # fmt: skip
-    return atomic_write(Path(path), lambda f: torch.save(data, f))
+    return write_atomically(path, lambda tmp: torch.save(data, tmp))
 
 
 def from_eap_pt(path: str | Path) -> Graph:
@@ -83,7 +83,7 @@ def save_graph(graph: Graph, path: str | Path) -> Path:
     data = {"format": "hooked_vlm.circuits.graph/1", "structure": graph.structure.describe(), "spans": graph.spans,
             "scores": graph.scores, "in_circuit": graph.in_circuit, "node_in_circuit": graph.node_in_circuit,
             "meta": json.dumps(graph.meta, default=str)}  # fmt: skip
-    return atomic_write(Path(path), lambda f: torch.save(data, f))
+    return write_atomically(path, lambda tmp: torch.save(data, tmp))
 
 
 def load_graph(path: str | Path) -> Graph:

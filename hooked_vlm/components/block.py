@@ -9,6 +9,7 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_vlm.components.attention import Attention, KVCache
 from hooked_vlm.components.mlp import MLP
+from hooked_vlm.components.moe import MoEMLP
 from hooked_vlm.components.norms import make_norm
 from hooked_vlm.config import TransformerConfig
 
@@ -34,7 +35,7 @@ class TransformerBlock(nn.Module):
         self.hook_resid_mid = HookPoint()
         self.hook_mlp_in = HookPoint()
         self.ln2 = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps, cfg.dtype)
-        self.mlp = MLP(cfg)
+        self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer) else MLP(cfg, cfg.d_mlp_dense if cfg.num_experts else None)
         self.hook_mlp_out = HookPoint()
         self.hook_resid_post = HookPoint()
         if cfg.layer_scale:

@@ -33,20 +33,22 @@ def activation(name: str):
 class MLP(nn.Module):
     """Hooks: `hook_pre` (the activation's input: `gate(x)` when gated, else `up(x)`),
     `hook_pre_linear` (`up(x)`, gated only), `hook_post` (what `down_proj` reads), all
-    `[batch, pos, d_mlp]`. TransformerLens views: `W_in`, `W_gate`, `W_out`, `b_in`, `b_out`."""
+    `[batch, pos, d_mlp]`. TransformerLens views: `W_in`, `W_gate`, `W_out`, `b_in`, `b_out`.
+    `d_mlp` overrides `cfg.d_mlp` (the dense layers of a mixture-of-experts stack)."""
 
-    def __init__(self, cfg: TransformerConfig):
+    def __init__(self, cfg: TransformerConfig, d_mlp: int | None = None):
         super().__init__()
         self.cfg = cfg
         self.act = activation(cfg.act_fn)
+        d_mlp = d_mlp or cfg.d_mlp
         if cfg.gated_mlp:
-            self.gate_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias, dtype=cfg.dtype)
-        self.up_proj = nn.Linear(cfg.d_model, cfg.d_mlp, bias=cfg.mlp_bias, dtype=cfg.dtype)
+            self.gate_proj = nn.Linear(cfg.d_model, d_mlp, bias=cfg.mlp_bias, dtype=cfg.dtype)
+        self.up_proj = nn.Linear(cfg.d_model, d_mlp, bias=cfg.mlp_bias, dtype=cfg.dtype)
         self.hook_pre = HookPoint()
         if cfg.gated_mlp:
             self.hook_pre_linear = HookPoint()
         self.hook_post = HookPoint()
-        self.down_proj = nn.Linear(cfg.d_mlp, cfg.d_model, bias=cfg.mlp_bias, dtype=cfg.dtype)
+        self.down_proj = nn.Linear(d_mlp, cfg.d_model, bias=cfg.mlp_bias, dtype=cfg.dtype)
 
     def forward(self, x: Float[Tensor, "batch pos d_model"]) -> Float[Tensor, "batch pos d_model"]:
         if self.cfg.gated_mlp:

@@ -1,4 +1,7 @@
-"""The paper's experiments, each a function of a model and a dataset returning a tidy DataFrame."""
+"""The paper's experiments, each a function of a model and a dataset returning a tidy DataFrame.
+
+Each describes its work as items (`hooked_vlm.runs`): called with `run=<folder>` it records its
+rows item by item, resumes after a crash and shares the items among the processes of a launch."""
 
 from hooked_vlm.experiments.attention_knockout import attention_knockout
 from hooked_vlm.experiments.cumulative_head_ablation import cumulative_head_ablation, normalised_auc

@@ -2,7 +2,8 @@
 
 An experiment is a list of `Condition`s: labels (the condition columns, equal for every query)
 and a builder that turns one batch's `inputs.layout` into hooks plus per-query columns (token
-counts). `run_conditions` runs `evaluate` once per condition and assembles one tidy table.
+counts). `conditions_work` is its work for `hooked_vlm.runs`: one item per (condition, sample),
+each batch of a condition's pending samples one `evaluate` call; its table is one tidy table.
 
 Random token choices are seeded per *sample* (`sample_seed`), not per batch, so a sample gets the
 same random tokens whatever its batch and batch size.
@@ -13,16 +14,17 @@ from __future__ import annotations
 import itertools
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from hooked_vlm import interventions as iv
-from hooked_vlm.experiments.data import Sample
-from hooked_vlm.experiments.evaluate import evaluate
+from hooked_vlm.experiments.data import Sample, batched, sample_sources
+from hooked_vlm.experiments.evaluate import MAX_NEW_TOKENS, box_format, evaluate
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.runs import Item, Work
+from hooked_vlm.runs.work import concatenated
 
 # (model, inputs, samples) -> (hooks, one dict of extra columns per sample, in sample order)
 Builder = Callable[[Any, VLMInput, list[Sample]], tuple[list, list[dict]]]
@@ -37,7 +39,8 @@ class Condition:
     build: Builder | None = None  # None: the unmodified model
 
 
-def run_conditions(
+def conditions_work(
+    name: str,
     model,
     dataset: Any,
     task: str,
@@ -45,44 +48,57 @@ def run_conditions(
     *,
     columns: Sequence[str],
     int_columns: Sequence[str] = (),
+    settings: dict[str, Any],
     desc: str,
-    progress: bool = True,
+    batch_size: int = 8,
+    limit: int | None = None,
+    finish: Callable[[pd.DataFrame], pd.DataFrame] | None = None,
     **evaluate_kwargs: Any,
-) -> pd.DataFrame:
-    """`evaluate` once per condition; the result has the evaluate columns, then `columns` (labels
-    and builder columns; missing ones are NA). `int_columns` become nullable integers."""
-    total = _n_queries(dataset, evaluate_kwargs.get("limit"))
-    bar = tqdm(total=None if total is None else total * len(conditions), desc=desc, unit="query", disable=not progress)
-    tables, evaluate_columns = [], []
-    for condition in conditions:
-        extra: list[dict] = []
+) -> Work:
+    """The work of `evaluate` under every condition: one item per (condition, sample), grouped by
+    sample (a process takes a sample under every condition). Pending samples of a condition are
+    evaluated in batches. The table has the evaluate columns, then `columns` (labels and builder
+    columns; missing ones are NA); `int_columns` become nullable integers; `finish` rewrites it."""
+    sources = sample_sources(dataset, limit)
+    items = [Item(f"{c.name}|{sample_id}", sample_id, (c, sample_id, load)) for c in conditions for sample_id, load in sources]
 
-        def intervention(model, inputs, samples, condition=condition, extra=extra):
-            hooks, stats = condition.build(model, inputs, samples) if condition.build else ([], [{}] * len(samples))
-            extra.extend(stats)
-            bar.update(len(samples))
-            return hooks
+    def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
+        for _, same_condition in itertools.groupby(pending, key=lambda item: item.payload[0].name):
+            for batch in batched(list(same_condition), batch_size):
+                condition = batch[0].payload[0]
+                rows = _evaluated(model, [item.payload[2]() for item in batch], task, condition, batch_size, evaluate_kwargs)
+                yield from ((item.key, rows[item.payload[1]]) for item in batch)
 
-        results = evaluate(
-            model, dataset, task, intervention=intervention, condition=condition.name, progress=False, **evaluate_kwargs
-        )
-        evaluate_columns = evaluate_columns or list(results.columns)
-        labels = pd.DataFrame([condition.labels] * len(results), index=results.index)
-        tables.append(pd.concat([results, labels, pd.DataFrame(extra, index=results.index)], axis=1))
-    bar.close()
-    table = pd.concat(tables, ignore_index=True)
-    table = table.reindex(columns=[c for c in evaluate_columns if c not in columns] + list(columns))
-    for column in int_columns:
-        table[column] = pd.to_numeric(table[column]).astype("Int64")
-    return table
+    def table(rows_per_item: list[list[dict]]) -> pd.DataFrame:
+        table = concatenated(rows_per_item)
+        evaluate_columns = [c for c in rows_per_item[0][0] if c not in columns]
+        table = table.reindex(columns=evaluate_columns + list(columns))
+        for column in int_columns:
+            table[column] = pd.to_numeric(table[column]).astype("Int64")
+        return finish(table) if finish else table
+
+    frame, max_new_tokens = evaluate_kwargs.get("frame"), evaluate_kwargs.get("max_new_tokens")
+    answers = {"box_format": box_format(model, frame), "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task]}
+    settings = {"task": task, **settings, "limit": limit, **answers}
+    return Work(name, items, compute, table, settings=settings, model=model, desc=desc, unit="query")
 
 
-def _n_queries(dataset: Any, limit: int | None) -> int | None:
-    try:
-        n = len(dataset)
-    except TypeError:
-        return limit
-    return n if limit is None else min(n, limit)
+def _evaluated(model, samples: list[Sample], task: str, condition: Condition, batch_size: int, kwargs) -> dict[str, list[dict]]:
+    """Each sample's rows under `condition`: `evaluate`'s, then the condition's labels and the
+    builder's per-query columns."""
+    extra: list[dict] = []
+
+    def intervention(model, inputs, samples):
+        hooks, stats = condition.build(model, inputs, samples) if condition.build else ([], [{}] * len(samples))
+        extra.extend(stats)
+        return hooks
+
+    table = evaluate(model, samples, task, intervention=intervention, condition=condition.name, batch_size=batch_size,
+                     progress=False, **kwargs)  # fmt: skip
+    rows: dict[str, list[dict]] = {}
+    for row, stats in zip(table.to_dict("records"), extra, strict=True):
+        rows.setdefault(row["sample_id"], []).append(row | condition.labels | stats)
+    return rows
 
 
 # ---------------------------------------------------------------------------------- checks

@@ -21,16 +21,18 @@ Baseline rows have NA window and padding. One row per query and condition.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import pandas as pd
 
 from hooked_vlm import interventions as iv
 from hooked_vlm.experiments._conditions import (
-    Condition, check_choices, check_ints, check_task, object_set, random_set, run_conditions, sample_rows,
+    Condition, check_choices, check_ints, check_task, conditions_work, object_set, random_set, sample_rows,
 )  # fmt: skip
 from hooked_vlm.experiments.data import Sample
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.runs import Run, execute
 
 CONTROLS = ("random",)
 GroupSize = int | Literal["all"]
@@ -50,9 +52,12 @@ def attention_knockout(
     frame=None,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """The baseline and, for every layer window, padding and target, the knocked-out model (see
-    the module docstring). `group_size`: one size, "all", or several (appendix: 1, 4, 6)."""
+    the module docstring). `group_size`: one size, "all", or several (appendix: 1, 4, 6).
+    `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
+    condition and sample)."""
     check_task(task)
     windows = layer_windows(model.cfg.text.n_layers, group_size)
     paddings = check_ints(paddings, "paddings")
@@ -70,13 +75,15 @@ def attention_knockout(
             for seed in seeds:
                 build, random_labels = _knocking_out(start, end, padding, seed), {**labels, "target": "random", "seed": seed}
                 conditions.append(Condition(f"random{name} s{seed}", random_labels, build))
-    return run_conditions(
-        model, dataset, task, conditions,
+    settings = {"windows": windows, "paddings": paddings, "controls": controls, "seeds": seeds}
+    work = conditions_work(
+        "attention_knockout", model, dataset, task, conditions,
         columns=["group_size", "layer_start", "layer_end", "layers", "target", "padding", "seed", "n_blocked"],
         int_columns=("group_size", "layer_start", "layer_end", "padding", "seed", "n_blocked"),
-        desc=f"attention knockout ({task})", progress=progress,
+        settings=settings, desc=f"attention knockout ({task})",
         batch_size=batch_size, limit=limit, frame=frame, max_new_tokens=max_new_tokens,
     )  # fmt: skip
+    return execute(work, run, progress=progress)
 
 
 def layer_windows(n_layers: int, group_size: GroupSize | Sequence[GroupSize]) -> list[tuple[int, int, int]]:

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Any, Literal, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -28,10 +30,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from hooked_vlm.boxes import Frame
-from hooked_vlm.experiments.data import as_samples, batched, empty_dataset_error
-from hooked_vlm.experiments.evaluate import Task, evaluate, queries, task_prompt
+from hooked_vlm.experiments.data import as_samples, batched, empty_dataset_error, sample_sources
+from hooked_vlm.experiments.evaluate import MAX_NEW_TOKENS, Task, box_format, evaluate, queries, task_prompt
 from hooked_vlm.experiments.head_mediation import rank_heads
 from hooked_vlm.interventions import head_ablation, mean_head_activations
+from hooked_vlm.runs import Item, Run, Work, execute
 
 DEFAULT_FRACTIONS = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
 
@@ -50,6 +53,7 @@ def cumulative_head_ablation(
     frame: Frame | None = None,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """Evaluate `task` with the top `fraction` of heads of each ranking ablated.
 
@@ -58,7 +62,9 @@ def cumulative_head_ablation(
     `low_importance_from`: the name of a ranking whose least-|score| measured heads form the control.
     `value`: "zero" (the paper), or "mean": each head's mean `z` over the prompts of `dataset`
     for `task` (real tokens, before any answer), computed once. `frame` and `max_new_tokens` are
-    `evaluate`'s (None: the model's default box frame, the task's answer length).
+    `evaluate`'s (None: the model's default box frame, the task's answer length). `run`: a run
+    directory to record the rows in and resume from (`hooked_vlm.runs`; one item per ablated model
+    and sample, the unablated model once for every ranking).
     """
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if not rankings:
@@ -68,6 +74,8 @@ def cumulative_head_ablation(
             raise ValueError(f"ranking {name!r} has shape {tuple(torch.as_tensor(scores).shape)}; expected ({n_layers}, {n_heads})")
     if not fractions or any(not 0 <= f <= 1 for f in fractions):
         raise ValueError(f"fractions must be a non-empty list in [0, 1], got {list(fractions)}")
+    if len(set(fractions)) != len(fractions):
+        raise ValueError(f"fractions repeats a value: {list(fractions)}")
     if value not in ("zero", "mean"):
         raise ValueError(f"unknown head ablation value {value!r} (expected 'zero' or 'mean')")
     orders = {name: rank_heads(scores, by="top") for name, scores in rankings.items()}
@@ -76,30 +84,69 @@ def cumulative_head_ablation(
             raise ValueError(f"low_importance_from={low_importance_from!r} is not one of the rankings {list(rankings)}")
         orders["low_importance"] = rank_heads(rankings[low_importance_from], by="least_abs")
     _check_measured_heads(orders, fractions, n_layers * n_heads)  # before any forward
+    described_value = value if value == "zero" else "the mean z of each head over the dataset's prompts"
     if value == "mean":
         value = _prompt_means(model, dataset, task, batch_size, limit)
 
-    results = []
-    baseline = None
-    for fraction in sorted(fractions):
-        n_removed = heads_to_remove(fraction, n_layers * n_heads)
-        for name, order in orders.items():
-            if n_removed == 0 and baseline is not None:  # nothing removed: one baseline serves every ranking
-                table = baseline.copy()
-            else:
-                heads = order[:n_removed]
+    steps = _steps(orders, fractions, n_layers * n_heads)
+    items = [Item(f"{step.name}|{sample_id}", sample_id, (step, sample_id, load)) for step in steps
+             for sample_id, load in sample_sources(dataset, limit)]  # fmt: skip
 
-                def intervention(model, inputs, samples, heads=heads):
+    def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
+        for _, same_step in itertools.groupby(pending, key=lambda item: item.payload[0].name):
+            for batch in batched(list(same_step), batch_size):
+                step = batch[0].payload[0]
+
+                def intervention(model, inputs, samples, heads=step.heads):
                     return head_ablation(model, heads, value) if heads else []
 
                 table = evaluate(
-                    model, dataset, task, intervention=intervention, condition=f"{name}@{fraction:g}",
-                    batch_size=batch_size, limit=limit, frame=frame, max_new_tokens=max_new_tokens, progress=progress,
+                    model, [item.payload[2]() for item in batch], task, intervention=intervention, condition=step.name,
+                    batch_size=batch_size, frame=frame, max_new_tokens=max_new_tokens, progress=False,
                 )  # fmt: skip
-                if n_removed == 0:
-                    baseline = table
-            results.append(table.assign(ranking=name, fraction=fraction, n_heads_removed=n_removed, condition=f"{name}@{fraction:g}"))
-    return pd.concat(results, ignore_index=True)
+                rows = table.to_dict("records")
+                for item in batch:
+                    answers = [row for row in rows if row["sample_id"] == item.payload[1]]
+                    yield item.key, [row | labels for labels in step.labels for row in answers]
+
+    order = {(labels["ranking"], labels["fraction"]): i for i, labels in enumerate(l for step in steps for l in step.labels)}
+
+    def table(rows_per_item: list[list[dict]]) -> pd.DataFrame:  # by fraction, then ranking (sorts are stable)
+        rows = sorted((row for rows in rows_per_item for row in rows), key=lambda row: order[row["ranking"], row["fraction"]])
+        return pd.DataFrame(rows)
+
+    settings = {
+        "task": task, "rankings": dict(rankings), "fractions": sorted(fractions), "low_importance_from": low_importance_from,
+        "value": described_value, "limit": limit, "box_format": box_format(model, frame),
+        "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task],
+    }  # fmt: skip
+    work = Work("cumulative_head_ablation", items, compute, table, settings=settings, model=model,
+                desc=f"cumulative head ablation ({task})", unit="query")  # fmt: skip
+    return execute(work, run, progress=progress)
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One ablated model: `heads` removed, answering for every (ranking, fraction) in `labels`
+    (nothing removed answers for every fraction-0 condition at once)."""
+
+    name: str
+    heads: tuple[tuple[int, int], ...]
+    labels: tuple[dict, ...]
+
+
+def _steps(orders: Mapping[str, list], fractions: Sequence[float], n_heads: int) -> list[_Step]:
+    """Fractions in increasing order, each with every ranking; the unablated model first, once."""
+    unablated, steps = [], []
+    for fraction in sorted(fractions):
+        n_removed = heads_to_remove(fraction, n_heads)
+        for name, order in orders.items():
+            labels = {"condition": f"{name}@{fraction:g}", "ranking": name, "fraction": fraction, "n_heads_removed": n_removed}
+            if n_removed == 0:
+                unablated.append(labels)
+            else:
+                steps.append(_Step(labels["condition"], tuple(order[:n_removed]), (labels,)))
+    return ([_Step("unablated", (), tuple(unablated))] if unablated else []) + steps
 
 
 def heads_to_remove(fraction: float, n_heads: int) -> int:

@@ -4,11 +4,13 @@ A `Sample` is one queried object: the image, the object's class, box (checked at
 to lie inside the image) and mask, the classes the list prompt offers, and (when there is one)
 the image with the object removed — the source/base pair of causal mediation. `as_samples`
 adapts the synthetic dataset, a filtered COCO subset, a list of COCO object-removed pairs, or a
-list of samples; images are loaded one sample at a time.
+list of samples; images are loaded one sample at a time. `sample_sources` gives each sample's id
+with a loader, so that a resumed run (`hooked_vlm.runs`) loads only the samples it still needs.
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator
 
@@ -49,40 +51,70 @@ class Sample:
 def as_samples(dataset: Any, *, choices: Iterable[str] | None = None) -> Iterator[Sample]:
     """Samples from a `SyntheticLocalization`, a `CocoSubset`, a list of `ObjectRemovedPair`, or
     samples. `choices` overrides the list prompt's classes (default: every class of the dataset)."""
+    for _, load in iter_sources(dataset, choices=choices):
+        yield load()
+
+
+def sample_sources(dataset: Any, limit: int | None = None) -> list[tuple[str, Callable[[], Sample]]]:
+    """(sample id, loader) of the first `limit` samples, without loading any image: a resumed run
+    loads only the samples it still needs. An empty dataset is an error."""
+    sources = list(itertools.islice(iter_sources(dataset), limit))
+    if not sources:
+        raise empty_dataset_error()
+    return sources
+
+
+def iter_sources(dataset: Any, *, choices: Iterable[str] | None = None) -> Iterator[tuple[str, Callable[[], Sample]]]:
     from hooked_vlm.data.coco import CocoItem, ObjectRemovedPair
-    from hooked_vlm.data.synthetic import SyntheticItem
+    from hooked_vlm.data.synthetic import SyntheticItem, SyntheticLocalization
 
     dataset_choices = tuple(choices) if choices is not None else _dataset_classes(dataset)
+    if isinstance(dataset, SyntheticLocalization):  # ids without rendering: a scene is drawn when loaded
+        for index in range(len(dataset)):
+            yield f"{dataset.split}-{index}", lambda index=index: _synthetic_sample(dataset[index], choices, dataset_choices)
+        return
     for item in dataset:
         if isinstance(item, Sample):
-            yield item
+            yield item.id, lambda item=item: item
         elif isinstance(item, SyntheticItem):
-            yield Sample(
-                id=f"{item.split}-{item.index}",
-                image=item.image,
-                class_name=item.class_name,
-                box=item.box,
-                mask_fn=lambda item=item: item.mask,
-                choices=tuple(choices) if choices is not None else (item.list_choices or dataset_choices),
-                removed_image=item.removed_image,
-            )
+            yield f"{item.split}-{item.index}", lambda item=item: _synthetic_sample(item, choices, dataset_choices)
         elif isinstance(item, (CocoItem, ObjectRemovedPair)):
             coco = item if isinstance(item, CocoItem) else item.item
-            removed = None
-            if isinstance(item, ObjectRemovedPair):
-                with Image.open(item.removed_image_path) as image:
-                    removed = image.convert("RGB")
-            yield Sample(
-                id=f"coco-{coco.annotation_id}",
-                image=coco.load_image(),
-                class_name=coco.class_name,
-                box=coco.box,
-                mask_fn=coco.mask,
-                choices=dataset_choices,
-                removed_image=removed,
-            )
+            yield f"coco-{coco.annotation_id}", lambda item=item, c=dataset_choices: _coco_sample(item, c)
         else:
             raise TypeError(f"cannot make a sample of a {type(item).__name__}")
+
+
+def _synthetic_sample(item, choices: Iterable[str] | None, dataset_choices: tuple[str, ...]) -> Sample:
+    choices = tuple(choices) if choices is not None else (item.list_choices or dataset_choices)
+    return Sample(
+        id=f"{item.split}-{item.index}",
+        image=item.image,
+        class_name=item.class_name,
+        box=item.box,
+        mask_fn=lambda item=item: item.mask,
+        choices=choices,
+        removed_image=item.removed_image,
+    )
+
+
+def _coco_sample(item, choices: tuple[str, ...]) -> Sample:
+    from hooked_vlm.data.coco import CocoItem
+
+    coco = item if isinstance(item, CocoItem) else item.item
+    removed = None
+    if not isinstance(item, CocoItem):
+        with Image.open(item.removed_image_path) as image:
+            removed = image.convert("RGB")
+    return Sample(
+        id=f"coco-{coco.annotation_id}",
+        image=coco.load_image(),
+        class_name=coco.class_name,
+        box=coco.box,
+        mask_fn=coco.mask,
+        choices=choices,
+        removed_image=removed,
+    )
 
 
 def _dataset_classes(dataset: Any) -> tuple[str, ...]:

@@ -14,16 +14,16 @@ Output columns (one row per query):
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, Callable, Iterable, Literal, Sequence
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from hooked_vlm.boxes import Frame
 from hooked_vlm.data.prompts import binary_prompt, list_prompt, localization_prompt
-from hooked_vlm.experiments.data import Sample, as_samples, batched, empty_dataset_error
+from hooked_vlm.experiments.data import Sample, batched, sample_sources
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.runs import Item, Run, Work, execute
 from hooked_vlm.scoring import binary_answer, classification_correct, score_localization_answer
 
 Task = Literal["localization", "list", "binary"]
@@ -76,30 +76,44 @@ def evaluate(
     frame: Frame | None = None,
     limit: int | None = None,
     progress: bool = True,
+    run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """Greedy answers of `model` on every sample of `dataset` for `task`, scored (see the module
     docstring for the columns). `intervention` adds hooks built from each batch's inputs. An empty
-    dataset raises ValueError."""
+    dataset raises ValueError. `run`: a run directory to record the rows in and resume from
+    (`hooked_vlm.runs`; one item per sample, its one or two queries)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     boxes = box_format(model, frame)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
-    samples = itertools.islice(as_samples(dataset), limit)
-    rows: list[dict] = []
-    bar = tqdm(desc=f"{task} [{condition}]", unit="query", disable=not progress)
-    for batch in batched(queries(samples, task), batch_size):
-        images = [image for _, image, _ in batch]
-        prompts = [task_prompt(task, sample) for sample, _, _ in batch]
-        inputs = model.prepare(images, prompts)
-        hooks = intervention(model, inputs, [s for s, _, _ in batch]) if intervention else []
-        responses = model.generate(inputs, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
-        for (sample, image, kind), prompt, response in zip(batch, prompts, responses):
-            rows.append(_score(task, sample, kind, prompt, response, boxes) | {"condition": condition})
-        bar.update(len(batch))
-    bar.close()
-    if not rows:
-        raise empty_dataset_error()
-    return pd.DataFrame(rows)
+    items = [Item(sample_id, sample_id, load) for sample_id, load in sample_sources(dataset, limit)]
+
+    def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
+        answered: dict[str, list[dict]] = {}
+        for batch in batched(_queries(pending, task), batch_size):  # binary: a sample's two queries
+            images = [image for _, _, image, _, _ in batch]
+            prompts = [task_prompt(task, sample) for _, sample, _, _, _ in batch]
+            inputs = model.prepare(images, prompts)
+            hooks = intervention(model, inputs, [s for _, s, _, _, _ in batch]) if intervention else []
+            responses = model.generate(inputs, max_new_tokens=max_new_tokens, fwd_hooks=hooks)
+            for (key, sample, _, kind, last), prompt, response in zip(batch, prompts, responses):
+                row = _score(task, sample, kind, prompt, response, boxes) | {"condition": condition}
+                answered.setdefault(key, []).append(row)
+                if last:
+                    yield key, answered.pop(key)
+
+    settings = {"task": task, "condition": condition, "intervention": intervention, "max_new_tokens": max_new_tokens,
+                "box_format": boxes, "limit": limit}  # fmt: skip
+    work = Work("evaluate", items, compute, settings=settings, model=model, desc=f"{task} [{condition}]", unit="sample")
+    return execute(work, run, progress=progress)
+
+
+def _queries(items: list[Item], task: Task):
+    """(key, sample, image, kind, last query of the sample) of each item's samples' queries."""
+    for item in items:
+        asked = list(queries([item.payload()], task))
+        for index, (sample, image, kind) in enumerate(asked):
+            yield item.key, sample, image, kind, index == len(asked) - 1
 
 
 def queries(samples: Iterable[Sample], task: Task):

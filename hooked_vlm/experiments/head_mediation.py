@@ -32,22 +32,22 @@ answer is used when it is correct, else the ground truth).
 
 from __future__ import annotations
 
-import itertools
-from typing import Any, Literal
+from pathlib import Path
+from typing import Any, Iterator, Literal
 
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from hooked_vlm.data.prompts import YES, binary_prompt, localization_answer, localization_prompt
-from hooked_vlm.experiments.data import Sample, as_samples, empty_dataset_error
+from hooked_vlm.experiments.data import Sample, sample_sources
 from hooked_vlm.boxes import Frame
 from hooked_vlm.experiments.evaluate import box_format
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.metrics import mediation_fraction, scored_tokens
 from hooked_vlm.patching import answer_nll_metric, head_attribution, head_patching_sweep
+from hooked_vlm.runs import Item, Run, Work, execute
 from hooked_vlm.scoring import binary_answer, score_localization_answer
 
 Task = Literal["localization", "binary"]
@@ -68,6 +68,7 @@ def head_mediation(
     min_effect: float = 0.01,
     limit: int | None = None,
     progress: bool = True,
+    run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """Mediation fraction of every language-model head on every pair (see the module docstring).
 
@@ -82,6 +83,8 @@ def head_mediation(
     with "answer": its one scored token is predicted before the answer) is an error.
     `frame`: the box frame of the localization target and of scoring the source's greedy answer
     (None: `default_frame(model)`, as in `evaluate`); `max_new_tokens` bounds that greedy answer.
+    `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
+    pair, its rows for every head).
     """
     if task not in ("localization", "binary"):
         raise ValueError(f"head mediation supports task 'localization' or 'binary', got {task!r}")
@@ -89,41 +92,52 @@ def head_mediation(
         raise ValueError(f"unknown method {method!r} (expected 'exact' or 'attribution')")
     if positions not in ("prompt", "answer", "prompt+answer"):
         raise ValueError(f"unknown positions {positions!r} (expected 'prompt', 'answer' or 'prompt+answer')")
-    rows = []
-    samples = list(itertools.islice(as_samples(pairs), limit))
-    if not samples:
-        raise empty_dataset_error()
-    for sample in tqdm(samples, desc=f"head mediation ({method})", disable=not progress):
-        prompt = pair_prompt(sample, task)
-        answer, answer_source = _target_answer(model, sample, task, prompt, target, max_new_tokens, frame)
-        source = model.prepare(sample.image, prompt, answers=answer)
-        base = model.prepare(sample.removed_image, prompt, answers=answer)
-        mask = _scored_mask(model, base, task)
-        patched_positions = _positions(base, positions)
-        unreached = unreachable_layers(model.cfg.n_layers, patched_positions, mask)
-        if unreached.all():
-            raise ValueError(f"with positions={positions!r} no head's patch reaches a scored token of the answer {answer!r}")
-        nll_base, nll_src = (_nll(model, inputs, mask) for inputs in (base, source))
-        metric = answer_nll_metric(base, token_mask=mask)
-        if method == "exact":
-            heads = [(layer, head) for layer in torch.nonzero(~unreached).flatten().tolist() for head in range(model.cfg.n_heads)]
-            nll_patched = head_patching_sweep(model, base, source, metric, patched_positions, heads=heads, batch_size=batch_size)
-        else:
-            scores = head_attribution(model, base, source, metric, patched_positions, towers=("language",))
-            nll_patched = nll_base + scores["language"].double()
-        nll_patched[unreached] = nll_base.double()  # the patch cannot change the score
-        p_base, p_src, p_patched = nll_base.exp(), nll_src.exp(), nll_patched.exp()
-        mf = mediation_fraction(p_base, p_patched, p_src, min_effect=min_effect)
-        mf[unreached] = float("nan")  # not measured: 0 by construction says nothing about the head
-        for layer in range(model.cfg.n_layers):
-            for head in range(model.cfg.n_heads):
-                rows.append(
-                    {"pair_id": sample.id, "class_name": sample.class_name, "layer": layer, "head": head,
-                     "mf": float(mf[layer, head]), "p_base": float(p_base), "p_src": float(p_src),
-                     "p_patched": float(p_patched[layer, head]), "method": method, "task": task,
-                     "positions": positions, "target": answer, "target_source": answer_source}
-                )  # fmt: skip
-    return pd.DataFrame(rows)
+    items = [Item(pair_id, pair_id, load) for pair_id, load in sample_sources(pairs, limit)]
+
+    def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
+        for item in pending:
+            yield item.key, _pair_rows(model, item.payload(), task, positions, target, method, batch_size, max_new_tokens,
+                                       frame, min_effect)  # fmt: skip
+
+    settings = {"task": task, "positions": positions, "target": target, "method": method, "max_new_tokens": max_new_tokens,
+                "box_format": box_format(model, frame), "min_effect": min_effect, "limit": limit}  # fmt: skip
+    work = Work("head_mediation", items, compute, settings=settings, model=model, desc=f"head mediation ({method})", unit="pair")
+    return execute(work, run, progress=progress)
+
+
+def _pair_rows(
+    model, sample: Sample, task: Task, positions: Positions, target: str, method: str, batch_size: int, max_new_tokens: int,
+    frame: Frame | None, min_effect: float,
+) -> list[dict]:
+    """One row per head: the mediation fractions of one source/base pair."""
+    prompt = pair_prompt(sample, task)
+    answer, answer_source = _target_answer(model, sample, task, prompt, target, max_new_tokens, frame)
+    source = model.prepare(sample.image, prompt, answers=answer)
+    base = model.prepare(sample.removed_image, prompt, answers=answer)
+    mask = _scored_mask(model, base, task)
+    patched_positions = _positions(base, positions)
+    unreached = unreachable_layers(model.cfg.n_layers, patched_positions, mask)
+    if unreached.all():
+        raise ValueError(f"with positions={positions!r} no head's patch reaches a scored token of the answer {answer!r}")
+    nll_base, nll_src = (_nll(model, inputs, mask) for inputs in (base, source))
+    metric = answer_nll_metric(base, token_mask=mask)
+    if method == "exact":
+        heads = [(layer, head) for layer in torch.nonzero(~unreached).flatten().tolist() for head in range(model.cfg.n_heads)]
+        nll_patched = head_patching_sweep(model, base, source, metric, patched_positions, heads=heads, batch_size=batch_size)
+    else:
+        scores = head_attribution(model, base, source, metric, patched_positions, towers=("language",))
+        nll_patched = nll_base + scores["language"].double()
+    nll_patched[unreached] = nll_base.double()  # the patch cannot change the score
+    p_base, p_src, p_patched = nll_base.exp(), nll_src.exp(), nll_patched.exp()
+    mf = mediation_fraction(p_base, p_patched, p_src, min_effect=min_effect)
+    mf[unreached] = float("nan")  # not measured: 0 by construction says nothing about the head
+    return [
+        {"pair_id": sample.id, "class_name": sample.class_name, "layer": layer, "head": head,
+         "mf": float(mf[layer, head]), "p_base": float(p_base), "p_src": float(p_src),
+         "p_patched": float(p_patched[layer, head]), "method": method, "task": task,
+         "positions": positions, "target": answer, "target_source": answer_source}
+        for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)
+    ]  # fmt: skip
 
 
 def mediation_map(results: pd.DataFrame) -> Float[Tensor, "layer head"]:

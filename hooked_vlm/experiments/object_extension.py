@@ -23,6 +23,7 @@ Figure 1's p x s matrix.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import numpy as np
@@ -31,10 +32,11 @@ import pandas as pd
 from hooked_vlm import interventions as iv
 from hooked_vlm.boxes import Box, ImageSize, clip_box, iou
 from hooked_vlm.experiments._conditions import (
-    Condition, check_ints, check_views, per_sample_hooks, run_conditions, sample_rows,
+    Condition, check_ints, check_views, conditions_work, per_sample_hooks, sample_rows,
 )  # fmt: skip
 from hooked_vlm.experiments.data import Sample
 from hooked_vlm.inputs import ViewGeometry, VLMInput
+from hooked_vlm.runs import Run, execute
 from hooked_vlm.scoring import DEFAULT_THRESHOLDS, hit_column, is_hit, localization_score
 
 CONDITION_COLUMNS = ["padding", "seed", "gt_scale", "views", "n_extended", "token_width", "token_height"]
@@ -54,9 +56,12 @@ def object_extension(
     frame=None,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """Localization under object extension by each padding and seed, scored against each GT
-    scale (see the module docstring). `views` extends only InternVL's thumbnail or tiles."""
+    scale (see the module docstring). `views` extends only InternVL's thumbnail or tiles.
+    `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
+    condition and sample, its answer scored against every GT scale when the table is made)."""
     check_views(model, views)
     paddings = check_ints(paddings, "paddings", minimum=0)
     gt_scales = check_ints(gt_scales, "gt_scales", minimum=0)
@@ -71,12 +76,18 @@ def object_extension(
             name = "baseline" if padding == 0 else f"extend+{padding} s{seed}"
             labels = {"padding": padding, "seed": seed, "views": views}
             conditions.append(Condition(name, labels, _extending(padding, seed, views, scale_view)))
-    results = run_conditions(
-        model, dataset, "localization", conditions,
+    work = conditions_work(
+        "object_extension", model, dataset, "localization", conditions,
         columns=[c for c in CONDITION_COLUMNS if c != "gt_scale"], int_columns=("padding", "seed", "n_extended"),
-        desc="object extension", progress=progress,
-        batch_size=batch_size, limit=limit, frame=frame, max_new_tokens=max_new_tokens,
+        settings={"paddings": paddings, "gt_scales": gt_scales, "seeds": seeds, "views": views, "scale_view": scale_view},
+        desc="object extension", batch_size=batch_size, limit=limit, frame=frame, max_new_tokens=max_new_tokens,
+        finish=lambda results: _scored(results, gt_scales),
     )  # fmt: skip
+    return execute(work, run, progress=progress)
+
+
+def _scored(results: pd.DataFrame, gt_scales: list[int]) -> pd.DataFrame:
+    """Every row scored against each GT scale, in (padding, seed, sample, scale) order."""
     table = pd.concat([score_against_enlarged(results, scale) for scale in gt_scales], ignore_index=True)
     table = table.sort_values(["padding", "seed", "sample_id", "gt_scale"], kind="stable", ignore_index=True)
     evaluate_columns = [c for c in results.columns if c not in CONDITION_COLUMNS]

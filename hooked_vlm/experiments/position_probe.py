@@ -10,7 +10,9 @@ projector), `hook`, `axis` ("row" | "col"), `accuracy` (held-out), `n_train`, `n
 
 from __future__ import annotations
 
-from typing import Any
+import zlib
+from pathlib import Path
+from typing import Any, Iterator
 
 import pandas as pd
 import torch
@@ -18,8 +20,9 @@ from jaxtyping import Float, Int
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_vlm.experiments.data import as_samples, batched, empty_dataset_error
+from hooked_vlm.experiments.data import as_samples, batched, empty_dataset_error, sample_sources
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.runs import Item, Run, Work, describe_ids, execute
 
 PROBE_PROMPT = "Describe the image."
 
@@ -43,6 +46,7 @@ def position_probe(
     lr: float = 1e-2,
     seed: int = 0,
     progress: bool = True,
+    run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """Row/column decodability of image tokens at every layer (see the module docstring).
 
@@ -51,30 +55,43 @@ def position_probe(
     (site, axis) is trained with Adam for `epochs` passes and scored on the test set. Vision-tower
     positions are the patch grid (CLS excluded); projector and language-model positions are the
     layout's (row, col) within each view. The token draws, the probes' initial weights and their
-    minibatch order come from one generator seeded with `seed`: the result depends on the seed
-    only, and the global random state is left untouched.
+    minibatch order come from one generator per site seeded with `seed` and the site: the result
+    depends on the seed only, and the global random state is left untouched. `run`: a run
+    directory to record the rows in and resume from (`hooked_vlm.runs`; one item per site, both
+    axes; the features of the pending sites are gathered in one pass first, so a process of a
+    launch runs every image through the model for its own sites).
     """
-    generator = torch.Generator().manual_seed(seed)
-    sites = probe_sites(model)
-    train = _gather(model, train_dataset, sites, tokens_per_image, batch_size, generator, progress, "train")
-    test = _gather(model, test_dataset, sites, tokens_per_image, batch_size, generator, progress, "test")
-    rows = []
-    for section, layer, hook in tqdm(sites, desc="probes", disable=not progress):
-        for axis_index, axis in enumerate(("row", "col")):
-            x_train, y_train = train[hook]
-            x_test, y_test = test[hook]
-            n_classes = int(max(y_train[:, axis_index].max(), y_test[:, axis_index].max())) + 1
-            probe = _fit(x_train, y_train[:, axis_index], n_classes, epochs, lr, generator)
-            accuracy = (probe(x_test).argmax(-1) == y_test[:, axis_index]).float().mean().item()
-            rows.append(
-                {"section": section, "layer": layer, "hook": hook, "axis": axis, "accuracy": accuracy,
-                 "n_train": len(y_train), "n_test": len(y_test), "chance": 1 / n_classes}
-            )  # fmt: skip
-    return pd.DataFrame(rows)
+    train_ids, test_ids = ([sample_id for sample_id, _ in sample_sources(data)] for data in (train_dataset, test_dataset))
+    items = [Item(hook, hook, (section, layer, hook)) for section, layer, hook in probe_sites(model)]
+
+    def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
+        sites = [item.payload for item in pending]
+        # one generator per site, so a site's probe does not depend on which others are computed with it
+        generators = {hook: torch.Generator().manual_seed(zlib.crc32(f"{seed}/{hook}".encode())) for _, _, hook in sites}
+        train = _gather(model, train_dataset, sites, tokens_per_image, batch_size, generators, progress, "train")
+        test = _gather(model, test_dataset, sites, tokens_per_image, batch_size, generators, progress, "test")
+        for section, layer, hook in sites:
+            rows = []
+            for axis_index, axis in enumerate(("row", "col")):
+                x_train, y_train = train[hook]
+                x_test, y_test = test[hook]
+                n_classes = int(max(y_train[:, axis_index].max(), y_test[:, axis_index].max())) + 1
+                probe = _fit(x_train, y_train[:, axis_index], n_classes, epochs, lr, generators[hook])
+                accuracy = (probe(x_test).argmax(-1) == y_test[:, axis_index]).float().mean().item()
+                rows.append(
+                    {"section": section, "layer": layer, "hook": hook, "axis": axis, "accuracy": accuracy,
+                     "n_train": len(y_train), "n_test": len(y_test), "chance": 1 / n_classes}
+                )  # fmt: skip
+            yield hook, rows
+
+    settings = {"epochs": epochs, "tokens_per_image": tokens_per_image, "lr": lr, "seed": seed,
+                "train": describe_ids(train_ids), "test": describe_ids(test_ids)}  # fmt: skip
+    work = Work("position_probe", items, compute, settings=settings, model=model, desc="probes", unit="site")
+    return execute(work, run, progress=progress)
 
 
 @torch.no_grad()
-def _gather(model, dataset, sites, tokens_per_image, batch_size, generator, progress, split) -> dict[str, tuple[Tensor, Tensor]]:
+def _gather(model, dataset, sites, tokens_per_image, batch_size, generators, progress, split) -> dict[str, tuple[Tensor, Tensor]]:
     """Per hook: features `[n, d]` (float32, CPU) and labels `[n, 2]` (row, col)."""
     names = {hook for _, _, hook in sites}
     features: dict[str, list[Tensor]] = {hook: [] for hook in names}
@@ -84,7 +101,7 @@ def _gather(model, dataset, sites, tokens_per_image, batch_size, generator, prog
         _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in names, device="cpu")
         for section, _, hook in sites:
             x, y, views = (_vision_tokens if section == "vision" else _image_tokens)(model, inputs, cache[hook], section)
-            keep = _subsample(views, tokens_per_image, generator)
+            keep = _subsample(views, tokens_per_image, generators[hook])
             features[hook].append(x[keep].float())
             labels[hook].append(y[keep])
     if not any(labels.values()):

@@ -38,12 +38,13 @@ from torch import Tensor
 
 from hooked_vlm import interventions as iv
 from hooked_vlm.experiments._conditions import (
-    Condition, check_choices, check_ints, check_task, check_views, count_columns, object_set, random_set,
-    run_conditions, sample_rows, sample_seed, token_counts,
+    Condition, check_choices, check_ints, check_task, check_views, conditions_work, count_columns, object_set,
+    random_set, sample_rows, sample_seed, token_counts,
 )  # fmt: skip
 from hooked_vlm.experiments.attribution import Rank, integrated_gradients, teacher_forced_inputs, top_attributed
 from hooked_vlm.experiments.data import Sample, as_samples, empty_dataset_error
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.runs import Run, execute
 
 STRATEGIES = ("object", "random", "register", "ig")
 FILLS = ("mean", "zero", "noise")
@@ -71,6 +72,7 @@ def token_ablation(
     frame=None,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """The baseline and every ablation condition on `dataset` (see the module docstring).
 
@@ -82,7 +84,8 @@ def token_ablation(
     batch), or a `MeanEmbedding`.
     `ig_baseline` is IG's reference input: the same mean vector, or zero. `views` restricts
     every token set to InternVL's thumbnail ("global") or tiles ("local"); `n_image_tokens`
-    still counts every view.
+    still counts every view. `run`: a run directory to record the rows in and resume from
+    (`hooked_vlm.runs`; one item per condition and sample).
     """
     check_task(task)
     check_views(model, views)
@@ -97,6 +100,7 @@ def token_ablation(
         raise ValueError(f"unknown fill {fill!r}; expected one of {FILLS} or a MeanEmbedding")
     fill_label = "mean" if isinstance(fill, iv.MeanEmbedding) else fill
     needs_mean = fill_label == "mean" or ("ig" in strategies and ig_baseline == "mean")
+    mean_given = mean is not None or isinstance(fill, iv.MeanEmbedding)
     mean = _resolve_mean(model, dataset, fill, mean, needs_mean, limit, batch_size, progress)
     value = mean if fill_label == "mean" else fill
 
@@ -123,13 +127,19 @@ def token_ablation(
             select = _top_attributed(attributions, fraction, views, ig_rank)
             conditions.append(Condition(f"ig {100 * fraction:g}%", labels, _ablating(value, select)))
     counts = count_columns(model, "ablated")
-    return run_conditions(
-        model, dataset, task, conditions,
+    settings = {
+        "strategies": strategies, "paddings": paddings, "fractions": fractions, "seeds": seeds, "views": views,
+        "fill": fill_label, "mean": mean if mean_given else ("the dataset's images" if needs_mean else None),
+        "ig_steps": ig_steps, "ig_baseline": ig_baseline, "ig_rank": ig_rank, "register_sd": register_sd,
+    }  # fmt: skip
+    work = conditions_work(
+        "token_ablation", model, dataset, task, conditions,
         columns=["strategy", "padding", "fraction", "seed", "views", "fill", *counts],
         int_columns=["padding", "seed", *(c for c in counts if c.startswith("n_"))],
-        desc=f"token ablation ({task})", progress=progress,
+        settings=settings, desc=f"token ablation ({task})",
         batch_size=batch_size, limit=limit, frame=frame, max_new_tokens=max_new_tokens,
     )  # fmt: skip
+    return execute(work, run, progress=progress)
 
 
 # ---------------------------------------------------------------------------------- token sets

@@ -16,17 +16,19 @@ shuffled set). One row per query and condition.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal, Sequence
 
 import pandas as pd
 
 from hooked_vlm import interventions as iv
 from hooked_vlm.experiments._conditions import (
-    Condition, check_choices, check_ints, check_task, object_set, only_row, per_sample_hooks, run_conditions,
+    Condition, check_choices, check_ints, check_task, conditions_work, object_set, only_row, per_sample_hooks,
     sample_rows,
 )  # fmt: skip
 from hooked_vlm.experiments.data import Sample
 from hooked_vlm.inputs import VLMInput
+from hooked_vlm.runs import Run, execute
 
 MODES = ("full", "object")
 
@@ -43,8 +45,11 @@ def token_shuffle(
     frame=None,
     max_new_tokens: int | None = None,
     progress: bool = True,
+    run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
-    """The baseline and each (mode, seed) shuffle on `dataset` (see the module docstring)."""
+    """The baseline and each (mode, seed) shuffle on `dataset` (see the module docstring).
+    `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
+    condition and sample)."""
     check_task(task)
     modes = check_choices(modes, MODES, "shuffle modes")
     seeds = check_ints(seeds, "seeds")
@@ -52,11 +57,12 @@ def token_shuffle(
     for mode in modes:
         for seed in seeds:
             conditions.append(Condition(f"{mode} s{seed}", {"mode": mode, "seed": seed}, _shuffling(mode, seed)))
-    return run_conditions(
-        model, dataset, task, conditions, columns=["mode", "seed", "n_shuffled"], int_columns=("seed", "n_shuffled"),
-        desc=f"token shuffle ({task})", progress=progress, batch_size=batch_size, limit=limit, frame=frame,
-        max_new_tokens=max_new_tokens,
+    work = conditions_work(
+        "token_shuffle", model, dataset, task, conditions, columns=["mode", "seed", "n_shuffled"],
+        int_columns=("seed", "n_shuffled"), settings={"modes": modes, "seeds": seeds}, desc=f"token shuffle ({task})",
+        batch_size=batch_size, limit=limit, frame=frame, max_new_tokens=max_new_tokens,
     )  # fmt: skip
+    return execute(work, run, progress=progress)
 
 
 def _shuffling(mode: str, seed: int):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -14,18 +15,23 @@ from hooked_vlm.inputs import ImageLayout, ViewGeometry, VLMInput, position_ids_
 
 
 def text_config_from_hf(hf: Any, dtype: torch.dtype = torch.float32) -> TransformerConfig:
-    """A Llama or Qwen3 text config (transformers 5.x object) in TransformerLens terms."""
+    """A Llama, Qwen3 or Qwen3-MoE text config (transformers 5.x object) in TransformerLens terms."""
+    model_type = getattr(hf, "model_type", "")
+    if model_type == "gpt_oss":
+        raise NotImplementedError(
+            "language model type 'gpt_oss' (InternVL3_5-GPT-OSS-20B-A4B-Preview) is not supported: its attention "
+            "sinks, alternating sliding-window attention and biased, clamped-SwiGLU experts are not implemented"
+        )
+    if model_type not in ("llama", "qwen3", "qwen3_moe"):
+        raise NotImplementedError(f"language model type {model_type!r} is not supported (llama, qwen3, qwen3_moe)")
     rope = getattr(hf, "rope_parameters", None) or {}
     rope_type = rope.get("rope_type", "default")
     if rope_type != "default":
         raise NotImplementedError(f"rope_type {rope_type!r} is not supported (only the default RoPE)")
     if getattr(hf, "use_sliding_window", False):
         raise NotImplementedError("sliding-window attention is not supported")
-    model_type = getattr(hf, "model_type", "")
-    if model_type not in ("llama", "qwen3"):
-        raise NotImplementedError(f"language model type {model_type!r} is not supported (llama, qwen3)")
     n_heads = hf.num_attention_heads
-    return TransformerConfig(
+    fields = dict(
         n_layers=hf.num_hidden_layers,
         d_model=hf.hidden_size,
         n_heads=n_heads,
@@ -39,13 +45,45 @@ def text_config_from_hf(hf: Any, dtype: torch.dtype = torch.float32) -> Transfor
         attn_bias=bool(getattr(hf, "attention_bias", False)),
         attn_out_bias=bool(getattr(hf, "attention_bias", False)),
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        qk_norm="head" if model_type == "qwen3" else None,
+        qk_norm="head" if model_type in ("qwen3", "qwen3_moe") else None,
         qk_norm_eps=hf.rms_norm_eps,
         positional_embedding_type="rotary",
         rotary_base=float(rope.get("rope_theta", 10000.0)),
         causal=True,
         d_vocab=hf.vocab_size,
         dtype=dtype,
+    )
+    if model_type == "qwen3_moe":
+        fields |= _qwen3_moe_fields(hf)
+    return TransformerConfig(**fields)
+
+
+def _qwen3_moe_fields(hf: Any) -> dict:
+    """Qwen3-MoE's experts. A layer is dense when listed in `mlp_only_layers` or off the
+    `decoder_sparse_step` grid (`(layer + 1) % step`), as `Qwen3MoeDecoderLayer` decides; its MLP
+    is `intermediate_size` wide, every expert `moe_intermediate_size`."""
+    step = hf.decoder_sparse_step
+    if hf.num_experts <= 0 or step <= 0:  # HF's rule makes every layer dense then: not a MoE model
+        raise NotImplementedError(f"a qwen3_moe config without experts (num_experts {hf.num_experts}, sparse step {step})")
+    only = set(hf.mlp_only_layers or [])
+    dense = tuple(l for l in range(hf.num_hidden_layers) if l in only or (l + 1) % step)
+    return dict(
+        d_mlp=hf.moe_intermediate_size,
+        num_experts=hf.num_experts,
+        experts_per_token=hf.num_experts_per_tok,
+        norm_topk_prob=bool(hf.norm_topk_prob),
+        dense_mlp_layers=dense,
+        d_mlp_dense=hf.intermediate_size if dense else None,
+    )
+
+
+def warn_assumed_preprocessing(family: str, defaults: str) -> None:
+    """A checkpoint without an image-processor config is loaded with the family's defaults; say
+    which, since a fine-tune trained with other settings would then see other pixels."""
+    warnings.warn(
+        f"the {family} checkpoint has no preprocessor_config.json (nor an image processor in processor_config.json); "
+        f"assuming the defaults: {defaults}",
+        stacklevel=4,
     )
 
 

@@ -22,6 +22,7 @@ from typing import Any, Literal, Sequence
 import torch
 from jaxtyping import Float
 from torch import Tensor
+from transformers.image_processing_utils import get_size_dict
 
 from hooked_vlm.config import HookedVLMConfig, TransformerConfig
 from hooked_vlm.families.common import (
@@ -29,6 +30,7 @@ from hooked_vlm.families.common import (
     assemble_inputs,
     normalise_feature_layers,
     text_config_from_hf,
+    warn_assumed_preprocessing,
 )
 from hooked_vlm.inputs import ViewGeometry, VLMInput
 
@@ -79,13 +81,18 @@ class InternVLPreprocessing:
     def from_processor_config(
         cls, config: dict | None, tile_size: int, patch_size: int, downsample_ratio: float, **kwargs: Any
     ) -> InternVLPreprocessing:
-        """Read the relevant fields of a `preprocessor_config.json` (GotOcr2ImageProcessor).
-        `crop_to_patches` is ignored: InternVLProcessor forces it on (pitfall 12)."""
-        config = config or {}
-        size = config.get("size") or {}
-        side = size.get("height", tile_size)
-        if side != tile_size or size.get("width", tile_size) != tile_size:
-            raise ValueError(f"the image processor produces {size} tiles but the vision tower takes {tile_size}px")
+        """Read the relevant fields of a `preprocessor_config.json` (GotOcr2ImageProcessor; `size` a
+        dict or an integer). `crop_to_patches` is ignored: InternVLProcessor forces it on (pitfall 12).
+        No config: the InternVL-HF defaults, with a warning."""
+        if config is None:
+            warn_assumed_preprocessing(
+                "InternVL", f"{tile_size}x{tile_size} tiles, 1 to 12 tiles plus a thumbnail, bicubic, rescale 1/255, "
+                f"normalise with ImageNet's mean {list(IMAGENET_MEAN)} and std {list(IMAGENET_STD)}"
+            )
+            config = {}
+        size = get_size_dict(config.get("size") or tile_size, param_name="size")
+        if size.get("height") != tile_size or size.get("width") != tile_size:
+            raise ValueError(f"the image processor produces {config.get('size')} tiles but the vision tower takes {tile_size}px")
         return cls(
             tile_size=tile_size,
             patch_size=patch_size,

@@ -15,6 +15,7 @@ from functools import lru_cache
 from typing import Any, Literal, Sequence
 
 import torch
+from transformers.image_processing_utils import get_size_dict
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from hooked_vlm.config import HookedVLMConfig, TransformerConfig
@@ -23,6 +24,7 @@ from hooked_vlm.families.common import (
     assemble_inputs,
     normalise_feature_layers,
     text_config_from_hf,
+    warn_assumed_preprocessing,
 )
 from hooked_vlm.inputs import ViewGeometry, VLMInput
 
@@ -50,12 +52,22 @@ class LlavaPreprocessing:
 
     @classmethod
     def from_processor_config(cls, config: dict | None, image_size: int, patch_size: int, **kwargs: Any):
-        """Read the relevant fields of a `preprocessor_config.json` (CLIPImageProcessor)."""
-        config = config or {}
-        size = config.get("crop_size") or config.get("size") or {}
-        side = size.get("height") or size.get("shortest_edge") or image_size
-        if side != image_size:
-            raise ValueError(f"the image processor produces {side}px images but the vision tower takes {image_size}px")
+        """Read the relevant fields of a `preprocessor_config.json` (CLIPImageProcessor). `size` and
+        `crop_size` may be dicts or, as in openai/clip-vit-large-patch14-336's file, plain integers
+        (transformers' `get_size_dict` reads both). No config: CLIP's defaults, with a warning."""
+        if config is None:
+            warn_assumed_preprocessing(
+                "LLaVA", f"resize the shortest edge to {image_size} px, centre-crop {image_size}x{image_size}, bicubic, "
+                f"rescale 1/255, normalise with CLIP's mean {OPENAI_CLIP_MEAN} and std {OPENAI_CLIP_STD}"
+            )
+            config = {}
+        for field in ("crop_size", "size"):
+            if config.get(field) is None:
+                continue
+            size = get_size_dict(config[field], default_to_square=field == "crop_size", param_name=field)
+            side = size.get("height") or size.get("shortest_edge")
+            if side != image_size or size.get("width", side) != side:
+                raise ValueError(f"the image processor's {field} is {config[field]} but the vision tower takes {image_size}px images")
         return cls(
             image_size=image_size,
             patch_size=patch_size,

@@ -14,6 +14,8 @@ run in the order given):
     with iv.apply(model, ablate, block):                              # removed on exit, even on error
         logits, cache = model.run_with_cache(inputs)
 
+Mixture-of-experts models add `expert_ablation`, `router_patch` and `expert_usage` (`experts`).
+
 Tokens are addressed through `inputs.layout` (`TokenSet`, `PatchSet`; see `tokens`). Hooks read
 `model.past_length` to place a decoding step's `[batch, 1, ...]` activations, so they work
 unchanged in a KV-cached `generate`.
@@ -26,6 +28,7 @@ from typing import Iterator
 
 from hooked_vlm.interventions._common import Hook, Hooks
 from hooked_vlm.interventions.ablation import token_ablation
+from hooked_vlm.interventions.experts import expert_ablation, expert_usage, router_patch
 from hooked_vlm.interventions.heads import head_ablation, mean_head_activations
 from hooked_vlm.interventions.knockout import attention_knockout
 from hooked_vlm.interventions.means import MeanEmbedding, compute_mean_embedding, load_mean, model_fingerprint, save_mean
@@ -81,4 +84,7 @@ __all__ = [
     "head_patch",
     "head_ablation",
     "mean_head_activations",
+    "expert_ablation",
+    "router_patch",
+    "expert_usage",
 ]

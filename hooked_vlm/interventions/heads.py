@@ -82,7 +82,7 @@ def mean_head_activations(
         _, cache = model.run_with_cache(inputs, names_filter=lambda n: n in names, return_cache_object=False)
         real = inputs.attention_mask.bool().to(model.device)
         for name, layer in names.items():
-            total = cache[name][real].double().sum(0)
+            total = cache[name][real.to(cache[name].device)].double().sum(0)  # under a device map, the block's device
             sums[layer] = total if layer not in sums else sums[layer] + total
         count += int(real.sum())
     if count == 0:

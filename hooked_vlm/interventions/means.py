@@ -106,7 +106,8 @@ def compute_mean_embedding(
             pass
         layout = inputs.layout
         for image in range(layout.n_images):
-            rows = captured["value"][layout.image_batch_row[image], layout.positions(image, views).to(inputs.device)]
+            value = captured["value"]  # on its block's device under a device map
+            rows = value[layout.image_batch_row[image], layout.positions(image, views).to(value.device)]
             total = rows.double().sum(0) if total is None else total + rows.double().sum(0)
             count += rows.shape[0]
     if count == 0:

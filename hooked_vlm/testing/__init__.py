@@ -9,11 +9,17 @@ Given the same arguments (and seed) every file is reproduced exactly.
 What you get:
 
 - `build_tiny_llava` / `build_tiny_internvl`: `LlavaForConditionalGeneration` (CLIP + Llama) and
-  `InternVLForConditionalGeneration` (InternViT-300M or -6B style + Qwen3) directories.
+  `InternVLForConditionalGeneration` (InternViT-300M or -6B style + Qwen3, or Qwen3-MoE with
+  `num_experts=...`) directories. MoE experts are saved per expert, as transformers writes them;
+  `fuse_expert_tensors` rewrites them as the fused tensors it holds in memory.
 - `export_llava_original` / `export_internvl_original`: the same weights in the original
   `liuhaotian/llava-v1.5-*` and remote-code `InternVLChatModel` formats.
 - `real_config`: the full-size HF configs (no weights), to build models on the meta device.
 - `load_hf_processor`: `AutoProcessor`, with a fallback for InternVL when torchvision is missing.
+- `hooked_vlm.testing.published`: every published LLaVA-1.5 / InternVL-3.5 repository as facts
+  (configs field for field, weight-index fingerprints) and `build_published`, scaled-down copies
+  of them with real metadata; `hooked_vlm.testing.hub_cache.add_to_hub_cache` lays a directory out
+  as the Hugging Face cache does, so hub ids load offline.
 
 Key layouts (checked against transformers 5.23). Real llava-hf / InternVL-HF repos were written by
 4.x and use the *legacy* names (`language_model.model.*`, `language_model.lm_head.weight`,
@@ -51,6 +57,7 @@ from hooked_vlm.testing.common import (  # noqa: F401
     IMAGENET_STD,
     KeyLayout,
     apply_key_layout,
+    fuse_expert_tensors,
     _rename_checkpoint_keys,
     legacy_key,
     load_runtime_state_dict,
@@ -86,6 +93,7 @@ from hooked_vlm.testing.real_configs import (  # noqa: F401
 __all__ = [
     "KeyLayout",
     "apply_key_layout",
+    "fuse_expert_tensors",
     "LLAVA_CHAT_TEMPLATE",
     "INTERNVL_CHAT_TEMPLATE",
     "INTERNVL_SPECIAL_TOKENS",

@@ -35,7 +35,8 @@ def _is_embedding_table(name: str) -> bool:
 @torch.no_grad()
 def randomize_weights_(model: torch.nn.Module, seed: int = 0, gain: float = 2.0) -> torch.nn.Module:
     """Overwrite every parameter with a deterministic draw that keeps activations O(1) and logits
-    far from flat: matrices (token embeddings and lm_head included) N(0, gain²/fan_in), position
+    far from flat: matrices (token embeddings and lm_head included, each expert of a stacked
+    `[expert, out, in]` tensor on its own) N(0, gain²/fan_in), position
     and class embeddings N(0, 1), norm weights 1 + N(0, 0.2²), layer-scale lambdas 0.5 + N(0, 0.2²),
     biases N(0, 0.1²). Parameters are visited in name order with one seeded generator, so the
     result depends only on `seed` and the parameter names and shapes; tied parameters are drawn once."""
@@ -48,8 +49,10 @@ def randomize_weights_(model: torch.nn.Module, seed: int = 0, gain: float = 2.0)
             value = noise
         elif name.endswith("bias"):
             value = 0.1 * noise
-        elif param.ndim == 1:  # LayerNorm / RMSNorm weights (incl. q/k norms)
+        elif param.ndim <= 1:  # LayerNorm / RMSNorm weights (incl. q/k norms), scalars (CLIP's logit_scale)
             value = 1.0 + 0.2 * noise
+        elif re.search(r"experts\.(gate_up_proj|down_proj)$", name):  # [expert, out, in]: per-expert fan-in
+            value = noise * (gain / math.sqrt(param.shape[-1]))
         else:
             value = noise * (gain / math.sqrt(param[0].numel()))
         param.copy_(value.to(param.dtype))
@@ -106,6 +109,27 @@ def apply_key_layout(path: Path, key_layout: KeyLayout, *, clip_tower: bool) -> 
         _rename_checkpoint_keys(path, lambda key: legacy_key(runtime_key(key), clip_tower=clip_tower))
     elif key_layout != "saved":
         raise ValueError(f"key_layout must be 'saved', 'legacy' or 'runtime', not {key_layout!r}")
+
+
+_PER_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def fuse_expert_tensors(path: Path) -> None:
+    """Rewrite a single-file checkpoint's per-expert tensors (`...mlp.experts.{e}.{gate,up,down}_proj.weight`,
+    as transformers' save_pretrained writes them) into the fused tensors transformers 5.x holds in
+    memory: `...mlp.experts.gate_up_proj` `[expert, 2 * d_mlp, d_model]` (every gate, then every
+    up: `MergeModulelist` + `Concatenate(dim=1)`) and `...mlp.experts.down_proj` `[expert, d_model, d_mlp]`."""
+    file = Path(path) / "model.safetensors"
+    tensors = load_file(file)
+    experts: dict[str, dict[str, dict[int, torch.Tensor]]] = {}
+    for key in [k for k in tensors if _PER_EXPERT.match(k)]:
+        prefix, expert, kind = _PER_EXPERT.match(key).groups()
+        experts.setdefault(prefix, {}).setdefault(kind, {})[int(expert)] = tensors.pop(key)
+    for prefix, kinds in experts.items():
+        stacked = {kind: torch.stack([by_expert[e] for e in sorted(by_expert)]) for kind, by_expert in kinds.items()}
+        tensors[f"{prefix}.gate_up_proj"] = torch.cat([stacked["gate"], stacked["up"]], dim=1)
+        tensors[f"{prefix}.down_proj"] = stacked["down"]
+    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def load_runtime_state_dict(hf_dir: str | Path) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from transformers import (
     ProcessorMixin,
     Qwen2Tokenizer,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
 from transformers.utils import is_torchvision_available
@@ -59,12 +60,21 @@ def tiny_internvl_config(
     image_size: int = 56,
     patch_size: int = 14,
     max_position_embeddings: int = 4096,
+    num_experts: int = 0,
+    experts_per_token: int = 2,
+    d_mlp_expert: int = 32,
+    norm_topk_prob: bool = True,
+    mlp_only_layers: tuple[int, ...] = (),
 ) -> InternVLConfig:
     """An InternVLConfig with InternVL-3.5's structure at tiny sizes: InternViT-300M (LayerNorm,
     qkv bias) or -6B (RMSNorm, full-width q/k norm, no qkv bias), eps 1e-6, pixel shuffle 0.5, and
     a Qwen3 LM whose head_dim is independent of d_model / n_heads (θ=1e6, eps 1e-6). Token ids come
     from `tokenizer` (`build_internvl_tokenizer`); the embedding has more rows than it has tokens,
-    as real InternVL-3.5 (151936 vs ~151680)."""
+    as real InternVL-3.5 (151936 vs ~151680).
+
+    `num_experts` > 0 makes the LM a Qwen3-MoE (InternVL3.5-30B-A3B / 241B-A28B): every MLP but
+    those of `mlp_only_layers` (`d_mlp` wide) routes each token to `experts_per_token` experts of
+    width `d_mlp_expert`."""
     if vision_variant not in ("300m", "6b"):
         raise ValueError(f"vision_variant must be '300m' or '6b', not {vision_variant!r}")
     is_6b = vision_variant == "6b"
@@ -81,7 +91,12 @@ def tiny_internvl_config(
         layer_norm_eps=1e-6,
         hidden_act="gelu",
     )
-    text = Qwen3Config(
+    moe = dict(
+        num_experts=num_experts, num_experts_per_tok=experts_per_token, moe_intermediate_size=d_mlp_expert,
+        norm_topk_prob=norm_topk_prob, mlp_only_layers=list(mlp_only_layers), decoder_sparse_step=1,
+    )  # fmt: skip
+    text = (Qwen3MoeConfig if num_experts else Qwen3Config)(
+        **(moe if num_experts else {}),
         hidden_size=d_model,
         intermediate_size=d_mlp,
         num_hidden_layers=n_layers,
@@ -219,21 +234,26 @@ def _original_internvl_tensors(state: dict[str, torch.Tensor]) -> dict[str, torc
     return out
 
 
+# The remote code an original InternVL config.json names
+INTERNVL_CHAT_AUTO_MAP = {
+    "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
+    "AutoModel": "modeling_internvl_chat.InternVLChatModel",
+    "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
+}
+
+
 def _original_internvl_config(config: InternVLConfig, hf_dir: Path) -> dict:
     vision, text = config.vision_config, config.text_config
     image_processor = json.loads((hf_dir / "preprocessor_config.json").read_text())
     dtype = str(config.dtype or torch.float32).removeprefix("torch.")
-    llm_config = text.to_dict() | {"architectures": ["Qwen3ForCausalLM"], "torch_dtype": dtype}
+    architecture = "Qwen3MoeForCausalLM" if text.model_type == "qwen3_moe" else "Qwen3ForCausalLM"
+    llm_config = text.to_dict() | {"architectures": [architecture], "torch_dtype": dtype}
     llm_config |= {"rope_theta": text.rope_parameters["rope_theta"], "rope_scaling": None}  # 4.x-era fields
     llm_config.pop("rope_parameters", None)
     llm_config.pop("dtype", None)
     return {
         "architectures": ["InternVLChatModel"],
-        "auto_map": {
-            "AutoConfig": "configuration_internvl_chat.InternVLChatConfig",
-            "AutoModel": "modeling_internvl_chat.InternVLChatModel",
-            "AutoModelForCausalLM": "modeling_internvl_chat.InternVLChatModel",
-        },
+        "auto_map": dict(INTERNVL_CHAT_AUTO_MAP),
         "model_type": "internvl_chat",
         "downsample_ratio": config.downsample_ratio,
         "dynamic_image_size": True,

@@ -12,6 +12,7 @@ from transformers import (
     LlavaConfig,
     PreTrainedConfig,
     Qwen3Config,
+    Qwen3MoeConfig,
 )
 
 # ------------------------------------------------------------------------------- real configs
@@ -34,7 +35,11 @@ def _llava_real(d_model: int, d_mlp: int, n_layers: int, n_heads: int) -> LlavaC
     )  # fmt: skip
 
 
-def _internvl_real(vision_variant: str, d_model: int, d_mlp: int, n_layers: int, n_heads: int) -> InternVLConfig:
+def _internvl_real(
+    vision_variant: str, d_model: int, d_mlp: int, n_layers: int, n_heads: int, n_kv_heads: int = 8, d_expert: int | None = None
+) -> InternVLConfig:
+    """`d_expert`: a Qwen3-MoE LM (128 experts of that width, top-8, renormalised, every layer
+    sparse: decoder_sparse_step 1, mlp_only_layers []), as Qwen3-30B-A3B / -235B-A22B."""
     shared = dict(layer_norm_eps=1e-6, image_size=448, patch_size=14, hidden_act="gelu")
     if vision_variant == "300m":
         vision = InternVLVisionConfig(
@@ -46,9 +51,14 @@ def _internvl_real(vision_variant: str, d_model: int, d_mlp: int, n_layers: int,
             hidden_size=3200, intermediate_size=12800, num_hidden_layers=45, num_attention_heads=25,
             attention_bias=False, use_qk_norm=True, norm_type="rms_norm", **shared,
         )  # fmt: skip
-    text = Qwen3Config(
+    moe = dict(
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=d_expert, norm_topk_prob=True,
+        decoder_sparse_step=1, mlp_only_layers=[],
+    ) if d_expert else {}  # fmt: skip
+    text = (Qwen3MoeConfig if d_expert else Qwen3Config)(
+        **moe,
         hidden_size=d_model, intermediate_size=d_mlp, num_hidden_layers=n_layers, num_attention_heads=n_heads,
-        num_key_value_heads=8, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
+        num_key_value_heads=n_kv_heads, head_dim=128, vocab_size=151936, rms_norm_eps=1e-6,
         rope_parameters={"rope_type": "default", "rope_theta": 1e6}, max_position_embeddings=40960,
         use_sliding_window=False, tie_word_embeddings=False,
         bos_token_id=151643, eos_token_id=151645, pad_token_id=151643,
@@ -66,6 +76,9 @@ _REAL_CONFIGS: dict[str, Callable[[], PreTrainedConfig]] = {
     "internvl3.5-1b": lambda: _internvl_real("300m", 1024, 3072, 28, 16),
     "internvl3.5-8b": lambda: _internvl_real("300m", 4096, 12288, 36, 32),
     "internvl3.5-38b": lambda: _internvl_real("6b", 5120, 25600, 64, 64),
+    # mixture of experts (Qwen3-30B-A3B and Qwen3-235B-A22B language models, 4 key/value heads)
+    "internvl3.5-30b-a3b": lambda: _internvl_real("300m", 2048, 6144, 48, 32, n_kv_heads=4, d_expert=768),
+    "internvl3.5-241b-a28b": lambda: _internvl_real("6b", 4096, 12288, 94, 64, n_kv_heads=4, d_expert=1536),
 }
 
 

@@ -13,9 +13,10 @@ from transformer_lens.hook_points import HookPoint
 
 from hooked_vlm.components import LayerNorm, TransformerBlock
 from hooked_vlm.config import TransformerConfig
+from hooked_vlm.tl_surface import VisionTowerSurface
 
 
-class VisionTower(nn.Module):
+class VisionTower(VisionTowerSurface, nn.Module):
     """Hooks: `hook_patch_embed` `[view, patch, d_model]` (conv output, row-major over the grid),
     `hook_pos_embed` `[1, 1 + patch, d_model]`, `hook_embed` (CLS + patches + positions),
     `ln_pre.hook_normalized` (CLIP), the blocks' hooks, and `hook_features`: the selected hidden
@@ -56,9 +57,12 @@ class VisionTower(nn.Module):
         # Both references cast pixels to the conv weight's dtype first (pitfall 20)
         patches = self.patch_embed(pixel_values.to(self.patch_embed.weight.dtype)).flatten(2).transpose(1, 2)
         patches = self.hook_patch_embed(patches)
-        cls = self.cls_token.expand(n, 1, -1)
-        embed = self.hook_embed(torch.cat([cls, patches], dim=1) + self.hook_pos_embed(self.pos_embed[None]))
-        return self.ln_pre(embed) if self.cfg.ln_pre else embed
+        # Under a device map the tower's parts may sit on several devices: each activation moves
+        # to the device of the module it enters
+        cls = self.cls_token.to(patches.device).expand(n, 1, -1)
+        pos_embed = self.hook_pos_embed(self.pos_embed[None].to(patches.device))
+        embed = self.hook_embed(torch.cat([cls, patches], dim=1) + pos_embed)
+        return self.ln_pre(embed.to(self.ln_pre.weight.device)) if self.cfg.ln_pre else embed
 
     @property
     def n_tokens(self) -> int:
@@ -69,9 +73,9 @@ class VisionTower(nn.Module):
         resid = self.embed(pixel_values)
         hidden_states = {0: resid}  # index k = input of block k = output of block k-1 (HF hidden_states[k])
         for block in self.blocks:
-            resid = block(resid)
+            resid = block(resid.to(block.ln1.weight.device))
             hidden_states[block.layer + 1] = resid
-        selected = [hidden_states[k] for k in self.feature_layers]
+        selected = [hidden_states[k].to(resid.device) for k in self.feature_layers]
         if self.select_strategy == "default":
             selected = [h[:, 1:] for h in selected]
         return self.hook_features(torch.cat(selected, dim=-1) if len(selected) > 1 else selected[0])

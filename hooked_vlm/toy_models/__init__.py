@@ -34,6 +34,14 @@ def toy_model_path(name: str) -> Path | None:
     return path if "/" not in name and (path / "config.json").is_file() else None
 
 
+def suggest_toy_model(name: str) -> str | None:
+    """The shipped toy model a misspelt `name` most likely meant ("toy-lava" -> "toy-llava"), or None."""
+    import difflib
+
+    close = difflib.get_close_matches(name, available_toy_models(), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
 def toy_dataset(name_or_path: str | Path, n: int, *, seed: int = 0, split: str = "test"):
     """Synthetic images from the distribution a toy model was trained on (its `training.json`
     records it; use a split other than "train"/"val" for held-out data). A directory without one

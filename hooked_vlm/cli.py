@@ -306,22 +306,31 @@ def _probe_split(items: list, seed: int) -> tuple[list, list]:
 
 def _run_edge_circuit(args) -> None:
     """Edge scores (results.csv), faithfulness curves (summary.csv), the chosen circuit
-    (circuit.pt) and its figures (figure.png: the circuit; heads.png; faithfulness.png; spans.png)."""
-    from hooked_vlm import plotting
+    (circuit.pt) and its figures (figure.png: the circuit; heads.png; faithfulness.png; spans.png).
+    A run in --out (`hooked_vlm.runs`): the edge scores per pair, then the faithfulness per pair in
+    its `faithfulness/` child run, each resumed and shared by the processes of a launch."""
+    from hooked_vlm import plotting, runs
     from hooked_vlm.circuits import find_circuit, save_graph
     from hooked_vlm.experiments import circuit_faithfulness, edge_circuit
-    from hooked_vlm.experiments.edge_circuit import as_circuit_pairs, graph_from_table
+    from hooked_vlm.experiments.edge_circuit import graph_from_table
     from hooked_vlm.model import HookedVLM
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = HookedVLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=args.device)
-    pairs = as_circuit_pairs(model, _dataset(args), task=args.task, target=args.target, spans=args.spans, limit=args.limit)
-    edges = edge_circuit(model, pairs, task=args.task, method=args.method, steps=args.steps, towers=args.towers, kv=args.kv)
-    edges.to_csv(out / "results.csv", index=False)
-    graph = graph_from_table(model, edges)
-    curves = circuit_faithfulness(model, pairs, graph, fractions=args.fractions)
-    curves.to_csv(out / "summary.csv", index=False)
+    out, run = Path(args.out), runs.Run.from_command_line(args, outputs=CIRCUIT_OUTPUTS, paths=PATH_OPTIONS)
+    try:
+        run.check_arguments()  # before loading a model
+        model = HookedVLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=runs.process_device(args.device))
+        data = _dataset(args)
+        edges = edge_circuit(model, data, task=args.task, method=args.method, steps=args.steps, towers=args.towers, kv=args.kv,
+                             spans=args.spans, target=args.target, aggregation=args.aggregation, limit=args.limit, run=run)  # fmt: skip
+        graph = graph_from_table(model, edges)
+        curves = circuit_faithfulness(model, data, graph, fractions=args.fractions, task=args.task, target=args.target,
+                                      limit=args.limit, run=run.child("faithfulness"))  # fmt: skip
+    except (runs.RunMismatch, runs.RunBusy) as error:
+        raise SystemExit(f"hooked-vlm {args.command}: {error}") from None
+    if not run.is_main:
+        return
+    runs.write_atomically(out / "results.csv", lambda path: edges.to_csv(path, index=False))
+    runs.write_atomically(out / "summary.csv", lambda path: curves.to_csv(path, index=False))
     print(curves.to_string(index=False))
     circuit = find_circuit(graph, fraction=args.fraction)
     save_graph(circuit, out / "circuit.pt")
@@ -334,6 +343,9 @@ def _run_edge_circuit(args) -> None:
     print(f"{circuit.n_edges_in_circuit} of {graph.n_edges} edges kept at fraction {args.fraction}; written to {out.resolve()}")
 
 
+CIRCUIT_OUTPUTS = ("results.csv", "summary.csv", "circuit.pt", "figure.png", "heads.png", "faithfulness.png", "spans.png")
+
+
 def _extras_edge_circuit(p):
     _task(p, ("localization", "binary"))
     p.add_argument("--method", choices=["EAP-IG", "EAP", "clean-corrupted", "exact"], default="EAP-IG")
@@ -342,6 +354,7 @@ def _extras_edge_circuit(p):
     p.add_argument("--kv", choices=["ungrouped", "grouped"], default="ungrouped", help="grouped-query key/value destinations")
     p.add_argument("--spans", action="store_true", help="score edges per span (object, image, question, answer, prefix)")
     p.add_argument("--target", choices=["src_greedy", "gt"], default="src_greedy")
+    p.add_argument("--aggregation", choices=["mean", "mean_abs"], default="mean", help="mean_abs: each pair's |score| averaged")
     p.add_argument("--fractions", type=float, nargs="+", default=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
                    help="circuit sizes of the faithfulness curves (MIB's by default)")  # fmt: skip
     p.add_argument("--fraction", type=float, default=0.05, help="the size of the circuit drawn and saved")

@@ -74,7 +74,7 @@ def evaluate_circuit(model, circuit: Graph, pairs: CircuitPair | Sequence[Circui
                      direction: Literal["noising", "denoising"] = "noising", n_bootstrap: int = 1000,
                      seed: int = 0, fwd_hooks: Sequence = ()) -> CircuitEvaluation:  # fmt: skip
     """Faithfulness of `circuit` (its `in_circuit` edges) on `pairs`: see the module docstring."""
-    table = _metrics(model, [circuit], as_pairs(pairs), direction, fwd_hooks)[0]
+    table = circuit_metrics(model, [circuit], as_pairs(pairs), direction=direction, fwd_hooks=fwd_hooks)[0]
     value, ci = _ratio_of_means(table, n_bootstrap, seed)
     n_nodes = int(circuit.node_in_circuit.sum())
     return CircuitEvaluation(table, value, ci, circuit.n_edges_in_circuit, n_nodes, circuit.n_edges)
@@ -87,16 +87,27 @@ def faithfulness_curve(model, graph: Graph, pairs: CircuitPair | Sequence[Circui
     """f of the circuits of `fractions` of `graph`'s edges (top-n by `by`, pruned, as MIB's
     `evaluate_area_under_curve`); `.cpr` and `.cmd` are MIB's areas. Clean and corrupted runs are
     shared by every size: one plain forward each per pair, then one edge-masked forward per size."""
+    circuits = curve_circuits(graph, fractions, by=by, method=method)
+    tables = circuit_metrics(model, circuits, as_pairs(pairs), direction=direction, fwd_hooks=fwd_hooks)
+    return curve_from_metrics(graph, fractions, circuits, tables, by=by, method=method, direction=direction)
+
+
+def curve_circuits(graph: Graph, fractions: Sequence[float], *, by: str = "signed", method: str = "topn") -> list[Graph]:
+    """The circuits of a faithfulness curve: the top `fractions` of `graph`'s edges, pruned."""
     fractions = [float(f) for f in fractions]
     if sorted(fractions) != fractions or not fractions or not 0 <= fractions[0] <= fractions[-1] <= 1:
         raise ValueError(f"fractions must be increasing and within [0, 1], got {fractions}")
-    circuits = [find_circuit(graph, fraction=f, method=method, by=by) for f in fractions]
-    tables = _metrics(model, circuits, as_pairs(pairs), direction, fwd_hooks)
+    return [find_circuit(graph, fraction=f, method=method, by=by) for f in fractions]
+
+
+def curve_from_metrics(graph: Graph, fractions: Sequence[float], circuits: list[Graph], tables: list[pd.DataFrame], *,
+                       by: str, method: str, direction: str) -> FaithfulnessCurve:  # fmt: skip
+    """The curve of `circuit_metrics` tables (one per circuit, rows of every pair): ratios of means."""
     m_clean, m_corrupted = tables[0]["m_clean"].mean(), tables[0]["m_corrupted"].mean()
     rows = []
     for fraction, circuit, table in zip(fractions, circuits, tables):
         m_circuit = table["m_circuit"].mean()
-        rows.append({"fraction": fraction, "n_edges": int(fraction * graph.n_edges), "n_edges_kept": circuit.n_edges_in_circuit,
+        rows.append({"fraction": float(fraction), "n_edges": int(fraction * graph.n_edges), "n_edges_kept": circuit.n_edges_in_circuit,
                      "n_nodes": int(circuit.node_in_circuit.sum()), "m_circuit": m_circuit,
                      "faithfulness": _normalised(m_circuit, m_clean, m_corrupted)})  # fmt: skip
     return FaithfulnessCurve(pd.DataFrame(rows), float(m_clean), float(m_corrupted), by, method,
@@ -120,8 +131,10 @@ def area_from_one(fractions: Sequence[float], faithfulness: Sequence[float]) -> 
     return area_under(fractions, np.abs(1.0 - np.asarray(faithfulness, dtype=float)))
 
 
-def _metrics(model, circuits: list[Graph], pairs: list[CircuitPair], direction: str, fwd_hooks) -> list[pd.DataFrame]:
-    """Per circuit, a table of m_clean, m_corrupted, m_circuit for every pair row."""
+def circuit_metrics(model, circuits: list[Graph], pairs: list[CircuitPair], *, direction: str = "noising",
+                    fwd_hooks: Sequence = ()) -> list[pd.DataFrame]:  # fmt: skip
+    """Per circuit, a table of m_clean, m_corrupted, m_circuit (and that row's faithfulness) for
+    every row of every pair; the clean and corrupted runs are shared by the circuits."""
     if direction not in ("noising", "denoising"):
         raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}")
     for circuit in circuits:

@@ -128,26 +128,34 @@ def object_removed_pairs(
     import itertools
 
     from hooked_vlm.experiments.data import as_samples, empty_dataset_error
+
+    samples = list(itertools.islice(as_samples(dataset), limit))
+    if not samples:
+        raise empty_dataset_error()
+    return [object_removed_pair(model, sample, task=task, target=target, composite=composite, composite_px=composite_px,
+                                spans=spans, dilation=dilation, max_new_tokens=max_new_tokens, frame=frame)
+            for sample in samples]  # fmt: skip
+
+
+def object_removed_pair(
+    model, sample, *, task: str = "localization", target: str = "src_greedy", composite: bool = True, composite_px: int = 4,
+    spans: bool = True, dilation: int = 0, max_new_tokens: int = 40, frame: Any = None,
+) -> CircuitPair:
+    """The pair of one sample (an `experiments.Sample` with `removed_image`): see `object_removed_pairs`."""
     from hooked_vlm.experiments.head_mediation import _scored_mask, _target_answer, pair_prompt
     from hooked_vlm.circuits.spans import Spans
     from hooked_vlm.patching import answer_nll_metric
 
     if task not in ("localization", "binary"):
         raise ValueError(f"object-removed pairs support task 'localization' or 'binary', got {task!r}")
-    samples = list(itertools.islice(as_samples(dataset), limit))
-    if not samples:
-        raise empty_dataset_error()
-    pairs = []
-    for sample in samples:
-        prompt = pair_prompt(sample, task)
-        answer, _ = _target_answer(model, sample, task, prompt, target, max_new_tokens, frame)
-        removed = composite_removed(sample.image, sample.removed_image, sample.mask, composite_px) if composite else sample.removed_image
-        clean = model.prepare(sample.image, prompt, answers=answer)
-        corrupted = model.prepare(removed, prompt, answers=answer)
-        metric = answer_nll_metric(clean, token_mask=_scored_mask(model, clean, task))
-        span_map = Spans.from_layout(model, clean, mask=sample.mask, dilation=dilation) if spans else None
-        pairs.append(CircuitPair(clean, corrupted, metric, span_map, id=sample.id))
-    return pairs
+    prompt = pair_prompt(sample, task)
+    answer, _ = _target_answer(model, sample, task, prompt, target, max_new_tokens, frame)
+    removed = composite_removed(sample.image, sample.removed_image, sample.mask, composite_px) if composite else sample.removed_image
+    clean = model.prepare(sample.image, prompt, answers=answer)
+    corrupted = model.prepare(removed, prompt, answers=answer)
+    metric = answer_nll_metric(clean, token_mask=_scored_mask(model, clean, task))
+    span_map = Spans.from_layout(model, clean, mask=sample.mask, dilation=dilation) if spans else None
+    return CircuitPair(clean, corrupted, metric, span_map, id=sample.id)
 
 
 def composite_removed(original, removed, mask, grow_px: int = 4):

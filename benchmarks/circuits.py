@@ -80,7 +80,8 @@ def peak_memory(family: str, path: Path) -> dict:
     """Peak resident-memory growth of each mode, each in a fresh process."""
     out = {}
     for mode in MODES:
-        result = subprocess.run([sys.executable, __file__, "--child", family, str(path), mode], capture_output=True, text=True, check=True)
+        command = [sys.executable, __file__, "--threads", str(torch.get_num_threads()), "--child", family, str(path), mode]
+        result = subprocess.run(command, capture_output=True, text=True, check=True)
         out[f"peak_mb_{mode}"] = json.loads(result.stdout.strip().splitlines()[-1])[mode]
     return out
 
@@ -133,13 +134,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small models: a smoke run")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--families", nargs="+", choices=["llava", "internvl"], default=["llava", "internvl"])
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (1 on a loaded machine)")
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     if args.child:
         _child(*args.child)
         return
-    torch.set_num_threads(2)
     size = "quick" if args.quick else "mid"
     out = args.out or Path(__file__).parent / ("results_circuits_quick.json" if args.quick else "results_circuits.json")
     results = {}

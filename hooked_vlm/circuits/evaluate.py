@@ -22,6 +22,7 @@ from typing import Literal, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 
 from hooked_vlm.circuits.forward import accumulation_dtype, edge_forward, source_outputs
 from hooked_vlm.circuits.graph import Graph
@@ -146,8 +147,12 @@ def circuit_metrics(model, circuits: list[Graph], pairs: list[CircuitPair], *, d
     rows: list[list[dict]] = [[] for _ in circuits]
     for p, pair in enumerate(pairs):
         base, source = (pair.clean, pair.corrupted) if direction == "noising" else (pair.corrupted, pair.clean)
+        embeds: list[Tensor] = []
+        # a language-model graph's edge forwards start from the plain run's input embeddings: the
+        # vision tower runs once per pair, not once per circuit
+        keep = [] if "vision" in structure.towers else [("hook_inputs_embeds", lambda x, hook: embeds.append(x))]
         with torch.no_grad():
-            base_logits = model.run_with_hooks(base, fwd_hooks=list(fwd_hooks))
+            base_logits = model.run_with_hooks(base, fwd_hooks=list(fwd_hooks) + keep)
             source_logits, source_src = source_outputs(model, source, structure, fwd_hooks)
             m_base = metric_values(pair.metric, base_logits.to(dtype)).double()
             m_source = metric_values(pair.metric, source_logits.to(dtype)).double()
@@ -156,7 +161,8 @@ def circuit_metrics(model, circuits: list[Graph], pairs: list[CircuitPair], *, d
             for i, circuit in enumerate(circuits):
                 keep = circuit.in_circuit & circuit.real_mask()
                 weights = (~keep if direction == "noising" else keep) & circuit.real_mask()
-                logits = edge_forward(model, base, structure, weights.to(dtype).to(model.device), source_src, span_index, fwd_hooks)
+                logits = edge_forward(model, base, structure, weights.to(dtype).to(model.device), source_src, span_index, fwd_hooks,
+                                      embeds=embeds[0] if embeds else None)  # fmt: skip
                 m_circuit = metric_values(pair.metric, logits.to(dtype)).double()
                 for row in range(len(base)):
                     rows[i].append({"pair": pair.id or str(p), "row": row, "m_clean": float(m_clean[row]),

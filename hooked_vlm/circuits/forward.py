@@ -58,6 +58,7 @@ def edge_forward(
     span_index: dict[str, Tensor] | None = None,
     fwd_hooks=(),
     resume: tuple[int, Tensor, Sources] | None = None,
+    embeds: Tensor | None = None,
 ) -> Float[Tensor, "batch pos d_vocab"]:
     """Logits of `inputs` with each destination's input patched as the module docstring says.
     `corrupted` holds `source_outputs` of the corrupted input (batch 1 when `weights` has copies);
@@ -65,8 +66,11 @@ def edge_forward(
     flattened over views), needed when `weights` has a span axis. `resume=(layer, resid_pre,
     clean_sources)` (language-model graphs whose weights patch nothing before `layer`) starts
     at that block from the clean run's residual stream and source outputs, which the blocks
-    before it would reproduce."""
+    before it would reproduce. `embeds`: the plain run's `hook_inputs_embeds` of `inputs`
+    (language-model graphs, no copies), so that the vision tower does not run again."""
     patcher = _Patcher(structure, weights, corrupted, span_index)
+    if embeds is not None and ("vision" in structure.towers or patcher.copies or resume is not None):
+        raise ValueError("embeds= is for language-model graphs without copies or resume")
     pixel_values = inputs.pixel_values
     if patcher.copies:
         inputs = _expand(inputs, patcher.copies)
@@ -81,11 +85,12 @@ def edge_forward(
         model.past_length = 0
         if resume is not None:
             return _language(model, inputs, patcher, kept, *_resumed(structure, patcher, resume))
-        if "vision" in structure.towers:
-            features = _vision(model, inputs.pixel_values, patcher, kept)
-        else:  # the plain run's image features, computed once for every copy
-            features = model.encode_images(pixel_values).repeat(max(patcher.copies, 1), 1)
-        embeds = model.embed_inputs(inputs.input_ids, features, inputs.image_token_mask())
+        if embeds is None:
+            if "vision" in structure.towers:
+                features = _vision(model, inputs.pixel_values, patcher, kept)
+            else:  # the plain run's image features, computed once for every copy
+                features = model.encode_images(pixel_values).repeat(max(patcher.copies, 1), 1)
+            embeds = model.embed_inputs(inputs.input_ids, features, inputs.image_token_mask())
         if "language" not in structure.towers:
             return model.run_language_model(embeds, inputs.attention_mask, inputs.position_ids)
         _add_inputs(model, patcher, structure, embeds, inputs)

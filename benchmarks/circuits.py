@@ -5,9 +5,11 @@
 
 For each family, on one object-removed-style pair (the photo, and the photo with a rectangle
 painted over the cat; the answer teacher-forced and scored by its NLL), over the language
-model's graph (MIB's setting): EAP-IG with 5 steps, EAP, and evaluating one circuit (the top 5%
-of edges, every other edge corrupted), each as a ratio to one plain forward of the pair measured
-in the same run (`run.interleaved`: rounds in shuffled order, medians). Targets (issue 17):
+model's graph (MIB's setting): EAP-IG with 5 steps, EAP, evaluating one circuit (the top 5% of
+edges, every other edge corrupted: the clean and corrupted reference runs and the edge-masked
+forward) and a faithfulness curve at MIB's 10 sizes (per size: the reference runs are shared),
+each as a ratio to one plain forward of the pair measured in the same run (`run.interleaved`:
+rounds in shuffled order, medians). Targets (issue 17):
 EAP-IG ≤ 25 forward-equivalents per pair, evaluating a circuit ≤ 4. Memory: the peak growth of
 resident memory during each, in a fresh process (`memory.py`'s sampler), and what EAP-IG holds
 by construction (the fp32 activation differences of every source, the score matrix).
@@ -30,7 +32,9 @@ from memory import _measure  # noqa: E402
 from run import ANSWER, ASSETS, PROMPT, build, interleaved  # noqa: E402
 
 from hooked_vlm import HookedVLM  # noqa: E402
-from hooked_vlm.circuits import CircuitPair, Graph, edge_attribution, evaluate_circuit, find_circuit  # noqa: E402
+from hooked_vlm.circuits import (  # noqa: E402
+    MIB_FRACTIONS, CircuitPair, Graph, edge_attribution, evaluate_circuit, faithfulness_curve, find_circuit,
+)
 from hooked_vlm.patching import answer_nll_metric  # noqa: E402
 
 MODES = ("forward", "eap_ig", "evaluate")
@@ -58,6 +62,7 @@ def bench(family: str, path: Path, reps: int) -> dict:
             "eap_ig": lambda: edge_attribution(model, pair, method="EAP-IG", steps=5, progress=False),
             "eap": lambda: edge_attribution(model, pair, method="EAP", progress=False),
             "evaluate": lambda: evaluate_circuit(model, circuit, pair, n_bootstrap=0),
+            "curve": lambda: faithfulness_curve(model, scores, pair, fractions=MIB_FRACTIONS),
         }, reps)  # fmt: skip
     graph = Graph.from_model(model)
     positions, d_model = pair.clean.input_ids.shape[1], model.cfg.d_model
@@ -68,6 +73,8 @@ def bench(family: str, path: Path, reps: int) -> dict:
         "eap_ig_forwards": times["eap_ig"] / times["forward"],
         "eap_forwards": times["eap"] / times["forward"],
         "evaluate_forwards": times["evaluate"] / times["forward"],
+        # a curve shares the clean and corrupted runs: per size, one edge-masked forward
+        "curve_forwards_per_size": times["curve"] / times["forward"] / len(MIB_FRACTIONS),
         "circuit_edges": circuit.n_edges_in_circuit,
         "circuit_faithfulness": evaluate_circuit(model, circuit, pair, n_bootstrap=0).faithfulness,
         # held by construction: Δ of every source (fp32, [pos, n_src, d_model]) and the score matrix
@@ -111,6 +118,7 @@ def table(results: dict) -> str:
         ("EAP-IG, 5 steps / forward", f"≤ {TARGETS['eap_ig_forwards']:g}", "eap_ig_forwards"),
         ("EAP / forward", "", "eap_forwards"),
         ("evaluate one circuit (5% of edges) / forward", f"≤ {TARGETS['evaluate_forwards']:g}", "evaluate_forwards"),
+        ("faithfulness curve (MIB's 10 sizes) / forward, per size", "", "curve_forwards_per_size"),
         ("faithfulness of that circuit", "", "circuit_faithfulness"),
         ("peak MB: forward", "", "peak_mb_forward"),
         ("peak MB: EAP-IG", "", "peak_mb_eap_ig"),

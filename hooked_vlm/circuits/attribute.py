@@ -32,7 +32,7 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_vlm.circuits.forward import Sources, accumulation_dtype, edge_forward, source_outputs
+from hooked_vlm.circuits.forward import Sources, accumulation_dtype, edge_forward, source_outputs, source_space
 from hooked_vlm.circuits.graph import Graph
 from hooked_vlm.circuits.pairs import CircuitPair, as_pairs, metric_values, span_names
 from hooked_vlm.circuits.structure import KV, Structure
@@ -324,7 +324,7 @@ class _Differences:
         self.first: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, int]] = {}
         for space in ("vision", "language"):
-            groups = [g for g in list(corrupted) if _source_space(structure.sources[g]) == space]
+            groups = [g for g in list(corrupted) if source_space(structure.sources[g]) == space]
             if not groups:
                 continue
             spans = [structure.sources[g] for g in groups]
@@ -344,15 +344,11 @@ class _Differences:
         """(space, the parents' rows of the score matrix, their differences) of destination `group`."""
         spans = [self.structure.sources[p] for p in self.structure.parents[group]]
         start, stop = min(span.start for span in spans), max(span.stop for span in spans)
-        space = _source_space(spans[0])
+        space = source_space(spans[0])
         if sum(len(span) for span in spans) != stop - start:
             raise RuntimeError(f"the parents of destination group {group} are not consecutive sources")
         first = self.first[space]
         return space, slice(start, stop), self.matrices[space][start - first : stop - first]
-
-
-def _source_space(span) -> str:
-    return "vision" if span.tower == "vision" else "language"
 
 
 def _accumulate(scores: Tensor, structure: Structure, deltas: _Differences, grads: _Gradients, masks) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Callable
 
+import einops
 import torch
 import torch.autograd.forward_ad as forward_ad
 from jaxtyping import Float
@@ -184,6 +185,12 @@ class _Patcher:
         self.deltas: dict[int, Tensor] = {}
         self.groups = {(s.tower, s.key, s.layer): i for i, s in enumerate(structure.sources)}
         self.dests = {(s.tower, s.key, s.layer): i for i, s in enumerate(structure.destinations)}
+        # a plain evaluation (no copies, spans or gradients) keeps the differences of each residual
+        # space in one matrix, so a destination's patch is one matrix product with its consecutive
+        # parents; per parent, an einsum copied and permuted both (most of a circuit's cost)
+        differentiated = weights.requires_grad or forward_ad.unpack_dual(weights).tangent is not None
+        self.matrix = not (self.copies or self.has_spans or differentiated or torch.is_grad_enabled())
+        self.matrices: dict[str, tuple[Tensor, int]] = {}
 
     def add(self, tower: str, key: str, layer: int, output: Tensor) -> None:
         group = self.groups[tower, key, layer]
@@ -191,11 +198,41 @@ class _Patcher:
         if len(corrupted) != len(output):  # copies of a batch-1 input (vision: its views, copy after copy)
             corrupted = corrupted.repeat(len(output) // len(corrupted), *([1] * (corrupted.dim() - 1)))
         dtype = accumulation_dtype(output.dtype)
-        self.deltas[group] = corrupted.to(dtype) - output.to(dtype)
+        delta = corrupted.to(dtype) - output.to(dtype)
+        if not self.matrix:
+            self.deltas[group] = delta
+            return
+        space = source_space(self.structure.sources[group])
+        if space not in self.matrices:
+            spans = [s for s in self.structure.sources if source_space(s) == space]
+            first, stop = min(s.start for s in spans), max(s.stop for s in spans)
+            self.matrices[space] = (delta.new_empty(delta[..., 0, :].numel(), stop - first), first)
+        matrix, first = self.matrices[space]
+        span = self.structure.sources[group]
+        matrix[:, span.start - first : span.stop - first] = einops.rearrange(delta, "r p u d -> (r p d) u")
 
     def patched(self, x: Tensor, tower: str, key: str, layer: int) -> Tensor:
         """`[rows, pos, n_dst, d_model]`: the destinations' inputs, x plus their patches."""
         dst = self.dests[tower, key, layer]
+        span = self.structure.destinations[dst]
+        patch = self._matrix_patch(dst, x) if self.matrix else self._patch(dst, x)
+        if patch is None:
+            return x[:, :, None].expand(-1, -1, len(span), -1)
+        return (x[:, :, None].to(patch.dtype) + patch).to(x.dtype)
+
+    def _matrix_patch(self, dst: int, x: Tensor) -> Tensor | None:
+        parents = [self.structure.sources[group] for group in self.structure.parents[dst]]
+        start, stop = min(s.start for s in parents), max(s.stop for s in parents)
+        if sum(len(s) for s in parents) != stop - start:
+            raise RuntimeError(f"the parents of destination group {dst} are not consecutive sources")
+        block = self._block(slice(start, stop), self.structure.destinations[dst].slice)
+        if block is None:
+            return None
+        matrix, first = self.matrices[source_space(parents[0])]
+        patch = matrix[:, start - first : stop - first] @ block.to(matrix.device, matrix.dtype)
+        return einops.rearrange(patch, "(r p d) v -> r p v d", r=x.shape[0], p=x.shape[1]).to(x.device)
+
+    def _patch(self, dst: int, x: Tensor) -> Tensor | None:
         span = self.structure.destinations[dst]
         patch = None
         for group in self.structure.parents[dst]:
@@ -205,9 +242,7 @@ class _Patcher:
             space = "vision" if span.tower == "vision" or span.key == "projector" else "language"
             mixed = self._mix(self.deltas[group].to(x.device), block.to(x.device), space)
             patch = mixed if patch is None else patch + mixed
-        if patch is None:
-            return x[:, :, None].expand(-1, -1, len(span), -1)
-        return (x[:, :, None].to(patch.dtype) + patch).to(x.dtype)
+        return patch
 
     def _block(self, src: slice, dst: slice) -> Tensor | None:
         w = self.weights[..., src, dst, :] if self.has_spans else self.weights[..., src, dst]
@@ -229,6 +264,11 @@ class _Patcher:
         by_position = w.permute(0, 3, 1, 2)[torch.arange(w.shape[0], device=w.device)[:, None], index]  # [r, p, u, v]
         out = torch.einsum("rpud,rpuv->rpvd", delta, by_position)
         return out.reshape(rows, pos, -1, d)
+
+
+def source_space(source) -> str:
+    """The residual stream a source writes into (the projector: the language model's)."""
+    return "vision" if source.tower == "vision" else "language"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -19,6 +19,7 @@ examples:
     hooked-vlm mean-embedding --model llava-hf/llava-1.5-7b-hf --collection imagenet/val --out mean.pt
     hooked-vlm reproduce --model llava-hf/llava-1.5-7b-hf --model OpenGVLab/InternVL3_5-8B-HF --pairs control.json \\
         --coco ann.json --images val2017/ --removed removed/ --imagenet imagenet/val --out results/
+    hooked-vlm edge-circuit --model toy-llava --n 8 --towers vision language --spans --out results/circuit
 
 Data: the synthetic set (default; for a toy model, the distribution it was trained on, held out)
 or COCO-style annotations (`--coco`, `--images`, optionally `--removed` for object-removed pairs),
@@ -350,6 +351,63 @@ def _probe_split(items: list, seed: int) -> tuple[list, list]:
     return images[n_test:], images[:n_test]
 
 
+def _run_edge_circuit(args) -> None:
+    """Edge scores (results.csv), faithfulness curves (summary.csv), the chosen circuit
+    (circuit.pt) and its figures (figure.png: the circuit; heads.png; faithfulness.png; spans.png).
+    A run in --out (`hooked_vlm.runs`): the edge scores per pair, then the faithfulness per pair in
+    its `faithfulness/` child run, each resumed and shared by the processes of a launch."""
+    from hooked_vlm import plotting, runs
+    from hooked_vlm.circuits import find_circuit, save_graph
+    from hooked_vlm.experiments import circuit_faithfulness, edge_circuit
+    from hooked_vlm.experiments.edge_circuit import graph_from_table
+    from hooked_vlm.model import HookedVLM
+
+    out, run = Path(args.out), runs.Run.from_command_line(args, outputs=CIRCUIT_OUTPUTS, paths=PATH_OPTIONS)
+    try:
+        run.check_arguments()  # before loading a model
+        model = HookedVLM.from_pretrained(args.model, dtype=DTYPES[args.dtype], device=runs.process_device(args.device))
+        model.use_settings(prompt_settings.from_arguments(model, args))
+        data = _dataset(args)
+        edges = edge_circuit(model, data, task=args.task, method=args.method, steps=args.steps, towers=args.towers, kv=args.kv,
+                             spans=args.spans, target=args.target, aggregation=args.aggregation, run=run, **_sampling(args))  # fmt: skip
+        graph = graph_from_table(model, edges)
+        curves = circuit_faithfulness(model, data, graph, fractions=args.fractions, task=args.task, target=args.target,
+                                      run=run.child("faithfulness"), **_sampling(args))  # fmt: skip
+    except (runs.RunMismatch, runs.RunBusy) as error:
+        raise SystemExit(f"hooked-vlm {args.command}: {error}") from None
+    if not run.is_main:
+        return
+    runs.write_atomically(out / "results.csv", lambda path: edges.to_csv(path, index=False))
+    runs.write_atomically(out / "summary.csv", lambda path: curves.to_csv(path, index=False))
+    print(curves.to_string(index=False))
+    circuit = find_circuit(graph, fraction=args.fraction)
+    save_graph(circuit, out / "circuit.pt")
+    figures = {"figure.png": plotting.circuit_graph(circuit), "heads.png": plotting.node_score_maps(graph),
+               "faithfulness.png": plotting.faithfulness_figure(curves)}  # fmt: skip
+    if graph.spans is not None:
+        figures["spans.png"] = plotting.span_flow(graph)
+    for name, fig in figures.items():
+        plotting.save_figure(fig, out / name)
+    print(f"{circuit.n_edges_in_circuit} of {graph.n_edges} edges kept at fraction {args.fraction}; written to {out.resolve()}")
+
+
+CIRCUIT_OUTPUTS = ("results.csv", "summary.csv", "circuit.pt", "figure.png", "heads.png", "faithfulness.png", "spans.png")
+
+
+def _extras_edge_circuit(p):
+    p.add_argument("--task", choices=("localization", "binary"), default="localization")
+    p.add_argument("--method", choices=["EAP-IG", "EAP", "clean-corrupted", "exact"], default="EAP-IG")
+    p.add_argument("--steps", type=int, default=None, help="EAP-IG interpolation steps (default 5)")
+    p.add_argument("--towers", nargs="+", choices=["vision", "language"], default=["language"])
+    p.add_argument("--kv", choices=["ungrouped", "grouped"], default="ungrouped", help="grouped-query key/value destinations")
+    p.add_argument("--spans", action="store_true", help="score edges per span (object, image, question, answer, prefix)")
+    p.add_argument("--target", choices=["src_greedy", "gt"], default="src_greedy")
+    p.add_argument("--aggregation", choices=["mean", "mean_abs"], default="mean", help="mean_abs: each pair's |score| averaged")
+    p.add_argument("--fractions", type=float, nargs="+", default=[0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0],
+                   help="circuit sizes of the faithfulness curves (MIB's by default)")  # fmt: skip
+    p.add_argument("--fraction", type=float, default=0.05, help="the size of the circuit drawn and saved")
+
+
 # ---------------------------------------------------------------------------------- summaries
 def _mediation_summary(results: pd.DataFrame) -> pd.DataFrame:
     from hooked_vlm.experiments import mediation_map
@@ -380,6 +438,7 @@ EXPERIMENTS: dict[str, tuple[Callable, str, Callable]] = {
     "head-mediation": (_experiment(_run_mediation, _mediation_summary, "head_mediation_figure"), "mediation fraction of every head", options.mediation_options),
     "cumulative-head-ablation": (_experiment(_run_cumulative, _cumulative_summary, "cumulative_head_ablation_figure"), "accuracy as the top-ranked heads are removed", options.cumulative_options),
     "position-probe": (_experiment(_run_probe, _probe_summary, "position_probe_figure"), "linear row/column probes per layer", options.probe_options),
+    "edge-circuit": (_run_edge_circuit, "edge-level circuit (EAP-IG) and its faithfulness curve", _extras_edge_circuit),
 }  # fmt: skip
 DESCRIPTIONS = {
     "cumulative-head-ablation": "Heads are ranked by mean mediation fraction (localization MF for --task localization, "
@@ -394,6 +453,8 @@ DESCRIPTIONS = {
     "seeded fifth of their images is held out for scoring. The probes train as the images stream past (nothing is "
     "stored), so each epoch reads the training images again. provenance.json records the model and the images.",
     "attention-knockout": "Windows: contiguous groups of --group-size layers, and 'all'.",
+    "edge-circuit": "Object-removed pairs (the twin composited onto the original), the answer's NLL as metric; writes "
+    "results.csv (every edge's score), summary.csv (faithfulness curves with MIB's CPR and CMD), circuit.pt and figures.",
 }  # fmt: skip
 
 

@@ -66,7 +66,8 @@ def scored_tokens(
 def token_nll(logits: Float[Tensor, "batch pos d_vocab"], input_ids: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos"]:
     """-log p(token t | tokens < t) at every position t >= 1 (position 0 has no prediction: NaN).
     An id outside the vocabulary (original LLaVA's image placeholder, -200) has no probability: NaN."""
-    logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    # at least fp32 (half-precision logits lose digits in the log-sum-exp); fp64 logits stay fp64
+    logprobs = torch.log_softmax(logits[:, :-1].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     targets = input_ids[:, 1:].to(logits.device)
     in_vocab = (targets >= 0) & (targets < logits.shape[-1])
     nll = -logprobs.gather(-1, torch.where(in_vocab, targets, 0)[..., None])[..., 0]

@@ -80,6 +80,7 @@ EXTRA = {
     "position-probe": ["--epochs", "1"],
     "evaluate": ["--task", "list"],
     "cumulative-head-ablation": ["--fractions", "0", "0.25", "--method", "attribution", "--target", "gt"],
+    "edge-circuit": ["--fractions", "0.1", "1", "--steps", "2", "--target", "gt", "--towers", "vision", "language", "--spans"],
 }
 
 

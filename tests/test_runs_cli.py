@@ -142,7 +142,7 @@ COMMAND_FUNCTIONS = {
     "evaluate": ("evaluate", "."), "token-ablation": ("token_ablation", "."), "token-shuffle": ("token_shuffle", "."),
     "object-extension": ("object_extension", "."), "attention-knockout": ("attention_knockout", "."),
     "head-mediation": ("head_mediation", "."), "position-probe": ("position_probe", "."),
-    "cumulative-head-ablation": ("head_mediation", "mediation"),
+    "cumulative-head-ablation": ("head_mediation", "mediation"), "edge-circuit": ("edge_circuit", "."),
 }  # fmt: skip
 
 

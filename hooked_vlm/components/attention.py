@@ -137,6 +137,8 @@ class Attention(nn.Module):
         self.hook_z = HookPoint()
         self.hook_result = HookPoint()
         self.force_eager = False  # set by HookedVLM.set_attention_implementation
+        # per-query-head keys and values (hooked_vlm.circuits.ungrouped_kv); no effect without GQA
+        self.ungroup_kv = False
 
     def forward(
         self,
@@ -153,9 +155,67 @@ class Attention(nn.Module):
         on CPU than with an explicit mask, and what transformers does), and the mask is built only
         when the pattern is materialised. Neither: every query sees every key."""
         b, p, _ = x.shape
-        q = self.hook_q(self.q_proj(x).view(b, p, self.cfg.n_heads, self.cfg.d_head))
-        k = self.hook_k(self.k_proj(x).view(b, p, self.cfg.n_key_value_heads, self.cfg.d_head))
-        v = self.hook_v(self.v_proj(x).view(b, p, self.cfg.n_key_value_heads, self.cfg.d_head))
+        q = self.q_proj(x).view(b, p, self.cfg.n_heads, self.cfg.d_head)
+        k = self.k_proj(x).view(b, p, self.cfg.n_key_value_heads, self.cfg.d_head)
+        v = self.v_proj(x).view(b, p, self.cfg.n_key_value_heads, self.cfg.d_head)
+        return self._attend(q, k, v, rotary=rotary, mask=mask, causal=causal, kv_cache=kv_cache, layer=layer)
+
+    def forward_split(
+        self,
+        xq: Float[Tensor, "batch pos head d_model"],
+        xk: Float[Tensor, "batch pos kv_head d_model"],
+        xv: Float[Tensor, "batch pos kv_head d_model"],
+        *,
+        rotary: tuple[Tensor, Tensor] | None = None,
+        mask: Float[Tensor, "batch 1 pos key_pos"] | None = None,
+        causal: bool = False,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """The per-head input path (TransformerLens's split q/k/v inputs): each query head reads
+        its own (already normalised) input, and so does each key/value head — one per key/value
+        head (`kv_head = n_key_value_heads`) or one per query head (`kv_head = n_heads`, the
+        ungrouped convention, where heads of one group may read different inputs). Same hooks
+        and numerics as `forward` after the projections; with every input equal to `x` it is
+        `forward(x)` up to rounding (the projections are per-head matmuls instead of one)."""
+        q = self._split_projection(xq, self.q_proj)
+        k = self._split_projection(xk, self.k_proj)
+        v = self._split_projection(xv, self.v_proj)
+        return self._attend(q, k, v, rotary=rotary, mask=mask, causal=causal, kv_cache=kv_cache, layer=layer)
+
+    def _split_projection(self, x: Float[Tensor, "batch pos n d_model"], proj: nn.Linear) -> Float[Tensor, "batch pos n d_head"]:
+        weight = self.input_weight(proj, x.shape[2])
+        out = einops.einsum(x, weight, "b p h m, h m d -> b p h d")
+        return out if proj.bias is None else out + self._bias_view(proj, x.shape[2] * self.cfg.d_head // proj.weight.shape[0])
+
+    def input_weight(self, proj: nn.Linear, n: int) -> Float[Tensor, "n d_model d_head"]:
+        """`proj`'s weight per input head, for `n` inputs: one per projected head, or (keys and
+        values of grouped-query attention, `n = n_heads`) one per query head, each group's head
+        repeated (TransformerLens's `W_K`/`W_V` views)."""
+        n_proj = proj.weight.shape[0] // self.cfg.d_head
+        if n not in (n_proj, self.cfg.n_heads):
+            raise ValueError(f"per-head inputs have {n} heads; expected {n_proj} or {self.cfg.n_heads}")
+        weight = einops.rearrange(proj.weight, "(h d) m -> h m d", d=self.cfg.d_head)
+        return weight.repeat_interleave(n // n_proj, dim=0)
+
+    def _attend(
+        self,
+        q: Float[Tensor, "batch pos head d_head"],
+        k: Float[Tensor, "batch pos kv_head d_head"],
+        v: Float[Tensor, "batch pos kv_head d_head"],
+        *,
+        rotary: tuple[Tensor, Tensor] | None,
+        mask: Tensor | None,
+        causal: bool,
+        kv_cache: KVCache | None,
+        layer: int,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        b, p = q.shape[:2]
+        if self.ungroup_kv and k.shape[2] != q.shape[2]:
+            # each query head gets its own copy of its group's key and value (TransformerLens's
+            # `ungroup_grouped_query_attention`): hook_k/hook_v become per query head, outputs unchanged
+            k, v = k.repeat_interleave(self.n_rep, dim=2), v.repeat_interleave(self.n_rep, dim=2)
+        q, k, v = self.hook_q(q), self.hook_k(k), self.hook_v(v)
         if self.cfg.qk_norm is not None:
             q, k = self._apply_qk_norm(self.q_norm, q), self._apply_qk_norm(self.k_norm, k)
         if rotary is not None:
@@ -167,15 +227,16 @@ class Attention(nn.Module):
             k, v = kv_cache.update(layer, k, v)
         if causal and mask is None and k.shape[2] != p:  # SDPA's is_causal aligns the queries with the first keys
             raise ValueError(f"causal=True needs as many queries as keys, got {p} queries and {k.shape[2]} keys: pass an explicit mask")
+        n_rep = q.shape[1] // k.shape[1]
         if self.force_eager or self._pattern_is_hooked():
             if q.device.type == "cpu":  # patterns are large and short-lived: keep freed memory (hooked_vlm.allocator)
                 keep_freed_memory_by_default()
             if causal and mask is None:
                 mask = causal_mask(torch.ones(1, k.shape[2], dtype=torch.bool, device=q.device), p, q.dtype)
-            z = self._eager_attention(q, k, v, mask)
+            z = self._eager_attention(q, k, v, mask, n_rep)
         else:
             z = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.scale, enable_gqa=self.n_rep > 1
+                q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=self.scale, enable_gqa=n_rep > 1
             )
         z = self.hook_z(z.transpose(1, 2))  # [batch, pos, head, d_head]
 
@@ -203,6 +264,8 @@ class Attention(nn.Module):
     def _apply_qk_norm(self, norm: RMSNorm, x: Float[Tensor, "batch pos head d_head"]) -> Tensor:
         if self.cfg.qk_norm == "head":
             return norm(x)
+        if x.shape[-2] * x.shape[-1] != norm.weight.shape[0]:
+            raise NotImplementedError("a full-width q/k norm cannot serve per-query-head keys (ungrouped grouped-query attention)")
         # InternViT-6B normalises the whole projected vector before the head split (pitfall 3)
         return norm(x.flatten(-2)).view(x.shape)
 
@@ -212,15 +275,16 @@ class Attention(nn.Module):
         k: Float[Tensor, "batch kv_head key_pos d_head"],
         v: Float[Tensor, "batch kv_head key_pos d_head"],
         mask: Tensor | None,
+        n_rep: int,
     ) -> Float[Tensor, "batch head pos d_head"]:
-        k, v = repeat_kv(k, self.n_rep), repeat_kv(v, self.n_rep)
+        k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
         # in place: the same values as `(q @ kᵀ) * scale + mask`, two fewer [head, query, key] tensors
         scores = torch.matmul(q, k.transpose(2, 3)).mul_(self.scale)
         if mask is not None:
             scores.add_(mask)
         scores = self.hook_attn_scores(scores)
         if self.cfg.softmax_in_fp32:
-            pattern = F.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+            pattern = F.softmax(scores, dim=-1, dtype=torch.promote_types(q.dtype, torch.float32)).to(q.dtype)
         else:
             pattern = F.softmax(scores, dim=-1)
         pattern = self.hook_pattern(pattern)

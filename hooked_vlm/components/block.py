@@ -28,10 +28,12 @@ class TransformerBlock(nn.Module):
         self.layer_scale = cfg.layer_scale
         # registered in forward order, so that `model.hook_dict` lists hooks as data flows
         self.hook_resid_pre = HookPoint()
+        self.hook_attn_in = HookPoint()
         self.ln1 = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps, cfg.dtype)
         self.attn = Attention(cfg)
         self.hook_attn_out = HookPoint()
         self.hook_resid_mid = HookPoint()
+        self.hook_mlp_in = HookPoint()
         self.ln2 = make_norm(cfg.normalization_type, cfg.d_model, cfg.eps, cfg.dtype)
         self.mlp = MoEMLP(cfg) if cfg.is_moe_layer(layer) else MLP(cfg, cfg.d_mlp_dense if cfg.num_experts else None)
         self.hook_mlp_out = HookPoint()
@@ -50,11 +52,11 @@ class TransformerBlock(nn.Module):
         kv_cache: KVCache | None = None,
     ) -> Float[Tensor, "batch pos d_model"]:
         resid_pre = self.hook_resid_pre(resid_pre)
-        attn_out = self.attn(self.ln1(resid_pre), rotary=rotary, mask=mask, causal=causal, kv_cache=kv_cache, layer=self.layer)
+        attn_out = self.attn(self.ln1(self.hook_attn_in(resid_pre)), rotary=rotary, mask=mask, causal=causal, kv_cache=kv_cache, layer=self.layer)
         if self.layer_scale:
             attn_out = self.lambda_1 * attn_out
         resid_mid = self.hook_resid_mid(resid_pre + self.hook_attn_out(attn_out))
-        mlp_out = self.mlp(self.ln2(resid_mid))
+        mlp_out = self.mlp(self.ln2(self.hook_mlp_in(resid_mid)))
         if self.layer_scale:
             mlp_out = self.lambda_2 * mlp_out
         return self.hook_resid_post(resid_mid + self.hook_mlp_out(mlp_out))

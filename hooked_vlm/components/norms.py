@@ -41,7 +41,7 @@ class RMSNorm(nn.Module):
         self.hook_normalized = HookPoint()  # [..., d_model]
 
     def forward(self, x: Float[Tensor, "... d_model"]) -> Float[Tensor, "... d_model"]:
-        x32 = x.to(torch.float32)
+        x32 = x.to(torch.promote_types(x.dtype, torch.float32))  # fp32 for half precision; fp64 stays fp64
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.hook_normalized(self.weight * x32.to(x.dtype))
 

@@ -6,6 +6,7 @@ rows item by item, resumes after a crash and shares the items among the processe
 from hooked_vlm.experiments.attention_knockout import attention_knockout
 from hooked_vlm.experiments.cumulative_head_ablation import cumulative_head_ablation, normalised_auc
 from hooked_vlm.experiments.data import Sample, as_samples
+from hooked_vlm.experiments.edge_circuit import circuit_faithfulness, edge_circuit
 from hooked_vlm.experiments.evaluate import TASKS, box_format, default_frame, evaluate, summarize
 from hooked_vlm.experiments.frames import calibrate_frame
 from hooked_vlm.experiments.head_mediation import head_mediation, mediation_counts, mediation_map, rank_heads
@@ -36,4 +37,6 @@ __all__ = [
     "object_extension",
     "extension_matrix",
     "attention_knockout",
+    "edge_circuit",
+    "circuit_faithfulness",
 ]

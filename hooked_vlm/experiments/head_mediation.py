@@ -124,15 +124,11 @@ def _pair_rows(
     frame: Frame | None, min_effect: float,
 ) -> list[dict]:
     """One row per head: the mediation fractions of one source/base pair."""
-    if sample.removed_image is None:
-        raise ValueError(f"sample {sample.id} has no object-removed image: mediation needs source/base pairs")
-    if sample.removed_image.size != sample.image.size:
-        raise ValueError(f"sample {sample.id}: the removed image is {sample.removed_image.size}, the source {sample.image.size}")
+    prompt = pair_prompt(sample, task)
     reason = exclusion(sample, box_format(model, frame))
     if reason:  # no answer to score in the model's frame: recorded, the run goes on
         return [{"pair_id": sample.id, "class_name": sample.class_name, "layer": None, "head": None, "mf": float("nan"),
                  "method": method, "task": task, "positions": positions, "excluded": reason}]  # fmt: skip
-    prompt = localization_prompt(sample.class_name) if task == "localization" else binary_prompt(sample.class_name)
     answer, answer_source = _target_answer(model, sample, task, prompt, target, max_new_tokens, frame)
     source = model.prepare(sample.image, prompt, answers=answer)
     base = model.prepare(sample.removed_image, prompt, answers=answer)
@@ -232,6 +228,15 @@ def unreachable_layers(n_layers: int, positions: Tensor, scored: Bool[Tensor, "1
     unreached = torch.full((n_layers,), bool((predicted_at < int(positions.min())).all()))
     unreached[-1] = not bool(torch.isin(predicted_at, positions).any())
     return unreached
+
+
+def pair_prompt(sample: Sample, task: Task) -> str:
+    """The prompt of an object-removed pair, once its twin is checked (present, same size)."""
+    if sample.removed_image is None:
+        raise ValueError(f"sample {sample.id} has no object-removed image: mediation needs source/base pairs")
+    if sample.removed_image.size != sample.image.size:
+        raise ValueError(f"sample {sample.id}: the removed image is {sample.removed_image.size}, the source {sample.image.size}")
+    return localization_prompt(sample.class_name) if task == "localization" else binary_prompt(sample.class_name)
 
 
 def _target_answer(

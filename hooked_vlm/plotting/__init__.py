@@ -14,10 +14,13 @@ one to disk atomically.
   the *original* image, from the `ImageLayout`, so LLaVA's pad/crop and InternVL's tiles and
   squashed thumbnail land where the model's pixels came from.
 - `matrix_plot`: small annotated condition matrices (object extension, §1.5).
+- `circuit_graph`, `node_score_maps`, `span_flow`, `faithfulness_figure`: edge-level circuits
+  (`hooked_vlm.circuits`) across both towers.
 - `evaluate_figure`, `token_ablation_figure`, ..., `position_probe_figure`: one figure per
   experiment, straight from the table it returns (what `hooked-vlm` saves as `figure.png`).
 """
 
+from hooked_vlm.plotting.circuits import circuit_graph, faithfulness_figure, node_score_maps, span_flow
 from hooked_vlm.plotting.charts import head_heatmap, layer_curves, matrix_plot, save_figure, top_heads
 from hooked_vlm.plotting.experiments import (
     attention_knockout_figure,
@@ -35,4 +38,5 @@ __all__ = [
     "save_figure", "head_heatmap", "top_heads", "layer_curves", "matrix_plot", "token_overlay", "attention_to_image",
     "evaluate_figure", "token_ablation_figure", "token_shuffle_figure", "object_extension_figure",
     "attention_knockout_figure", "head_mediation_figure", "cumulative_head_ablation_figure", "position_probe_figure",
+    "circuit_graph", "node_score_maps", "span_flow", "faithfulness_figure",
 ]  # fmt: skip

@@ -47,12 +47,8 @@ class VisionTower(VisionTowerSurface, nn.Module):
         self.blocks = nn.ModuleList([TransformerBlock(cfg, layer) for layer in range(cfg.n_layers)])
         self.hook_features = HookPoint()
 
-    @property
-    def n_tokens(self) -> int:
-        """Tokens per view in `hook_features`."""
-        return self.cfg.n_grid**2 + (self.select_strategy == "full")
-
-    def forward(self, pixel_values: Float[Tensor, "view channel height width"]) -> Float[Tensor, "view token d_features"]:
+    def embed(self, pixel_values: Float[Tensor, "view channel height width"]) -> Float[Tensor, "view token d_model"]:
+        """The residual stream entering the first block: CLS + patches + positions (CLIP: then `ln_pre`)."""
         n, _, height, width = pixel_values.shape
         if height != self.cfg.image_size or width != self.cfg.image_size:
             raise ValueError(
@@ -66,8 +62,15 @@ class VisionTower(VisionTowerSurface, nn.Module):
         cls = self.cls_token.to(patches.device).expand(n, 1, -1)
         pos_embed = self.hook_pos_embed(self.pos_embed[None].to(patches.device))
         embed = self.hook_embed(torch.cat([cls, patches], dim=1) + pos_embed)
-        resid = self.ln_pre(embed.to(self.ln_pre.weight.device)) if self.cfg.ln_pre else embed
+        return self.ln_pre(embed.to(self.ln_pre.weight.device)) if self.cfg.ln_pre else embed
 
+    @property
+    def n_tokens(self) -> int:
+        """Tokens per view in `hook_features`."""
+        return self.cfg.n_grid**2 + (self.select_strategy == "full")
+
+    def forward(self, pixel_values: Float[Tensor, "view channel height width"]) -> Float[Tensor, "view token d_features"]:
+        resid = self.embed(pixel_values)
         hidden_states = {0: resid}  # index k = input of block k = output of block k-1 (HF hidden_states[k])
         for block in self.blocks:
             resid = block(resid.to(block.ln1.weight.device))

@@ -28,7 +28,7 @@ from transformer_lens.utilities import Slice
 from hooked_vlm.allocator import keep_freed_memory_by_default
 from hooked_vlm.cache import VLMActivationCache
 from hooked_vlm.components import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
-from hooked_vlm.components.attention import causal_mask  # noqa: F401 (tests' reference builds its mask with it)
+from hooked_vlm.components.attention import causal_mask, is_plain_causal
 from hooked_vlm.config import HookedVLMConfig
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.prompt_settings import PromptSettings, prepare_kwargs, updated
@@ -241,9 +241,7 @@ class HookedVLM(TransformerLensSurface, HookedRootModule):
         # every caller before `embed_inputs`, so hook_embed/hook_inputs_embeds see it too)
         self.past_length = len(kv_cache) if kv_cache is not None else 0
         dtype, q_len = inputs_embeds.dtype, inputs_embeds.shape[1]
-        # transformers' rule for SDPA (masking_utils._ignore_causal_mask_sdpa): nothing padded and
-        # as many queries as keys, or one query -> no mask, SDPA's is_causal for more than one
-        plain = q_len in (1, attention_mask.shape[1]) and bool(attention_mask.all())
+        plain = is_plain_causal(attention_mask, q_len)  # no mask: SDPA's is_causal, or one query
         causal = plain and q_len > 1
         per_device: dict[torch.device, tuple] = {}  # rotary tables and mask, once per device
         resid = inputs_embeds

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from hooked_vlm.circuits.structure import Structure
 from hooked_vlm.inputs import VLMInput
-from hooked_vlm.model import causal_mask
+from hooked_vlm.components.attention import causal_mask, is_plain_causal
 
 Sources = dict[int, Tensor]  # source group index -> outputs [rows, pos, n, d_model]
 
@@ -100,15 +100,17 @@ def edge_forward(
 
 def _language(model, inputs: VLMInput, patcher: _Patcher, kept: dict, resid: Tensor, start: int) -> Tensor:
     per_device: dict[torch.device, tuple] = {}
+    q_len = resid.shape[1]
+    plain = is_plain_causal(inputs.attention_mask, q_len)  # as the model's forward: SDPA's is_causal, no mask
     for block in model.blocks[start:]:
         device = block.ln1.weight.device
         if device not in per_device:
             rotary = model.rotary(inputs.position_ids.to(device), resid.dtype)
-            per_device[device] = (rotary, causal_mask(inputs.attention_mask.to(device), resid.shape[1], resid.dtype))
+            per_device[device] = (rotary, None if plain else causal_mask(inputs.attention_mask.to(device), q_len, resid.dtype))
         rotary, mask = per_device[device]
-        resid = _block(block, resid.to(device), patcher, "language", kept, rotary=rotary, mask=mask)
+        resid = _block(block, resid.to(device), patcher, "language", kept, rotary=rotary, mask=mask, causal=plain and q_len > 1)
     resid = patcher.patched(resid.to(model.ln_final.weight.device), "language", "logits", model.cfg.n_layers)[:, :, 0]
-    return model.unembed(model.ln_final(resid))
+    return model.final_logits(resid)
 
 
 def _resumed(structure: Structure, patcher: _Patcher, resume: tuple[int, Tensor, Sources]) -> tuple[Tensor, int]:

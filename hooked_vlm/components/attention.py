@@ -336,6 +336,12 @@ class Attention(nn.Module):
         return proj.bias.view(-1, self.cfg.d_head).repeat_interleave(n_rep, dim=0)
 
 
+def is_plain_causal(attention_mask: Int[Tensor, "batch key_pos"], q_len: int) -> bool:
+    """transformers' rule for SDPA (masking_utils._ignore_causal_mask_sdpa): nothing padded and as
+    many queries as keys (SDPA's `is_causal`), or one query (no mask at all): no mask is built."""
+    return q_len in (1, attention_mask.shape[1]) and bool(attention_mask.all())
+
+
 def causal_mask(
     attention_mask: Int[Tensor, "batch key_pos"], q_len: int, dtype: torch.dtype
 ) -> Float[Tensor, "batch 1 pos key_pos"]:

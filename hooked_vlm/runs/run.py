@@ -116,6 +116,8 @@ class Run:
                 launch = launch_record(group.count, len(pending), self.launch)
                 self._write_manifest(current | {"launches": [*launches, launch]})
             group.wait()
+            if not group.is_main:
+                self._check_same_as_main(current, group.index)
             mine = group.share(pending)
             desc = _describe(work, len(work.items) - len(pending), group, progress)
             with shard.appending(tag) as writer, computing():
@@ -143,6 +145,16 @@ class Run:
             return set()
         self._raise_on(differences(recorded, current))
         return set(read_records(self.directory / ROWS, tag))
+
+    def _check_same_as_main(self, current: dict[str, Any], index: int) -> None:
+        """Every process of a launch must compute the run the main process recorded (same
+        arguments, settings, model and items), or their shards could not be merged: said now,
+        naming what differs, rather than after the work."""
+        lines = differences(self._recorded() or {}, current)
+        if lines:
+            shown = "\n  ".join(lines[:12])
+            raise RunMismatch(f"process {index} of this launch does not compute the run its main process recorded in "
+                              f"{self.directory / MANIFEST}:\n  {shown}")  # fmt: skip
 
     def _recorded(self) -> dict[str, Any] | None:
         path = self.directory / MANIFEST

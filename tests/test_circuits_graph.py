@@ -74,9 +74,21 @@ def test_eap_json_round_trips_and_has_eap_ig_s_layout(tmp_path):
     assert torch.allclose(back.scores[back.real], circuit.scores[circuit.real])
 
 
+def test_eap_files_of_a_model_s_graph_carry_its_d_model(tiny_checkpoint, tmp_path):
+    # EAP-IG's Graph.from_json builds neuron-level tensors [n_forward, cfg["d_model"]]: no d_model, no reading
+    model = HookedVLM.from_pretrained(tiny_checkpoint("llava_base"))
+    graph = Graph.from_model(model)
+    assert json.loads(to_eap_json(graph, tmp_path / "g.json").read_text())["cfg"]["d_model"] == model.cfg.text.d_model
+    assert torch.load(to_eap_pt(graph, tmp_path / "g.pt"))["cfg"]["d_model"] == model.cfg.text.d_model
+    assert from_eap_json(tmp_path / "g.json").d_model == model.cfg.text.d_model
+    assert load_graph(save_graph(find_circuit(graph, n_edges=5), tmp_path / "c.pt")).d_model == model.cfg.text.d_model
+    with pytest.raises(ValueError, match="need the language model's d_model"):
+        to_eap_json(Graph.from_shapes(2, 2), tmp_path / "h.json")
+
+
 def test_eap_pt_round_trips(tmp_path):
     circuit = find_circuit(_scored(Graph.from_shapes(3, 2), seed=2), fraction=0.2)
-    back = from_eap_pt(to_eap_pt(circuit, tmp_path / "g.pt"))
+    back = from_eap_pt(to_eap_pt(circuit, tmp_path / "g.pt", d_model=8))
     assert torch.equal(back.scores, circuit.scores) and torch.equal(back.in_circuit, circuit.in_circuit)
 
 

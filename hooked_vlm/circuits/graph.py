@@ -40,20 +40,26 @@ class Graph:
         self.in_circuit: Bool[Tensor, "n_src n_dst *span"] = self.real_mask().clone()
         self.node_in_circuit: Bool[Tensor, "n_src"] = torch.ones(structure.n_src, dtype=torch.bool)
         self.meta: dict = {}
+        # the language model's width: EAP-IG's `Graph.from_json` needs it in the file's cfg
+        self.d_model: int | None = None
         self._src_index = {name: i for i, name in enumerate(structure.src_names)}
         self._dst_index = {name: i for i, name in enumerate(structure.dst_names)}
 
     @classmethod
     def from_model(cls, model, *, towers: Sequence[str] = ("language",), kv: KV = "ungrouped",
                    spans: Sequence[str] | None = None) -> Graph:  # fmt: skip
-        return cls(build_structure(model_shapes(model), towers, kv), spans)
+        graph = cls(build_structure(model_shapes(model), towers, kv), spans)
+        graph.d_model = model.cfg.text.d_model
+        return graph
 
     @classmethod
     def from_shapes(cls, n_layers: int, n_heads: int, n_key_value_heads: int | None = None, *,
-                    kv: KV = "ungrouped", spans: Sequence[str] | None = None) -> Graph:  # fmt: skip
+                    kv: KV = "ungrouped", spans: Sequence[str] | None = None, d_model: int | None = None) -> Graph:  # fmt: skip
         """A language-model graph without a model (e.g. to read MIB files)."""
         shape = TowerShape(n_layers, n_heads, n_key_value_heads or n_heads)
-        return cls(build_structure({"language": shape}, ("language",), kv), spans)
+        graph = cls(build_structure({"language": shape}, ("language",), kv), spans)
+        graph.d_model = d_model
+        return graph
 
     # ------------------------------------------------------------------------------ names
     @property

@@ -20,7 +20,8 @@ from hooked_vlm.circuits.structure import Structure, TowerShape, build_structure
 
 
 def to_eap_json(graph: Graph, path: str | Path, *, d_model: int | None = None) -> Path:
-    """Write EAP-IG's JSON (every node and edge, in EAP-IG's order)."""
+    """Write EAP-IG's JSON (every node and edge, in EAP-IG's order). `d_model` (the language
+    model's width) defaults to the graph's: EAP-IG's `Graph.from_json` cannot read a file without it."""
     _check_mib(graph)
     nodes = {name: {"in_graph": bool(graph.node_in_circuit[i])} for i, name in enumerate(graph.src_names)}
     nodes["logits"] = {"in_graph": True}
@@ -56,7 +57,7 @@ def from_eap_json(path: str | Path) -> Graph:
 
 
 def to_eap_pt(graph: Graph, path: str | Path, *, d_model: int | None = None) -> Path:
-    """Write EAP-IG's `.pt` (dense score and membership matrices, fp32)."""
+    """Write EAP-IG's `.pt` (dense score and membership matrices, fp32); `d_model` as `to_eap_json`."""
     _check_mib(graph)
     data = {"cfg": _cfg(graph, d_model), "src_nodes": list(graph.src_names), "dst_nodes": list(graph.dst_names),
             "edges_scores": graph.scores.float().clone(), "edges_in_graph": graph.in_circuit.clone(),
@@ -82,7 +83,7 @@ def save_graph(graph: Graph, path: str | Path) -> Path:
     """Any graph (both towers, grouped key/values, spans), with its scores, circuit and meta."""
     data = {"format": "hooked_vlm.circuits.graph/1", "structure": graph.structure.describe(), "spans": graph.spans,
             "scores": graph.scores, "in_circuit": graph.in_circuit, "node_in_circuit": graph.node_in_circuit,
-            "meta": json.dumps(graph.meta, default=str)}  # fmt: skip
+            "meta": json.dumps(graph.meta, default=str), "d_model": graph.d_model}  # fmt: skip
     return write_atomically(path, lambda tmp: torch.save(data, tmp))
 
 
@@ -95,6 +96,7 @@ def load_graph(path: str | Path) -> Graph:
     graph = Graph(build_structure(shapes, described["towers"], described["kv"]), data["spans"])
     graph.scores, graph.in_circuit, graph.node_in_circuit = data["scores"], data["in_circuit"], data["node_in_circuit"]
     graph.meta = json.loads(data["meta"])
+    graph.d_model = data.get("d_model")  # absent from files written before it was kept
     return graph
 
 
@@ -111,15 +113,21 @@ def _grouped(s: Structure) -> bool:
 
 
 def _cfg(graph: Graph, d_model: int | None) -> dict:
+    d_model = d_model if d_model is not None else graph.d_model
+    if d_model is None:
+        raise ValueError("EAP-IG's files need the language model's d_model in their cfg and this graph does not know it "
+                         "(built without a model): pass d_model=")  # fmt: skip
+    if graph.d_model is not None and d_model != graph.d_model:
+        raise ValueError(f"d_model={d_model} but the graph was built for a language model of width {graph.d_model}")
     shape = graph.structure.shapes["language"]
-    cfg = {"n_layers": shape.n_layers, "n_heads": shape.n_heads, "parallel_attn_mlp": False}
-    return cfg if d_model is None else {**cfg, "d_model": d_model}
+    return {"n_layers": shape.n_layers, "n_heads": shape.n_heads, "parallel_attn_mlp": False, "d_model": int(d_model)}
 
 
 def _empty(cfg: dict, path) -> Graph:
     if cfg.get("parallel_attn_mlp"):
         raise ValueError(f"{path}: graphs of models with parallel attention and MLP are not supported")
-    graph = Graph.from_shapes(int(cfg["n_layers"]), int(cfg["n_heads"]))
+    d_model = cfg.get("d_model")
+    graph = Graph.from_shapes(int(cfg["n_layers"]), int(cfg["n_heads"]), d_model=None if d_model is None else int(d_model))
     graph.in_circuit[:] = False
     graph.node_in_circuit[:] = False
     return graph

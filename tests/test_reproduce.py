@@ -120,3 +120,16 @@ def test_paper_models_are_recognised_by_name():
     assert paper.paper_model("liuhaotian/llava-v1.5-13b") == "LLaVA-1.5-13B"
     assert paper.paper_model("OpenGVLab/InternVL3_5-8B-HF") == "InternVL3.5-8B"
     assert paper.paper_model("toy-llava") is None
+
+
+def test_a_rerun_on_other_data_at_the_same_path_is_refused(tmp_path):
+    """A finished part is read back only for the same samples: an annotation file (or control
+    set) rebuilt at the same path is other data, not the finished part's."""
+    annotations = toy_dataset("toy-llava", 2, seed=0, split="reproduce").export_coco(tmp_path / "data")
+    command = ["reproduce", "--model", "toy-llava", "--coco", str(annotations), "--images", str(tmp_path / "data" / "images"),
+               "--removed", str(tmp_path / "data" / "removed"), "--filters", "none", "--limit", "1", "--only", "baseline",
+               "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(command) == 0
+    toy_dataset("toy-llava", 2, seed=1, split="reproduce").export_coco(tmp_path / "data")  # other scenes, same paths
+    with pytest.raises(SystemExit, match=r"arguments\.data"):
+        main(command)

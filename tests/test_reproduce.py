@@ -59,6 +59,23 @@ def test_each_part_writes_a_csv_with_the_published_numbers_and_ours(done):
     assert random.sd.notna().all()  # three seeds: mean ± sd
 
 
+def test_the_reported_numbers_are_the_runs_rows_averaged(done):
+    """Table 1's list column of each toy, recomputed from the rows its runs recorded: the mean
+    over samples, then over seeds (random 8%: three seeds, their sd)."""
+    from hooked_vlm.runs.records import read_shard, shard_files
+
+    table1 = pd.read_csv(done / "table1.csv").query("source == 'ours' and task == 'list'")
+    for model in MODELS:
+        records = [r for f in shard_files(done / model / "table1" / "list" / "rows") for _, rows, _ in read_shard(f)[0] for r in rows]
+        rows = pd.DataFrame(records).assign(stem=lambda t: t.condition.str.replace(r" s\d+$", "", regex=True))
+        per_seed = rows.groupby(["stem", "condition"])["correct"].mean() * 100
+        ours = table1[table1.model == model].set_index("row")
+        assert ours.loc["object", "value"] == pytest.approx(per_seed["object+0"].mean())
+        assert ours.loc["register", "value"] == pytest.approx(per_seed["register"].mean())
+        assert ours.loc["random 8%", "value"] == pytest.approx(per_seed["random 8%"].mean())
+        assert ours.loc["random 8%", "sd"] == pytest.approx(per_seed["random 8%"].std(), nan_ok=True)
+
+
 def test_table3_is_internvls_alone(done):
     ours = pd.read_csv(done / "table3.csv").query("source == 'ours'")
     assert set(ours.model) == {"toy-internvl"}

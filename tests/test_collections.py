@@ -165,6 +165,14 @@ def test_a_mean_loads_onto_its_model_in_another_dtype(toy, imagenet_val, tmp_pat
     assert loaded.provenance["images"]["count"] == 6
 
 
+def test_a_mean_of_images_prepared_otherwise_warns_naming_the_setting(toy, imagenet_val, tmp_path):
+    path = iv.save_mean(iv.compute_mean_embedding(toy, ImageFolder(imagenet_val), progress=False), tmp_path / "mean.pt")  # pad
+    cropping = HookedVLM.from_pretrained("toy-llava")
+    cropping.use_settings(image_mode="crop")
+    with pytest.warns(UserWarning, match=r"image_mode='pad'.*image_mode='crop'"):
+        iv.load_mean(path, cropping)
+
+
 def test_a_mean_of_another_model_is_an_error_naming_both(tiny_checkpoint, imagenet_val, tmp_path):
     first = HookedVLM.from_pretrained(tiny_checkpoint("llava_base"))
     twin = HookedVLM.from_pretrained(build_tiny_llava(tmp_path / "llava_seed_5", seed=5, key_layout="legacy"))  # same architecture

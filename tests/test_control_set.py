@@ -131,6 +131,7 @@ def test_preprocessing_reaches_prepare_and_is_recorded(subset, export, monkeypat
     control = build_control_set([model], subset[:4], export[1] / "removed", preprocessing={"image_mode": "crop"}, progress=False)
     assert seen and set(seen) == {"crop"} and model.preprocessing.image_mode == "pad"  # restored
     assert control.manifest["models"][0]["preprocessing"]["image_mode"] == "crop"
+    assert control.manifest["models"][0]["prompt_settings"]["image_mode"] == "crop"  # not the checkpoint's "pad"
     with pytest.raises(ValueError, match="llava preprocessing has no setting max_tiles"):
         build_control_set([model], subset[:4], export[1] / "removed", preprocessing={"max_tiles": 6}, progress=False)
 

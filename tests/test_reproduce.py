@@ -59,6 +59,23 @@ def test_each_part_writes_a_csv_with_the_published_numbers_and_ours(done):
     assert random.sd.notna().all()  # three seeds: mean ± sd
 
 
+def test_the_reported_numbers_are_the_runs_rows_averaged(done):
+    """Table 1's list column of each toy, recomputed from the rows its runs recorded: the mean
+    over samples, then over seeds (random 8%: three seeds, their sd)."""
+    from hooked_vlm.runs.records import read_shard, shard_files
+
+    table1 = pd.read_csv(done / "table1.csv").query("source == 'ours' and task == 'list'")
+    for model in MODELS:
+        records = [r for f in shard_files(done / model / "table1" / "list" / "rows") for _, rows, _ in read_shard(f)[0] for r in rows]
+        rows = pd.DataFrame(records).assign(stem=lambda t: t.condition.str.replace(r" s\d+$", "", regex=True))
+        per_seed = rows.groupby(["stem", "condition"])["correct"].mean() * 100
+        ours = table1[table1.model == model].set_index("row")
+        assert ours.loc["object", "value"] == pytest.approx(per_seed["object+0"].mean())
+        assert ours.loc["register", "value"] == pytest.approx(per_seed["register"].mean())
+        assert ours.loc["random 8%", "value"] == pytest.approx(per_seed["random 8%"].mean())
+        assert ours.loc["random 8%", "sd"] == pytest.approx(per_seed["random 8%"].std(), nan_ok=True)
+
+
 def test_table3_is_internvls_alone(done):
     ours = pd.read_csv(done / "table3.csv").query("source == 'ours'")
     assert set(ours.model) == {"toy-internvl"}
@@ -120,3 +137,16 @@ def test_paper_models_are_recognised_by_name():
     assert paper.paper_model("liuhaotian/llava-v1.5-13b") == "LLaVA-1.5-13B"
     assert paper.paper_model("OpenGVLab/InternVL3_5-8B-HF") == "InternVL3.5-8B"
     assert paper.paper_model("toy-llava") is None
+
+
+def test_a_rerun_on_other_data_at_the_same_path_is_refused(tmp_path):
+    """A finished part is read back only for the same samples: an annotation file (or control
+    set) rebuilt at the same path is other data, not the finished part's."""
+    annotations = toy_dataset("toy-llava", 2, seed=0, split="reproduce").export_coco(tmp_path / "data")
+    command = ["reproduce", "--model", "toy-llava", "--coco", str(annotations), "--images", str(tmp_path / "data" / "images"),
+               "--removed", str(tmp_path / "data" / "removed"), "--filters", "none", "--limit", "1", "--only", "baseline",
+               "--out", str(tmp_path / "out")]  # fmt: skip
+    assert main(command) == 0
+    toy_dataset("toy-llava", 2, seed=1, split="reproduce").export_coco(tmp_path / "data")  # other scenes, same paths
+    with pytest.raises(SystemExit, match=r"arguments\.data"):
+        main(command)

@@ -150,7 +150,8 @@ def build_control_set(
         model = _load(given, dtype, device)
         with with_preprocessing(model, preprocessing) as settings:
             verdicts = model_verdicts(model, pairs, task, arguments["max_new_tokens"], batch_size, progress)
-        record = model_identity(model) | {"preprocessing": settings, "verdicts": verdicts}
+            # inside the block: the identity's prompt settings are the ones the verdicts were made under
+            record = model_identity(model) | {"preprocessing": settings, "verdicts": verdicts}
         records.append(partial.add(record))
         del model
         _release()

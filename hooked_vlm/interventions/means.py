@@ -30,6 +30,7 @@ from hooked_vlm.provenance import (
     code_version,
     model_fingerprint,
     model_identity,
+    preprocessing_settings,
     with_preprocessing,
     write_atomically,
 )
@@ -179,6 +180,16 @@ def load_mean(path: str | Path, model=None) -> MeanEmbedding:
     return mean
 
 
+def _warn_if_other_images(mean: MeanEmbedding, model, where: str) -> None:
+    """Warn when the mean's images were prepared otherwise than this model's now (pad or crop, tile
+    limit, sizes): its image tokens are other vectors. The template does not reach them."""
+    recorded, now = mean.provenance.get("preprocessing") or {}, preprocessing_settings(model)
+    differ = sorted(k for k in recorded.keys() & now.keys() if k != "template" and recorded[k] != now[k])
+    if differ:
+        warnings.warn(f"{where} was computed on images prepared with {', '.join(f'{k}={recorded[k]!r}' for k in differ)}; "
+                      f"this model prepares them with {', '.join(f'{k}={now[k]!r}' for k in differ)}", stacklevel=4)  # fmt: skip
+
+
 def check_mean_fits(mean: MeanEmbedding, model, hook: str, where: str = "the mean") -> None:
     """Refuse a mean of another shape than `hook`'s, or computed on another model (by its
     provenance; a mean without one only warns when the architecture differs)."""
@@ -192,6 +203,7 @@ def check_mean_fits(mean: MeanEmbedding, model, hook: str, where: str = "the mea
         warnings.warn(f"using a mean computed at {mean.hook} to ablate {hook}", stacklevel=3)
     if "model" in mean.provenance:
         check_same_model(mean.provenance["model"], model, where)
+        _warn_if_other_images(mean, model, where)
         return
     fingerprint, description = model_fingerprint(model)
     if mean.fingerprint != fingerprint:

@@ -29,6 +29,7 @@ from typing import Any, Sequence
 import pandas as pd
 import torch
 
+from hooked_vlm.experiments.data import sample_sources
 from hooked_vlm.reproduce.parts import NEEDS_MEAN, PARTS, Context, slug
 from hooked_vlm.reproduce.report import write_report
 
@@ -72,6 +73,9 @@ def reproduce(
     source = {"coco": coco, "images": images, "removed": removed, "pairs": pairs, "imagenet": imagenet, "filters": filters,
               "limit": limit, "imagenet_limit": imagenet_limit, "cma_pairs": cma_pairs, "ig_steps": ig_steps, "seed": seed}  # fmt: skip
     source = {k: str(Path(v).resolve()) if k in ("coco", "images", "removed", "pairs", "imagenet") and v else v for k, v in source.items()}
+    # what the samples are, not only where they were read: a control set or annotation file rebuilt
+    # at the same path is other data, and a finished part must not be read back for it
+    source["data"] = sample_sources(data).data
     ours, described = [], []
     for name in models:
         model = _load(name, settings, dtype, device)

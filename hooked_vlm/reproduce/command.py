@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--settings", choices=["paper", "checkpoint"], default="paper",
                    help="prompt settings: the paper's (pad / 6 tiles, each model's own template) or each checkpoint's own")  # fmt: skip
     p.add_argument("--filters", choices=["paper", "none"], default="paper", help="COCO object filters without --pairs")
-    p.add_argument("--limit", type=int, default=None, help="the first N samples of every part (a quick run)")
+    p.add_argument("--limit", type=int, default=None, help="N samples of every part, a seeded random subset (a quick run)")
     p.add_argument("--cma-pairs", type=int, default=50, help="pairs for causal mediation, drawn with --seed (the paper's 50)")
     p.add_argument("--ig-steps", type=int, default=50, help="integrated-gradients steps")
     p.add_argument("--seed", type=int, default=0)

@@ -63,8 +63,8 @@ def reproduce(
     """Run the selected parts on every model (loaded one at a time) and write the report; returns
     the path of report.md. Data: the control set `pairs` (a `control-set` manifest) read with
     `coco`, `images` and `removed`; or the COCO annotations (`filters`: "paper" or "none") paired
-    with their object-removed twins in `removed`. `limit`: N samples of every part (a seeded random subset, as every experiment draws it)
-    (CMA draws `cma_pairs` of them at random with `seed`). `imagenet`: the image collection the
+    with their object-removed twins in `removed`. `limit`: N samples of every part, a seeded
+    random subset as every experiment draws it (CMA draws `cma_pairs` at random with `seed`). `imagenet`: the image collection the
     mean visual embedding is averaged over (`imagenet_limit` images), needed by table1 and table3."""
     parts = _check(models, only, settings, imagenet)
     out = Path(out)

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import hashlib
 import importlib.metadata
-import os
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping
 
@@ -165,17 +164,3 @@ def code_version() -> str:
         return "unknown"
 
 
-def write_atomically(path: str | Path, write: Callable[[Any], Any]) -> None:
-    """`write(file)` into a hidden temporary file in `path`'s folder, flushed to disk and renamed
-    over `path`: readers see the old file or the whole new one, never a part, whenever the writer
-    dies (a temporary left by a killed process ends in .part, which the readers here ignore)."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.part")
-    try:
-        with open(temporary, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)

@@ -35,7 +35,8 @@ import pandas as pd
 import torch
 
 from hooked_vlm.data.coco import CocoSubset, ObjectRemovedPairs, pair_with_removed
-from hooked_vlm.provenance import Preprocessing, code_version, model_identity, with_preprocessing, write_atomically
+from hooked_vlm.provenance import Preprocessing, code_version, model_identity, with_preprocessing
+from hooked_vlm.runs.files import write_file_atomically
 
 FORMAT = "hooked_vlm control set"
 FORMAT_VERSION = 1
@@ -279,7 +280,7 @@ class _Partial:
 
 def _write_json(path: Path, payload: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
+    write_file_atomically(path, lambda f: f.write(json.dumps(payload, indent=1).encode()))
 
 
 def control_set_dataset(path: str | Path, *, coco: str | None = None, images: str | None = None, removed: str | None = None):

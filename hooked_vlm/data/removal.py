@@ -40,7 +40,8 @@ from tqdm.auto import tqdm
 from hooked_vlm.data.coco import CocoItem, removed_image_paths
 from hooked_vlm.data.inpainters import Inpainter, LamaInpainter, OpenCVInpainter
 from hooked_vlm.data.shapes import dilate_mask
-from hooked_vlm.provenance import code_version, write_atomically
+from hooked_vlm.provenance import code_version
+from hooked_vlm.runs.files import write_file_atomically
 
 DEFAULT_DILATION = 5  # pixels (Chebyshev): LaMa's own object-removal masks are dilated by a few pixels
 SETTINGS_FILE = "removal.json"
@@ -143,8 +144,8 @@ def _check_settings(out: Path, settings: dict, overwrite: bool) -> set[int]:
 
 
 def _write_settings(out: Path, settings: dict) -> None:
-    write_atomically(out / SETTINGS_FILE, lambda f: f.write(json.dumps(settings | {"hooked_vlm": code_version()}, indent=1).encode()))
+    write_file_atomically(out / SETTINGS_FILE, lambda f: f.write(json.dumps(settings | {"hooked_vlm": code_version()}, indent=1).encode()))
 
 
 def _save_png_atomically(pixels: UInt8[np.ndarray, "height width 3"], path: Path) -> None:
-    write_atomically(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))
+    write_file_atomically(path, lambda f: Image.fromarray(pixels).save(f, format="PNG"))

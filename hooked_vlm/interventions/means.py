@@ -32,8 +32,8 @@ from hooked_vlm.provenance import (
     model_identity,
     preprocessing_settings,
     with_preprocessing,
-    write_atomically,
 )
+from hooked_vlm.runs.files import write_file_atomically
 
 FORMAT_VERSION = 2  # 2: with `provenance`; files of version 1 still load
 
@@ -162,7 +162,7 @@ def save_mean(mean: MeanEmbedding, path: str | Path) -> Path:
     one file, atomically (a crash never leaves a truncated file)."""
     path = Path(path)
     payload = asdict(mean) | {"vector": mean.vector.detach().cpu(), "format_version": FORMAT_VERSION}
-    write_atomically(path, lambda f: torch.save(payload, f))
+    write_file_atomically(path, lambda f: torch.save(payload, f))
     return path
 
 

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Literal, Union
+from typing import Any, Literal, Union
 
 import numpy as np
 import pandas as pd
@@ -19,6 +17,8 @@ from matplotlib.patches import Rectangle
 from matplotlib.ticker import MaxNLocator
 from matplotlib.transforms import blended_transform_factory
 from torch import Tensor
+
+from hooked_vlm.runs.files import write_file_atomically
 
 
 ArrayLike = Union[Tensor, np.ndarray, Sequence[float]]
@@ -36,25 +36,7 @@ def save_figure(fig: Figure, path: str | Path, *, dpi: int = 150) -> Path:
     the previous file or nothing, never a truncated image that a later script would trust."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
-    return write_atomically(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
-
-
-def write_atomically(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
-    """Call `write(file)` on a temporary file next to `path`, then rename it over `path`: a
-    failure leaves the previous file or none, never a truncated one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        # os.open applies the umask, so the final file gets ordinary permissions (mkstemp: 0600)
-        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return write_file_atomically(path, lambda f: fig.savefig(f, format=fmt, dpi=dpi))
 
 
 # ----------------------------------------------------------------------------- layer x head maps

@@ -6,7 +6,7 @@ import contextlib
 import os
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 
 @contextlib.contextmanager
@@ -36,6 +36,14 @@ def write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     `write_atomically(out / "summary.csv", summary.to_csv)`."""
     with atomic_path(path) as tmp:
         write(tmp)
+    return Path(path)
+
+
+def write_file_atomically(path: str | Path, write: Callable[[BinaryIO], Any]) -> Path:
+    """`write(binary file)` for writers that take an open file (`fig.savefig`, PIL's `save`,
+    bytes), then the rename of `atomic_path`."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as file:
+        write(file)
     return Path(path)
 
 

@@ -27,7 +27,7 @@ import numpy as np
 from matplotlib import colormaps
 from PIL import Image
 
-from hooked_vlm.plotting.charts import write_atomically
+from hooked_vlm.runs.files import write_file_atomically
 
 if TYPE_CHECKING:
     from hooked_vlm.viewer.view import AttentionView
@@ -166,7 +166,7 @@ def notebook_frame(page: str) -> str:
 def write_page(path: Path, content: str | bytes) -> Path:
     """Write a page (or its screenshot) atomically: the previous file or none after a failure."""
     data = content.encode("utf-8") if isinstance(content, str) else content
-    return write_atomically(path, lambda f: f.write(data))
+    return write_file_atomically(path, lambda f: f.write(data))
 
 
 def _package_text(name: str) -> str:

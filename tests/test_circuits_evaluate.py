@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from circuit_pairs import load, make_pair
+from circuit_pairs import load, make_pair, rel_err
 
 from hooked_vlm.circuits import (
     MIB_FRACTIONS,
@@ -17,10 +17,12 @@ from hooked_vlm.circuits import (
     faithfulness_curve,
     find_circuit,
     mib_scores,
+    edge_forward,
     source_outputs,
     ungrouped_kv,
 )
 from hooked_vlm.circuits.exact import edge_forward_metric
+from hooked_vlm.circuits.forward import _PlainPatcher
 from hooked_vlm.patching import naive_head_patching
 
 BOTH = ("vision", "language")
@@ -150,6 +152,76 @@ def test_removing_every_outgoing_edge_of_a_head_is_patching_the_head(setup):
 
     with torch.no_grad():
         assert edge_forward_metric(model, pair, graph, weights).item() == pytest.approx(_metric(model, pair, [(name, patch)]), rel=1e-10)
+
+
+# ------------------------------------------------- a plain evaluation patches only what differs
+def _weights(graph, density, generator) -> torch.Tensor:
+    """Real edges patched with probability `density` (0/1), or fractional weights ("mixed")."""
+    shape = graph.scores.shape
+    if density == "mixed":
+        weights = torch.rand(shape, generator=generator, dtype=torch.float64)
+    else:
+        weights = (torch.rand(shape, generator=generator, dtype=torch.float64) < density).double()
+    return weights * graph.real
+
+
+@pytest.mark.parametrize("towers, kv", [(("language",), "ungrouped"), (BOTH, "grouped"), (BOTH, "ungrouped")])
+def test_a_plain_evaluation_equals_the_general_edge_forward(setup, towers, kv):
+    """Without gradients, copies or spans, each destination reads this run's stream or the
+    corrupted run's (x + Σ_u Δ_u over every parent is the corrupted stream) plus only the
+    differences it needs; with gradients enabled every difference is weighted. Both agree for
+    weights mostly kept, mostly patched, half and half and fractional; the few-kept-edges case
+    (a small circuit, noising) reads the corrupted streams and needs few sources."""
+    model, pair = setup
+    graph = Graph.from_model(model, towers=towers, kv=kv)
+    with torch.no_grad():
+        _, corrupted = source_outputs(model, pair.corrupted, graph.structure)
+    generator = torch.Generator().manual_seed(0)
+    for density in (0.02, 0.5, 0.98, 1.0, "mixed"):
+        weights = _weights(graph, density, generator)
+        with torch.no_grad():
+            plain = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+        with torch.enable_grad():  # the general path: every difference, every destination per head
+            general = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+        assert rel_err(plain, general) < 1e-10, density
+        if density in (0.98, 1.0):
+            patcher = _PlainPatcher(graph.structure, weights, corrupted, use_streams=True)
+            bases = [base for plan in patcher.plans.values() for base in plan.bases]
+            from_corrupted = sum(len(plan.unpatched.get(1, ())) for plan in patcher.plans.values()) + sum(bases)
+            assert from_corrupted > 0.9 * graph.n_dst  # nearly every destination starts from the corrupted stream
+            if density == 1.0:  # the empty circuit: nothing to patch, no difference computed
+                assert not bases and not patcher.needed.any()
+
+
+def test_a_plain_evaluation_with_hooks_that_edit_the_stream_patches_this_run_s_stream(setup):
+    """A hook editing a residual stream breaks "x + Σ Δ = the corrupted stream": with hooks
+    attached (passed or already on the model) the plain path starts from this run's stream."""
+    model, pair = setup
+    graph = Graph.from_model(model)
+    hooks = [("blocks.1.hook_resid_pre", lambda x, hook: x * 1.5)]
+    with torch.no_grad():
+        _, corrupted = source_outputs(model, pair.corrupted, graph.structure, hooks)
+    weights = _weights(graph, 0.9, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = edge_forward(model, pair.clean, graph.structure, weights, corrupted, fwd_hooks=hooks)
+        with model.hooks(fwd_hooks=hooks):
+            attached = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+    with torch.enable_grad():
+        general = edge_forward(model, pair.clean, graph.structure, weights, corrupted, fwd_hooks=hooks)
+    assert rel_err(plain, general) < 1e-10 and rel_err(attached, general) < 1e-10
+
+
+def test_a_plain_evaluation_in_bf16_is_the_general_one(tiny_checkpoint, photos):
+    model = load(tiny_checkpoint, "internvl_6b", dtype=torch.bfloat16)
+    pair = make_pair(model, photos["chelsea"])
+    graph = Graph.from_model(model, towers=BOTH)
+    with torch.no_grad():
+        _, corrupted = source_outputs(model, pair.corrupted, graph.structure)
+        weights = _weights(graph, 0.95, torch.Generator().manual_seed(2)).float()
+        plain = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+    with torch.enable_grad():
+        general = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+    assert plain.dtype == torch.bfloat16 and rel_err(plain, general) < 0.05
 
 
 # ------------------------------------------------------------------------- curves, CPR, CMD

@@ -15,15 +15,26 @@ Weights may be fractional or require gradients: ∂M/∂w at w = 0 is EAP's scor
 `weights` is `[n_src, n_dst]`, or `[copies, n_src, n_dst]` to run `copies` differently patched
 copies of a batch-1 input side by side, with a trailing span axis when positions are split into
 spans (`hooked_vlm.circuits.spans`).
+
+A plain evaluation (no copies, spans or gradients: `evaluate_circuit`, `faithfulness_curve`)
+computes only what the weights change. Summed over every parent, the differences give the
+corrupted run's own stream, x + Σ_u (ã_u − a_u) = x̃ (`Sources.streams`), so a destination
+whose edges are mostly patched reads x̃ − Σ_u (1 − w[u, v]) · (ã_u − a_u) instead: a small
+circuit evaluated by noising adds the differences of its few kept edges to the corrupted
+streams. Destinations without a patch share one norm and projection, as in the plain forward,
+and the differences (and per-head results) no destination needs are never computed. With a
+hook attached that could edit a stream, every destination starts from this run's stream.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import einops
 import torch
 import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
@@ -31,23 +42,34 @@ from hooked_vlm.circuits.structure import Structure
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.components.attention import causal_mask, is_plain_causal
 
-Sources = dict[int, Tensor]  # source group index -> outputs [rows, pos, n, d_model]
+
+class Sources(dict):
+    """Source group index -> that source's outputs `[rows, pos, n, d_model]` in one run, and in
+    `streams` the residual stream each destination group reads in that run, before its norm
+    (`(tower, key, layer)` -> `[rows, pos, d_model]`; "q", "k" and "v" of a layer share one)."""
+
+    def __init__(self, outputs: dict[int, Tensor], streams: dict[tuple[str, str, int], Tensor] | None = None):
+        super().__init__(outputs)
+        self.streams = streams or {}
 
 
 def source_outputs(model, inputs: VLMInput, structure: Structure, fwd_hooks=()) -> tuple[Tensor, Sources]:
     """A plain forward of `inputs` keeping every source's output (`[rows, pos, n, d_model]`;
     vision rows are views): heads from `hook_result` (times InternViT's layer scale), MLPs from
     `hook_mlp_out`, inputs from `hook_inputs_embeds` (the language model; its image positions are
-    the projector's output when the vision tower is in the graph) or the tower's first residual."""
+    the projector's output when the vision tower is in the graph) or the tower's first residual;
+    and the residual stream every destination reads (`Sources.streams`)."""
     kept: dict[str, Tensor] = {}
 
     def keep(x: Tensor, hook) -> None:
         kept[hook.name] = x
 
-    names = [name for name, _ in _source_hooks(model, structure)]
+    streams = _stream_hooks(model, structure)
+    names = [name for name, _ in _source_hooks(model, structure)] + list(streams)
     with model.hooks(fwd_hooks=list(fwd_hooks) + [(name, keep) for name in names]):
         logits = model(inputs)
-    return logits, {group: fn(kept, inputs) for group, fn in _source_readers(model, structure).items()}
+    outputs = {group: fn(kept, inputs) for group, fn in _source_readers(model, structure).items()}
+    return logits, Sources(outputs, {key: kept[name] for name, keys in streams.items() for key in keys})
 
 
 def edge_forward(
@@ -70,6 +92,12 @@ def edge_forward(
     before it would reproduce. `embeds`: the plain run's `hook_inputs_embeds` of `inputs`
     (language-model graphs, no copies), so that the vision tower does not run again."""
     patcher = _Patcher(structure, weights, corrupted, span_index)
+    if patcher.plain:
+        # the other run's streams stand for "x + every difference" only if no hook edits them
+        use_streams = (
+            bool(corrupted.streams if isinstance(corrupted, Sources) else False) and not fwd_hooks and not _has_hooks(model)
+        )
+        patcher = _PlainPatcher(structure, weights, corrupted, use_streams)
     if embeds is not None and ("vision" in structure.towers or patcher.copies or resume is not None):
         raise ValueError("embeds= is for language-model graphs without copies or resume")
     pixel_values = inputs.pixel_values
@@ -81,7 +109,7 @@ def edge_forward(
         kept[hook.name] = x
 
     results = [(f"{'vision.' if t == 'vision' else ''}blocks.{l}.attn.hook_result", keep)
-               for t in structure.towers for l in range(structure.shapes[t].n_layers)]  # fmt: skip
+               for t in structure.towers for l in range(structure.shapes[t].n_layers) if patcher.needs(t, "heads", l)]  # fmt: skip
     with model.hooks(fwd_hooks=list(fwd_hooks) + results):
         model.past_length = 0
         if resume is not None:
@@ -146,17 +174,23 @@ def _add_inputs(model, patcher: _Patcher, structure: Structure, embeds: Tensor, 
     patcher.add("projector", "projector", -1, torch.where(image, embeds, 0.0)[:, :, None])
 
 
-def _block(block, resid: Tensor, patcher: _Patcher, tower: str, kept: dict, **attn_kwargs) -> Tensor:
+def _block(block, resid: Tensor, patcher: _Patcher | _PlainPatcher, tower: str, kept: dict, **attn_kwargs) -> Tensor:
     """One transformer block with per-destination inputs (`TransformerBlock.forward`, split)."""
     layer = block.layer
     resid_pre = block.hook_resid_pre(resid)
     x = block.hook_attn_in(resid_pre)
-    q, k, v = (block.ln1(patcher.patched(x, tower, key, layer)) for key in ("q", "k", "v"))
-    attn_out = block.attn.forward_split(q, k, v, layer=layer, **attn_kwargs)
-    heads = kept.pop(block.attn.hook_result.name)
+    if isinstance(patcher, _PlainPatcher):
+        q, k, v = (_projected(block, patcher.inputs(x, tower, key, layer), key) for key in ("q", "k", "v"))
+        attn_out = block.attn.attend(q, k, v, layer=layer, **attn_kwargs)
+    else:
+        q, k, v = (block.ln1(patcher.patched(x, tower, key, layer)) for key in ("q", "k", "v"))
+        attn_out = block.attn.forward_split(q, k, v, layer=layer, **attn_kwargs)
+    heads = kept.pop(block.attn.hook_result.name, None)
     if block.layer_scale:
-        attn_out, heads = block.lambda_1 * attn_out, block.lambda_1 * heads
-    patcher.add(tower, "heads", layer, heads)
+        attn_out = block.lambda_1 * attn_out
+        heads = None if heads is None else block.lambda_1 * heads
+    if heads is not None:
+        patcher.add(tower, "heads", layer, heads)
     resid_mid = block.hook_resid_mid(resid_pre + block.hook_attn_out(attn_out))
     x = patcher.patched(block.hook_mlp_in(resid_mid), tower, "mlp", layer)[:, :, 0]
     mlp_out = block.mlp(block.ln2(x))
@@ -167,8 +201,176 @@ def _block(block, resid: Tensor, patcher: _Patcher, tower: str, kept: dict, **at
     return block.hook_resid_post(resid_mid + mlp_out)
 
 
+def _projected(block, inputs: _Inputs, key: str) -> Float[Tensor, "rows pos n d_head"]:
+    """A layer's queries, keys or values from its destinations' inputs: the columns reading an
+    unpatched stream share one norm and one projection (of the heads they need), each patched
+    column is normalised and projected on its own (`Attention.forward_split`'s per-head path)."""
+    attn = block.attn
+    proj = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}[key]
+    n_proj = proj.weight.shape[0] // attn.cfg.d_head
+    rep = inputs.n // n_proj  # > 1: per-query-head keys and values of grouped-query attention (ungrouped)
+    parts: list[tuple[list[int], Tensor]] = []
+    for stream, columns in inputs.unpatched:
+        heads = sorted({c // rep for c in columns})
+        normed = block.ln1(stream)
+        if len(heads) == n_proj:
+            y = proj(normed)
+        else:
+            rows = torch.tensor([h * attn.cfg.d_head + i for h in heads for i in range(attn.cfg.d_head)], device=normed.device)
+            y = F.linear(normed, proj.weight[rows], None if proj.bias is None else proj.bias[rows])
+        y = y.view(*y.shape[:2], len(heads), attn.cfg.d_head)
+        index = [heads.index(c // rep) for c in columns]
+        parts.append((columns, y if index == list(range(len(heads))) else y[:, :, index]))
+    if inputs.patched:
+        weight = attn.input_weight(proj, inputs.n)[inputs.patched]
+        y = einops.einsum(block.ln1(inputs.patch_inputs), weight, "r p h m, h m d -> r p h d")
+        if proj.bias is not None:
+            y = y + proj.bias.view(n_proj, -1).repeat_interleave(rep, dim=0)[inputs.patched]
+        parts.append((inputs.patched, y))
+    if len(parts) == 1 and parts[0][0] == list(range(inputs.n)):
+        return parts[0][1]
+    first = parts[0][1]
+    out = first.new_empty(*first.shape[:2], inputs.n, first.shape[-1])
+    for columns, y in parts:
+        out[:, :, columns] = y
+    return out
+
+
+@dataclass
+class _Inputs:
+    """The inputs of one destination group's `n` columns: `unpatched` lists (stream, columns)
+    of the columns reading a stream as it is; `patched` columns read `patch_inputs[:, :, i]`."""
+
+    n: int
+    unpatched: list[tuple[Tensor, list[int]]]
+    patched: list[int]
+    patch_inputs: Tensor | None
+
+
+@dataclass
+class _Plan:
+    """How one destination group's columns are patched: each column reads this run's stream
+    (base 0) or the other run's (base 1, when most of its edges are patched: x + Σ_u Δ_u over
+    every parent is that run's stream), plus `coef`-weighted differences of the sources `rows`."""
+
+    unpatched: dict[int, list[int]]  # base -> columns read as they are
+    patched: list[int]
+    bases: list[int]  # per patched column
+    rows: Tensor  # source indices the patches need
+    coef: Tensor  # [len(rows), len(patched)]
+
+
+class _PlainPatcher:
+    """The patcher of a plain evaluation (no copies, spans or gradients). It plans each
+    destination group once from the weights: a column whose edges are all kept reads this run's
+    stream, one whose edges are all patched reads the other run's stream (`Sources.streams`),
+    and the rest add the differences of only the sources with a nonzero coefficient, relative to
+    whichever stream needs fewer. A small circuit evaluated by noising patches most edges: its
+    destinations read the corrupted streams plus the few kept edges' differences. The
+    differences of the sources that no patch needs are never computed (nor their heads' results)."""
+
+    copies = 0
+
+    def __init__(self, structure: Structure, weights: Tensor, other: Sources, use_streams: bool):
+        self.structure, self.other = structure, other
+        self.groups = {(s.tower, s.key, s.layer): i for i, s in enumerate(structure.sources)}
+        self.dests = {(s.tower, s.key, s.layer): i for i, s in enumerate(structure.destinations)}
+        w = weights.detach().to("cpu", accumulation_dtype(weights.dtype))
+        self.plans = {dst: self._plan(w, dst, use_streams) for dst in range(len(structure.destinations))}
+        needed = torch.zeros(structure.n_src, dtype=torch.bool)
+        for plan in self.plans.values():
+            needed[plan.rows] = True
+        self.needed = needed
+        # the differences of the needed sources of each residual stream, a row each
+        space = torch.tensor([source_space(s) == "vision" for s in structure.sources for _ in range(len(s))])
+        self.row_of = torch.zeros(structure.n_src, dtype=torch.long)
+        for in_space in (space, ~space):
+            self.row_of[needed & in_space] = torch.arange(int((needed & in_space).sum()))
+        self.deltas: dict[str, Tensor] = {}
+
+    def _plan(self, w: Tensor, dst: int, use_streams: bool) -> _Plan:
+        parents = [self.structure.sources[group] for group in self.structure.parents[dst]]
+        start, stop = min(s.start for s in parents), max(s.stop for s in parents)
+        if sum(len(s) for s in parents) != stop - start:
+            raise RuntimeError(f"the parents of destination group {dst} are not consecutive sources")
+        block = w[start:stop, self.structure.destinations[dst].slice]
+        unpatched: dict[int, list[int]] = {}
+        patched, bases, coefs = [], [], []
+        for column in range(block.shape[1]):
+            n_patched = int(block[:, column].ne(0).sum())  # terms relative to this run's stream
+            n_other = int(block[:, column].ne(1).sum())  # terms relative to the other run's
+            if n_patched == 0 or (use_streams and n_other == 0):
+                unpatched.setdefault(0 if n_patched == 0 else 1, []).append(column)
+                continue
+            base = 1 if use_streams and n_other < n_patched else 0
+            patched.append(column)
+            bases.append(base)
+            coefs.append(block[:, column] - base)
+        coef = torch.stack(coefs, 1) if coefs else block.new_zeros(stop - start, 0)
+        rows = coef.ne(0).any(1).nonzero()[:, 0]
+        return _Plan(unpatched, patched, bases, rows + start, coef[rows])
+
+    def needs(self, tower: str, key: str, layer: int) -> bool:
+        span = self.structure.sources[self.groups[tower, key, layer]]
+        return bool(self.needed[span.slice].any())
+
+    def add(self, tower: str, key: str, layer: int, output: Tensor) -> None:
+        group = self.groups[tower, key, layer]
+        span = self.structure.sources[group]
+        needed = self.needed[span.slice].nonzero()[:, 0].tolist()
+        if not needed:
+            return
+        dtype = accumulation_dtype(output.dtype)
+        other = self.other[group]
+        if len(needed) < len(span):
+            other, output = other[:, :, needed], output[:, :, needed]
+        delta = other.to(output.device, dtype) - output.to(dtype)
+        space = source_space(span)
+        if space not in self.deltas:
+            spans = [s for s in self.structure.sources if source_space(s) == space]
+            n_rows = sum(int(self.needed[s.slice].sum()) for s in spans)
+            self.deltas[space] = delta.new_empty(n_rows, delta[..., 0, :].numel())
+        rows = self.row_of[span.start + torch.tensor(needed)]
+        self.deltas[space][rows.to(delta.device)] = einops.rearrange(delta, "r p u d -> u (r p d)")
+
+    def inputs(self, x: Float[Tensor, "rows pos d_model"], tower: str, key: str, layer: int) -> _Inputs:
+        plan = self.plans[self.dests[tower, key, layer]]
+        n = len(self.structure.destinations[self.dests[tower, key, layer]])
+        streams = {0: x, 1: None}
+        if 1 in plan.unpatched or 1 in plan.bases:
+            streams[1] = self.other.streams[tower, key, layer].to(x.device)
+        unpatched = [(streams[base], columns) for base, columns in sorted(plan.unpatched.items())]
+        if not plan.patched:
+            return _Inputs(n, unpatched, [], None)
+        deltas = self.deltas[source_space(self.structure.sources[self.structure.parents[self.dests[tower, key, layer]][0]])]
+        rows, coef = self.row_of[plan.rows], plan.coef
+        low, high = int(rows[0]), int(rows[-1]) + 1
+        if high - low <= 3 * len(rows):  # a view of the rows between (zero for the others) costs less than a copy
+            coef = coef.new_zeros(high - low, coef.shape[1]).index_copy_(0, rows - low, coef)
+            needed = deltas[low:high]
+        else:
+            needed = deltas[rows.to(deltas.device)]
+        patch = coef.to(deltas.device, deltas.dtype).T @ needed
+        patch = einops.rearrange(patch, "v (r p d) -> r p v d", r=x.shape[0], p=x.shape[1]).to(x.device)
+        base = torch.stack([streams[b] for b in plan.bases], dim=2).to(patch.dtype)
+        return _Inputs(n, unpatched, plan.patched, (base + patch).to(x.dtype))
+
+    def patched(self, x: Tensor, tower: str, key: str, layer: int) -> Tensor:
+        """`[rows, pos, n_dst, d_model]`: the destinations' inputs."""
+        inputs = self.inputs(x, tower, key, layer)
+        if not inputs.patched and len(inputs.unpatched) == 1:
+            return inputs.unpatched[0][0][:, :, None].expand(-1, -1, inputs.n, -1)
+        out = x.new_empty(*x.shape[:2], inputs.n, x.shape[-1])
+        for stream, columns in inputs.unpatched:
+            out[:, :, columns] = stream[:, :, None]
+        if inputs.patched:
+            out[:, :, inputs.patched] = inputs.patch_inputs
+        return out
+
+
 class _Patcher:
-    """Δ = corrupted − this run's output of every source so far, and the patched inputs."""
+    """Δ = corrupted − this run's output of every source so far, and the patched inputs (any
+    weights: copies, spans, fractional or differentiated)."""
 
     def __init__(self, structure: Structure, weights: Tensor, corrupted: Sources, span_index: dict | None):
         self.structure, self.weights, self.corrupted = structure, weights, corrupted
@@ -187,12 +389,15 @@ class _Patcher:
         self.deltas: dict[int, Tensor] = {}
         self.groups = {(s.tower, s.key, s.layer): i for i, s in enumerate(structure.sources)}
         self.dests = {(s.tower, s.key, s.layer): i for i, s in enumerate(structure.destinations)}
-        # a plain evaluation (no copies, spans or gradients) keeps the differences of each residual
-        # space in one matrix, so a destination's patch is one matrix product with its consecutive
-        # parents; per parent, an einsum copied and permuted both (most of a circuit's cost)
-        differentiated = weights.requires_grad or forward_ad.unpack_dual(weights).tangent is not None
-        self.matrix = not (self.copies or self.has_spans or differentiated or torch.is_grad_enabled())
-        self.matrices: dict[str, tuple[Tensor, int]] = {}
+
+    @property
+    def plain(self) -> bool:
+        """No copies, spans or gradients: `_PlainPatcher` can serve these weights."""
+        differentiated = self.weights.requires_grad or forward_ad.unpack_dual(self.weights).tangent is not None
+        return not (self.copies or self.has_spans or differentiated or torch.is_grad_enabled())
+
+    def needs(self, tower: str, key: str, layer: int) -> bool:
+        return True
 
     def add(self, tower: str, key: str, layer: int, output: Tensor) -> None:
         group = self.groups[tower, key, layer]
@@ -200,39 +405,16 @@ class _Patcher:
         if len(corrupted) != len(output):  # copies of a batch-1 input (vision: its views, copy after copy)
             corrupted = corrupted.repeat(len(output) // len(corrupted), *([1] * (corrupted.dim() - 1)))
         dtype = accumulation_dtype(output.dtype)
-        delta = corrupted.to(dtype) - output.to(dtype)
-        if not self.matrix:
-            self.deltas[group] = delta
-            return
-        space = source_space(self.structure.sources[group])
-        if space not in self.matrices:
-            spans = [s for s in self.structure.sources if source_space(s) == space]
-            first, stop = min(s.start for s in spans), max(s.stop for s in spans)
-            self.matrices[space] = (delta.new_empty(delta[..., 0, :].numel(), stop - first), first)
-        matrix, first = self.matrices[space]
-        span = self.structure.sources[group]
-        matrix[:, span.start - first : span.stop - first] = einops.rearrange(delta, "r p u d -> (r p d) u")
+        self.deltas[group] = corrupted.to(dtype) - output.to(dtype)
 
     def patched(self, x: Tensor, tower: str, key: str, layer: int) -> Tensor:
         """`[rows, pos, n_dst, d_model]`: the destinations' inputs, x plus their patches."""
         dst = self.dests[tower, key, layer]
         span = self.structure.destinations[dst]
-        patch = self._matrix_patch(dst, x) if self.matrix else self._patch(dst, x)
+        patch = self._patch(dst, x)
         if patch is None:
             return x[:, :, None].expand(-1, -1, len(span), -1)
         return (x[:, :, None].to(patch.dtype) + patch).to(x.dtype)
-
-    def _matrix_patch(self, dst: int, x: Tensor) -> Tensor | None:
-        parents = [self.structure.sources[group] for group in self.structure.parents[dst]]
-        start, stop = min(s.start for s in parents), max(s.stop for s in parents)
-        if sum(len(s) for s in parents) != stop - start:
-            raise RuntimeError(f"the parents of destination group {dst} are not consecutive sources")
-        block = self._block(slice(start, stop), self.structure.destinations[dst].slice)
-        if block is None:
-            return None
-        matrix, first = self.matrices[source_space(parents[0])]
-        patch = matrix[:, start - first : stop - first] @ block.to(matrix.device, matrix.dtype)
-        return einops.rearrange(patch, "(r p d) v -> r p v d", r=x.shape[0], p=x.shape[1]).to(x.device)
 
     def _patch(self, dst: int, x: Tensor) -> Tensor | None:
         span = self.structure.destinations[dst]
@@ -268,6 +450,11 @@ class _Patcher:
         return out.reshape(rows, pos, -1, d)
 
 
+def _has_hooks(model) -> bool:
+    """Whether a hook is attached to any hook point of `model` (`model.hooks`, `add_hook`)."""
+    return any(hook.fwd_hooks or hook.bwd_hooks for hook in model.hook_dict.values())
+
+
 def source_space(source) -> str:
     """The residual stream a source writes into (the projector: the language model's)."""
     return "vision" if source.tower == "vision" else "language"
@@ -298,6 +485,21 @@ def _expand(inputs: VLMInput, copies: int) -> VLMInput:
 
 
 # ---------------------------------------------------------------------------------- recording
+def _stream_hooks(model, structure: Structure) -> dict[str, list[tuple[str, str, int]]]:
+    """The hook whose value each destination group reads before any patch: a block's attention
+    input (its q, k and v), its MLP input, and the last residual stream (the logits; the projector)."""
+    names: dict[str, list[tuple[str, str, int]]] = {}
+    for tower in structure.towers:
+        prefix = "vision." if tower == "vision" else ""
+        n_layers = structure.shapes[tower].n_layers
+        for layer in range(n_layers):
+            names[f"{prefix}blocks.{layer}.hook_attn_in"] = [(tower, key, layer) for key in ("q", "k", "v")]
+            names[f"{prefix}blocks.{layer}.hook_mlp_in"] = [(tower, "mlp", layer)]
+        sink = ("language", "logits", n_layers) if tower == "language" else ("projector", "projector", n_layers)
+        names[f"{prefix}blocks.{n_layers - 1}.hook_resid_post"] = [sink]
+    return names
+
+
 def _source_hooks(model, structure: Structure) -> list[tuple[str, None]]:
     names = []
     for tower in structure.towers:

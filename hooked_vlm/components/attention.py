@@ -183,6 +183,23 @@ class Attention(nn.Module):
         v = self._split_projection(xv, self.v_proj)
         return self._attend(q, k, v, rotary=rotary, mask=mask, causal=causal, kv_cache=kv_cache, layer=layer)
 
+    def attend(
+        self,
+        q: Float[Tensor, "batch pos head d_head"],
+        k: Float[Tensor, "batch pos kv_head d_head"],
+        v: Float[Tensor, "batch pos kv_head d_head"],
+        *,
+        rotary: tuple[Tensor, Tensor] | None = None,
+        mask: Float[Tensor, "batch 1 pos key_pos"] | None = None,
+        causal: bool = False,
+        kv_cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Float[Tensor, "batch pos d_model"]:
+        """Attention from projected queries, keys and values (before q/k norm and rotary, as
+        `hook_q`/`hook_k`/`hook_v` see them; `kv_head` as in `forward_split`): everything of
+        `forward` after the projections, with the same hooks."""
+        return self._attend(q, k, v, rotary=rotary, mask=mask, causal=causal, kv_cache=kv_cache, layer=layer)
+
     def _split_projection(self, x: Float[Tensor, "batch pos n d_model"], proj: nn.Linear) -> Float[Tensor, "batch pos n d_head"]:
         weight = self.input_weight(proj, x.shape[2])
         out = einops.einsum(x, weight, "b p h m, h m d -> b p h d")

@@ -3,15 +3,20 @@ of every language-model edge on object-removed pairs, against EAP and EAP-IG, an
 
 Thresholds were set from the first run (2 held-out pairs per toy; numbers in the report of issue
 17). An edge's exact effect has two directions: noising (the edge alone corrupted in the clean
-run) and denoising (the edge alone restored in the corrupted run, negated). Top-20 overlap,
-noising: EAP-IG 12-15 against EAP 9; denoising: 15-16 against 7-10. Spearman over all 479
-edges, denoising: EAP-IG 0.74-0.75 against EAP 0.00-0.26; noising the other way round, EAP
-0.73-0.75 against 0.11-0.45: an edge patched alone in the clean run is a small step from it,
-EAP's own linearisation, while EAP-IG's gradients, taken along the path to the corrupted input,
-rank the edges that matter when many are corrupted together — which is what a circuit is (its
-evaluation corrupts every edge outside it). Faithfulness of the 10% EAP-IG circuit (42-44
-edges) 0.64-0.70 (EAP's 0.08-0.35, a random connected circuit of the same size 0.00-0.01); CPR
-0.78-0.85 against 0.47-0.67; bf16 against fp32, Jaccard of the top-5% edges 0.92-1.0.
+run) and denoising (the edge alone restored in the corrupted run, negated); over the 479 edges
+the two rank the edges almost independently (Spearman 0.02-0.35 between them). Top-20 overlap,
+noising: EAP-IG 12-15 against EAP 9; denoising: 15-16 against 7-10. Spearman, denoising, every
+edge: EAP-IG 0.74-0.75 against EAP 0.00-0.26. Spearman, noising, over the top 10% of edges by
+exact |effect| (83-87% of the total |effect|): EAP-IG 0.58-0.64 against EAP 0.35-0.44. Over
+every edge the noising Spearman is EAP's (0.73-0.75 against 0.11-0.45), decided by the ~430
+small edges: an edge patched alone in the clean run is a small step from it, EAP's own
+linearisation, while EAP-IG's gradients, taken along the path to the corrupted input, rank the
+edges that matter when many are corrupted together — which is what a circuit is (its evaluation
+corrupts every edge outside it). No IG rule or step count changes this (left, right, midpoint;
+5, 10, 50 steps: noising Spearman 0.09-0.50 on 4 pair sets). Faithfulness of the 10% EAP-IG
+circuit (42-44 edges) 0.64-0.70 (EAP's 0.08-0.35, a random connected circuit of the same size
+0.00-0.01); CPR 0.78-0.85 against 0.47-0.67; bf16 against fp32, Jaccard of the top-5% edges
+0.92-1.0.
 """
 from __future__ import annotations
 
@@ -63,12 +68,20 @@ def test_eap_ig_finds_more_of_the_top_exact_edges_than_eap(toy):
         assert min(spearman.values()) > 0, direction  # both rank edges better than chance
 
 
-def test_eap_ig_s_ranking_correlates_with_the_exact_effects_in_the_corrupted_run_better_than_eap_s(toy):
-    """Spearman over every edge against the exact denoising effects (module docstring: against
-    the noising ones EAP, linear at the clean run, correlates better)."""
-    _, _, _, exact, eap, ig = toy
+def test_eap_ig_s_ranking_correlates_with_the_exact_effects_better_than_eap_s(toy):
+    """Spearman against the exact effects: denoising over every edge; noising over the edges that
+    carry the effect (the top 10% by exact |effect|, 83-87% of the total). Over every edge the
+    noising ranking is EAP's (module docstring): the ~430 small edges decide it, and an edge
+    patched alone in the clean run is a small step from it, EAP's own linearisation."""
+    name, _, _, exact, eap, ig = toy
     truth = exact.meta["denoising"]
     assert _spearman(truth, ig.scores[ig.real]) >= 0.6 > _spearman(truth, eap.scores[eap.real]) + 0.3
+    noising = exact.scores[exact.real]
+    top = noising.abs().argsort(descending=True)[: int(0.1 * len(noising))]
+    assert noising[top].abs().sum() >= 0.8 * noising.abs().sum()  # these edges are most of the effect
+    within = {m: _spearman(noising[top], g.scores[g.real][top]) for m, g in (("EAP", eap), ("EAP-IG", ig))}
+    print(f"{name} noising, top 10% of edges: Spearman {within}")
+    assert within["EAP-IG"] >= within["EAP"] + 0.1
 
 
 def test_a_ten_percent_eap_ig_circuit_keeps_most_of_the_behaviour_and_beats_random(toy):

@@ -90,3 +90,13 @@ def test_spans_that_do_not_partition_the_positions_are_an_error(setup):
     spans.language[0, 3] = 7
     with pytest.raises(ValueError, match="some real position is in no span"):
         CircuitPair(plain.clean, plain.corrupted, plain.metric, spans)
+    vision = pair.spans.vision
+    for wrong, match in ((vision[:1].repeat(len(vision) + 1, 1), "one row per view"), (vision.flatten(), "one row per view"),
+                         (torch.full_like(vision, -1), "some position is in no span")):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            CircuitPair(plain.clean, plain.corrupted, plain.metric, Spans(pair.spans.names, pair.spans.language, wrong))
+    short = CircuitPair(plain.clean, plain.corrupted, plain.metric, Spans(pair.spans.names, pair.spans.language, vision[:, :-1]))
+    graph = Graph.from_model(model, towers=BOTH, spans=VLM_SPANS)
+    for run in (lambda: edge_attribution(model, short, towers=BOTH, progress=False), lambda: evaluate_circuit(model, graph, short)):
+        with pytest.raises(ValueError, match=rf"vision spans cover {vision.shape[1] - 1} positions per view; .* has {vision.shape[1]}"):
+            run()

@@ -72,7 +72,7 @@ def edge_attribution(
     pair's |score| (Nikankin et al.'s per-prompt absolute value: edges whose sign flips between
     pairs do not cancel); the default signed mean is MIB's. `fwd_hooks` stay attached to every run.
     """
-    pairs = as_pairs(pairs)
+    pairs = as_pairs(pairs, model)
     graph = _graph(model, pairs, graph, towers, kv)
     if method == "exact":
         from hooked_vlm.circuits.exact import exact_edge_effects

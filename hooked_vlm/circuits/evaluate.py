@@ -75,7 +75,7 @@ def evaluate_circuit(model, circuit: Graph, pairs: CircuitPair | Sequence[Circui
                      direction: Literal["noising", "denoising"] = "noising", n_bootstrap: int = 1000,
                      seed: int = 0, fwd_hooks: Sequence = ()) -> CircuitEvaluation:  # fmt: skip
     """Faithfulness of `circuit` (its `in_circuit` edges) on `pairs`: see the module docstring."""
-    table = circuit_metrics(model, [circuit], as_pairs(pairs), direction=direction, fwd_hooks=fwd_hooks)[0]
+    table = circuit_metrics(model, [circuit], as_pairs(pairs, model), direction=direction, fwd_hooks=fwd_hooks)[0]
     value, ci = _ratio_of_means(table, n_bootstrap, seed)
     n_nodes = int(circuit.node_in_circuit.sum())
     return CircuitEvaluation(table, value, ci, circuit.n_edges_in_circuit, n_nodes, circuit.n_edges)
@@ -89,7 +89,7 @@ def faithfulness_curve(model, graph: Graph, pairs: CircuitPair | Sequence[Circui
     `evaluate_area_under_curve`); `.cpr` and `.cmd` are MIB's areas. Clean and corrupted runs are
     shared by every size: one plain forward each per pair, then one edge-masked forward per size."""
     circuits = curve_circuits(graph, fractions, by=by, method=method)
-    tables = circuit_metrics(model, circuits, as_pairs(pairs), direction=direction, fwd_hooks=fwd_hooks)
+    tables = circuit_metrics(model, circuits, as_pairs(pairs, model), direction=direction, fwd_hooks=fwd_hooks)
     return curve_from_metrics(graph, fractions, circuits, tables, by=by, method=method, direction=direction)
 
 

@@ -35,7 +35,7 @@ def exact_edge_effects(
     """A graph whose scores are exact effects, `mean M(edge corrupted) − mean M(clean)` over the
     pairs' rows (denoising: `M(edge restored) − M(corrupted)`), for `edges` (EAP-IG names, with
     '@span' when the pairs have spans; default every real edge); other scores are NaN."""
-    pairs = as_pairs(pairs)
+    pairs = as_pairs(pairs, model)
     if direction not in ("noising", "denoising"):
         raise ValueError(f"direction must be 'noising' or 'denoising', got {direction!r}")
     if graph is None:

@@ -55,7 +55,9 @@ def check_pair(clean: VLMInput, corrupted: VLMInput) -> None:
         raise ValueError("clean and corrupted inputs of a circuit pair must share one token layout: " + "; ".join(problems))
 
 
-def as_pairs(pairs: CircuitPair | Sequence[CircuitPair]) -> list[CircuitPair]:
+def as_pairs(pairs: CircuitPair | Sequence[CircuitPair], model=None) -> list[CircuitPair]:
+    """A non-empty list of pairs with the same span names (their vision spans checked against
+    `model`'s vision tower when given)."""
     pairs = [pairs] if isinstance(pairs, CircuitPair) else list(pairs)
     if not pairs:
         raise ValueError("no circuit pairs given")
@@ -65,6 +67,10 @@ def as_pairs(pairs: CircuitPair | Sequence[CircuitPair]) -> list[CircuitPair]:
     names = {None if pair.spans is None else tuple(pair.spans.names) for pair in pairs}
     if len(names) > 1:
         raise ValueError(f"every pair must have the same spans (or none); got {sorted(map(str, names))}")
+    if model is not None:
+        for pair in pairs:
+            if pair.spans is not None:
+                pair.spans.check_model(model)
     return pairs
 
 

@@ -92,6 +92,19 @@ class Spans:
         index = self.language.cpu()
         if ((index < 0) | (index >= len(self.names)))[real].any():
             raise ValueError("spans do not partition the positions: some real position is in no span")
+        if self.vision is None:
+            return
+        if self.vision.dim() != 2 or len(self.vision) != len(inputs.pixel_values):
+            raise ValueError(f"vision spans are {tuple(self.vision.shape)}, [view, vision_pos] with one row per view: "
+                             f"the inputs have {len(inputs.pixel_values)} views")  # fmt: skip
+        if ((self.vision < 0) | (self.vision >= len(self.names))).any():
+            raise ValueError("spans do not partition the vision positions: some position is in no span")
+
+    def check_model(self, model) -> None:
+        """A clear error unless the vision spans have a column per vision-tower position of `model`."""
+        if self.vision is not None and self.vision.shape[1] != vision_positions(model):
+            raise ValueError(f"vision spans cover {self.vision.shape[1]} positions per view; "
+                             f"the model's vision tower has {vision_positions(model)} (patches and CLS)")  # fmt: skip
 
     def masks(self) -> dict[str, list[Tensor]]:
         out = {"language": [self.language == k for k in range(len(self.names))]}
@@ -117,15 +130,19 @@ def _check_partition(count: Tensor, real: Tensor, names: Sequence[str], stacked:
         raise ValueError(f"spans do not partition the positions: position {pos} of row {row} is in {both}")
 
 
+def vision_positions(model) -> int:
+    """Positions of the vision tower per view: the patches and CLS."""
+    return model.vision.cfg.n_grid**2 + 1
+
+
 def _vision_index(model, layout, object_positions: Tensor, names: tuple[str, ...]) -> Tensor:
     """Vision-tower positions of the object's image tokens -> "object"; every other -> "image"."""
     ratio = model.cfg.downsample_ratio
     merge = 1 if ratio is None else round(1 / ratio)
     n_views = sum(len(v) for v in layout.views)
-    n_pos = model.vision.cfg.n_grid**2 + 1
-    index = torch.full((n_views, n_pos), names.index("image"), dtype=torch.long)
+    index = torch.full((n_views, vision_positions(model)), names.index("image"), dtype=torch.long)
     is_object = torch.isin(layout.position, object_positions.cpu())
     views = layout.view_index()[is_object]
-    vision_positions = layout.vision_positions(merge)[is_object]
-    index[views[:, None].expand_as(vision_positions), vision_positions] = names.index("object")
+    patches = layout.vision_positions(merge)[is_object]
+    index[views[:, None].expand_as(patches), patches] = names.index("object")
     return index

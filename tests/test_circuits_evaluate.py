@@ -211,6 +211,20 @@ def test_a_plain_evaluation_with_hooks_that_edit_the_stream_patches_this_run_s_s
     assert rel_err(plain, general) < 1e-10 and rel_err(attached, general) < 1e-10
 
 
+def test_a_plain_evaluation_takes_sources_of_another_dtype_as_the_general_one(tiny_checkpoint, photos):
+    """Source outputs and streams recorded at fp64 serve an fp32 model: cast as the differences are."""
+    model, reference = load(tiny_checkpoint, "internvl_6b", dtype=torch.float32), load(tiny_checkpoint, "internvl_6b")
+    pair = make_pair(model, photos["chelsea"])
+    graph = Graph.from_model(model, towers=BOTH)
+    with torch.no_grad():
+        _, corrupted = source_outputs(reference, pair.corrupted, graph.structure)
+        weights = _weights(graph, 0.95, torch.Generator().manual_seed(2)).float()
+        plain = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+    with torch.enable_grad():
+        general = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+    assert plain.dtype == torch.float32 and rel_err(plain, general) < 1e-5
+
+
 def test_a_plain_evaluation_in_bf16_is_the_general_one(tiny_checkpoint, photos):
     model = load(tiny_checkpoint, "internvl_6b", dtype=torch.bfloat16)
     pair = make_pair(model, photos["chelsea"])

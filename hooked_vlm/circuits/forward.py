@@ -330,15 +330,18 @@ class _PlainPatcher:
             spans = [s for s in self.structure.sources if source_space(s) == space]
             n_rows = sum(int(self.needed[s.slice].sum()) for s in spans)
             self.deltas[space] = delta.new_empty(n_rows, delta[..., 0, :].numel())
+        # one matrix per space, on the device of its first source: a later block's differences
+        # may come from another GPU (index_put_ takes no index or value from another device)
+        matrix = self.deltas[space]
         rows = self.row_of[span.start + torch.tensor(needed)]
-        self.deltas[space][rows.to(delta.device)] = einops.rearrange(delta, "r p u d -> u (r p d)")
+        matrix[rows.to(matrix.device)] = einops.rearrange(delta, "r p u d -> u (r p d)").to(matrix.device)
 
     def inputs(self, x: Float[Tensor, "rows pos d_model"], tower: str, key: str, layer: int) -> _Inputs:
         plan = self.plans[self.dests[tower, key, layer]]
         n = len(self.structure.destinations[self.dests[tower, key, layer]])
         streams = {0: x, 1: None}
         if 1 in plan.unpatched or 1 in plan.bases:
-            streams[1] = self.other.streams[tower, key, layer].to(x.device)
+            streams[1] = self.other.streams[tower, key, layer].to(x.device, x.dtype)
         unpatched = [(streams[base], columns) for base, columns in sorted(plan.unpatched.items())]
         if not plan.patched:
             return _Inputs(n, unpatched, [], None)

@@ -22,8 +22,9 @@ corrupted run's own stream, x + Σ_u (ã_u − a_u) = x̃ (`Sources.streams`), s
 whose edges are mostly patched reads x̃ − Σ_u (1 − w[u, v]) · (ã_u − a_u) instead: a small
 circuit evaluated by noising adds the differences of its few kept edges to the corrupted
 streams. Destinations without a patch share one norm and projection, as in the plain forward,
-and the differences (and per-head results) no destination needs are never computed. With a
-hook attached that could edit a stream, every destination starts from this run's stream.
+and the differences (and per-head results) no destination needs are never computed. A hook
+could edit a stream: with one passed or attached, in this run or when the other run was
+recorded (`source_outputs` then keeps no streams), every destination starts from this run's.
 """
 
 from __future__ import annotations
@@ -53,18 +54,20 @@ class Sources(dict):
         self.streams = streams or {}
 
 
-def source_outputs(model, inputs: VLMInput, structure: Structure, fwd_hooks=()) -> tuple[Tensor, Sources]:
+def source_outputs(model, inputs: VLMInput, structure: Structure, fwd_hooks=(), streams: bool = True) -> tuple[Tensor, Sources]:
     """A plain forward of `inputs` keeping every source's output (`[rows, pos, n, d_model]`;
     vision rows are views): heads from `hook_result` (times InternViT's layer scale), MLPs from
     `hook_mlp_out`, inputs from `hook_inputs_embeds` (the language model; its image positions are
     the projector's output when the vision tower is in the graph) or the tower's first residual;
-    and the residual stream every destination reads (`Sources.streams`)."""
+    and the residual stream every destination reads (`Sources.streams`, which a plain
+    `edge_forward` starts from), unless `streams=False` or a hook is passed or attached: a hook
+    could edit a stream, which would then not be the input plus every source's output."""
     kept: dict[str, Tensor] = {}
 
     def keep(x: Tensor, hook) -> None:
         kept[hook.name] = x
 
-    streams = _stream_hooks(model, structure)
+    streams = _stream_hooks(model, structure) if streams and not fwd_hooks and not _has_hooks(model) else {}
     names = [name for name, _ in _source_hooks(model, structure)] + list(streams)
     with model.hooks(fwd_hooks=list(fwd_hooks) + [(name, keep) for name in names]):
         logits = model(inputs)

@@ -297,20 +297,18 @@ class _PlainPatcher:
         if sum(len(s) for s in parents) != stop - start:
             raise RuntimeError(f"the parents of destination group {dst} are not consecutive sources")
         block = w[start:stop, self.structure.destinations[dst].slice]
-        unpatched: dict[int, list[int]] = {}
-        patched, bases, coefs = [], [], []
-        for column in range(block.shape[1]):
-            n_patched = int(block[:, column].ne(0).sum())  # terms relative to this run's stream
-            n_other = int(block[:, column].ne(1).sum())  # terms relative to the other run's
-            if n_patched == 0 or (use_streams and n_other == 0):
-                unpatched.setdefault(0 if n_patched == 0 else 1, []).append(column)
-                continue
-            base = 1 if use_streams and n_other < n_patched else 0
-            patched.append(column)
-            bases.append(base)
-            coefs.append(block[:, column] - base)
-        coef = torch.stack(coefs, 1) if coefs else block.new_zeros(stop - start, 0)
+        # terms relative to this run's stream, and to the other run's; every column at once (a
+        # loop over columns cost 0.1-0.8 s a forward on 7B-38B graphs, a GPU forward's time)
+        n_patched, n_other = block.ne(0).sum(0), block.ne(1).sum(0)
+        from_other = (n_other < n_patched) & use_streams
+        as_is = torch.where(from_other, n_other, n_patched) == 0
+        unpatched = {base: columns for base, mask in ((0, as_is & ~from_other), (1, as_is & from_other))
+                     if (columns := mask.nonzero()[:, 0].tolist())}  # fmt: skip
+        patched = (~as_is).nonzero()[:, 0]
+        bases = from_other[patched]
+        coef = block[:, patched] - bases.to(block.dtype)
         rows = coef.ne(0).any(1).nonzero()[:, 0]
+        patched, bases = patched.tolist(), bases.long().tolist()
         return _Plan(unpatched, patched, bases, rows + start, coef[rows])
 
     def needs(self, tower: str, key: str, layer: int) -> bool:

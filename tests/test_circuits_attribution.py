@@ -163,6 +163,18 @@ def test_grouped_key_value_scores_are_the_ungrouped_ones_summed_over_a_group(tin
         assert rel_err(grouped.scores[:, grouped.dst_index(query)], ungrouped.scores[:, ungrouped.dst_index(query)]) < 1e-12
 
 
+def test_the_reference_runs_keep_no_residual_streams(setup):
+    """Only a plain edge_forward reads `Sources.streams`: EAP-IG's two reference runs, alive for
+    every step of a pair after their outputs are freed, keep none."""
+    from hooked_vlm.circuits.attribute import _reference_runs
+
+    model, pair = setup
+    graph = Graph.from_model(model, towers=BOTH)
+    clean, corrupted, _ = _reference_runs(model, graph.structure, pair.clean, pair.corrupted, "vision_embed", ())
+    assert len(clean) == len(corrupted) == len(graph.structure.sources)
+    assert not clean.streams and not corrupted.streams
+
+
 def test_pairs_one_at_a_time_average_to_a_left_padded_batch(setup, photos):
     model, _ = setup
     images, prompts = [photos["chelsea"], photos["coffee"].resize(photos["chelsea"].size)], ["Where is the cat?", "Where is it, please?"]

@@ -211,6 +211,49 @@ def test_a_plain_evaluation_with_hooks_that_edit_the_stream_patches_this_run_s_s
     assert rel_err(plain, general) < 1e-10 and rel_err(attached, general) < 1e-10
 
 
+def test_a_plain_evaluation_of_sources_recorded_under_a_hook_is_the_general_one(setup):
+    """A corrupted run made by a hook that edits a residual stream (and no hook on this run):
+    its streams are not x + Σ Δ, so they must not stand for it; grad mode changes nothing."""
+    model, pair = setup
+    graph = Graph.from_model(model)
+    edit = [("blocks.1.hook_resid_pre", lambda x, hook: x * 1.5)]
+    with torch.no_grad():
+        _, corrupted = source_outputs(model, pair.corrupted, graph.structure, edit)
+    weights = _weights(graph, 0.9, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        plain = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+    with torch.enable_grad():
+        general = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+    assert rel_err(plain, general) < 1e-10
+
+
+def test_source_outputs_keeps_the_streams_unhooked_and_when_asked(setup):
+    model, pair = setup
+    graph = Graph.from_model(model, towers=BOTH)
+    with torch.no_grad():
+        _, kept = source_outputs(model, pair.corrupted, graph.structure)
+        _, unasked = source_outputs(model, pair.corrupted, graph.structure, streams=False)
+        _, passed = source_outputs(model, pair.corrupted, graph.structure, [("hook_embed", lambda x, hook: None)])
+        with model.hooks(fwd_hooks=[("hook_embed", lambda x, hook: None)]):
+            _, attached = source_outputs(model, pair.corrupted, graph.structure)
+    assert {(d.tower, d.key, d.layer) for d in graph.structure.destinations} == set(kept.streams)
+    assert not unasked.streams and not passed.streams and not attached.streams
+
+
+def test_a_plain_evaluation_takes_sources_of_another_dtype_as_the_general_one(tiny_checkpoint, photos):
+    """Source outputs and streams recorded at fp64 serve an fp32 model: cast as the differences are."""
+    model, reference = load(tiny_checkpoint, "internvl_6b", dtype=torch.float32), load(tiny_checkpoint, "internvl_6b")
+    pair = make_pair(model, photos["chelsea"])
+    graph = Graph.from_model(model, towers=BOTH)
+    with torch.no_grad():
+        _, corrupted = source_outputs(reference, pair.corrupted, graph.structure)
+        weights = _weights(graph, 0.95, torch.Generator().manual_seed(2)).float()
+        plain = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+    with torch.enable_grad():
+        general = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+    assert plain.dtype == torch.float32 and rel_err(plain, general) < 1e-5
+
+
 def test_a_plain_evaluation_in_bf16_is_the_general_one(tiny_checkpoint, photos):
     model = load(tiny_checkpoint, "internvl_6b", dtype=torch.bfloat16)
     pair = make_pair(model, photos["chelsea"])

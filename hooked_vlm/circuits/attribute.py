@@ -172,8 +172,9 @@ def _reference_runs(model, structure: Structure, clean, corrupted, ig_input: str
 
     hooks = list(fwd_hooks) + [(name, keep) for name in names]
     with torch.no_grad():
-        _, corr_src = source_outputs(model, corrupted, structure, hooks)
-        _, clean_src = source_outputs(model, clean, structure, hooks)
+        # no residual streams: only a plain edge_forward reads them, and they would live as long as the pair
+        _, corr_src = source_outputs(model, corrupted, structure, hooks, streams=False)
+        _, clean_src = source_outputs(model, clean, structure, hooks, streams=False)
     endpoints = {name: (v[0], v[1]) for name, v in values.items()}
     if ig_input == "pixels":
         endpoints["pixels"] = (corrupted.pixel_values, clean.pixel_values)

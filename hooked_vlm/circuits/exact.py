@@ -54,7 +54,7 @@ def exact_edge_effects(
         clean, corrupted = (pair.clean, pair.corrupted) if direction == "noising" else (pair.corrupted, pair.clean)
         with torch.no_grad():
             resid, keep = _residual_recorder(model)
-            clean_logits, clean_src = source_outputs(model, clean, graph.structure, list(fwd_hooks) + keep)
+            clean_logits, clean_src = source_outputs(model, clean, graph.structure, list(fwd_hooks) + keep, streams=False)
             _, corr_src = source_outputs(model, corrupted, graph.structure, fwd_hooks)
             baseline = metric_values(pair.metric, clean_logits.to(dtype)).double()
             span_index = None if pair.spans is None else pair.spans.index()

@@ -22,7 +22,7 @@ from hooked_vlm.circuits import (
     ungrouped_kv,
 )
 from hooked_vlm.circuits.exact import edge_forward_metric
-from hooked_vlm.circuits.forward import _PlainPatcher
+from hooked_vlm.circuits.plain import PlainPatcher
 from hooked_vlm.patching import naive_head_patching
 
 BOTH = ("vision", "language")
@@ -185,7 +185,7 @@ def test_a_plain_evaluation_equals_the_general_edge_forward(setup, towers, kv):
             general = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
         assert rel_err(plain, general) < 1e-10, density
         if density in (0.98, 1.0):
-            patcher = _PlainPatcher(graph.structure, weights, corrupted, use_streams=True)
+            patcher = PlainPatcher(graph.structure, weights, corrupted, use_streams=True)
             bases = [base for plan in patcher.plans.values() for base in plan.bases]
             from_corrupted = sum(len(plan.unpatched.get(1, ())) for plan in patcher.plans.values()) + sum(bases)
             assert from_corrupted > 0.9 * graph.n_dst  # nearly every destination starts from the corrupted stream

@@ -15,8 +15,10 @@ key/value head. Pairs may carry position spans (`Spans.from_layout`: the object'
 the rest of the image, the question, the answer); every edge then has one score per span.
 
 Rooms: `structure` (names and indices), `graph`, `selection` (find_circuit, prune), `io` (files),
-`forward` (the edge-masked forward), `attribute` (EAP, EAP-IG), `exact` (exact edge effects),
-`evaluate` (faithfulness, curves, CPR/CMD), `spans`, `pairs` (CircuitPair, object-removed pairs).
+`sources` (what a run gives the edge-masked forward), `forward` (the edge-masked forward), `plain`
+(its plain evaluation: only what a circuit changes), `attribute` (EAP, EAP-IG), `exact` (exact
+edge effects), `evaluate` (faithfulness, curves, CPR/CMD), `spans`, `pairs` (CircuitPair,
+object-removed pairs).
 See reference/CIRCUITS.md for the method and its pitfalls.
 """
 
@@ -32,7 +34,8 @@ from hooked_vlm.circuits.evaluate import (
     mib_scores,
 )
 from hooked_vlm.circuits.exact import exact_edge_effects
-from hooked_vlm.circuits.forward import edge_forward, source_outputs
+from hooked_vlm.circuits.forward import edge_forward
+from hooked_vlm.circuits.sources import source_outputs
 from hooked_vlm.circuits.graph import Graph
 from hooked_vlm.circuits.io import from_eap_json, from_eap_pt, load_graph, save_graph, to_eap_json, to_eap_pt
 from hooked_vlm.circuits.pairs import CircuitPair

@@ -32,7 +32,8 @@ from jaxtyping import Float
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from hooked_vlm.circuits.forward import Sources, accumulation_dtype, edge_forward, source_outputs, source_space
+from hooked_vlm.circuits.forward import edge_forward
+from hooked_vlm.circuits.sources import Sources, accumulation_dtype, source_outputs, source_space
 from hooked_vlm.circuits.graph import Graph
 from hooked_vlm.circuits.pairs import CircuitPair, as_pairs, metric_values, span_names
 from hooked_vlm.circuits.structure import KV, Structure

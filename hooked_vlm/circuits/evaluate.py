@@ -24,7 +24,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from hooked_vlm.circuits.forward import accumulation_dtype, edge_forward, source_outputs
+from hooked_vlm.circuits.forward import edge_forward
+from hooked_vlm.circuits.sources import accumulation_dtype, source_outputs
 from hooked_vlm.circuits.graph import Graph
 from hooked_vlm.circuits.pairs import CircuitPair, as_pairs, metric_values, span_names
 from hooked_vlm.circuits.selection import find_circuit

@@ -16,63 +16,22 @@ Weights may be fractional or require gradients: ∂M/∂w at w = 0 is EAP's scor
 copies of a batch-1 input side by side, with a trailing span axis when positions are split into
 spans (`hooked_vlm.circuits.spans`).
 
-A plain evaluation (no copies, spans or gradients: `evaluate_circuit`, `faithfulness_curve`)
-computes only what the weights change. Summed over every parent, the differences give the
-corrupted run's own stream, x + Σ_u (ã_u − a_u) = x̃ (`Sources.streams`), so a destination
-whose edges are mostly patched reads x̃ − Σ_u (1 − w[u, v]) · (ã_u − a_u) instead: a small
-circuit evaluated by noising adds the differences of its few kept edges to the corrupted
-streams. Destinations without a patch share one norm and projection, as in the plain forward,
-and the differences (and per-head results) no destination needs are never computed. A hook
-could edit a stream: with one passed or attached, in this run or when the other run was
-recorded (`source_outputs` then keeps no streams), every destination starts from this run's.
+A plain evaluation (no copies, spans or gradients) computes only what the weights change:
+`hooked_vlm.circuits.plain`. What is read from the corrupted run is `hooked_vlm.circuits.sources`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
-
-import einops
 import torch
 import torch.autograd.forward_ad as forward_ad
-import torch.nn.functional as F
 from jaxtyping import Float
 from torch import Tensor
 
+from hooked_vlm.circuits.plain import PlainPatcher
+from hooked_vlm.circuits.sources import Sources, accumulation_dtype, has_hooks
 from hooked_vlm.circuits.structure import Structure
-from hooked_vlm.inputs import VLMInput
 from hooked_vlm.components.attention import causal_mask, is_plain_causal
-
-
-class Sources(dict):
-    """Source group index -> that source's outputs `[rows, pos, n, d_model]` in one run, and in
-    `streams` the residual stream each destination group reads in that run, before its norm
-    (`(tower, key, layer)` -> `[rows, pos, d_model]`; "q", "k" and "v" of a layer share one)."""
-
-    def __init__(self, outputs: dict[int, Tensor], streams: dict[tuple[str, str, int], Tensor] | None = None):
-        super().__init__(outputs)
-        self.streams = streams or {}
-
-
-def source_outputs(model, inputs: VLMInput, structure: Structure, fwd_hooks=(), streams: bool = True) -> tuple[Tensor, Sources]:
-    """A plain forward of `inputs` keeping every source's output (`[rows, pos, n, d_model]`;
-    vision rows are views): heads from `hook_result` (times InternViT's layer scale), MLPs from
-    `hook_mlp_out`, inputs from `hook_inputs_embeds` (the language model; its image positions are
-    the projector's output when the vision tower is in the graph) or the tower's first residual;
-    and the residual stream every destination reads (`Sources.streams`, which a plain
-    `edge_forward` starts from), unless `streams=False` or a hook is passed or attached: a hook
-    could edit a stream, which would then not be the input plus every source's output."""
-    kept: dict[str, Tensor] = {}
-
-    def keep(x: Tensor, hook) -> None:
-        kept[hook.name] = x
-
-    streams = _stream_hooks(model, structure) if streams and not fwd_hooks and not _has_hooks(model) else {}
-    names = [name for name, _ in _source_hooks(model, structure)] + list(streams)
-    with model.hooks(fwd_hooks=list(fwd_hooks) + [(name, keep) for name in names]):
-        logits = model(inputs)
-    outputs = {group: fn(kept, inputs) for group, fn in _source_readers(model, structure).items()}
-    return logits, Sources(outputs, {key: kept[name] for name, keys in streams.items() for key in keys})
+from hooked_vlm.inputs import VLMInput
 
 
 def edge_forward(
@@ -94,13 +53,7 @@ def edge_forward(
     at that block from the clean run's residual stream and source outputs, which the blocks
     before it would reproduce. `embeds`: the plain run's `hook_inputs_embeds` of `inputs`
     (language-model graphs, no copies), so that the vision tower does not run again."""
-    patcher = _Patcher(structure, weights, corrupted, span_index)
-    if patcher.plain:
-        # the other run's streams stand for "x + every difference" only if no hook edits them
-        use_streams = (
-            bool(corrupted.streams if isinstance(corrupted, Sources) else False) and not fwd_hooks and not _has_hooks(model)
-        )
-        patcher = _PlainPatcher(structure, weights, corrupted, use_streams)
+    patcher = _patcher(model, structure, weights, corrupted, span_index, fwd_hooks)
     if embeds is not None and ("vision" in structure.towers or patcher.copies or resume is not None):
         raise ValueError("embeds= is for language-model graphs without copies or resume")
     pixel_values = inputs.pixel_values
@@ -129,7 +82,31 @@ def edge_forward(
         return _language(model, inputs, patcher, kept, embeds, 0)
 
 
-def _language(model, inputs: VLMInput, patcher: _Patcher, kept: dict, resid: Tensor, start: int) -> Tensor:
+def _patcher(model, structure: Structure, weights: Tensor, corrupted: Sources, span_index, fwd_hooks) -> _Patcher | PlainPatcher:
+    """The general patcher, or for a plain evaluation (no copies, spans or gradients) the one that
+    computes only what the weights change, from the other run's streams unless a hook could edit them."""
+    copies, has_spans = _weight_layout(structure, weights)
+    differentiated = weights.requires_grad or forward_ad.unpack_dual(weights).tangent is not None
+    if copies or has_spans or differentiated or torch.is_grad_enabled():
+        return _Patcher(structure, weights, corrupted, span_index)
+    use_streams = bool(getattr(corrupted, "streams", None)) and not fwd_hooks and not has_hooks(model)
+    return PlainPatcher(structure, weights, corrupted, use_streams)
+
+
+def _weight_layout(structure: Structure, weights: Tensor) -> tuple[int, bool]:
+    """(copies, whether there is a span axis) of `[copies?, n_src, n_dst, spans?]` weights."""
+    n = (structure.n_src, structure.n_dst)
+    shape = tuple(weights.shape)
+    if shape == n or (len(shape) == 3 and shape[1:] == n):
+        has_spans = False
+    elif shape[:2] == n and len(shape) == 3 or (len(shape) == 4 and shape[1:3] == n):
+        has_spans = True
+    else:
+        raise ValueError(f"weights must be [copies?, {n[0]}, {n[1]}, spans?], got {shape}")
+    return (shape[0] if len(shape) == 3 + has_spans else 0), has_spans
+
+
+def _language(model, inputs: VLMInput, patcher: _Patcher | PlainPatcher, kept: dict, resid: Tensor, start: int) -> Tensor:
     per_device: dict[torch.device, tuple] = {}
     q_len = resid.shape[1]
     plain = is_plain_causal(inputs.attention_mask, q_len)  # as the model's forward: SDPA's is_causal, no mask
@@ -144,7 +121,7 @@ def _language(model, inputs: VLMInput, patcher: _Patcher, kept: dict, resid: Ten
     return model.final_logits(resid)
 
 
-def _resumed(structure: Structure, patcher: _Patcher, resume: tuple[int, Tensor, Sources]) -> tuple[Tensor, int]:
+def _resumed(structure: Structure, patcher: _Patcher | PlainPatcher, resume: tuple[int, Tensor, Sources]) -> tuple[Tensor, int]:
     layer, resid, clean = resume
     if structure.towers != ("language",):
         raise ValueError("resume is for language-model graphs")
@@ -154,7 +131,7 @@ def _resumed(structure: Structure, patcher: _Patcher, resume: tuple[int, Tensor,
     return resid.expand(max(patcher.copies, len(resid)), -1, -1), layer
 
 
-def _vision(model, pixel_values: Tensor, patcher: _Patcher, kept: dict) -> Tensor:
+def _vision(model, pixel_values: Tensor, patcher: _Patcher | PlainPatcher, kept: dict) -> Tensor:
     vision = model.vision
     if len(vision.feature_layers) != 1:
         raise NotImplementedError("a vision-tower graph needs a single feature layer (LLaVA-1.5 and InternVL read one)")
@@ -168,7 +145,7 @@ def _vision(model, pixel_values: Tensor, patcher: _Patcher, kept: dict) -> Tenso
     return features.reshape(-1, features.shape[-1])
 
 
-def _add_inputs(model, patcher: _Patcher, structure: Structure, embeds: Tensor, inputs: VLMInput) -> None:
+def _add_inputs(model, patcher: _Patcher | PlainPatcher, structure: Structure, embeds: Tensor, inputs: VLMInput) -> None:
     if "vision" not in structure.towers:
         patcher.add("language", "input", -1, embeds[:, :, None])
         return
@@ -177,17 +154,12 @@ def _add_inputs(model, patcher: _Patcher, structure: Structure, embeds: Tensor, 
     patcher.add("projector", "projector", -1, torch.where(image, embeds, 0.0)[:, :, None])
 
 
-def _block(block, resid: Tensor, patcher: _Patcher | _PlainPatcher, tower: str, kept: dict, **attn_kwargs) -> Tensor:
+def _block(block, resid: Tensor, patcher: _Patcher | PlainPatcher, tower: str, kept: dict, **attn_kwargs) -> Tensor:
     """One transformer block with per-destination inputs (`TransformerBlock.forward`, split)."""
     layer = block.layer
     resid_pre = block.hook_resid_pre(resid)
     x = block.hook_attn_in(resid_pre)
-    if isinstance(patcher, _PlainPatcher):
-        q, k, v = (_projected(block, patcher.inputs(x, tower, key, layer), key) for key in ("q", "k", "v"))
-        attn_out = block.attn.attend(q, k, v, layer=layer, **attn_kwargs)
-    else:
-        q, k, v = (block.ln1(patcher.patched(x, tower, key, layer)) for key in ("q", "k", "v"))
-        attn_out = block.attn.forward_split(q, k, v, layer=layer, **attn_kwargs)
+    attn_out = patcher.attention(block, x, tower, layer, **attn_kwargs)
     heads = kept.pop(block.attn.hook_result.name, None)
     if block.layer_scale:
         attn_out = block.lambda_1 * attn_out
@@ -204,189 +176,13 @@ def _block(block, resid: Tensor, patcher: _Patcher | _PlainPatcher, tower: str, 
     return block.hook_resid_post(resid_mid + mlp_out)
 
 
-def _projected(block, inputs: _Inputs, key: str) -> Float[Tensor, "rows pos n d_head"]:
-    """A layer's queries, keys or values from its destinations' inputs: the columns reading an
-    unpatched stream share one norm and one projection (of the heads they need), each patched
-    column is normalised and projected on its own (`Attention.forward_split`'s per-head path)."""
-    attn = block.attn
-    proj = {"q": attn.q_proj, "k": attn.k_proj, "v": attn.v_proj}[key]
-    n_proj = proj.weight.shape[0] // attn.cfg.d_head
-    rep = inputs.n // n_proj  # > 1: per-query-head keys and values of grouped-query attention (ungrouped)
-    parts: list[tuple[list[int], Tensor]] = []
-    for stream, columns in inputs.unpatched:
-        heads = sorted({c // rep for c in columns})
-        normed = block.ln1(stream)
-        if len(heads) == n_proj:
-            y = proj(normed)
-        else:
-            rows = torch.tensor([h * attn.cfg.d_head + i for h in heads for i in range(attn.cfg.d_head)], device=normed.device)
-            y = F.linear(normed, proj.weight[rows], None if proj.bias is None else proj.bias[rows])
-        y = y.view(*y.shape[:2], len(heads), attn.cfg.d_head)
-        index = [heads.index(c // rep) for c in columns]
-        parts.append((columns, y if index == list(range(len(heads))) else y[:, :, index]))
-    if inputs.patched:
-        weight = attn.input_weight(proj, inputs.n)[inputs.patched]
-        y = einops.einsum(block.ln1(inputs.patch_inputs), weight, "r p h m, h m d -> r p h d")
-        if proj.bias is not None:
-            y = y + proj.bias.view(n_proj, -1).repeat_interleave(rep, dim=0)[inputs.patched]
-        parts.append((inputs.patched, y))
-    if len(parts) == 1 and parts[0][0] == list(range(inputs.n)):
-        return parts[0][1]
-    first = parts[0][1]
-    out = first.new_empty(*first.shape[:2], inputs.n, first.shape[-1])
-    for columns, y in parts:
-        out[:, :, columns] = y
-    return out
-
-
-@dataclass
-class _Inputs:
-    """The inputs of one destination group's `n` columns: `unpatched` lists (stream, columns)
-    of the columns reading a stream as it is; `patched` columns read `patch_inputs[:, :, i]`."""
-
-    n: int
-    unpatched: list[tuple[Tensor, list[int]]]
-    patched: list[int]
-    patch_inputs: Tensor | None
-
-
-@dataclass
-class _Plan:
-    """How one destination group's columns are patched: each column reads this run's stream
-    (base 0) or the other run's (base 1, when most of its edges are patched: x + Σ_u Δ_u over
-    every parent is that run's stream), plus `coef`-weighted differences of the sources `rows`."""
-
-    unpatched: dict[int, list[int]]  # base -> columns read as they are
-    patched: list[int]
-    bases: list[int]  # per patched column
-    rows: Tensor  # source indices the patches need
-    coef: Tensor  # [len(rows), len(patched)]
-
-
-class _PlainPatcher:
-    """The patcher of a plain evaluation (no copies, spans or gradients). It plans each
-    destination group once from the weights: a column whose edges are all kept reads this run's
-    stream, one whose edges are all patched reads the other run's stream (`Sources.streams`),
-    and the rest add the differences of only the sources with a nonzero coefficient, relative to
-    whichever stream needs fewer. A small circuit evaluated by noising patches most edges: its
-    destinations read the corrupted streams plus the few kept edges' differences. The
-    differences of the sources that no patch needs are never computed (nor their heads' results)."""
-
-    copies = 0
-
-    def __init__(self, structure: Structure, weights: Tensor, other: Sources, use_streams: bool):
-        self.structure, self.other = structure, other
-        self.groups = {(s.tower, s.key, s.layer): i for i, s in enumerate(structure.sources)}
-        self.dests = {(s.tower, s.key, s.layer): i for i, s in enumerate(structure.destinations)}
-        w = weights.detach().to("cpu", accumulation_dtype(weights.dtype))
-        self.plans = {dst: self._plan(w, dst, use_streams) for dst in range(len(structure.destinations))}
-        needed = torch.zeros(structure.n_src, dtype=torch.bool)
-        for plan in self.plans.values():
-            needed[plan.rows] = True
-        self.needed = needed
-        # the differences of the needed sources of each residual stream, a row each
-        space = torch.tensor([source_space(s) == "vision" for s in structure.sources for _ in range(len(s))])
-        self.row_of = torch.zeros(structure.n_src, dtype=torch.long)
-        for in_space in (space, ~space):
-            self.row_of[needed & in_space] = torch.arange(int((needed & in_space).sum()))
-        self.deltas: dict[str, Tensor] = {}
-
-    def _plan(self, w: Tensor, dst: int, use_streams: bool) -> _Plan:
-        parents = [self.structure.sources[group] for group in self.structure.parents[dst]]
-        start, stop = min(s.start for s in parents), max(s.stop for s in parents)
-        if sum(len(s) for s in parents) != stop - start:
-            raise RuntimeError(f"the parents of destination group {dst} are not consecutive sources")
-        block = w[start:stop, self.structure.destinations[dst].slice]
-        # terms relative to this run's stream, and to the other run's; every column at once (a
-        # loop over columns cost 0.1-0.8 s a forward on 7B-38B graphs, a GPU forward's time)
-        n_patched, n_other = block.ne(0).sum(0), block.ne(1).sum(0)
-        from_other = (n_other < n_patched) & use_streams
-        as_is = torch.where(from_other, n_other, n_patched) == 0
-        unpatched = {base: columns for base, mask in ((0, as_is & ~from_other), (1, as_is & from_other))
-                     if (columns := mask.nonzero()[:, 0].tolist())}  # fmt: skip
-        patched = (~as_is).nonzero()[:, 0]
-        bases = from_other[patched]
-        coef = block[:, patched] - bases.to(block.dtype)
-        rows = coef.ne(0).any(1).nonzero()[:, 0]
-        patched, bases = patched.tolist(), bases.long().tolist()
-        return _Plan(unpatched, patched, bases, rows + start, coef[rows])
-
-    def needs(self, tower: str, key: str, layer: int) -> bool:
-        span = self.structure.sources[self.groups[tower, key, layer]]
-        return bool(self.needed[span.slice].any())
-
-    def add(self, tower: str, key: str, layer: int, output: Tensor) -> None:
-        group = self.groups[tower, key, layer]
-        span = self.structure.sources[group]
-        needed = self.needed[span.slice].nonzero()[:, 0].tolist()
-        if not needed:
-            return
-        dtype = accumulation_dtype(output.dtype)
-        other = self.other[group]
-        if len(needed) < len(span):
-            other, output = other[:, :, needed], output[:, :, needed]
-        delta = other.to(output.device, dtype) - output.to(dtype)
-        space = source_space(span)
-        if space not in self.deltas:
-            spans = [s for s in self.structure.sources if source_space(s) == space]
-            n_rows = sum(int(self.needed[s.slice].sum()) for s in spans)
-            self.deltas[space] = delta.new_empty(n_rows, delta[..., 0, :].numel())
-        # one matrix per space, on the device of its first source: a later block's differences
-        # may come from another GPU (index_put_ takes no index or value from another device)
-        matrix = self.deltas[space]
-        rows = self.row_of[span.start + torch.tensor(needed)]
-        matrix[rows.to(matrix.device)] = einops.rearrange(delta, "r p u d -> u (r p d)").to(matrix.device)
-
-    def inputs(self, x: Float[Tensor, "rows pos d_model"], tower: str, key: str, layer: int) -> _Inputs:
-        plan = self.plans[self.dests[tower, key, layer]]
-        n = len(self.structure.destinations[self.dests[tower, key, layer]])
-        streams = {0: x, 1: None}
-        if 1 in plan.unpatched or 1 in plan.bases:
-            streams[1] = self.other.streams[tower, key, layer].to(x.device, x.dtype)
-        unpatched = [(streams[base], columns) for base, columns in sorted(plan.unpatched.items())]
-        if not plan.patched:
-            return _Inputs(n, unpatched, [], None)
-        deltas = self.deltas[source_space(self.structure.sources[self.structure.parents[self.dests[tower, key, layer]][0]])]
-        rows, coef = self.row_of[plan.rows], plan.coef
-        low, high = int(rows[0]), int(rows[-1]) + 1
-        if high - low <= 3 * len(rows):  # a view of the rows between (zero for the others) costs less than a copy
-            coef = coef.new_zeros(high - low, coef.shape[1]).index_copy_(0, rows - low, coef)
-            needed = deltas[low:high]
-        else:
-            needed = deltas[rows.to(deltas.device)]
-        patch = coef.to(deltas.device, deltas.dtype).T @ needed
-        patch = einops.rearrange(patch, "v (r p d) -> r p v d", r=x.shape[0], p=x.shape[1]).to(x.device)
-        base = torch.stack([streams[b] for b in plan.bases], dim=2).to(patch.dtype)
-        return _Inputs(n, unpatched, plan.patched, (base + patch).to(x.dtype))
-
-    def patched(self, x: Tensor, tower: str, key: str, layer: int) -> Tensor:
-        """`[rows, pos, n_dst, d_model]`: the destinations' inputs."""
-        inputs = self.inputs(x, tower, key, layer)
-        if not inputs.patched and len(inputs.unpatched) == 1:
-            return inputs.unpatched[0][0][:, :, None].expand(-1, -1, inputs.n, -1)
-        out = x.new_empty(*x.shape[:2], inputs.n, x.shape[-1])
-        for stream, columns in inputs.unpatched:
-            out[:, :, columns] = stream[:, :, None]
-        if inputs.patched:
-            out[:, :, inputs.patched] = inputs.patch_inputs
-        return out
-
-
 class _Patcher:
     """Δ = corrupted − this run's output of every source so far, and the patched inputs (any
     weights: copies, spans, fractional or differentiated)."""
 
     def __init__(self, structure: Structure, weights: Tensor, corrupted: Sources, span_index: dict | None):
         self.structure, self.weights, self.corrupted = structure, weights, corrupted
-        n = (structure.n_src, structure.n_dst)
-        shape = tuple(weights.shape)
-        if shape == n or (len(shape) == 3 and shape[1:] == n):
-            self.has_spans = False
-        elif shape[:2] == n and len(shape) == 3 or (len(shape) == 4 and shape[1:3] == n):
-            self.has_spans = True
-        else:
-            raise ValueError(f"weights must be [copies?, {n[0]}, {n[1]}, spans?], got {shape}")
-        self.copies = shape[0] if len(shape) == 3 + self.has_spans else 0
+        self.copies, self.has_spans = _weight_layout(structure, weights)
         if self.has_spans and span_index is None:
             raise ValueError("weights have a span axis: give span_index")
         self.span_index = span_index or {}
@@ -394,14 +190,13 @@ class _Patcher:
         self.groups = {(s.tower, s.key, s.layer): i for i, s in enumerate(structure.sources)}
         self.dests = {(s.tower, s.key, s.layer): i for i, s in enumerate(structure.destinations)}
 
-    @property
-    def plain(self) -> bool:
-        """No copies, spans or gradients: `_PlainPatcher` can serve these weights."""
-        differentiated = self.weights.requires_grad or forward_ad.unpack_dual(self.weights).tangent is not None
-        return not (self.copies or self.has_spans or differentiated or torch.is_grad_enabled())
-
     def needs(self, tower: str, key: str, layer: int) -> bool:
         return True
+
+    def attention(self, block, x: Float[Tensor, "rows pos d_model"], tower: str, layer: int, **attn_kwargs) -> Tensor:
+        """The block's attention output, each head's query, key and value normalising its own input."""
+        q, k, v = (block.ln1(self.patched(x, tower, key, layer)) for key in ("q", "k", "v"))
+        return block.attn.forward_split(q, k, v, layer=layer, **attn_kwargs)
 
     def add(self, tower: str, key: str, layer: int, output: Tensor) -> None:
         group = self.groups[tower, key, layer]
@@ -454,22 +249,6 @@ class _Patcher:
         return out.reshape(rows, pos, -1, d)
 
 
-def _has_hooks(model) -> bool:
-    """Whether a hook is attached to any hook point of `model` (`model.hooks`, `add_hook`)."""
-    return any(hook.fwd_hooks or hook.bwd_hooks for hook in model.hook_dict.values())
-
-
-def source_space(source) -> str:
-    """The residual stream a source writes into (the projector: the language model's)."""
-    return "vision" if source.tower == "vision" else "language"
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for half-precision models (differences and sums of many terms lose digits in bf16),
-    the model's own dtype when it is fp32 or fp64."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def _expand(inputs: VLMInput, copies: int) -> VLMInput:
     if len(inputs) != 1:
         raise ValueError(f"weights with copies patch copies of one input (batch 1), got a batch of {len(inputs)}")
@@ -486,58 +265,3 @@ def _expand(inputs: VLMInput, copies: int) -> VLMInput:
     return replace(inputs, input_ids=repeat(inputs.input_ids), attention_mask=repeat(inputs.attention_mask),
                    position_ids=repeat(inputs.position_ids), pixel_values=inputs.pixel_values.repeat(copies, 1, 1, 1),
                    layout=tiled, answer_mask=repeat(inputs.answer_mask))  # fmt: skip
-
-
-# ---------------------------------------------------------------------------------- recording
-def _stream_hooks(model, structure: Structure) -> dict[str, list[tuple[str, str, int]]]:
-    """The hook whose value each destination group reads before any patch: a block's attention
-    input (its q, k and v), its MLP input, and the last residual stream (the logits; the projector)."""
-    names: dict[str, list[tuple[str, str, int]]] = {}
-    for tower in structure.towers:
-        prefix = "vision." if tower == "vision" else ""
-        n_layers = structure.shapes[tower].n_layers
-        for layer in range(n_layers):
-            names[f"{prefix}blocks.{layer}.hook_attn_in"] = [(tower, key, layer) for key in ("q", "k", "v")]
-            names[f"{prefix}blocks.{layer}.hook_mlp_in"] = [(tower, "mlp", layer)]
-        sink = ("language", "logits", n_layers) if tower == "language" else ("projector", "projector", n_layers)
-        names[f"{prefix}blocks.{n_layers - 1}.hook_resid_post"] = [sink]
-    return names
-
-
-def _source_hooks(model, structure: Structure) -> list[tuple[str, None]]:
-    names = []
-    for tower in structure.towers:
-        prefix = "vision." if tower == "vision" else ""
-        for layer in range(structure.shapes[tower].n_layers):
-            names += [f"{prefix}blocks.{layer}.attn.hook_result", f"{prefix}blocks.{layer}.hook_mlp_out"]
-    if "vision" in structure.towers:
-        names.append("vision.blocks.0.hook_resid_pre")
-    names.append("hook_inputs_embeds")
-    return [(name, None) for name in names]
-
-
-def _source_readers(model, structure: Structure) -> dict[int, Callable[[dict, VLMInput], Tensor]]:
-    readers: dict[int, Callable] = {}
-    for i, span in enumerate(structure.sources):
-        prefix = "vision." if span.tower == "vision" else ""
-        block = None if span.layer < 0 else (model.vision.blocks if span.tower == "vision" else model.blocks)[span.layer]
-        if span.key == "heads":
-            name = f"{prefix}blocks.{span.layer}.attn.hook_result"
-            scale = block.lambda_1 if block.layer_scale else None
-            readers[i] = lambda kept, inputs, name=name, scale=scale: kept[name] if scale is None else scale * kept[name]
-        elif span.key == "mlp":
-            name = f"{prefix}blocks.{span.layer}.hook_mlp_out"
-            readers[i] = lambda kept, inputs, name=name: kept[name][:, :, None]
-        elif span.tower == "vision":
-            readers[i] = lambda kept, inputs: kept["vision.blocks.0.hook_resid_pre"][:, :, None]
-        else:
-            part = None if "vision" not in structure.towers else span.key  # "input" (text) or "projector" (image)
-            readers[i] = lambda kept, inputs, part=part: _embeds_part(kept["hook_inputs_embeds"], inputs, part)
-    return readers
-
-
-def _embeds_part(embeds: Tensor, inputs: VLMInput, part: str | None) -> Tensor:
-    if part is None:
-        return embeds[:, :, None]
-    image = inputs.image_token_mask().to(embeds.device)[..., None]
-    return (torch.where(image, embeds, 0.0) if part == "projector" else torch.where(image, 0.0, embeds))[:, :, None]

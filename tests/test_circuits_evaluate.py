@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from circuit_pairs import load, make_pair, rel_err
+from circuit_pairs import ANSWER, load, make_pair, painted, rel_err
 
 from hooked_vlm.circuits import (
     MIB_FRACTIONS,
@@ -191,6 +191,60 @@ def test_a_plain_evaluation_equals_the_general_edge_forward(setup, towers, kv):
             assert from_corrupted > 0.9 * graph.n_dst  # nearly every destination starts from the corrupted stream
             if density == 1.0:  # the empty circuit: nothing to patch, no difference computed
                 assert not bases and not patcher.needed.any()
+
+
+def _plain_and_general(model, inputs, structure, weights, other, **kwargs):
+    with torch.no_grad():
+        plain = edge_forward(model, inputs, structure, weights, other, **kwargs)
+    with torch.enable_grad():
+        general = edge_forward(model, inputs, structure, weights, other, **kwargs)
+    return plain, general
+
+
+def test_a_plain_evaluation_of_a_padded_batch_both_ways_resumed_or_from_embeddings_is_the_general_one(setup, photos):
+    model, _ = setup
+    images = [photos["chelsea"], photos["coffee"].resize(photos["chelsea"].size)]
+    prompts = ["Where is the cat?", "Where is it, please?"]
+    clean = model.prepare(images, prompts, answers=[ANSWER, ANSWER])
+    corrupted = model.prepare([painted(image) for image in images], prompts, answers=[ANSWER, ANSWER])
+    assert not clean.attention_mask.all()  # left-padded
+    generator = torch.Generator().manual_seed(3)
+    for towers in (("language",), BOTH):
+        graph = Graph.from_model(model, towers=towers, kv="grouped")
+        for base, other in ((clean, corrupted), (corrupted, clean)):  # noising, denoising
+            with torch.no_grad():
+                _, sources = source_outputs(model, other, graph.structure)
+            for density in (0.05, 0.95):
+                plain, general = _plain_and_general(model, base, graph.structure, _weights(graph, density, generator), sources)
+                assert rel_err(plain, general) < 1e-10, (towers, density)
+    graph = Graph.from_model(model)
+    resid, embeds = {}, []
+    keep = [(f"blocks.{l}.hook_resid_pre", lambda x, hook: resid.__setitem__(hook.layer(), x)) for l in range(model.cfg.n_layers)]
+    with torch.no_grad():
+        _, clean_sources = source_outputs(model, clean, graph.structure, keep + [("hook_inputs_embeds", lambda x, hook: embeds.append(x))])
+        _, sources = source_outputs(model, corrupted, graph.structure)
+    weights = _weights(graph, 0.9, generator)
+    plain, general = _plain_and_general(model, clean, graph.structure, weights, sources, embeds=embeds[0])
+    assert rel_err(plain, general) < 1e-10
+    layer = model.cfg.n_layers // 2
+    for dst in graph.structure.destinations:
+        if dst.layer < layer:
+            weights[:, dst.slice] = 0  # nothing patched before the resumed layer
+    plain, general = _plain_and_general(model, clean, graph.structure, weights, sources, resume=(layer, resid[layer], clean_sources))
+    assert rel_err(plain, general) < 1e-10
+
+
+@pytest.mark.parametrize("name", ["internvl_moe", "internvl_moe_top1"])
+def test_a_plain_evaluation_of_an_moe_model_is_the_general_one(tiny_checkpoint, photos, name):
+    model = load(tiny_checkpoint, name)
+    pair = make_pair(model, photos["chelsea"])
+    graph = Graph.from_model(model)
+    with torch.no_grad():
+        _, sources = source_outputs(model, pair.corrupted, graph.structure)
+    generator = torch.Generator().manual_seed(4)
+    for density in (0.05, 0.95):
+        plain, general = _plain_and_general(model, pair.clean, graph.structure, _weights(graph, density, generator), sources)
+        assert rel_err(plain, general) < 1e-10, density
 
 
 def test_a_plain_evaluation_with_hooks_that_edit_the_stream_patches_this_run_s_stream(setup):

@@ -97,7 +97,9 @@ def test_ablation_at_positions_only_touches_those_positions(model, pair):
     ablated = _cache(model, base, name, iv.expert_ablation(model, [(1, e) for e in range(8)], positions=where))[name]
     assert (ablated[where.mask] == 0).all()  # every expert dropped: no MLP output left
     first_image = int(base.layout.position.min())
-    assert torch.equal(ablated[0, :first_image], clean[0, :first_image])  # before the image: untouched
+    # before the image: untouched, up to rounding (the experts' grouped matmuls see fewer tokens, and
+    # on some CPUs a matmul's rows round differently with its number of rows: 1.4e-6 of 27.6 seen)
+    torch.testing.assert_close(ablated[0, :first_image], clean[0, :first_image], rtol=1e-5, atol=1e-5)
 
 
 def test_ablation_holds_on_every_decoding_step(model, pair):

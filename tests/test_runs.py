@@ -273,6 +273,24 @@ def test_a_function_that_captures_itself_is_described_without_recursing_forever(
     assert runs.describe(countdown)["captured"] == [f"{__name__}.{countdown.__qualname__}"]
 
 
+def test_two_means_made_a_second_apart_are_the_same_setting(tmp_path):
+    """Each process of a launch computes a fallback mean embedding itself: on a loaded machine a
+    second apart. Their creation times are not what they are (the 2-process CLI test failed on
+    "settings.mean.provenance.created" differing); their values still are."""
+    from dataclasses import replace
+
+    from hooked_vlm import HookedVLM
+    from hooked_vlm import interventions as iv
+    from hooked_vlm.toy_models import toy_mean_embedding
+
+    mean = toy_mean_embedding(HookedVLM.from_pretrained("toy-llava"), "toy-llava", n=2)
+    later = replace(mean, provenance=mean.provenance | {"created": "2999-01-01T00:00:00+00:00"})
+    assert "created" in mean.provenance and runs.describe(later) == runs.describe(mean)
+    other = replace(mean, vector=mean.vector + 1)
+    assert runs.describe(other) != runs.describe(mean)
+    assert isinstance(mean, iv.MeanEmbedding)
+
+
 def test_numpy_scalars_give_the_in_memory_table_the_recorded_tables_dtypes(tmp_path):
     items = [Item(f"x{i}", f"x{i}", i) for i in range(3)]
 

@@ -30,6 +30,9 @@ import torch
 MANIFEST = "manifest.json"
 FORMAT = 2  # 2: every record carries its run's tag; settings hold the experiment's data
 COMPARED = ("format", "experiment", "arguments", "settings", "model", "items")
+# keys that say when a setting was made, not what it is: left out of its description (each process
+# of a launch computes a fallback mean embedding itself, a second apart on a loaded machine)
+WHEN = frozenset({"created"})
 
 
 class RunMismatch(ValueError):
@@ -39,13 +42,14 @@ class RunMismatch(ValueError):
 def describe(value: Any) -> Any:
     """A JSON description of a setting: plain values as they are; tensors and arrays by shape,
     dtype and a hash of their bytes; dataclasses field by field; functions by qualified name, and
-    with the values they captured (see `_describe_function`)."""
+    with the values they captured (see `_describe_function`); dicts without their `WHEN` keys
+    (a mean embedding's creation time is not what it is)."""
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)):
         return [describe(v) for v in value]
     if isinstance(value, dict):
-        return {str(k): describe(v) for k, v in value.items()}
+        return {str(k): describe(v) for k, v in value.items() if k not in WHEN}
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, torch.dtype):
@@ -161,7 +165,7 @@ def differences(recorded: dict[str, Any], current: dict[str, Any], sections: Seq
 
 def _diff(path: str, old: Any, new: Any, lines: list[str]) -> None:
     if isinstance(old, dict) and isinstance(new, dict):
-        for key in list(old) + [k for k in new if k not in old]:
+        for key in [k for k in old if k not in WHEN] + [k for k in new if k not in old and k not in WHEN]:
             _diff(f"{path}.{key}", old.get(key, "(absent)"), new.get(key, "(absent)"), lines)
     elif json.dumps(old, sort_keys=True) != json.dumps(new, sort_keys=True):  # NaN equals NaN here
         lines.append(f"{path}: {_short(old)} recorded, {_short(new)} now")

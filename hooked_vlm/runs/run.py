@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from hooked_vlm.runs.files import atomic_path
 from hooked_vlm.runs.manifest import (
-    FORMAT, MANIFEST, RunMismatch, describe, describe_ids, differences, launch_record, normalised, run_tag,
+    COMPARED, FORMAT, MANIFEST, RunMismatch, describe, describe_ids, differences, launch_record, normalised, run_tag,
 )  # fmt: skip
 from hooked_vlm.provenance import model_identity
 from hooked_vlm.runs.launch import is_main_process, launched_processes, processes
@@ -105,8 +105,11 @@ class Run:
         with shard.locked():
             recorded = None if self.overwrite else self._recorded()
             current = self._identity(work)
-            tag = run_tag(current)
-            done = self._done(recorded, current, tag)
+            self._check_resumable(recorded, current)
+            # a resumed run keeps the identity it was recorded with (equal but for `WHEN` keys), and its tag
+            identity = current if recorded is None else {section: recorded.get(section) for section in COMPARED}
+            tag = run_tag(identity)
+            done = set() if recorded is None else set(read_records(self.directory / ROWS, tag))
             pending = [item for item in work.items if item.key not in done]
             group.wait()  # every process has read the directory before the main one changes it
             if group.is_main:
@@ -114,7 +117,7 @@ class Run:
                     self._clear()
                 launches = [] if recorded is None else recorded.get("launches", [])
                 launch = launch_record(group.count, len(pending), self.launch)
-                self._write_manifest(current | {"launches": [*launches, launch]})
+                self._write_manifest(identity | {"launches": [*launches, launch]})
             group.wait()
             if not group.is_main:
                 self._check_same_as_main(current, group.index)
@@ -137,14 +140,13 @@ class Run:
             "items": describe_ids([item.key for item in work.items]),
         }
 
-    def _done(self, recorded: dict | None, current: dict[str, Any], tag: str) -> set[str]:
+    def _check_resumable(self, recorded: dict | None, current: dict[str, Any]) -> None:
         if self.overwrite:
-            return set()
+            return
         if recorded is None:
             self._check_no_stale_files()
-            return set()
+            return
         self._raise_on(differences(recorded, current))
-        return set(read_records(self.directory / ROWS, tag))
 
     def _check_same_as_main(self, current: dict[str, Any], index: int) -> None:
         """Every process of a launch must compute the run the main process recorded (same

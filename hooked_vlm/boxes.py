@@ -214,7 +214,7 @@ def format_box(
     """
     check_box(box, image_size)
     frame = _resolve_frame(family, frame)
-    _check_float_boxes(family, float_boxes)
+    check_float_boxes(family, float_boxes)
     if family == "internvl":
         return _format_internvl(box, image_size, label)
     return _format_llava(box, image_size, frame, crop_size)
@@ -270,7 +270,7 @@ def parsed_boxes(
     """`parse_boxes`, each box with how it was written (`ParsedBox`)."""
     width, height = _check_image_size(image_size)
     frame = _resolve_frame(family, frame)
-    _check_float_boxes(family, float_boxes)
+    check_float_boxes(family, float_boxes)
     if not isinstance(text, str):
         return []
     window = _window((width, height), frame, crop_size)
@@ -429,7 +429,8 @@ def check_box(box: Box, image_size: ImageSize) -> None:
         raise ValueError(f"box {box} lies outside the image of size (width, height) = {image_size}")
 
 
-def _check_float_boxes(family: Family, float_boxes: FloatBoxes) -> None:
+def check_float_boxes(family: Family, float_boxes: FloatBoxes) -> None:
+    """Raise ValueError unless `float_boxes` is known, and "official" for LLaVA (see `parse_boxes`)."""
     if float_boxes not in FLOAT_BOXES:
         raise ValueError(f"unknown float_boxes {float_boxes!r}; expected one of {FLOAT_BOXES}")
     if family == "llava" and float_boxes != "official":

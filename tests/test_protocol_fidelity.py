@@ -3,7 +3,9 @@
 Sampling (A1), the IG target and aggregation (A2, A3), excluded samples (A4), the InternVL
 shuffle scope (A5), bounded probes (A6), answer length and truncation (A7), the mean fallback
 (A8), the 24% level (A9), CLI defaults (A10), mean +- sd over seeds (A11), size classes and
-cumulative controls (A12)."""
+cumulative controls (A12); and the section B options added since: frame calibration (B1),
+substring matching (B3), robust CMA aggregates (B6), the knockout control (B8), InternVL float
+boxes (B2)."""
 
 from __future__ import annotations
 
@@ -294,3 +296,68 @@ def test_the_knockout_control_can_be_drawn_outside_the_object(llava, monkeypatch
     objects = iv.object_tokens(inputs, [s.mask for s in samples], dilation=1, allow_empty=True).mask
     control = drawn[-1].mask  # the random condition comes after its object condition
     assert control.any() and not (control[:, : objects.shape[1]] & objects[:, : control.shape[1]]).any()
+
+
+# ---------------------------------------------------------------------------------- B2
+@pytest.fixture(scope="module")
+def internvl_answering_floats():
+    """toy-internvl whose every answer is a box written as [0, 1] floats (over 12-56% x 30-80%)."""
+    model = HookedVLM.from_pretrained("toy-internvl")
+    answer = model.tokenizer("[[0.12, 0.30, 0.56, 0.80]]", add_special_tokens=False).input_ids
+    model.generate = lambda inputs, **kwargs: torch.tensor([answer] * inputs.input_ids.shape[0])
+    return model
+
+
+def _float_box_sample() -> Sample:
+    return Sample("f", Image.new("RGB", (100, 100)), "cat", (12, 30, 56, 80), mask_fn=lambda: np.ones((100, 100), bool),
+                  choices=("cat",))  # fmt: skip
+
+
+def test_evaluate_reads_internvl_float_boxes_as_fractions_and_counts_them(internvl_answering_floats):
+    results = evaluate(internvl_answering_floats, [_float_box_sample()], "localization", progress=False)
+    assert results["iou"].iloc[0] == pytest.approx(1.0) and results["float_box"].iloc[0] == True  # noqa: E712
+    assert summarize(results)["n_float_boxes"].iloc[0] == 1
+
+
+def test_evaluate_reads_float_boxes_in_thousandths_when_asked(internvl_answering_floats):
+    results = evaluate(internvl_answering_floats, [_float_box_sample()], "localization", float_boxes="thousandths", progress=False)
+    assert results["iou"].iloc[0] < 1e-3 and results["float_box"].iloc[0] == True  # noqa: E712  written so, read otherwise
+    assert summarize(results)["n_float_boxes"].iloc[0] == 1
+
+
+def test_the_float_box_reading_is_recorded_in_the_run_manifest(internvl_answering_floats, tmp_path):
+    import json
+
+    evaluate(internvl_answering_floats, [_float_box_sample()], "localization", float_boxes="thousandths", progress=False,
+             run=tmp_path / "evaluate")  # fmt: skip
+    token_shuffle(internvl_answering_floats, [_float_box_sample()], modes=["full"], seeds=[0], float_boxes="thousandths",
+                  progress=False, run=tmp_path / "shuffle")  # fmt: skip
+    for name in ("evaluate", "shuffle"):
+        manifest = json.loads((tmp_path / name / MANIFEST).read_text())
+        assert manifest["settings"]["box_format"]["float_boxes"] == "thousandths"
+
+
+def test_head_mediation_judges_an_internvl_float_answer_by_the_official_rule(internvl_answering_floats):
+    """The source's greedy answer is the CMA target when it is correct: read as fractions it is."""
+    sample = replace(_float_box_sample(), removed_image=Image.new("RGB", (100, 100), "white"))
+    official = head_mediation(internvl_answering_floats, [sample], method="attribution", progress=False)
+    thousandths = head_mediation(internvl_answering_floats, [sample], method="attribution", float_boxes="thousandths",
+                                 progress=False)  # fmt: skip
+    assert set(official["target_source"]) == {"src_greedy"} and set(thousandths["target_source"]) == {"gt"}
+
+
+def test_the_float_box_reading_is_a_command_line_option_of_every_scoring_command():
+    for command in ("evaluate", "token-ablation", "token-shuffle", "object-extension", "attention-knockout",
+                    "head-mediation", "cumulative-head-ablation"):  # fmt: skip
+        args = parser().parse_args([command, "--model", "m", "--out", "o"])
+        assert args.float_boxes == inspect.signature(evaluate).parameters["float_boxes"].default == "official"
+        assert parser().parse_args([command, "--model", "m", "--out", "o", "--float-boxes", "thousandths"]).float_boxes == "thousandths"
+
+
+def test_llava_refuses_the_thousandths_reading():
+    from hooked_vlm.experiments import box_format
+
+    llava = SimpleNamespace(cfg=SimpleNamespace(family="llava"), preprocessing=SimpleNamespace(image_mode="pad", image_size=336))
+    assert "float_boxes" not in box_format(llava)
+    with pytest.raises(ValueError, match="LLaVA writes fractions"):
+        box_format(llava, float_boxes="thousandths")

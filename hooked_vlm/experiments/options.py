@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+from hooked_vlm.boxes import FLOAT_BOXES
 from hooked_vlm.experiments.attention_knockout import attention_knockout
 from hooked_vlm.experiments.cumulative_head_ablation import CONTROLS, cumulative_head_ablation
 from hooked_vlm.experiments.data import SAMPLE_MODES
@@ -44,6 +45,13 @@ def answer_options(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length cap (default per task: 64 localization, 128 list)")
     p.add_argument("--match", choices=["word", "substring"], default="word",
                    help="list task: whole words with plurals, or the paper's literal substring test")  # fmt: skip
+    float_boxes_option(p)
+
+
+def float_boxes_option(p) -> None:
+    p.add_argument("--float-boxes", choices=FLOAT_BOXES, default="official",
+                   help="InternVL: a box whose numbers sum to < 4 ([0, 1] floats) is read as fractions of the image, as "
+                        "InternVL's evaluator does (official), or on the 0-1000 scale like any other (thousandths)")  # fmt: skip
 
 
 def _task(p, choices=("localization", "list")) -> None:
@@ -126,6 +134,7 @@ def _mediation_options(p) -> None:
 def mediation_options(p) -> None:
     _task(p, ("localization", "binary"))
     p.add_argument("--frame", choices=["padded", "crop", "original"], default=None, help="LLaVA's box frame (default: the model's)")
+    float_boxes_option(p)
     _mediation_options(p)
     p.set_defaults(limit=default(head_mediation, "limit"))  # the protocol's 50 pairs, drawn at random
 

@@ -173,6 +173,20 @@ def test_the_internvl_float_box_reading_reaches_cumulative_ablation_and_its_medi
     assert kwargs["float_boxes"] == "thousandths" and seen == ["thousandths"]
 
 
+def test_the_cma_token_filter_reaches_head_mediation(monkeypatch, tmp_path):
+    capture(monkeypatch, "head_mediation")
+    argv = ["head-mediation", "--model", "toy-llava", "--out", str(tmp_path), "--n", "1", "--token-filter", "significant_digits"]
+    _, kwargs = captured_call(argv)
+    assert kwargs["token_filter"] == "significant_digits"
+
+
+def test_the_cma_token_filter_reaches_the_mediation_that_ranks_cumulative_ablation(monkeypatch, tmp_path):
+    capture(monkeypatch, "head_mediation")
+    argv = ["cumulative-head-ablation", "--model", "toy-llava", "--out", str(tmp_path), "--n", "1", "--token-filter", "significant_digits"]
+    _, kwargs = captured_call(argv)
+    assert kwargs["token_filter"] == "significant_digits"
+
+
 def test_position_probe_trains_on_at_most_limit_samples(monkeypatch, tmp_path):
     capture(monkeypatch, "position_probe")
     (_, train, test), _ = captured_call(["position-probe", "--model", "toy-llava", "--out", str(tmp_path), "--n", "20", "--limit", "8"])

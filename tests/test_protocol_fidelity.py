@@ -5,7 +5,7 @@ shuffle scope (A5), bounded probes (A6), answer length and truncation (A7), the 
 (A8), the 24% level (A9), CLI defaults (A10), mean +- sd over seeds (A11), size classes and
 cumulative controls (A12); and the section B options added since: frame calibration (B1),
 substring matching (B3), robust CMA aggregates (B6), the knockout control (B8), InternVL float
-boxes (B2)."""
+boxes (B2) and the significant-digit CMA score (B5)."""
 
 from __future__ import annotations
 
@@ -361,3 +361,53 @@ def test_llava_refuses_the_thousandths_reading():
     assert "float_boxes" not in box_format(llava)
     with pytest.raises(ValueError, match="LLaVA writes fractions"):
         box_format(llava, float_boxes="thousandths")
+
+
+# ---------------------------------------------------------------------------------- B5
+def _scored_box_tokens(model, token_filter: str) -> list[str]:
+    inputs = model.prepare(Image.new("RGB", (64, 64)), "Where is the cat?", answers="[0.61, 0.36, 0.92, 0.83]")
+    kept = scored_tokens(inputs, model.tokenizer, token_filter)
+    return [model.tokenizer.decode([i]) for i in inputs.input_ids[kept].tolist()]
+
+
+def test_the_significant_digit_filter_drops_llavas_leading_zeros():
+    model = HookedVLM.from_pretrained("toy-llava")
+    assert _scored_box_tokens(model, "significant_digits") == list("61369283")
+
+
+def test_the_cma_score_keeps_every_digit_by_default():
+    model = HookedVLM.from_pretrained("toy-llava")
+    assert inspect.signature(head_mediation).parameters["token_filter"].default == "digits"
+    assert _scored_box_tokens(model, "digits") == list("061036092083")
+
+
+def test_the_significant_digit_filter_keeps_internvls_integer_zeros():
+    model = HookedVLM.from_pretrained("toy-internvl")
+    inputs = model.prepare(Image.new("RGB", (64, 64)), "Where?", answers="<ref>cat</ref><box>[[120, 0, 305, 1000]]</box>")
+    digits, significant = (scored_tokens(inputs, model.tokenizer, f) for f in ("digits", "significant_digits"))
+    assert torch.equal(digits, significant) and digits.sum() == 11
+
+
+def test_head_mediation_scores_the_chosen_digits_and_records_the_filter(llava, tmp_path):
+    import json
+
+    from hooked_vlm.experiments.head_mediation import pair_prompt
+    from hooked_vlm.metrics import masked_nll
+
+    sample = next(iter(as_samples(SyntheticLocalization(1, seed=0, image_sizes=((56, 56),)))))
+    results = head_mediation(llava, [sample], target="gt", method="attribution", token_filter="significant_digits",
+                             progress=False, run=tmp_path)  # fmt: skip
+    base = llava.prepare(sample.removed_image, pair_prompt(sample, "localization"), answers=results["target"].iloc[0])
+    for token_filter, same in (("significant_digits", True), ("digits", False)):
+        p_base = float(masked_nll(llava, base, token_filter=token_filter).exp())
+        assert (float(results["p_base"].iloc[0]) == pytest.approx(p_base, rel=1e-5)) is same
+    assert json.loads((tmp_path / MANIFEST).read_text())["settings"]["token_filter"] == "significant_digits"
+    with pytest.raises(ValueError, match="unknown token_filter"):
+        head_mediation(llava, [sample], token_filter="zeros", progress=False)
+
+
+def test_the_cma_token_filter_is_a_command_line_option_defaulting_to_the_function():
+    for command in ("head-mediation", "cumulative-head-ablation"):
+        assert parser().parse_args([command, "--model", "m", "--out", "o"]).token_filter == "digits"
+        args = parser().parse_args([command, "--model", "m", "--out", "o", "--token-filter", "significant_digits"])
+        assert args.token_filter == "significant_digits"

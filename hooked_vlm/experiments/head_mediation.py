@@ -57,6 +57,11 @@ from hooked_vlm.scoring import binary_answer, score_localization_answer
 
 Task = Literal["localization", "binary"]
 Positions = Literal["prompt", "answer", "prompt+answer"]
+# Which of a box's tokens the localization score reads (`metrics.FILTERS`): "digits", every
+# coordinate digit (the paper masks brackets, commas etc.; the default), or "significant_digits",
+# without the integer "0" of LLaVA's fractions (PROTOCOL-AUDIT B5).
+TokenFilter = Literal["digits", "significant_digits"]
+TOKEN_FILTERS: tuple[str, ...] = ("digits", "significant_digits")
 
 
 def head_mediation(
@@ -71,6 +76,7 @@ def head_mediation(
     max_new_tokens: int = 40,
     frame: Frame | None = None,
     float_boxes: FloatBoxes = "official",
+    token_filter: TokenFilter = "digits",
     min_effect: float = 0.01,
     limit: int | None = 50,
     sample: SampleMode = "random",
@@ -83,6 +89,11 @@ def head_mediation(
     `pairs`: anything `as_samples` reads whose samples carry `removed_image` (the synthetic set,
     or COCO object-removed pairs). Scored tokens: the box's coordinate digits for localization
     (template tokens masked out, as the paper does), the first answer token ("Yes") for binary.
+    `token_filter` (localization): "digits" scores every digit of the box, LLaVA's leading "0"
+    of each fraction included (the paper masks only "brackets, commas, etc.", and Liu et al.
+    score "numeric coordinate tokens"); "significant_digits" leaves out that near-certain zero,
+    which otherwise is a third of LLaVA's scored tokens (`metrics.significant_digit_tokens`;
+    InternVL's integer boxes score the same under both).
     `positions`: "prompt" patches the text after the image up to the answer (the paper's
     setting), "answer" the teacher-forced answer tokens, or both. Pairs whose source and base
     perplexities differ by less than `min_effect` (relative) get NaN (see `mediation_fraction`),
@@ -106,6 +117,8 @@ def head_mediation(
         raise ValueError(f"unknown positions {positions!r} (expected 'prompt', 'answer' or 'prompt+answer')")
     if target not in ("src_greedy", "gt"):
         raise ValueError(f"unknown target {target!r} (expected 'src_greedy' or 'gt')")
+    if token_filter not in TOKEN_FILTERS:
+        raise ValueError(f"unknown token_filter {token_filter!r}; expected one of {TOKEN_FILTERS}")
     boxes = box_format(model, frame, float_boxes)
     chosen = sample_sources(pairs, limit, sample=sample, sample_seed=sample_seed)
     items = [Item(pair_id, pair_id, load) for pair_id, load in chosen]
@@ -113,10 +126,10 @@ def head_mediation(
     def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
         for item in pending:
             yield item.key, _pair_rows(model, item.payload(), task, positions, target, method, batch_size, max_new_tokens,
-                                       boxes, min_effect)  # fmt: skip
+                                       boxes, token_filter, min_effect)  # fmt: skip
 
     settings = {"task": task, "positions": positions, "target": target, "method": method, "max_new_tokens": max_new_tokens,
-                "box_format": boxes, "min_effect": min_effect, "limit": limit, "sample": sample,
+                "box_format": boxes, "token_filter": token_filter, "min_effect": min_effect, "limit": limit, "sample": sample,
                 "sample_seed": sample_seed, "data": chosen.data}  # fmt: skip
     work = Work("head_mediation", items, compute, _table, settings=settings, model=model, desc=f"head mediation ({method})", unit="pair")
     return execute(work, run, progress=progress)
@@ -124,7 +137,7 @@ def head_mediation(
 
 def _pair_rows(
     model, sample: Sample, task: Task, positions: Positions, target: str, method: str, batch_size: int, max_new_tokens: int,
-    boxes: dict[str, Any], min_effect: float,
+    boxes: dict[str, Any], token_filter: TokenFilter, min_effect: float,
 ) -> list[dict]:
     """One row per head: the mediation fractions of one source/base pair (`boxes`: `box_format`)."""
     prompt = pair_prompt(sample, task)
@@ -135,7 +148,7 @@ def _pair_rows(
     answer, answer_source = _target_answer(model, sample, task, prompt, target, max_new_tokens, boxes)
     source = model.prepare(sample.image, prompt, answers=answer)
     base = model.prepare(sample.removed_image, prompt, answers=answer)
-    mask = _scored_mask(model, base, task)
+    mask = _scored_mask(model, base, task, token_filter)
     patched_positions = _positions(base, positions)
     unreached = unreachable_layers(model.cfg.n_layers, patched_positions, mask)
     if unreached.all():
@@ -267,9 +280,9 @@ def _target_answer(
     return (text, "src_greedy") if correct and text else (truth(), "gt")
 
 
-def _scored_mask(model, inputs: VLMInput, task: Task) -> Tensor:
+def _scored_mask(model, inputs: VLMInput, task: Task, token_filter: TokenFilter = "digits") -> Tensor:
     if task == "localization":
-        mask = scored_tokens(inputs, model.tokenizer, "digits")
+        mask = scored_tokens(inputs, model.tokenizer, token_filter)
     else:  # the one decisive token of the binary answer
         answer = inputs.answer_mask
         mask = answer & (answer.cumsum(-1) == 1)

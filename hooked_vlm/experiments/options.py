@@ -14,7 +14,7 @@ from hooked_vlm.boxes import FLOAT_BOXES
 from hooked_vlm.experiments.attention_knockout import attention_knockout
 from hooked_vlm.experiments.cumulative_head_ablation import CONTROLS, cumulative_head_ablation
 from hooked_vlm.experiments.data import SAMPLE_MODES
-from hooked_vlm.experiments.head_mediation import head_mediation
+from hooked_vlm.experiments.head_mediation import TOKEN_FILTERS, head_mediation
 from hooked_vlm.experiments.object_extension import object_extension
 from hooked_vlm.experiments.position_probe import position_probe
 from hooked_vlm.experiments.token_ablation import FILLS, STRATEGIES, token_ablation
@@ -125,6 +125,8 @@ def _mediation_options(p) -> None:
     p.add_argument("--method", choices=["exact", "attribution"], default=default(head_mediation, "method"))
     p.add_argument("--target", choices=["src_greedy", "gt"], default=default(head_mediation, "target"))
     p.add_argument("--positions", choices=["prompt", "answer", "prompt+answer"], default=default(head_mediation, "positions"))
+    p.add_argument("--token-filter", choices=TOKEN_FILTERS, default=default(head_mediation, "token_filter"),
+                   help="localization: score every digit of the box, or leave out LLaVA's leading 0 of each fraction")  # fmt: skip
     p.add_argument("--min-effect", type=float, default=default(head_mediation, "min_effect"),
                    help="pairs whose source and base perplexities differ by less (relative) get MF NaN")  # fmt: skip
     p.add_argument("--mediation-max-new-tokens", type=int, default=default(head_mediation, "max_new_tokens"),

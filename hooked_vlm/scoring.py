@@ -86,11 +86,11 @@ def score_localization_answer(
     pred = boxes[0].box if boxes else None
     value = float("nan") if pred is None else iou(pred, gt_box)
     row: dict[str, object] = {"pred_box": pred, "n_boxes": len(boxes), "iou": value}
-    if family == "internvl":
-        row["float_box"] = boxes[0].float_box if boxes else None
     for t in thresholds:
         row[hit_column(t)] = is_hit(value, t)
     row["loc_score"] = localization_score(pred, gt_box, thresholds)
+    if family == "internvl":
+        row["float_box"] = boxes[0].float_box if boxes else None
     return row
 
 

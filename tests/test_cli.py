@@ -168,7 +168,8 @@ def test_the_internvl_float_box_reading_reaches_cumulative_ablation_and_its_medi
     monkeypatch.setattr(experiments, "head_mediation", lambda *a, **kwargs: seen.append(kwargs["float_boxes"]) or mediation)
     monkeypatch.setattr(experiments, "mediation_map", lambda table: torch.zeros(4, 4))
     capture(monkeypatch, "cumulative_head_ablation")
-    argv = ["cumulative-head-ablation", "--model", "toy-internvl", "--out", str(tmp_path), "--n", "1", "--float-boxes", "thousandths"]
+    argv = ["cumulative-head-ablation", "--model", "toy-internvl", "--out", str(tmp_path), "--n", "1",
+            "--float-boxes", "thousandths"]  # fmt: skip
     _, kwargs = captured_call(argv)
     assert kwargs["float_boxes"] == "thousandths" and seen == ["thousandths"]
 
@@ -182,7 +183,8 @@ def test_the_cma_token_filter_reaches_head_mediation(monkeypatch, tmp_path):
 
 def test_the_cma_token_filter_reaches_the_mediation_that_ranks_cumulative_ablation(monkeypatch, tmp_path):
     capture(monkeypatch, "head_mediation")
-    argv = ["cumulative-head-ablation", "--model", "toy-llava", "--out", str(tmp_path), "--n", "1", "--token-filter", "significant_digits"]
+    argv = ["cumulative-head-ablation", "--model", "toy-llava", "--out", str(tmp_path), "--n", "1",
+            "--token-filter", "significant_digits"]  # fmt: skip
     _, kwargs = captured_call(argv)
     assert kwargs["token_filter"] == "significant_digits"
 

@@ -320,7 +320,8 @@ def test_evaluate_reads_internvl_float_boxes_as_fractions_and_counts_them(intern
 
 
 def test_evaluate_reads_float_boxes_in_thousandths_when_asked(internvl_answering_floats):
-    results = evaluate(internvl_answering_floats, [_float_box_sample()], "localization", float_boxes="thousandths", progress=False)
+    results = evaluate(internvl_answering_floats, [_float_box_sample()], "localization", float_boxes="thousandths",
+                       progress=False)  # fmt: skip
     assert results["iou"].iloc[0] < 1e-3 and results["float_box"].iloc[0] == True  # noqa: E712  written so, read otherwise
     assert summarize(results)["n_float_boxes"].iloc[0] == 1
 
@@ -351,7 +352,8 @@ def test_the_float_box_reading_is_a_command_line_option_of_every_scoring_command
                     "head-mediation", "cumulative-head-ablation"):  # fmt: skip
         args = parser().parse_args([command, "--model", "m", "--out", "o"])
         assert args.float_boxes == inspect.signature(evaluate).parameters["float_boxes"].default == "official"
-        assert parser().parse_args([command, "--model", "m", "--out", "o", "--float-boxes", "thousandths"]).float_boxes == "thousandths"
+        args = parser().parse_args([command, "--model", "m", "--out", "o", "--float-boxes", "thousandths"])
+        assert args.float_boxes == "thousandths"
 
 
 def test_llava_refuses_the_thousandths_reading():

@@ -133,7 +133,8 @@ def cumulative_head_ablation(
     settings = {
         "task": task, "rankings": dict(rankings), "fractions": sorted(fractions), "low_importance_from": low_importance_from,
         "controls": controls if low_importance_from is not None else [], "control_seed": control_seed,
-        "value": described_value, "limit": limit, "sample": sample, "sample_seed": sample_seed, "data": sources.data, "box_format": box_format(model, frame, float_boxes),
+        "value": described_value, "limit": limit, "sample": sample, "sample_seed": sample_seed, "data": sources.data,
+        "box_format": box_format(model, frame, float_boxes),
         "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task],
     }  # fmt: skip
     work = Work("cumulative_head_ablation", items, compute, table, settings=settings, model=model,

@@ -100,8 +100,9 @@ def token_ablation(
     every token set to InternVL's thumbnail ("global") or tiles ("local"); `n_image_tokens`
     still counts every view. `limit`, `sample`, `sample_seed`: which samples (a seeded random
     subset by default, `experiments.data.sample_sources`); the mean fallback averages the distinct
-    images of the same samples. `frame`, `max_new_tokens`, `match`, `float_boxes`: `evaluate`'s. `run`: a run directory to record the rows in and resume from
-    (`hooked_vlm.runs`; one item per condition and sample).
+    images of the same samples. `frame`, `max_new_tokens`, `match`, `float_boxes`: `evaluate`'s.
+    `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
+    condition and sample).
     """
     check_task(task)
     check_views(model, views)

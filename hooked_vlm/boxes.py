@@ -14,6 +14,10 @@ ARCHITECTURES pitfall 13). We call that rectangle the model's *frame* and descri
 | llava    | "crop"     | the llava-hf centre crop (see `frame_window`) | same                              |
 | internvl | "original" | the image itself, integers on a 0-1000 scale  | `<ref>cat</ref><box>[[…]]</box>`  |
 
+InternVL sometimes writes its box as [0, 1] floats instead (`[[0.12, 0.30, 0.56, 0.80]]`); by
+default such a box is read as fractions of the image, as InternVL's own evaluator reads it
+(`float_boxes`, see `parse_boxes`).
+
 The "crop" window depends on the checkpoint's image side (`crop_size`: 336 for LLaVA-1.5, the
 default; pass `model.preprocessing.image_size` for any other, as `experiments.box_format` does).
 
@@ -26,7 +30,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Literal, NamedTuple, get_args
 
 import numpy as np
 from jaxtyping import Float
@@ -44,6 +48,17 @@ DEFAULT_FRAME: dict[str, Frame] = {"llava": "padded", "internvl": "original"}
 
 # Coordinate scale of the text: LLaVA writes fractions, InternVL thousandths.
 _SCALE: dict[str, float] = {"llava": 1.0, "internvl": 1000.0}
+
+# How an InternVL box whose numbers look like [0, 1] floats is read (see `parse_boxes`):
+# "official" as fractions of the image, like InternVL's RefCOCO evaluator; "thousandths" on the
+# 0-1000 scale like every other InternVL box.
+FloatBoxes = Literal["official", "thousandths"]
+FLOAT_BOXES: tuple[str, ...] = get_args(FloatBoxes)
+# InternVL's evaluator divides a predicted box by 1000 only when its four numbers sum to >= 4;
+# below that they are already fractions (OpenGVLab/InternVL,
+# internvl_chat/eval/refcoco/evaluate_grounding.py:197-198 at 2410d1d:
+# `if predict_bbox.sum() >= 4: predict_bbox = predict_bbox / 1000`).
+FLOAT_BOX_SUM = 4.0
 
 # llava-hf CLIPImageProcessor: resize the short side to 336, then centre-crop 336x336
 # (ARCHITECTURES §1.5).
@@ -177,6 +192,7 @@ def format_box(
     frame: Frame | None = None,
     label: str | None = None,
     crop_size: int = LLAVA_HF_CROP_SIZE,
+    float_boxes: FloatBoxes = "official",
 ) -> str:
     """Render a ground-truth box exactly as `family` writes it (e.g. as a teacher-forced target).
 
@@ -190,11 +206,15 @@ def format_box(
     - internvl: `<ref>{label}</ref><box>[[x1, y1, x2, y2]]</box>` with `int(x / W * 1000)`
       (InternVL issue #285); without `label`, only the `<box>…</box>` part.
 
+    `float_boxes` concerns parsing only (`parse_boxes`); it is accepted (and checked) so that one
+    `experiments.box_format(model)` serves both.
+
     Raises ValueError on an unknown family/frame, a non-positive image size, or a box that is
     not inside the image with x1 < x2 and y1 < y2.
     """
     check_box(box, image_size)
     frame = _resolve_frame(family, frame)
+    check_float_boxes(family, float_boxes)
     if family == "internvl":
         return _format_internvl(box, image_size, label)
     return _format_llava(box, image_size, frame, crop_size)
@@ -229,6 +249,44 @@ _COMMA_RUN = re.compile(rf"(?<![\w.]){_NUMBER}(?:\s*,\s*{_NUMBER})+(?!\w|\.\d)")
 _IS_NUMBER = re.compile(rf"^{_NUMBER}$")
 
 
+class ParsedBox(NamedTuple):
+    """A box read from a model's answer: `box` in original-image pixels, and `float_box`, whether
+    InternVL wrote it as [0, 1] floats (its four numbers sum to < 4, the official evaluator's
+    test), however `float_boxes` then read it; always False for LLaVA, which writes fractions."""
+
+    box: Box
+    float_box: bool
+
+
+def parsed_boxes(
+    text: str,
+    image_size: ImageSize,
+    *,
+    family: Family,
+    frame: Frame | None = None,
+    crop_size: int = LLAVA_HF_CROP_SIZE,
+    float_boxes: FloatBoxes = "official",
+) -> list[ParsedBox]:
+    """`parse_boxes`, each box with how it was written (`ParsedBox`)."""
+    width, height = _check_image_size(image_size)
+    frame = _resolve_frame(family, frame)
+    check_float_boxes(family, float_boxes)
+    if not isinstance(text, str):
+        return []
+    window = _window((width, height), frame, crop_size)
+    parsed = []
+    for quad in _number_quads(text):
+        float_box = family == "internvl" and sum(quad) < FLOAT_BOX_SUM
+        scale = 1.0 if float_box and float_boxes == "official" else _SCALE[family]
+        unit = _to_unit_box(quad, scale)
+        if unit is None:
+            continue
+        box = clip_box(window.from_unit(unit), (width, height))
+        if box[0] < box[2] and box[1] < box[3]:
+            parsed.append(ParsedBox(box, float_box))
+    return parsed
+
+
 def parse_boxes(
     text: str,
     image_size: ImageSize,
@@ -236,6 +294,7 @@ def parse_boxes(
     family: Family,
     frame: Frame | None = None,
     crop_size: int = LLAVA_HF_CROP_SIZE,
+    float_boxes: FloatBoxes = "official",
 ) -> list[Box]:
     """Every well-formed box in a model's answer, in original-image pixels, clipped to the image.
 
@@ -251,24 +310,18 @@ def parse_boxes(
     `PARSE_SLACK` of the scale outside it (LLaVA pixel answers like `[120, 45, 300, 200]`,
     InternVL values above 1050); boxes that are empty once clipped to the image (e.g. a LLaVA box
     drawn entirely on the padding). Coordinates within the slack are clipped to the scale.
-    InternVL floats are read on the 0-1000 scale like integers (the official evaluator's
-    "divide by 1000 only if the sum is >= 4" heuristic is not reproduced). `crop_size`: the
-    checkpoint's image side, which fixes the "crop" window (see the module docstring).
+    `crop_size`: the checkpoint's image side, which fixes the "crop" window (see the module
+    docstring).
+
+    `float_boxes` (InternVL only): a box whose four numbers sum to < 4 (`FLOAT_BOX_SUM`) was
+    written as [0, 1] floats; "official" reads it as fractions of the image, as InternVL's RefCOCO
+    evaluator does (evaluate_grounding.py:197-198, above), "thousandths" on the 0-1000 scale like
+    any other (`[[0.12, 0.30, 0.56, 0.80]]`: a sub-pixel box). The test is the evaluator's sum,
+    not a decimal point: `[[0.5, 0.9, 1.2, 1.8]]` is read in thousandths, `[[0, 0, 1, 1]]` is the
+    whole image. For LLaVA, which writes fractions, only "official" is allowed.
     """
-    width, height = _check_image_size(image_size)
-    frame = _resolve_frame(family, frame)
-    if not isinstance(text, str):
-        return []
-    window = _window((width, height), frame, crop_size)
-    boxes = []
-    for quad in _number_quads(text):
-        unit = _to_unit_box(quad, _SCALE[family])
-        if unit is None:
-            continue
-        box = clip_box(window.from_unit(unit), (width, height))
-        if box[0] < box[2] and box[1] < box[3]:
-            boxes.append(box)
-    return boxes
+    return [parsed.box for parsed in parsed_boxes(text, image_size, family=family, frame=frame, crop_size=crop_size,
+                                                  float_boxes=float_boxes)]  # fmt: skip
 
 
 def parse_box(
@@ -278,13 +331,14 @@ def parse_box(
     family: Family,
     frame: Frame | None = None,
     crop_size: int = LLAVA_HF_CROP_SIZE,
+    float_boxes: FloatBoxes = "official",
 ) -> Box | None:
     """The first box of `parse_boxes`, or None when the answer holds no well-formed box.
 
     Taking the first of several boxes follows PAPER_PROTOCOL §4 (log how often there were more
     with `len(parse_boxes(...))`).
     """
-    boxes = parse_boxes(text, image_size, family=family, frame=frame, crop_size=crop_size)
+    boxes = parse_boxes(text, image_size, family=family, frame=frame, crop_size=crop_size, float_boxes=float_boxes)
     return boxes[0] if boxes else None
 
 
@@ -373,6 +427,15 @@ def check_box(box: Box, image_size: ImageSize) -> None:
         raise ValueError(f"box {box} must have x1 < x2 and y1 < y2")
     if x1 < 0 or y1 < 0 or x2 > width or y2 > height:
         raise ValueError(f"box {box} lies outside the image of size (width, height) = {image_size}")
+
+
+def check_float_boxes(family: Family, float_boxes: FloatBoxes) -> None:
+    """Raise ValueError unless `float_boxes` is known, and "official" for LLaVA (see `parse_boxes`)."""
+    if float_boxes not in FLOAT_BOXES:
+        raise ValueError(f"unknown float_boxes {float_boxes!r}; expected one of {FLOAT_BOXES}")
+    if family == "llava" and float_boxes != "official":
+        # LLaVA writes [0, 1] fractions by design: there is no 0-1000 scale to read them on
+        raise ValueError(f"float_boxes={float_boxes!r} concerns InternVL's 0-1000 scale; LLaVA writes fractions")
 
 
 def _resolve_frame(family: Family, frame: Frame | None) -> Frame:

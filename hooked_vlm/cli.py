@@ -115,7 +115,7 @@ def _sampling(args) -> dict:
 
 
 def _answers(args) -> dict:
-    return {"frame": args.frame, "max_new_tokens": args.max_new_tokens}
+    return {"frame": args.frame, "max_new_tokens": args.max_new_tokens, "float_boxes": args.float_boxes}
 
 
 # ---------------------------------------------------------------------------------- commands
@@ -271,8 +271,9 @@ def _run_mediation(model, data, args, run):
 
 
 def _mediation_kwargs(args) -> dict:
-    return {"method": args.method, "target": args.target, "positions": args.positions, "min_effect": args.min_effect,
-            "frame": args.frame, "max_new_tokens": args.mediation_max_new_tokens}  # fmt: skip
+    return {"method": args.method, "target": args.target, "positions": args.positions, "token_filter": args.token_filter,
+            "min_effect": args.min_effect, "frame": args.frame, "float_boxes": args.float_boxes,
+            "max_new_tokens": args.mediation_max_new_tokens}  # fmt: skip
 
 
 def _run_cumulative(model, data, args, run):

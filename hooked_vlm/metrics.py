@@ -3,11 +3,14 @@
 `masked_nll` scores chosen answer tokens (`VLMInput.answer_mask` from `prepare(..., answers=...)`)
 under teacher forcing: the logits at position t predict the token at t + 1. A token filter keeps
 only some of them — `digit_tokens` keeps a box's coordinate digits and masks out its template
-(brackets, commas, tags, end of turn), as the paper does. `masked_perplexity` is its exponential.
+(brackets, commas, tags, end of turn), as the paper does; `significant_digit_tokens` also masks
+the integer zero of each decimal fraction (LLaVA's "0" of "0.61"). `masked_perplexity` is its
+exponential.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Sequence
 
 import torch
@@ -34,6 +37,42 @@ def digit_tokens(tokenizer: Any, input_ids: Int[Tensor, "batch pos"]) -> Bool[Te
     return (in_vocab & lookup[ids.clamp(min=0)]).to(input_ids.device)
 
 
+# The integer zero of a decimal fraction: the "0" of "0.61", not of "10.5", "0" or "1.05".
+_INTEGER_ZERO = re.compile(r"(?<![\d.])0(?=\.\d)")
+
+
+def significant_digit_tokens(tokenizer: Any, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
+    """`digit_tokens` without the integer zero of a decimal fraction (PROTOCOL-AUDIT B5).
+
+    LLaVA writes every coordinate as a fraction in [0, 1], `[0.61, 0.36, 0.92, 0.83]`, so the
+    "0" before each "." is all but certain, and with the digit filter a third of the scored
+    tokens (`0 6 1 0 3 6 0 9 2 0 8 3`) are near-zero NLLs that shrink the mean; here the same box
+    scores `6 1 3 6 9 2 8 3`. The "." is no digit and is masked by both filters. The "1" of
+    "1.0" is kept: it is the model's choice that the box reaches the edge. InternVL's integers
+    have no integer zero (a lone "0" is a whole coordinate and is kept), so for them this equals
+    `digit_tokens`; an InternVL answer written as [0, 1] floats loses its zeros like LLaVA's. A
+    token that merges the zero with a scored digit ("0.6") is kept, as in `digit_tokens`.
+    """
+    keep = digit_tokens(tokenizer, input_ids).cpu()
+    ids = input_ids.cpu()
+    # raw token strings keep the word-boundary marks ("▁", "Ġ") that decoding one token drops,
+    # so the digits of two numbers never run together; original LLaVA's -200 is no token
+    pieces = {i: tokenizer.convert_ids_to_tokens(i) or "" for i in ids[ids >= 0].unique().tolist()}
+    for row in range(ids.shape[0]):
+        texts = [pieces.get(i, " ") for i in ids[row].tolist()]
+        joined = "".join(texts)
+        zeros = {m.start() for m in _INTEGER_ZERO.finditer(joined)}
+        if not zeros:
+            continue
+        start = 0
+        for t, text in enumerate(texts):
+            digits = [start + k for k, ch in enumerate(text) if ch.isdigit()]
+            if digits and keep[row, t] and all(d in zeros for d in digits):
+                keep[row, t] = False
+            start += len(text)
+    return keep.to(input_ids.device)
+
+
 def answer_text_tokens(tokenizer: Any, input_ids: Int[Tensor, "batch pos"]) -> Bool[Tensor, "batch pos"]:
     """Tokens other than the special ones: a teacher-forced answer without the end-of-turn token
     the chat template appends (`</s>`, `<|im_end|>`)."""
@@ -43,7 +82,11 @@ def answer_text_tokens(tokenizer: Any, input_ids: Int[Tensor, "batch pos"]) -> B
 
 
 END_OF_TURN = ("</s>", "<|im_end|>", "<|endoftext|>", "<|eot_id|>")
-FILTERS: dict[str, TokenFilter] = {"digits": digit_tokens, "answer_text": answer_text_tokens}
+FILTERS: dict[str, TokenFilter] = {
+    "digits": digit_tokens,
+    "significant_digits": significant_digit_tokens,
+    "answer_text": answer_text_tokens,
+}
 
 
 def scored_tokens(

@@ -21,7 +21,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from hooked_vlm.boxes import LLAVA_HF_CROP_SIZE, Box, Family, Frame, ImageSize, iou, parse_boxes
+from hooked_vlm.boxes import LLAVA_HF_CROP_SIZE, Box, Family, FloatBoxes, Frame, ImageSize, iou, parsed_boxes
 
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.5, 0.7, 0.9)
 
@@ -71,22 +71,26 @@ def score_localization_answer(
     family: Family,
     frame: Frame | None = None,
     crop_size: int = LLAVA_HF_CROP_SIZE,
+    float_boxes: FloatBoxes = "official",
     thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
 ) -> dict[str, object]:
     """Parse a model's answer and score it: one results-table row for `summarize_localization`.
 
     Keys: `pred_box` (first parsed box or None), `n_boxes` (how many were parsed; the paper's
     protocol takes the first, §4), `iou` (NaN when nothing parsed), `hit@{t}` for each threshold,
-    and `loc_score`. `family`, `frame` and `crop_size` are `parse_boxes`'s (for a model:
-    `experiments.box_format(model)`).
+    and `loc_score`; for InternVL also `float_box` (the first box was written as [0, 1] floats,
+    see `boxes.parse_boxes`; None when nothing parsed). `family`, `frame`, `crop_size` and
+    `float_boxes` are `parse_boxes`'s (for a model: `experiments.box_format(model)`).
     """
-    boxes = parse_boxes(text, image_size, family=family, frame=frame, crop_size=crop_size)
-    pred = boxes[0] if boxes else None
+    boxes = parsed_boxes(text, image_size, family=family, frame=frame, crop_size=crop_size, float_boxes=float_boxes)
+    pred = boxes[0].box if boxes else None
     value = float("nan") if pred is None else iou(pred, gt_box)
     row: dict[str, object] = {"pred_box": pred, "n_boxes": len(boxes), "iou": value}
     for t in thresholds:
         row[hit_column(t)] = is_hit(value, t)
     row["loc_score"] = localization_score(pred, gt_box, thresholds)
+    if family == "internvl":
+        row["float_box"] = boxes[0].float_box if boxes else None
     return row
 
 

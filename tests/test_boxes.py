@@ -13,6 +13,7 @@ from hooked_vlm.boxes import (
     iou_array,
     parse_box,
     parse_boxes,
+    parsed_boxes,
 )
 
 WIDE = (640, 480)
@@ -288,6 +289,50 @@ def test_internvl_parses_a_single_bracket_list():
 
 def test_internvl_parses_floats_on_the_thousand_scale():
     assert parse_box("[[100.0, 200.5, 500, 1000]]", (1000, 1000), family="internvl") == (100, 200.5, 500, 1000)
+
+
+def test_internvl_box_written_as_unit_floats_is_read_as_fractions_of_the_image():
+    """InternVL's evaluator reads a box summing to < 4 as fractions (PROTOCOL-AUDIT B2)."""
+    assert parse_box("<box>[[0.12, 0.30, 0.56, 0.80]]</box>", (1000, 500), family="internvl") == (120, 150, 560, 400)
+
+
+def test_internvl_integer_box_is_read_in_thousandths_whatever_the_float_rule():
+    for float_boxes in ("official", "thousandths"):
+        assert parse_box("[[100, 200, 500, 1000]]", WIDE, family="internvl", float_boxes=float_boxes) == (64, 96, 320, 480)
+
+
+def test_internvl_float_box_summing_to_four_or_more_is_read_in_thousandths_as_the_evaluator_does():
+    # 0.5 + 0.9 + 1.2 + 1.8 = 4.4 >= 4: the evaluator divides by 1000, a sub-pixel box
+    box = parse_box("[[0.5, 0.9, 1.2, 1.8]]", (1000, 1000), family="internvl")
+    np.testing.assert_allclose(box, (0.5, 0.9, 1.2, 1.8))
+    assert parsed_boxes("[[0.5, 0.9, 1.2, 1.8]]", WIDE, family="internvl")[0].float_box is False
+
+
+def test_internvl_box_summing_just_under_four_is_fractions_even_in_integers():
+    # the rule is the evaluator's sum, not a decimal point: [[0, 0, 1, 1]] is the whole image
+    assert parse_box("[[0, 0, 1, 1]]", WIDE, family="internvl") == (0, 0, 640, 480)
+    assert parse_box("[[0, 0, 1, 3]]", (1000, 1000), family="internvl") == (0, 0, 1, 3)  # sum 4
+
+
+def test_internvl_float_rule_can_be_turned_off():
+    box = parse_box("[[0.12, 0.30, 0.56, 0.80]]", (1000, 500), family="internvl", float_boxes="thousandths")
+    np.testing.assert_allclose(box, (0.12, 0.15, 0.56, 0.4))  # on the 0-1000 scale: a sub-pixel box
+
+
+def test_parsed_boxes_say_which_boxes_were_written_as_floats():
+    text = "[[0.1, 0.2, 0.5, 0.6]] or [[100, 200, 500, 600]]"
+    for float_boxes in ("official", "thousandths"):  # written so, however it is read
+        parsed = parsed_boxes(text, WIDE, family="internvl", float_boxes=float_boxes)
+        assert [p.float_box for p in parsed] == [True, False]
+    assert [p.float_box for p in parsed_boxes("[0.1, 0.2, 0.5, 0.6]", WIDE, family="llava")] == [False]
+
+
+def test_float_rule_is_checked_and_is_internvl_only():
+    with pytest.raises(ValueError, match="unknown float_boxes"):
+        parse_box("[[1, 2, 3, 4]]", WIDE, family="internvl", float_boxes="auto")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="LLaVA writes fractions"):
+        parse_box("[0.1, 0.2, 0.5, 0.6]", WIDE, family="llava", float_boxes="thousandths")
+    assert format_box((10, 10, 20, 20), WIDE, family="internvl", float_boxes="thousandths").startswith("<box>")
 
 
 def test_internvl_clips_values_slightly_above_1000():

@@ -151,6 +151,44 @@ def test_head_mediation_passes_the_batch_size(monkeypatch, tmp_path):
     assert kwargs["batch_size"] == 3
 
 
+@pytest.mark.parametrize("command, function", [
+    ("evaluate", "evaluate"), ("token-ablation", "token_ablation"), ("token-shuffle", "token_shuffle"),
+    ("object-extension", "object_extension"), ("attention-knockout", "attention_knockout"), ("head-mediation", "head_mediation"),
+])  # fmt: skip
+def test_the_internvl_float_box_reading_reaches_the_experiment(monkeypatch, tmp_path, command, function):
+    capture(monkeypatch, function)
+    argv = [command, "--model", "toy-internvl", "--out", str(tmp_path), "--n", "1", "--float-boxes", "thousandths"]
+    _, kwargs = captured_call(argv)
+    assert kwargs["float_boxes"] == "thousandths"
+
+
+def test_the_internvl_float_box_reading_reaches_cumulative_ablation_and_its_mediation(monkeypatch, tmp_path):
+    mediation = pd.DataFrame([{"pair_id": "p", "layer": 0, "head": h, "mf": 0.1 * h, "task": "localization"} for h in range(4)])
+    seen = []
+    monkeypatch.setattr(experiments, "head_mediation", lambda *a, **kwargs: seen.append(kwargs["float_boxes"]) or mediation)
+    monkeypatch.setattr(experiments, "mediation_map", lambda table: torch.zeros(4, 4))
+    capture(monkeypatch, "cumulative_head_ablation")
+    argv = ["cumulative-head-ablation", "--model", "toy-internvl", "--out", str(tmp_path), "--n", "1",
+            "--float-boxes", "thousandths"]  # fmt: skip
+    _, kwargs = captured_call(argv)
+    assert kwargs["float_boxes"] == "thousandths" and seen == ["thousandths"]
+
+
+def test_the_cma_token_filter_reaches_head_mediation(monkeypatch, tmp_path):
+    capture(monkeypatch, "head_mediation")
+    argv = ["head-mediation", "--model", "toy-llava", "--out", str(tmp_path), "--n", "1", "--token-filter", "significant_digits"]
+    _, kwargs = captured_call(argv)
+    assert kwargs["token_filter"] == "significant_digits"
+
+
+def test_the_cma_token_filter_reaches_the_mediation_that_ranks_cumulative_ablation(monkeypatch, tmp_path):
+    capture(monkeypatch, "head_mediation")
+    argv = ["cumulative-head-ablation", "--model", "toy-llava", "--out", str(tmp_path), "--n", "1",
+            "--token-filter", "significant_digits"]  # fmt: skip
+    _, kwargs = captured_call(argv)
+    assert kwargs["token_filter"] == "significant_digits"
+
+
 def test_position_probe_trains_on_at_most_limit_samples(monkeypatch, tmp_path):
     capture(monkeypatch, "position_probe")
     (_, train, test), _ = captured_call(["position-probe", "--model", "toy-llava", "--out", str(tmp_path), "--n", "20", "--limit", "8"])

@@ -34,6 +34,14 @@ LOCALIZATION, LIST = (columns[:-1] + ANSWERED + ["condition"] for columns in (LO
 N = 4  # samples
 
 
+def localization_columns(model) -> list[str]:
+    """InternVL rows also say whether the box was written as [0, 1] floats (PROTOCOL-AUDIT B2)."""
+    if model.cfg.family != "internvl":
+        return LOCALIZATION
+    at = LOCALIZATION.index("loc_score") + 1
+    return LOCALIZATION[:at] + ["float_box"] + LOCALIZATION[at:]
+
+
 @pytest.fixture(scope="module", params=["llava_multilayer", "internvl_6b"])
 def model(request, tiny_checkpoint):
     model = HookedVLM.from_pretrained(tiny_checkpoint(request.param))
@@ -82,7 +90,7 @@ def ablation_counts(model) -> list[str]:
 
 
 def test_token_ablation_returns_the_documented_columns_once_per_query_and_condition(model, ablation):
-    assert list(ablation.columns) == LOCALIZATION + ABLATION_LABELS + ablation_counts(model)
+    assert list(ablation.columns) == localization_columns(model) + ABLATION_LABELS + ablation_counts(model)
     assert len(ablation) == N * (1 + 2 + 2 + 1 + 1)  # baseline, object x2, random x2, register, ig
     assert ablation.groupby("condition").size().eq(N).all()
 
@@ -232,7 +240,7 @@ def test_object_extension_scores_every_padding_seed_and_gt_scale(model, dataset,
         model, dataset, paddings=(0, 1), gt_scales=(0, 1, 2), seeds=(0, 1), batch_size=3, progress=False
     )
     labels = ["padding", "seed", "gt_scale", "views", "n_extended", "token_width", "token_height"]
-    assert list(results.columns) == LOCALIZATION + labels
+    assert list(results.columns) == localization_columns(model) + labels
     assert len(results) == N * (1 + 2) * 3  # padding 0 runs once, padding 1 per seed; each scored at 3 scales
 
     def ring(inputs, sample):
@@ -279,9 +287,9 @@ def knocked_out(model, dataset):
     return attention_knockout(model, dataset, progress=False, **KNOCKOUT)
 
 
-def test_attention_knockout_returns_the_documented_columns_once_per_query_and_condition(knocked_out):
+def test_attention_knockout_returns_the_documented_columns_once_per_query_and_condition(model, knocked_out):
     columns = ["group_size", "layer_start", "layer_end", "layers", "target", "padding", "seed", "n_blocked"]
-    assert list(knocked_out.columns) == LOCALIZATION + columns
+    assert list(knocked_out.columns) == localization_columns(model) + columns
     assert len(knocked_out) == N * (1 + 4 * 2)  # baseline; layers 0, 1, 2, all x (object, random)
     assert set(knocked_out["layers"].dropna()) == {"0", "1", "2", "all"}
 

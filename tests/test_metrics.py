@@ -1,5 +1,6 @@
 """Teacher-forced masked NLL equals a hand computation from the logits; the digit filter keeps
-exactly a box's digits; the mediation fraction and its guard."""
+exactly a box's digits, the significant-digit filter those without LLaVA's leading zeros; the
+mediation fraction and its guard."""
 
 from __future__ import annotations
 
@@ -39,6 +40,16 @@ def test_digit_filter_keeps_exactly_the_digits_of_a_formatted_box(setup):
         assert dropped  # brackets, commas, tags, end of turn
     plain = torch.tensor([[tok.convert_tokens_to_ids(t) for t in tok.tokenize("7")]])
     assert digit_tokens(tok, plain).all()
+
+
+def test_significant_digit_filter_keeps_the_digits_after_each_integer_zero(setup):
+    """On the tiny checkpoints' own tokenizers: LLaVA's box loses the "0" of each "0.xx",
+    InternVL's integer box keeps every digit."""
+    model, inputs, answers = setup
+    kept = scored_tokens(inputs, model.tokenizer, "significant_digits")
+    for row, answer in enumerate(answers):
+        texts = [model.tokenizer.decode([int(i)]) for i in inputs.input_ids[row, kept[row]]]
+        assert re.sub(r"\D", "", "".join(texts)) == re.sub(r"\D", "", re.sub(r"(?<![\d.])0(?=\.)", "", answer))
 
 
 @pytest.mark.parametrize("token_filter", [None, "digits"])

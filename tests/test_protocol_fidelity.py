@@ -3,7 +3,9 @@
 Sampling (A1), the IG target and aggregation (A2, A3), excluded samples (A4), the InternVL
 shuffle scope (A5), bounded probes (A6), answer length and truncation (A7), the mean fallback
 (A8), the 24% level (A9), CLI defaults (A10), mean +- sd over seeds (A11), size classes and
-cumulative controls (A12)."""
+cumulative controls (A12); and the section B options added since: frame calibration (B1),
+substring matching (B3), robust CMA aggregates (B6), the knockout control (B8), InternVL float
+boxes (B2) and the significant-digit CMA score (B5)."""
 
 from __future__ import annotations
 
@@ -294,3 +296,120 @@ def test_the_knockout_control_can_be_drawn_outside_the_object(llava, monkeypatch
     objects = iv.object_tokens(inputs, [s.mask for s in samples], dilation=1, allow_empty=True).mask
     control = drawn[-1].mask  # the random condition comes after its object condition
     assert control.any() and not (control[:, : objects.shape[1]] & objects[:, : control.shape[1]]).any()
+
+
+# ---------------------------------------------------------------------------------- B2
+@pytest.fixture(scope="module")
+def internvl_answering_floats():
+    """toy-internvl whose every answer is a box written as [0, 1] floats (over 12-56% x 30-80%)."""
+    model = HookedVLM.from_pretrained("toy-internvl")
+    answer = model.tokenizer("[[0.12, 0.30, 0.56, 0.80]]", add_special_tokens=False).input_ids
+    model.generate = lambda inputs, **kwargs: torch.tensor([answer] * inputs.input_ids.shape[0])
+    return model
+
+
+def _float_box_sample() -> Sample:
+    return Sample("f", Image.new("RGB", (100, 100)), "cat", (12, 30, 56, 80), mask_fn=lambda: np.ones((100, 100), bool),
+                  choices=("cat",))  # fmt: skip
+
+
+def test_evaluate_reads_internvl_float_boxes_as_fractions_and_counts_them(internvl_answering_floats):
+    results = evaluate(internvl_answering_floats, [_float_box_sample()], "localization", progress=False)
+    assert results["iou"].iloc[0] == pytest.approx(1.0) and results["float_box"].iloc[0] == True  # noqa: E712
+    assert summarize(results)["n_float_boxes"].iloc[0] == 1
+
+
+def test_evaluate_reads_float_boxes_in_thousandths_when_asked(internvl_answering_floats):
+    results = evaluate(internvl_answering_floats, [_float_box_sample()], "localization", float_boxes="thousandths",
+                       progress=False)  # fmt: skip
+    assert results["iou"].iloc[0] < 1e-3 and results["float_box"].iloc[0] == True  # noqa: E712  written so, read otherwise
+    assert summarize(results)["n_float_boxes"].iloc[0] == 1
+
+
+def test_the_float_box_reading_is_recorded_in_the_run_manifest(internvl_answering_floats, tmp_path):
+    import json
+
+    evaluate(internvl_answering_floats, [_float_box_sample()], "localization", float_boxes="thousandths", progress=False,
+             run=tmp_path / "evaluate")  # fmt: skip
+    token_shuffle(internvl_answering_floats, [_float_box_sample()], modes=["full"], seeds=[0], float_boxes="thousandths",
+                  progress=False, run=tmp_path / "shuffle")  # fmt: skip
+    for name in ("evaluate", "shuffle"):
+        manifest = json.loads((tmp_path / name / MANIFEST).read_text())
+        assert manifest["settings"]["box_format"]["float_boxes"] == "thousandths"
+
+
+def test_head_mediation_judges_an_internvl_float_answer_by_the_official_rule(internvl_answering_floats):
+    """The source's greedy answer is the CMA target when it is correct: read as fractions it is."""
+    sample = replace(_float_box_sample(), removed_image=Image.new("RGB", (100, 100), "white"))
+    official = head_mediation(internvl_answering_floats, [sample], method="attribution", progress=False)
+    thousandths = head_mediation(internvl_answering_floats, [sample], method="attribution", float_boxes="thousandths",
+                                 progress=False)  # fmt: skip
+    assert set(official["target_source"]) == {"src_greedy"} and set(thousandths["target_source"]) == {"gt"}
+
+
+def test_the_float_box_reading_is_a_command_line_option_of_every_scoring_command():
+    for command in ("evaluate", "token-ablation", "token-shuffle", "object-extension", "attention-knockout",
+                    "head-mediation", "cumulative-head-ablation"):  # fmt: skip
+        args = parser().parse_args([command, "--model", "m", "--out", "o"])
+        assert args.float_boxes == inspect.signature(evaluate).parameters["float_boxes"].default == "official"
+        args = parser().parse_args([command, "--model", "m", "--out", "o", "--float-boxes", "thousandths"])
+        assert args.float_boxes == "thousandths"
+
+
+def test_llava_refuses_the_thousandths_reading():
+    from hooked_vlm.experiments import box_format
+
+    llava = SimpleNamespace(cfg=SimpleNamespace(family="llava"), preprocessing=SimpleNamespace(image_mode="pad", image_size=336))
+    assert "float_boxes" not in box_format(llava)
+    with pytest.raises(ValueError, match="LLaVA writes fractions"):
+        box_format(llava, float_boxes="thousandths")
+
+
+# ---------------------------------------------------------------------------------- B5
+def _scored_box_tokens(model, token_filter: str) -> list[str]:
+    inputs = model.prepare(Image.new("RGB", (64, 64)), "Where is the cat?", answers="[0.61, 0.36, 0.92, 0.83]")
+    kept = scored_tokens(inputs, model.tokenizer, token_filter)
+    return [model.tokenizer.decode([i]) for i in inputs.input_ids[kept].tolist()]
+
+
+def test_the_significant_digit_filter_drops_llavas_leading_zeros():
+    model = HookedVLM.from_pretrained("toy-llava")
+    assert _scored_box_tokens(model, "significant_digits") == list("61369283")
+
+
+def test_the_cma_score_keeps_every_digit_by_default():
+    model = HookedVLM.from_pretrained("toy-llava")
+    assert inspect.signature(head_mediation).parameters["token_filter"].default == "digits"
+    assert _scored_box_tokens(model, "digits") == list("061036092083")
+
+
+def test_the_significant_digit_filter_keeps_internvls_integer_zeros():
+    model = HookedVLM.from_pretrained("toy-internvl")
+    inputs = model.prepare(Image.new("RGB", (64, 64)), "Where?", answers="<ref>cat</ref><box>[[120, 0, 305, 1000]]</box>")
+    digits, significant = (scored_tokens(inputs, model.tokenizer, f) for f in ("digits", "significant_digits"))
+    assert torch.equal(digits, significant) and digits.sum() == 11
+
+
+def test_head_mediation_scores_the_chosen_digits_and_records_the_filter(llava, tmp_path):
+    import json
+
+    from hooked_vlm.experiments.head_mediation import pair_prompt
+    from hooked_vlm.metrics import masked_nll
+
+    sample = next(iter(as_samples(SyntheticLocalization(1, seed=0, image_sizes=((56, 56),)))))
+    results = head_mediation(llava, [sample], target="gt", method="attribution", token_filter="significant_digits",
+                             progress=False, run=tmp_path)  # fmt: skip
+    base = llava.prepare(sample.removed_image, pair_prompt(sample, "localization"), answers=results["target"].iloc[0])
+    for token_filter, same in (("significant_digits", True), ("digits", False)):
+        p_base = float(masked_nll(llava, base, token_filter=token_filter).exp())
+        assert (float(results["p_base"].iloc[0]) == pytest.approx(p_base, rel=1e-5)) is same
+    assert json.loads((tmp_path / MANIFEST).read_text())["settings"]["token_filter"] == "significant_digits"
+    with pytest.raises(ValueError, match="unknown token_filter"):
+        head_mediation(llava, [sample], token_filter="zeros", progress=False)
+
+
+def test_the_cma_token_filter_is_a_command_line_option_defaulting_to_the_function():
+    for command in ("head-mediation", "cumulative-head-ablation"):
+        assert parser().parse_args([command, "--model", "m", "--out", "o"]).token_filter == "digits"
+        args = parser().parse_args([command, "--model", "m", "--out", "o", "--token-filter", "significant_digits"])
+        assert args.token_filter == "significant_digits"

@@ -73,6 +73,15 @@ def test_answer_scoring_parses_the_first_box_and_counts_all():
     assert row["loc_score"] == 1.0 and row["hit@0.9"] is True
 
 
+def test_internvl_answer_scoring_says_whether_the_box_was_written_as_floats():
+    floats = score_localization_answer("[[0.0, 0.0, 0.5, 1.0]]", (0, 0, 50, 100), (100, 100), family="internvl")
+    assert floats["float_box"] is True and floats["iou"] == 1.0  # read as fractions, as InternVL's evaluator
+    thousandths = score_localization_answer("[[0, 0, 500, 1000]]", (0, 0, 50, 100), (100, 100), family="internvl")
+    assert thousandths["float_box"] is False and thousandths["iou"] == 1.0
+    assert score_localization_answer("no box", (0, 0, 50, 100), (100, 100), family="internvl")["float_box"] is None
+    assert "float_box" not in score_localization_answer("[0.0, 0.0, 0.5, 1.0]", (0, 0, 50, 100), (100, 100), family="llava")
+
+
 def test_answer_scoring_of_garbage_is_a_miss_with_nan_iou():
     row = score_localization_answer("I don't know", (0, 0, 50, 100), (100, 100), family="internvl")
     assert row["pred_box"] is None and row["n_boxes"] == 0

@@ -148,6 +148,7 @@ def object_removed_pair(
     spans: bool = True, dilation: int = 0, max_new_tokens: int = 40, frame: Any = None,
 ) -> CircuitPair:
     """The pair of one sample (an `experiments.Sample` with `removed_image`): see `object_removed_pairs`."""
+    from hooked_vlm.experiments.evaluate import box_format
     from hooked_vlm.experiments.head_mediation import _scored_mask, _target_answer, pair_prompt
     from hooked_vlm.circuits.spans import Spans
     from hooked_vlm.patching import answer_nll_metric
@@ -155,7 +156,7 @@ def object_removed_pair(
     if task not in ("localization", "binary"):
         raise ValueError(f"object-removed pairs support task 'localization' or 'binary', got {task!r}")
     prompt = pair_prompt(sample, task)
-    answer, _ = _target_answer(model, sample, task, prompt, target, max_new_tokens, frame)
+    answer, _ = _target_answer(model, sample, task, prompt, target, max_new_tokens, box_format(model, frame))
     removed = composite_removed(sample.image, sample.removed_image, sample.mask, composite_px) if composite else sample.removed_image
     clean = model.prepare(sample.image, prompt, answers=answer)
     corrupted = model.prepare(removed, prompt, answers=answer)

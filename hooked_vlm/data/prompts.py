@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 
-from hooked_vlm.boxes import LLAVA_HF_CROP_SIZE, Box, Family, Frame, ImageSize, format_box
+from hooked_vlm.boxes import LLAVA_HF_CROP_SIZE, Box, Family, FloatBoxes, Frame, ImageSize, format_box
 
 LOCALIZATION_PROMPT = "Please provide the bounding box coordinates of the {class_name}."
 LIST_PROMPT = "List all objects in the image. Choose only from {choices}."
@@ -51,15 +51,18 @@ def binary_answer(present: bool) -> str:
 
 
 def localization_answer(box: Box, image_size: ImageSize, class_name: str, *,
-                        family: Family, frame: Frame | None = None, crop_size: int = LLAVA_HF_CROP_SIZE) -> str:
+                        family: Family, frame: Frame | None = None, crop_size: int = LLAVA_HF_CROP_SIZE,
+                        float_boxes: FloatBoxes = "official") -> str:
     """The box as ``family`` writes it: LLaVA ``[x1, y1, x2, y2]`` in [0, 1] rounded to 2
     decimals, InternVL ``<ref>{class}</ref><box>[[x1, y1, x2, y2]]</box>`` on 0–1000.
 
     ``frame`` None is the family's default (``hooked_vlm.boxes.DEFAULT_FRAME``: LLaVA's padded
     square, InternVL's original image); ``crop_size`` fixes LLaVA's "crop" window (the
-    checkpoint's image side, ``hooked_vlm.boxes.format_box``).
+    checkpoint's image side, ``hooked_vlm.boxes.format_box``); ``float_boxes`` is parsing's, taken
+    so that a whole ``experiments.box_format(model)`` can be passed.
     """
-    return format_box(box, image_size, family=family, frame=frame, label=class_name, crop_size=crop_size)
+    return format_box(box, image_size, family=family, frame=frame, label=class_name, crop_size=crop_size,
+                      float_boxes=float_boxes)
 
 
 def split_words(text: str) -> list[str]:

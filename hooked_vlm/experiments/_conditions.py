@@ -81,7 +81,8 @@ def conditions_work(
         return finish(table) if finish else table
 
     frame, max_new_tokens = evaluate_kwargs.get("frame"), evaluate_kwargs.get("max_new_tokens")
-    answers = {"box_format": box_format(model, frame), "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task],
+    boxes = box_format(model, frame, evaluate_kwargs.get("float_boxes", "official"))
+    answers = {"box_format": boxes, "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task],
                "match": evaluate_kwargs.get("match", "word")}  # fmt: skip
     settings = {"task": task, **settings, "limit": limit, "sample": sample, "sample_seed": sample_seed, "data": sources.data, **answers}
     return Work(name, items, compute, table, settings=settings, model=model, desc=desc, unit="query")

@@ -59,6 +59,7 @@ def attention_knockout(
     frame=None,
     max_new_tokens: int | None = None,
     match: str = "word",
+    float_boxes: str = "official",
     progress: bool = True,
     run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
@@ -66,7 +67,7 @@ def attention_knockout(
     the module docstring). `group_size`: one size, "all", or several (appendix: 1, 4, 6).
     `seeds`, `exclude_object`: the random control's (module docstring). `limit`, `sample`,
     `sample_seed`: which samples (`experiments.data.sample_sources`); `frame`, `max_new_tokens`,
-    `match`: `evaluate`'s. `run`: a run directory to record the rows in and resume from
+    `match`, `float_boxes`: `evaluate`'s. `run`: a run directory to record the rows in and resume from
     (`hooked_vlm.runs`; one item per condition and sample)."""
     check_task(task)
     windows = layer_windows(model.cfg.text.n_layers, group_size)
@@ -94,7 +95,7 @@ def attention_knockout(
         int_columns=("group_size", "layer_start", "layer_end", "padding", "seed", "n_blocked"),
         settings=settings, desc=f"attention knockout ({task})",
         batch_size=batch_size, limit=limit, sample=sample, sample_seed=sample_seed, frame=frame,
-        max_new_tokens=max_new_tokens, match=match,
+        max_new_tokens=max_new_tokens, match=match, float_boxes=float_boxes,
     )  # fmt: skip
     return execute(work, run, progress=progress)
 

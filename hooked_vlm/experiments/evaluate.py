@@ -11,7 +11,8 @@ Output columns (one row per query):
   centre crop cuts off; its answer columns are empty and `summarize` leaves it out)
 - localization: `image_width`, `image_height`, `gt_box`, `pred_box` (None if unparsable),
   `n_boxes`, `iou` (NaN if unparsable), `hit@0.5`, `hit@0.7`, `hit@0.9`, `loc_score`
-  (the paper's score: the mean of the three hits)
+  (the paper's score: the mean of the three hits); InternVL also `float_box` (the box was written
+  as [0, 1] floats, read per `float_boxes`; `summarize` counts them in `n_float_boxes`)
 - list: `correct` (the class name appears in the response)
 - binary: `image` ("original" or "removed"), `present`, `answer` (True/False/None), `correct`
 """
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal
 import pandas as pd
 import torch
 
-from hooked_vlm.boxes import Frame, format_box
+from hooked_vlm.boxes import FloatBoxes, Frame, check_float_boxes, format_box
 from hooked_vlm.data.prompts import binary_prompt, list_prompt, localization_prompt
 from hooked_vlm.experiments.data import Sample, SampleMode, sample_sources, size_class
 from hooked_vlm.experiments.summary import summarize
@@ -49,14 +50,18 @@ def default_frame(model) -> Frame:
     return "padded" if model.preprocessing.image_mode == "pad" else "crop"
 
 
-def box_format(model, frame: Frame | None = None) -> dict[str, Any]:
+def box_format(model, frame: Frame | None = None, float_boxes: FloatBoxes = "official") -> dict[str, Any]:
     """How `model` writes boxes, as keyword arguments of `parse_boxes`, `format_box`,
     `score_localization_answer` and `localization_answer`: its family, `frame` (None: the
-    `default_frame`) and, for LLaVA, its image side (the "crop" window depends on it; it is not
-    always LLaVA-1.5's 336 px)."""
+    `default_frame`), for LLaVA its image side (the "crop" window depends on it; it is not
+    always LLaVA-1.5's 336 px), for InternVL how a box written as [0, 1] floats is read
+    (`float_boxes`: "official", InternVL's evaluator, or "thousandths"; `boxes.parse_boxes`)."""
+    check_float_boxes(model.cfg.family, float_boxes)
     kwargs: dict[str, Any] = {"family": model.cfg.family, "frame": frame or default_frame(model)}
     if model.cfg.family == "llava":
         kwargs["crop_size"] = model.preprocessing.image_size
+    else:
+        kwargs["float_boxes"] = float_boxes
     return kwargs
 
 
@@ -83,6 +88,7 @@ def evaluate(
     max_new_tokens: int | None = None,
     frame: Frame | None = None,
     match: Match = "word",
+    float_boxes: FloatBoxes = "official",
     limit: int | None = None,
     sample: SampleMode = "random",
     sample_seed: int = 0,
@@ -93,14 +99,16 @@ def evaluate(
     docstring for the columns). `intervention` adds hooks built from each batch's inputs. An empty
     dataset raises ValueError. `limit`, `sample`, `sample_seed`: which samples (`sample_sources`:
     a seeded random subset of `limit` by default). `match`: the list task's rule, "word" (whole
-    words, plurals) or "substring" (the paper's literal test, `classification_correct`). `run`: a
+    words, plurals) or "substring" (the paper's literal test, `classification_correct`).
+    `float_boxes`: how an InternVL box written as [0, 1] floats is read, "official" (as
+    fractions, InternVL's evaluator) or "thousandths" (`boxes.parse_boxes`). `run`: a
     run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per sample,
     its one or two queries)."""
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
     if match not in MATCHES:
         raise ValueError(f"unknown match {match!r}; expected one of {MATCHES}")
-    boxes = box_format(model, frame)
+    boxes = box_format(model, frame, float_boxes)
     max_new_tokens = max_new_tokens or MAX_NEW_TOKENS[task]
     chosen = sample_sources(dataset, limit, sample=sample, sample_seed=sample_seed)
     items = [Item(sample_id, sample_id, load) for sample_id, load in chosen]

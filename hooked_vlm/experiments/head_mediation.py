@@ -47,7 +47,7 @@ from torch import Tensor
 
 from hooked_vlm.data.prompts import YES, binary_prompt, localization_answer, localization_prompt
 from hooked_vlm.experiments.data import Sample, SampleMode, sample_sources
-from hooked_vlm.boxes import Frame
+from hooked_vlm.boxes import FloatBoxes, Frame
 from hooked_vlm.experiments.evaluate import box_format, exclusion
 from hooked_vlm.inputs import VLMInput
 from hooked_vlm.metrics import mediation_fraction, scored_tokens
@@ -57,6 +57,11 @@ from hooked_vlm.scoring import binary_answer, score_localization_answer
 
 Task = Literal["localization", "binary"]
 Positions = Literal["prompt", "answer", "prompt+answer"]
+# Which of a box's tokens the localization score reads (`metrics.FILTERS`): "digits", every
+# coordinate digit (the paper masks brackets, commas etc.; the default), or "significant_digits",
+# without the integer "0" of LLaVA's fractions (PROTOCOL-AUDIT B5).
+TokenFilter = Literal["digits", "significant_digits"]
+TOKEN_FILTERS: tuple[str, ...] = ("digits", "significant_digits")
 
 
 def head_mediation(
@@ -70,6 +75,8 @@ def head_mediation(
     batch_size: int = 16,
     max_new_tokens: int = 40,
     frame: Frame | None = None,
+    float_boxes: FloatBoxes = "official",
+    token_filter: TokenFilter = "digits",
     min_effect: float = 0.01,
     limit: int | None = 50,
     sample: SampleMode = "random",
@@ -82,6 +89,11 @@ def head_mediation(
     `pairs`: anything `as_samples` reads whose samples carry `removed_image` (the synthetic set,
     or COCO object-removed pairs). Scored tokens: the box's coordinate digits for localization
     (template tokens masked out, as the paper does), the first answer token ("Yes") for binary.
+    `token_filter` (localization): "digits" scores every digit of the box, LLaVA's leading "0"
+    of each fraction included (the paper masks only "brackets, commas, etc.", and Liu et al.
+    score "numeric coordinate tokens"); "significant_digits" leaves out that near-certain zero,
+    which otherwise is a third of LLaVA's scored tokens (`metrics.significant_digit_tokens`;
+    InternVL's integer boxes score the same under both).
     `positions`: "prompt" patches the text after the image up to the answer (the paper's
     setting), "answer" the teacher-forced answer tokens, or both. Pairs whose source and base
     perplexities differ by less than `min_effect` (relative) get NaN (see `mediation_fraction`),
@@ -89,7 +101,8 @@ def head_mediation(
     localization; see the module docstring). A choice of positions no head can reach (binary
     with "answer": its one scored token is predicted before the answer) is an error.
     `frame`: the box frame of the localization target and of scoring the source's greedy answer
-    (None: `default_frame(model)`, as in `evaluate`); `max_new_tokens` bounds that greedy answer.
+    (None: `default_frame(model)`, as in `evaluate`), and `float_boxes` how an InternVL greedy
+    answer written as [0, 1] floats is read (`evaluate`'s); `max_new_tokens` bounds that answer.
     `limit`, `sample`, `sample_seed`: which pairs (default: 50 drawn at random with seed 0, the
     protocol's count; `limit=None` takes every pair). A pair whose object the model cannot see
     gets one row with `excluded` set, rather than stopping the run.
@@ -104,16 +117,19 @@ def head_mediation(
         raise ValueError(f"unknown positions {positions!r} (expected 'prompt', 'answer' or 'prompt+answer')")
     if target not in ("src_greedy", "gt"):
         raise ValueError(f"unknown target {target!r} (expected 'src_greedy' or 'gt')")
+    if token_filter not in TOKEN_FILTERS:
+        raise ValueError(f"unknown token_filter {token_filter!r}; expected one of {TOKEN_FILTERS}")
+    boxes = box_format(model, frame, float_boxes)
     chosen = sample_sources(pairs, limit, sample=sample, sample_seed=sample_seed)
     items = [Item(pair_id, pair_id, load) for pair_id, load in chosen]
 
     def compute(pending: list[Item]) -> Iterator[tuple[str, list[dict]]]:
         for item in pending:
             yield item.key, _pair_rows(model, item.payload(), task, positions, target, method, batch_size, max_new_tokens,
-                                       frame, min_effect)  # fmt: skip
+                                       boxes, token_filter, min_effect)  # fmt: skip
 
     settings = {"task": task, "positions": positions, "target": target, "method": method, "max_new_tokens": max_new_tokens,
-                "box_format": box_format(model, frame), "min_effect": min_effect, "limit": limit, "sample": sample,
+                "box_format": boxes, "token_filter": token_filter, "min_effect": min_effect, "limit": limit, "sample": sample,
                 "sample_seed": sample_seed, "data": chosen.data}  # fmt: skip
     work = Work("head_mediation", items, compute, _table, settings=settings, model=model, desc=f"head mediation ({method})", unit="pair")
     return execute(work, run, progress=progress)
@@ -121,18 +137,18 @@ def head_mediation(
 
 def _pair_rows(
     model, sample: Sample, task: Task, positions: Positions, target: str, method: str, batch_size: int, max_new_tokens: int,
-    frame: Frame | None, min_effect: float,
+    boxes: dict[str, Any], token_filter: TokenFilter, min_effect: float,
 ) -> list[dict]:
-    """One row per head: the mediation fractions of one source/base pair."""
+    """One row per head: the mediation fractions of one source/base pair (`boxes`: `box_format`)."""
     prompt = pair_prompt(sample, task)
-    reason = exclusion(sample, box_format(model, frame))
+    reason = exclusion(sample, boxes)
     if reason:  # no answer to score in the model's frame: recorded, the run goes on
         return [{"pair_id": sample.id, "class_name": sample.class_name, "layer": None, "head": None, "mf": float("nan"),
                  "method": method, "task": task, "positions": positions, "excluded": reason}]  # fmt: skip
-    answer, answer_source = _target_answer(model, sample, task, prompt, target, max_new_tokens, frame)
+    answer, answer_source = _target_answer(model, sample, task, prompt, target, max_new_tokens, boxes)
     source = model.prepare(sample.image, prompt, answers=answer)
     base = model.prepare(sample.removed_image, prompt, answers=answer)
-    mask = _scored_mask(model, base, task)
+    mask = _scored_mask(model, base, task, token_filter)
     patched_positions = _positions(base, positions)
     unreached = unreachable_layers(model.cfg.n_layers, patched_positions, mask)
     if unreached.all():
@@ -240,11 +256,10 @@ def pair_prompt(sample: Sample, task: Task) -> str:
 
 
 def _target_answer(
-    model, sample: Sample, task: Task, prompt: str, target: str, max_new_tokens: int, frame: Frame | None
+    model, sample: Sample, task: Task, prompt: str, target: str, max_new_tokens: int, boxes: dict[str, Any]
 ) -> tuple[str, str]:
     """The answer sequence to score: the source's greedy answer when it is correct (the
     protocol's recommendation), else (or with target="gt") the ground truth in the model's format."""
-    boxes = box_format(model, frame)
 
     def truth() -> str:  # only when it is scored: the greedy answer needs no ground-truth answer
         return localization_answer(sample.box, sample.image_size, sample.class_name, **boxes) if task == "localization" else YES
@@ -265,9 +280,9 @@ def _target_answer(
     return (text, "src_greedy") if correct and text else (truth(), "gt")
 
 
-def _scored_mask(model, inputs: VLMInput, task: Task) -> Tensor:
+def _scored_mask(model, inputs: VLMInput, task: Task, token_filter: TokenFilter = "digits") -> Tensor:
     if task == "localization":
-        mask = scored_tokens(inputs, model.tokenizer, "digits")
+        mask = scored_tokens(inputs, model.tokenizer, token_filter)
     else:  # the one decisive token of the binary answer
         answer = inputs.answer_mask
         mask = answer & (answer.cumsum(-1) == 1)

@@ -57,14 +57,15 @@ def object_extension(
     sample_seed: int = 0,
     frame=None,
     max_new_tokens: int | None = None,
+    float_boxes: str = "official",
     progress: bool = True,
     run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """Localization under object extension by each padding and seed, scored against each GT
     scale (see the module docstring). Padding 0 is the unmodified model, run once (the paper's
     reference row beside p = 1, 2). `views` extends only InternVL's thumbnail or tiles. `limit`,
-    `sample`, `sample_seed`: which samples (`experiments.data.sample_sources`).
-    `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
+    `sample`, `sample_seed`: which samples (`experiments.data.sample_sources`); `frame`,
+    `max_new_tokens`, `float_boxes`: `evaluate`'s. `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
     condition and sample, its answer scored against every GT scale when the table is made)."""
     check_views(model, views)
     paddings = check_ints(paddings, "paddings", minimum=0)
@@ -85,7 +86,7 @@ def object_extension(
         columns=[c for c in CONDITION_COLUMNS if c != "gt_scale"], int_columns=("padding", "seed", "n_extended"),
         settings={"paddings": paddings, "gt_scales": gt_scales, "seeds": seeds, "views": views, "scale_view": scale_view},
         desc="object extension", batch_size=batch_size, limit=limit, sample=sample, sample_seed=sample_seed, frame=frame,
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=max_new_tokens, float_boxes=float_boxes,
         finish=lambda results: _scored(results, gt_scales),
     )  # fmt: skip
     return execute(work, run, progress=progress)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import inspect
 from typing import Callable
 
+from hooked_vlm.boxes import FLOAT_BOXES
 from hooked_vlm.experiments.attention_knockout import attention_knockout
 from hooked_vlm.experiments.cumulative_head_ablation import CONTROLS, cumulative_head_ablation
 from hooked_vlm.experiments.data import SAMPLE_MODES
-from hooked_vlm.experiments.head_mediation import head_mediation
+from hooked_vlm.experiments.head_mediation import TOKEN_FILTERS, head_mediation
 from hooked_vlm.experiments.object_extension import object_extension
 from hooked_vlm.experiments.position_probe import position_probe
 from hooked_vlm.experiments.token_ablation import FILLS, STRATEGIES, token_ablation
@@ -44,6 +45,13 @@ def answer_options(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=None, help="answer length cap (default per task: 64 localization, 128 list)")
     p.add_argument("--match", choices=["word", "substring"], default="word",
                    help="list task: whole words with plurals, or the paper's literal substring test")  # fmt: skip
+    float_boxes_option(p)
+
+
+def float_boxes_option(p) -> None:
+    p.add_argument("--float-boxes", choices=FLOAT_BOXES, default="official",
+                   help="InternVL: a box whose numbers sum to < 4 ([0, 1] floats) is read as fractions of the image, as "
+                        "InternVL's evaluator does (official), or on the 0-1000 scale like any other (thousandths)")  # fmt: skip
 
 
 def _task(p, choices=("localization", "list")) -> None:
@@ -117,6 +125,8 @@ def _mediation_options(p) -> None:
     p.add_argument("--method", choices=["exact", "attribution"], default=default(head_mediation, "method"))
     p.add_argument("--target", choices=["src_greedy", "gt"], default=default(head_mediation, "target"))
     p.add_argument("--positions", choices=["prompt", "answer", "prompt+answer"], default=default(head_mediation, "positions"))
+    p.add_argument("--token-filter", choices=TOKEN_FILTERS, default=default(head_mediation, "token_filter"),
+                   help="localization: score every digit of the box, or leave out LLaVA's leading 0 of each fraction")  # fmt: skip
     p.add_argument("--min-effect", type=float, default=default(head_mediation, "min_effect"),
                    help="pairs whose source and base perplexities differ by less (relative) get MF NaN")  # fmt: skip
     p.add_argument("--mediation-max-new-tokens", type=int, default=default(head_mediation, "max_new_tokens"),
@@ -126,6 +136,7 @@ def _mediation_options(p) -> None:
 def mediation_options(p) -> None:
     _task(p, ("localization", "binary"))
     p.add_argument("--frame", choices=["padded", "crop", "original"], default=None, help="LLaVA's box frame (default: the model's)")
+    float_boxes_option(p)
     _mediation_options(p)
     p.set_defaults(limit=default(head_mediation, "limit"))  # the protocol's 50 pairs, drawn at random
 

@@ -2,7 +2,9 @@
 
 Rows of excluded samples (`excluded` set: never asked, see `evaluate.exclusion`) are left out of
 every number and counted in `n_excluded`; `truncated` is the share of answers cut by
-`max_new_tokens` (the `finished` column; PROTOCOL-AUDIT A7).
+`max_new_tokens` (the `finished` column; PROTOCOL-AUDIT A7); `n_float_boxes` (InternVL
+localization) counts the answers whose box was written as [0, 1] floats (the `float_box` column,
+read as the `float_boxes` setting says; PROTOCOL-AUDIT B2).
 
 `over_seeds=True` reports random, shuffle, extension and knockout-control conditions as the
 paper does (§1.4.4, §1.5): the number is computed per seed, then `mean` and `sd` (sample sd) are
@@ -22,7 +24,7 @@ SEED_SUFFIX = r" s\d+$"  # how every experiment names a seeded condition: "rando
 
 def summarize(results: pd.DataFrame, by: str | Sequence[str] = "condition", *, over_seeds: bool = False) -> pd.DataFrame:
     """The paper's numbers per group of `by`: localization score and hits, or accuracy (see the
-    module docstring for `n_excluded`, `truncated` and `over_seeds`)."""
+    module docstring for `n_excluded`, `truncated`, `n_float_boxes` and `over_seeds`)."""
     if results.empty:
         raise ValueError("no results to summarize (the table is empty)")
     tasks = results["task"].unique()
@@ -39,6 +41,8 @@ def summarize(results: pd.DataFrame, by: str | Sequence[str] = "condition", *, o
     table["n_excluded"] = results[excluded].groupby(keys).size().reindex(table.index, fill_value=0) if excluded.any() else 0
     if "finished" in kept:
         table["truncated"] = kept.groupby(keys)["finished"].agg(lambda v: float(np.mean(v.eq(False)))).reindex(table.index)
+    if "float_box" in kept:
+        table["n_float_boxes"] = kept.groupby(keys)["float_box"].agg(lambda v: int(v.eq(True).sum())).reindex(table.index)
     return table
 
 
@@ -67,10 +71,12 @@ def _over_seeds(results: pd.DataFrame, by) -> pd.DataFrame:
         table["condition"] = table["condition"].str.replace(SEED_SUFFIX, "", regex=True)
     table["_seed"] = table["seed"].astype("Float64").fillna(-1)  # the baseline has no seed: one group
     per_seed = summarize(table, [*keys, "_seed"])
-    numbers = [c for c in per_seed.columns if c not in ("n", "n_excluded")]
+    numbers = [c for c in per_seed.columns if c not in ("n", "n_excluded", "n_float_boxes")]
     grouped = per_seed.groupby(level=keys, sort=True)
     out = grouped[numbers].agg(["mean", lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else float("nan")])
     out.columns = [f"{name}_{'mean' if stat == 'mean' else 'sd'}" for name, stat in out.columns]
     out.insert(0, "n_seeds", grouped.size())
     out.insert(1, "n", grouped["n"].sum())
+    if "n_float_boxes" in per_seed:  # a count: over every seed's answers, like n
+        out["n_float_boxes"] = grouped["n_float_boxes"].sum()
     return out

@@ -80,6 +80,7 @@ def token_ablation(
     frame=None,
     max_new_tokens: int | None = None,
     match: str = "word",
+    float_boxes: str = "official",
     progress: bool = True,
     run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
@@ -99,8 +100,9 @@ def token_ablation(
     every token set to InternVL's thumbnail ("global") or tiles ("local"); `n_image_tokens`
     still counts every view. `limit`, `sample`, `sample_seed`: which samples (a seeded random
     subset by default, `experiments.data.sample_sources`); the mean fallback averages the distinct
-    images of the same samples. `frame`, `max_new_tokens`, `match`: `evaluate`'s. `run`: a run directory to record the rows in and resume from
-    (`hooked_vlm.runs`; one item per condition and sample).
+    images of the same samples. `frame`, `max_new_tokens`, `match`, `float_boxes`: `evaluate`'s.
+    `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one item per
+    condition and sample).
     """
     check_task(task)
     check_views(model, views)
@@ -154,7 +156,7 @@ def token_ablation(
         columns=["strategy", "padding", "fraction", "seed", "views", "fill", *counts],
         int_columns=["padding", "seed", *(c for c in counts if c.startswith("n_"))],
         settings=settings, desc=f"token ablation ({task})",
-        batch_size=batch_size, **chosen, frame=frame, max_new_tokens=max_new_tokens, match=match,
+        batch_size=batch_size, **chosen, frame=frame, max_new_tokens=max_new_tokens, match=match, float_boxes=float_boxes,
     )  # fmt: skip
     return execute(work, run, progress=progress)
 

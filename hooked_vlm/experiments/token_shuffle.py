@@ -56,12 +56,13 @@ def token_shuffle(
     frame=None,
     max_new_tokens: int | None = None,
     match: str = "word",
+    float_boxes: str = "official",
     progress: bool = True,
     run: Run | str | Path | None = None,
 ) -> pd.DataFrame:
     """The baseline and each (mode, seed) shuffle on `dataset` (see the module docstring; `scope`
     there). `limit`, `sample`, `sample_seed`: which samples (`experiments.data.sample_sources`);
-    `frame`, `max_new_tokens`, `match`: `evaluate`'s. `run`: a run directory to record the rows in
+    `frame`, `max_new_tokens`, `match`, `float_boxes`: `evaluate`'s. `run`: a run directory to record the rows in
     and resume from (`hooked_vlm.runs`; one item per condition and sample)."""
     check_task(task)
     modes = check_choices(modes, MODES, "shuffle modes")
@@ -77,7 +78,7 @@ def token_shuffle(
         "token_shuffle", model, dataset, task, conditions, columns=["mode", "seed", "scope", "n_shuffled"],
         int_columns=("seed", "n_shuffled"), settings={"modes": modes, "seeds": seeds, "scope": scope},
         desc=f"token shuffle ({task})", batch_size=batch_size, limit=limit, sample=sample, sample_seed=sample_seed,
-        frame=frame, max_new_tokens=max_new_tokens, match=match,
+        frame=frame, max_new_tokens=max_new_tokens, match=match, float_boxes=float_boxes,
     )  # fmt: skip
     return execute(work, run, progress=progress)
 

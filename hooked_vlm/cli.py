@@ -283,7 +283,7 @@ def _run_cumulative(model, data, args, run):
     return cumulative_head_ablation(model, data, {name: scores}, task=args.task, fractions=args.fractions,
                                     low_importance_from=name, controls=args.controls, control_seed=args.sample_seed,
                                     value=args.value, batch_size=args.batch_size, **_sampling(args), **_answers(args),
-                                    run=run)  # fmt: skip
+                                    match=args.match, run=run)  # fmt: skip
 
 
 def _head_ranking(model, data, args, run) -> tuple[str, torch.Tensor]:

@@ -174,6 +174,16 @@ def test_the_internvl_float_box_reading_reaches_cumulative_ablation_and_its_medi
     assert kwargs["float_boxes"] == "thousandths" and seen == ["thousandths"]
 
 
+def test_the_list_task_s_match_reaches_cumulative_ablation(monkeypatch, tmp_path):
+    mf = torch.arange(16, dtype=torch.float32).reshape(4, 4)
+    pd.DataFrame(mf.numpy()).rename_axis("layer").to_csv(tmp_path / "summary.csv")
+    capture(monkeypatch, "cumulative_head_ablation")
+    argv = ["cumulative-head-ablation", "--model", "toy-llava", "--out", str(tmp_path / "out"), "--ranking",
+            str(tmp_path / "summary.csv"), "--task", "list", "--match", "substring"]  # fmt: skip
+    _, kwargs = captured_call(argv)
+    assert kwargs["match"] == "substring"
+
+
 def test_the_cma_token_filter_reaches_head_mediation(monkeypatch, tmp_path):
     capture(monkeypatch, "head_mediation")
     argv = ["head-mediation", "--model", "toy-llava", "--out", str(tmp_path), "--n", "1", "--token-filter", "significant_digits"]

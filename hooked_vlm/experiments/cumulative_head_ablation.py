@@ -60,6 +60,7 @@ def cumulative_head_ablation(
     sample_seed: int = 0,
     frame: Frame | None = None,
     max_new_tokens: int | None = None,
+    match: str = "word",
     float_boxes: str = "official",
     progress: bool = True,
     run: Run | str | Path | None = None,
@@ -72,8 +73,8 @@ def cumulative_head_ablation(
     least-|score| measured heads first), "negative_mf" (most negative first), "random_heads" (a
     random order, seeded by `control_seed`). `limit`, `sample`, `sample_seed`: which samples.
     `value`: "zero" (the paper), or "mean": each head's mean `z` over the prompts of `dataset`
-    for `task` (real tokens, before any answer), computed once. `frame`, `max_new_tokens` and
-    `float_boxes` are `evaluate`'s (None: the model's default box frame, the task's answer
+    for `task` (real tokens, before any answer), computed once. `frame`, `max_new_tokens`, `match`
+    and `float_boxes` are `evaluate`'s (None: the model's default box frame, the task's answer
     length). `run`: a run directory to record the rows in and resume from (`hooked_vlm.runs`; one
     item per ablated model and sample, the unablated model once for every ranking).
     """
@@ -116,8 +117,8 @@ def cumulative_head_ablation(
 
                 table = evaluate(
                     model, [item.payload[2]() for item in batch], task, intervention=intervention, condition=step.name,
-                    batch_size=batch_size, frame=frame, max_new_tokens=max_new_tokens, float_boxes=float_boxes,
-                    progress=False,
+                    batch_size=batch_size, frame=frame, max_new_tokens=max_new_tokens, match=match,
+                    float_boxes=float_boxes, progress=False,
                 )  # fmt: skip
                 rows = table.to_dict("records")
                 for item in batch:
@@ -134,7 +135,7 @@ def cumulative_head_ablation(
         "task": task, "rankings": dict(rankings), "fractions": sorted(fractions), "low_importance_from": low_importance_from,
         "controls": controls if low_importance_from is not None else [], "control_seed": control_seed,
         "value": described_value, "limit": limit, "sample": sample, "sample_seed": sample_seed, "data": sources.data,
-        "box_format": box_format(model, frame, float_boxes),
+        "box_format": box_format(model, frame, float_boxes), "match": match,
         "max_new_tokens": max_new_tokens or MAX_NEW_TOKENS[task],
     }  # fmt: skip
     work = Work("cumulative_head_ablation", items, compute, table, settings=settings, model=model,

@@ -33,7 +33,8 @@ from run import ANSWER, ASSETS, PROMPT, build, interleaved  # noqa: E402
 
 from hooked_vlm import HookedVLM  # noqa: E402
 from hooked_vlm.circuits import (  # noqa: E402
-    MIB_FRACTIONS, CircuitPair, Graph, edge_attribution, evaluate_circuit, faithfulness_curve, find_circuit,
+    MIB_FRACTIONS, CircuitPair, Graph, edge_attribution, evaluate_circuit, faithfulness_curve, find_circuit, load_graph,
+    save_graph,
 )
 from hooked_vlm.patching import answer_nll_metric  # noqa: E402
 
@@ -55,6 +56,7 @@ def bench(family: str, path: Path, reps: int) -> dict:
     pair = make_pair(model, family)
     scores = edge_attribution(model, pair, method="EAP-IG", steps=5, progress=False)
     circuit = find_circuit(scores, fraction=0.05)
+    save_graph(circuit, circuit_file(path))  # the circuit whose evaluation's memory is measured
     with torch.no_grad():
         forward = lambda: model(pair.clean)  # noqa: E731
         times = interleaved({
@@ -98,8 +100,8 @@ def _child(family: str, path: str, mode: str) -> None:
 
     model = HookedVLM.from_pretrained(path)
     pair = make_pair(model, family)
-    if mode == "evaluate":  # a circuit to evaluate; its scores are on a graph not involved in the measure
-        circuit = find_circuit(Graph.from_model(model), fraction=0.05)
+    if mode == "evaluate":  # the timed circuit (top 5% of EAP-IG's edges), computed by the parent
+        circuit = load_graph(circuit_file(Path(path)))
         run = lambda: evaluate_circuit(model, circuit, pair, n_bootstrap=0)  # noqa: E731
     elif mode == "eap_ig":
         run = lambda: edge_attribution(model, pair, method="EAP-IG", steps=5, progress=False)  # noqa: E731
@@ -108,6 +110,11 @@ def _child(family: str, path: str, mode: str) -> None:
     gc.collect()
     with torch.no_grad() if mode == "forward" else torch.enable_grad():
         print(json.dumps({mode: _measure(run)}))
+
+
+def circuit_file(path: Path) -> Path:
+    """Where `bench` leaves the circuit it times, for the memory child to evaluate the same one."""
+    return path.with_name(path.name + "-circuit.pt")
 
 
 def table(results: dict) -> str:

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from hf_reference import assert_same_generation, generate_without_cache
-from test_experiments_tokens import ABLATION_LABELS, LOCALIZATION, ablation_counts
+from test_experiments_tokens import ABLATION_LABELS, ablation_counts, localization_columns
 
 from hooked_vlm import HookedVLM
 from hooked_vlm import interventions as iv
@@ -220,7 +220,7 @@ def test_token_ablation_experiment_runs_unchanged_on_a_moe_model(model):
     kwargs = dict(strategies=("object", "random", "ig"), paddings=(1,), fractions=(0.25,), seeds=(0,), ig_steps=4)
     kwargs |= dict(ig_baseline="zero", fill="zero")
     results = token_ablation(model, dataset, batch_size=2, progress=False, **kwargs)
-    assert list(results.columns) == LOCALIZATION + ABLATION_LABELS + ablation_counts(model)
+    assert list(results.columns) == localization_columns(model) + ABLATION_LABELS + ablation_counts(model)
     assert sorted(results.condition.unique()) == ["baseline", "ig 25%", "object+1", "random 25% s0"]
     assert results.groupby("condition").size().eq(3).all() and results["n_image_tokens"].gt(0).all()
     baseline = results[results.condition == "baseline"].set_index("sample_id")["response"]

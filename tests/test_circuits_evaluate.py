@@ -179,10 +179,7 @@ def test_a_plain_evaluation_equals_the_general_edge_forward(setup, towers, kv):
     generator = torch.Generator().manual_seed(0)
     for density in (0.02, 0.5, 0.98, 1.0, "mixed"):
         weights = _weights(graph, density, generator)
-        with torch.no_grad():
-            plain = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
-        with torch.enable_grad():  # the general path: every difference, every destination per head
-            general = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+        plain, general = _plain_and_general(model, pair.clean, graph.structure, weights, corrupted)
         assert rel_err(plain, general) < 1e-10, density
         if density in (0.98, 1.0):
             patcher = PlainPatcher(graph.structure, weights, corrupted, use_streams=True)
@@ -194,6 +191,8 @@ def test_a_plain_evaluation_equals_the_general_edge_forward(setup, towers, kv):
 
 
 def _plain_and_general(model, inputs, structure, weights, other, **kwargs):
+    """The edge forward's plain path (no gradients) and its general one (gradients enabled:
+    every difference weighted, every destination normalised and projected per head)."""
     with torch.no_grad():
         plain = edge_forward(model, inputs, structure, weights, other, **kwargs)
     with torch.enable_grad():
@@ -301,10 +300,8 @@ def test_a_plain_evaluation_takes_sources_of_another_dtype_as_the_general_one(ti
     graph = Graph.from_model(model, towers=BOTH)
     with torch.no_grad():
         _, corrupted = source_outputs(reference, pair.corrupted, graph.structure)
-        weights = _weights(graph, 0.95, torch.Generator().manual_seed(2)).float()
-        plain = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
-    with torch.enable_grad():
-        general = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+    weights = _weights(graph, 0.95, torch.Generator().manual_seed(2)).float()
+    plain, general = _plain_and_general(model, pair.clean, graph.structure, weights, corrupted)
     assert plain.dtype == torch.float32 and rel_err(plain, general) < 1e-5
 
 
@@ -314,10 +311,8 @@ def test_a_plain_evaluation_in_bf16_is_the_general_one(tiny_checkpoint, photos):
     graph = Graph.from_model(model, towers=BOTH)
     with torch.no_grad():
         _, corrupted = source_outputs(model, pair.corrupted, graph.structure)
-        weights = _weights(graph, 0.95, torch.Generator().manual_seed(2)).float()
-        plain = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
-    with torch.enable_grad():
-        general = edge_forward(model, pair.clean, graph.structure, weights, corrupted)
+    weights = _weights(graph, 0.95, torch.Generator().manual_seed(2)).float()
+    plain, general = _plain_and_general(model, pair.clean, graph.structure, weights, corrupted)
     assert plain.dtype == torch.bfloat16 and rel_err(plain, general) < 0.05
 
 
